@@ -1,0 +1,1 @@
+"""qwenstack: Qwen3 on vLLM behind an OpenAI-compatible gateway."""

@@ -1,0 +1,3 @@
+from qwenstack.cli import app
+
+app(prog_name="qwenstack")

@@ -1,0 +1,116 @@
+"""Bringing the parts up together and down again on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+
+import uvicorn
+
+from qwenstack.engine import plan_engines
+from qwenstack.engine.supervisor import Engine, Supervisor
+from qwenstack.errors import SetupError
+from qwenstack.gateway.app import create_app
+from qwenstack.gateway.validation import BoundedHeadProtocol
+from qwenstack.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _GatewayServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The stack installs its own handlers: a signal stops the engines too, not just uvicorn.
+        yield
+
+
+def gateway_server(settings: Settings) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.gateway.host,
+        port=settings.gateway.port,
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through qwenstack's handler and log format
+        access_log=False,  # the gateway logs each request itself, with its request id
+        timeout_graceful_shutdown=10,
+        http=BoundedHeadProtocol.limited_to(settings.validation.max_header_bytes),
+    )
+    return _GatewayServer(config)
+
+
+def _listen(settings: Settings) -> socket.socket:
+    """Bind here rather than in uvicorn, which exits the process when the port is taken."""
+    host, port = settings.gateway.host, settings.gateway.port
+    try:
+        sock = socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise SetupError(f"The gateway cannot listen on {host}:{port} ({exc.strerror}); set --port.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _report_progress(engine: Engine, elapsed_s: float) -> None:
+    log.info(
+        "Waiting for engine %d (%.0f s): %s", engine.launch.index, elapsed_s, engine.log_tail()
+    )
+
+
+async def run(
+    settings: Settings,
+    *,
+    engines: bool,
+    gateway: bool,
+    on_ready: Callable[[list[str]], None],
+) -> None:
+    """Run engines and/or the gateway until a signal; `on_ready` gets the engine URLs."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    supervisor: Supervisor | None = None
+    server: uvicorn.Server | None = None
+    server_task: asyncio.Task[None] | None = None
+    # Bound first: a taken port should fail before minutes of engine loading, not after.
+    listener = _listen(settings) if gateway else None
+    try:
+        if engines:
+            _, launches = await asyncio.to_thread(plan_engines, settings)
+            supervisor = Supervisor(
+                launches,
+                settings.run_dir / "engines.json",
+                startup_timeout_s=settings.engine.startup_timeout_s,
+                backoff_initial_s=settings.engine.restart_backoff_initial_s,
+                backoff_max_s=settings.engine.restart_backoff_max_s,
+            )
+            await supervisor.start()
+        if listener:
+            # Up before the engines are: /health answers and /ready says 503 while they load.
+            server = gateway_server(settings)
+            server_task = asyncio.create_task(server.serve(sockets=[listener]))
+        if supervisor:
+            ready = asyncio.create_task(supervisor.wait_ready(_report_progress))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not ready.done():
+                ready.cancel()
+                return
+            ready.result()
+        on_ready(settings.engine.replica_urls())
+        waits = [asyncio.create_task(stop.wait())]
+        if server_task:
+            waits.append(server_task)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        waits[0].cancel()
+    finally:
+        log.info("Stopping")
+        if server and server_task:
+            server.should_exit = True
+            await server_task
+        if supervisor:
+            await supervisor.stop()
