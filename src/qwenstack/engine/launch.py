@@ -1,0 +1,127 @@
+"""The command line and environment of each vLLM replica, checked before anything starts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenstack.engine import capacity
+from qwenstack.engine.hardware import Hardware
+from qwenstack.engine.models import ResolvedModel
+from qwenstack.errors import SetupError
+from qwenstack.settings import ENGINE_HOST, EngineSettings
+
+log = logging.getLogger(__name__)
+
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+# Flags qwenstack sets itself; in extra_args they would silently fight its own values.
+MANAGED_FLAGS = {
+    "--model": "--model", "--served-model-name": "--served-model-name",
+    "--host": "(engines always listen on 127.0.0.1)", "--port": "--engine-base-port",
+    "--dtype": "--dtype", "--max-model-len": "--max-model-len",
+    "--tensor-parallel-size": "--tensor-parallel-size", "-tp": "--tensor-parallel-size",
+    "--gpu-memory-utilization": "--gpu-memory-utilization", "--max-num-seqs": "--max-num-seqs",
+    "--enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
+    "--no-enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
+    "--kv-cache-memory-bytes": "--kv-cache-gib",
+}
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    index: int
+    url: str
+    port: int
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def plan(
+    engine: EngineSettings,
+    model: ResolvedModel,
+    hardware: Hardware,
+    python: Path,
+    log_dir: Path,
+) -> list[EngineLaunch]:
+    for arg in engine.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            raise SetupError(f"{flag} in the extra vLLM flags: use qwenstack's {MANAGED_FLAGS[flag]}")
+    if hardware.has_gpu and engine.replicas * engine.tensor_parallel_size > len(
+        hardware.gpu_memory_bytes
+    ):
+        raise SetupError(
+            f"{engine.replicas} replicas x tensor-parallel-size {engine.tensor_parallel_size} needs"
+            f" {engine.replicas * engine.tensor_parallel_size} GPUs; "
+            f"this machine has {len(hardware.gpu_memory_bytes)}"
+        )
+
+    shape = capacity.ModelShape.from_config(model.config)
+    dtype = capacity.resolve_dtype(engine.dtype, shape, hardware)
+    weight_bytes = capacity.dtype_bytes(dtype, shape, hardware)
+    kv_cache_dtype = _flag_value(engine.extra_args, "--kv-cache-dtype") or "auto"
+    kv_bytes = weight_bytes if kv_cache_dtype == "auto" else capacity.DTYPE_BYTES.get(kv_cache_dtype, 2)
+    budget = capacity.kv_budget(
+        shape, weight_bytes, hardware,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        kv_cache_gib=engine.kv_cache_gib,
+    )
+    max_model_len = capacity.plan_max_model_len(shape, engine.max_model_len, kv_bytes, budget)
+    if engine.max_model_len is None and max_model_len < shape.max_positions:
+        log.warning(
+            "Serving a context of %d tokens: the model's %d do not fit in %.1f GiB of KV cache "
+            "(raise it with %s).",
+            max_model_len, shape.max_positions, budget.bytes / capacity.GIB, budget.how_to_raise,
+        )
+
+    common = [
+        str(python), "-m", VLLM_SERVER,
+        "--model", model.source,
+        "--served-model-name", model.served_name,
+        "--host", ENGINE_HOST,
+        "--dtype", dtype,
+        "--max-model-len", str(max_model_len),
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+        "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+    ]
+    if engine.enable_chunked_prefill:
+        common.append("--enable-chunked-prefill")
+    if engine.max_num_seqs is not None:
+        common += ["--max-num-seqs", str(engine.max_num_seqs)]
+    if engine.kv_cache_gib is not None or not hardware.has_gpu:
+        # Sized by us, so that vLLM allocates exactly the budget checked above.
+        common += ["--kv-cache-memory-bytes", str(budget.bytes)]
+
+    base_env = {"PYTHONUNBUFFERED": "1"}
+    if engine.hf_token:
+        base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()
+
+    launches = []
+    for index in range(engine.replicas):
+        port = engine.base_port + index
+        env = dict(base_env)
+        if hardware.has_gpu:
+            first = index * engine.tensor_parallel_size
+            gpus = range(first, first + engine.tensor_parallel_size)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        launches.append(EngineLaunch(
+            index=index,
+            url=f"http://{ENGINE_HOST}:{port}",
+            port=port,
+            argv=[*common, "--port", str(port), *engine.extra_args],
+            env=env,
+            log_path=log_dir / f"engine-{index}.log",
+        ))
+    return launches

