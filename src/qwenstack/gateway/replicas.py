@@ -1,0 +1,182 @@
+"""The engines behind the gateway: which are up, what they serve, which takes the next request.
+
+Besides the health checks, each engine has a circuit breaker: an engine that fails requests
+`failures_to_open` times in a row (5xx answers, broken connections, timeouts) while its /health
+still answers is taken out of rotation for `cooldown_s`; then one request probes it, and its
+outcome closes the circuit or opens it for another cool-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client import Gauge
+
+from qwenstack.gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=3)
+# A busy engine can be slow to answer /health (on a CPU its API server shares the cores with the
+# model), so only this many timed-out checks in a row take it down; a refused connection does
+# at once.
+HEALTH_TIMEOUTS_TO_DOWN = 3
+# Seconds a client is told to wait when no engine can take its request.
+RETRY_AFTER_S = 5
+
+CIRCUIT_OPEN = Gauge(
+    "qwenstack_engine_circuit_open",
+    "1 while an engine is out of rotation after repeated failures (or being probed).",
+    ["replica"],
+)
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    up: bool = False
+    models: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: int = 0
+    index: int = 0
+    failures_to_open: int = 5
+    cooldown_s: float = 30.0
+    failures: int = 0  # consecutive failed requests
+    open_until: float = 0.0  # circuit open until this time.monotonic(); 0: closed
+    health_timeouts: int = 0  # consecutive /health checks that timed out
+
+    def admits(self, now: float) -> bool:
+        """The circuit is closed, or its cool-down is over and no request (probe) is under way:
+        half-open, it takes one request at a time until one succeeds."""
+        return not self.open_until or (now >= self.open_until and not self.in_flight)
+
+    def record_outcome(self, ok: bool) -> None:
+        if ok:
+            if self.open_until:
+                log.info("Engine %s answered its probe; back in rotation", self.url)
+                CIRCUIT_OPEN.labels(str(self.index)).set(0)
+            self.failures, self.open_until = 0, 0.0
+            return
+        self.failures += 1
+        if self.open_until or self.failures >= self.failures_to_open:
+            log.warning("Engine %s failed %d requests in a row; out of rotation for %g s",
+                        self.url, self.failures, self.cooldown_s)
+            self.open_until = time.monotonic() + self.cooldown_s
+            CIRCUIT_OPEN.labels(str(self.index)).set(1)
+
+    def serves(self, model: str) -> bool:
+        return any(card.get("id") == model for card in self.models)
+
+    def mark_down(self, reason: str) -> None:
+        if self.up:
+            log.warning("Engine %s is down: %s", self.url, reason)
+        self.up = False
+
+
+class ReplicaPool:
+    def __init__(
+        self,
+        urls: list[str],
+        session: aiohttp.ClientSession,
+        interval_s: float,
+        failures_to_open: int = 5,
+        cooldown_s: float = 30.0,
+    ) -> None:
+        self.replicas = [
+            Replica(url, index=i, failures_to_open=failures_to_open, cooldown_s=cooldown_s)
+            for i, url in enumerate(urls)
+        ]
+        for replica in self.replicas:
+            CIRCUIT_OPEN.labels(str(replica.index)).set(0)
+        self._session = session
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._check_forever())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def any_up(self) -> bool:
+        return any(r.up for r in self.replicas)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """Every model some engine has served, once each, as /v1/models lists them."""
+        cards: dict[str, dict[str, Any]] = {}
+        for replica in self.replicas:
+            for card in replica.models:
+                cards.setdefault(card["id"], card)
+        return list(cards.values())
+
+    def route(self, model: str | None) -> tuple[str, list[Replica]]:
+        """The model to serve and the replicas that can serve it, least busy first."""
+        cards = self.model_cards()
+        if model is None:
+            if not cards:
+                raise _unavailable()
+            model = cards[0]["id"]
+        elif cards and all(card["id"] != model for card in cards):
+            raise GatewayError(
+                404,
+                f"The model `{model}` does not exist. Served: {', '.join(c['id'] for c in cards)}.",
+                code="model_not_found",
+                param="model",
+            )
+        serving = [r for r in self.replicas if r.up and r.serves(model)]
+        now = time.monotonic()
+        candidates = [r for r in serving if r.admits(now)]
+        if not candidates:
+            if serving:  # all out of rotation: retry when the first cool-down ends
+                raise _unavailable(math.ceil(min(r.open_until for r in serving) - now))
+            raise _unavailable()
+        candidates.sort(key=lambda r: r.in_flight)
+        return model, candidates
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(r) for r in self.replicas))
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.check_all()
+
+    async def _check(self, replica: Replica) -> None:
+        try:
+            async with self._session.get(f"{replica.url}/health", timeout=HEALTH_TIMEOUT) as health:
+                if health.status != 200:
+                    replica.mark_down(f"/health answered {health.status}")
+                    return
+            if not replica.up:
+                async with self._session.get(f"{replica.url}/v1/models", timeout=HEALTH_TIMEOUT) as resp:
+                    resp.raise_for_status()
+                    replica.models = (await resp.json())["data"]
+                log.info("Engine %s is up, serving %s", replica.url, [c["id"] for c in replica.models])
+                replica.up = True
+            replica.health_timeouts = 0
+        except TimeoutError:
+            replica.health_timeouts += 1
+            if replica.health_timeouts >= HEALTH_TIMEOUTS_TO_DOWN:
+                replica.mark_down(f"/health timed out {replica.health_timeouts} times in a row")
+        except (aiohttp.ClientError, KeyError, ValueError) as exc:
+            replica.mark_down(f"{type(exc).__name__}: {exc}")
+
+
+def _unavailable(retry_after_s: int = RETRY_AFTER_S) -> GatewayError:
+    return GatewayError(
+        503,
+        "No engine is ready to serve this model; it may be starting or restarting.",
+        code="engine_unavailable",
+        retry_after_s=max(1, retry_after_s),
+    )

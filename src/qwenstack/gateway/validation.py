@@ -1,0 +1,220 @@
+"""Checks on an inference request at the gateway, before any engine sees it.
+
+Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field of the wrong type, a
+value over a configured cap or beyond the context window, or a client-supplied chat template
+(CVE-2025-61620: templates run inside the engine); 413 for an oversized body, read in bounded
+pieces; 431 for oversized request headers, refused while they arrive. An unknown model is
+ReplicaPool.route's 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from qwenstack.gateway.errors import GatewayError, error_body
+from qwenstack.gateway.exchange import Exchange
+from qwenstack.settings import ValidationSettings
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with a 413 as soon as it exceeds `max_bytes`."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> GatewayError:
+    return GatewayError(
+        413, f"The request body is over {max_bytes} bytes.", code="request_too_large"
+    )
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _int(value) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _messages(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value))
+
+
+def _prompt(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    return (all(isinstance(p, str) for p in value) or all(_int(t) for t in value)
+            or all(isinstance(p, list) and p and all(_int(t) for t in p) for p in value))
+
+
+def _stop(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(s, str) for s in value)
+    return isinstance(value, str)
+
+
+# field -> (accepts, what it must be); null is accepted for every optional field, as OpenAI does.
+FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": (_positive_int, "a positive integer"),
+    "max_completion_tokens": (_positive_int, "a positive integer"),
+    "n": (_positive_int, "a positive integer"),
+    "best_of": (_positive_int, "a positive integer"),
+    "seed": (_int, "an integer"),
+    "temperature": (_number, "a number"),
+    "top_p": (_number, "a number"),
+    "presence_penalty": (_number, "a number"),
+    "frequency_penalty": (_number, "a number"),
+    "stop": (_stop, "a string or a list of strings"),
+    "stream_options": (lambda v: isinstance(v, dict), "an object"),
+    "user": (lambda v: isinstance(v, str), "a string"),
+}
+# The input each route needs.
+REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "/v1/chat/completions": ("messages", _messages, "a non-empty list of messages with a `role`"),
+    "/v1/completions": ("prompt", _prompt, "a string, a list of strings or a list of token ids"),
+}
+CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
+
+
+def check(exchange: Exchange, settings: ValidationSettings, cards: list[dict[str, Any]]) -> None:
+    """Refuse what the engine should never see; `cards` are the served models (/v1/models)."""
+    payload = exchange.payload
+    name, accepts, expected = REQUIRED[exchange.route]
+    if not accepts(payload.get(name)):
+        raise GatewayError(400, f"`{name}` must be {expected}.", code="invalid_type", param=name)
+    for field, (accepts, expected) in FIELDS.items():
+        value = payload.get(field)
+        if value is not None and not accepts(value):
+            raise GatewayError(
+                400, f"`{field}` must be {expected}.", code="invalid_type", param=field
+            )
+    if not settings.allow_chat_template:
+        for field in CHAT_TEMPLATE_FIELDS:
+            if field in payload:
+                raise GatewayError(
+                    400, f"`{field}` is not allowed on this server.", code="invalid_request",
+                    param=field,
+                )
+    for field in ("n", "best_of"):
+        if (payload.get(field) or 1) > settings.max_n:
+            raise GatewayError(
+                400, f"`{field}` may be at most {settings.max_n}.", code="integer_above_max_value",
+                param=field,
+            )
+    field = "max_completion_tokens" if payload.get("max_completion_tokens") else "max_tokens"
+    max_tokens = payload.get(field)
+    cap = settings.max_tokens_cap
+    if cap is not None and max_tokens is not None and max_tokens > cap:
+        raise GatewayError(
+            400, f"`{field}` may be at most {cap}.", code="integer_above_max_value", param=field
+        )
+    max_model_len = context_window(payload.get("model"), cards)
+    if max_tokens is not None and max_model_len is not None and max_tokens >= max_model_len:
+        raise GatewayError(
+            400,
+            f"`{field}` is {max_tokens}, but this model's context window is {max_model_len} "
+            "tokens, prompt included.",
+            code="context_length_exceeded", param=field,
+        )
+    if cap is not None and max_tokens is None:
+        # Without it, the engine would generate up to the end of the context window.
+        exchange.payload = {**payload, "max_tokens": cap}
+        exchange.body = orjson.dumps(exchange.payload)
+
+
+def context_window(model: Any, cards: list[dict[str, Any]]) -> int | None:
+    """The model's max_model_len as its engine reports it (None: unknown model or not said)."""
+    if model is None and cards:
+        model = cards[0]["id"]
+    for card in cards:
+        if card.get("id") == model:
+            return card.get("max_model_len")
+    return None
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing request heads over `max_header_bytes` with a 431.
+
+    httptools sets no limit of its own: it would buffer megabytes of header and pass them on.
+    Bytes are counted as they arrive (so at most one read beyond the limit is buffered), and the
+    complete head is measured exactly.
+    """
+
+    max_header_bytes = 32 * 1024
+
+    @classmethod
+    def limited_to(cls, max_header_bytes: int) -> type[BoundedHeadProtocol]:
+        return type(cls.__name__, (cls,), {"max_header_bytes": max_header_bytes})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_too_large = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_header_bytes and not self._head_too_large:
+            self._refuse()
+
+    def on_headers_complete(self) -> None:
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.max_header_bytes:
+            # Raised in a parser callback, it ends parsing; data_received then calls
+            # send_400_response, which answers 431 instead.
+            self._head_too_large = True
+            raise _HeadTooLarge
+        self._in_head = False
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head = True  # the next request on this connection starts with its head
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse(self) -> None:
+        self._head_too_large = True
+        body = error_body(
+            431, f"The request headers are over {self.max_header_bytes} bytes.",
+            "request_header_fields_too_large",
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body
+        )
+        self.transport.close()
+
