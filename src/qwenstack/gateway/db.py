@@ -1,0 +1,142 @@
+"""The gateway's database: API keys and usage records, through SQLAlchemy.
+
+SQLite at <home>/qwenstack.db by default, PostgreSQL by URL. The schema is Alembic's
+(gateway/migrations), brought to `head` whenever a gateway or a `qwenstack keys|usage` command
+opens the database. Calls here block; the gateway makes them from worker threads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from qwenstack.errors import SetupError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Serialises migrations of gateway replicas starting together against one PostgreSQL database.
+MIGRATION_LOCK_ID = 0x717765_6E737461  # "qwensta"
+# Alembic's per-run notes ("Context impl SQLiteImpl") would precede every `qwenstack keys` output.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    # HMAC-SHA256(pepper, secret), hex: what a presented key is looked up by. The secret is not stored.
+    digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(
+        sa.String(16)
+    )  # the secret's start, to recognise it in lists
+    admin: Mapped[bool] = mapped_column(default=False)
+    # The answer cache may serve this key sampled answers too (not only deterministic ones).
+    cache_all: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
+    max_concurrency: Mapped[int | None]
+    models: Mapped[list[str] | None] = mapped_column(sa.JSON)  # None: every model
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    rotated_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class UsageRecord(Base):
+    """One inference request that got past authentication, however it ended."""
+
+    __tablename__ = "usage_records"
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True
+    )
+    time: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
+    request_id: Mapped[str] = mapped_column(sa.String(128), index=True)
+    caller: Mapped[str] = mapped_column(sa.String(256), index=True)  # key name or "jwt:" + subject
+    route: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(256))
+    status: Mapped[int]
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    latency_ms: Mapped[float]
+    ttft_ms: Mapped[float | None]  # streams only: a whole answer has no first token to time
+    # Answered from the answer cache: the caller got these tokens, the engines did no work.
+    cached: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def aware(moment: dt.datetime) -> dt.datetime:
+    """SQLite returns naive datetimes; everything stored here is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+DURATION = re.compile(r"(\d+)\s*([smhdw])")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'30d', '12h', '90m', '45s', '2w' (key lifetimes, report windows)."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m or 45s")
+    return dt.timedelta(seconds=int(match[1]) * UNIT_SECONDS[match[2]])
+
+
+def _normalised(url: str) -> str:
+    # Plain postgresql:// would pick psycopg2, which is not installed; psycopg 3 is.
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+def connect(url: str) -> sa.Engine:
+    """An engine for `url`, its schema migrated to the newest version."""
+    url = _normalised(url)
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        if sa_url.database and sa_url.database != ":memory:":
+            Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
+            # WAL: `qwenstack keys` can write while a gateway inserts usage rows.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA busy_timeout=30000")
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    try:
+        migrate(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        shown = sa_url.render_as_string(hide_password=True)
+        raise SetupError(f"The database {shown} cannot be used: {exc.orig or exc}") from None
+    return engine
+
+
+def migrate(engine: sa.Engine) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID}
+            )
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

@@ -1,0 +1,398 @@
+"""Per-caller limits: requests per minute, tokens per minute and concurrent requests.
+
+Requests and tokens are token buckets (capacity = the per-minute limit, refilled continuously at
+limit/60 per second), as OpenAI's limits behave: O(1) state per caller, a level and a timestamp,
+whatever the traffic. Before a request, one atomic step takes 1 request, its token reservation
+(prompt tokens + the most it may generate) and a concurrency slot, or takes nothing and refuses;
+so concurrent requests cannot overshoot the token budget, as counting after the answer would.
+When the request ends, the real usage replaces the reservation and the slot is released.
+
+Two stores behind one interface: in-process (one gateway), or Redis (replicas share budgets),
+where each step is one Lua script, one round trip, using Redis's clock. No library fits here:
+the `limits` package has no reservation that is later corrected, nor several limits taken
+all-or-nothing in one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from qwenstack.gateway.errors import GatewayError
+from qwenstack.gateway.exchange import CLIENT_CLOSED, Caller, Exchange
+from qwenstack.gateway.replicas import Replica
+from qwenstack.settings import LimitSettings
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITED = Counter(
+    "qwenstack_rate_limited_total", "Requests refused by a per-caller limit.", ["key", "limit"]
+)
+
+MINUTE_MS = 60_000
+# Seconds a client is told to wait when all its concurrency slots are taken: slots free up when
+# requests end, which no bucket arithmetic predicts.
+CONCURRENCY_RETRY_S = 1
+
+
+@dataclass(frozen=True)
+class Quota:
+    rpm: int | None
+    tpm: int | None
+    concurrency: int | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    refused: str | None  # None, "requests", "tokens", "concurrency" or "too_large"
+    requests_left: float  # bucket levels after this request
+    tokens_left: float
+    retry_after_ms: float = 0.0
+
+
+class Store(Protocol):
+    async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision: ...
+
+    async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
+        """Give back `refund` tokens (negative: take more) and release the lease's slot."""
+
+    async def close(self) -> None: ...
+
+
+def _level(capacity: int, level: float | None, at_ms: float, now_ms: float) -> float:
+    if level is None:
+        return float(capacity)  # no state: a full bucket
+    return min(capacity, level + (now_ms - at_ms) * capacity / MINUTE_MS)
+
+
+def _decide(quota: Quota, requests: float, tokens: float, held: int, cost: int) -> Decision:
+    """The one decision both stores make (the Lua script below mirrors it)."""
+    if quota.tpm and cost > quota.tpm:
+        return Decision("too_large", requests, tokens)
+    if quota.rpm and requests < 1:
+        return Decision("requests", requests, tokens, (1 - requests) * MINUTE_MS / quota.rpm)
+    if quota.tpm and tokens < cost:
+        return Decision("tokens", requests, tokens, (cost - tokens) * MINUTE_MS / quota.tpm)
+    if quota.concurrency and held >= quota.concurrency:
+        return Decision("concurrency", requests, tokens, CONCURRENCY_RETRY_S * 1000)
+    return Decision(
+        None, requests - 1 if quota.rpm else requests, tokens - cost if quota.tpm else tokens
+    )
+
+
+class MemoryStore:
+    """One gateway process's budgets. Steps never await, so they are atomic on the event loop."""
+
+    def __init__(self) -> None:
+        # key -> [request level, token level, last update ms]; only for callers with limits
+        self._buckets: dict[str, list[float]] = {}
+        self._held: dict[str, int] = {}
+
+    def _refill(self, key: str, quota: Quota, now_ms: float) -> list[float]:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [float(quota.rpm or 0), float(quota.tpm or 0), now_ms]
+        else:
+            bucket[0] = _level(quota.rpm or 0, bucket[0], bucket[2], now_ms)
+            bucket[1] = _level(quota.tpm or 0, bucket[1], bucket[2], now_ms)
+            bucket[2] = now_ms
+        return bucket
+
+    async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision:
+        bucket = self._refill(key, quota, time.monotonic() * 1000)
+        decision = _decide(quota, bucket[0], bucket[1], self._held.get(key, 0), cost)
+        if decision.refused is None:
+            bucket[0], bucket[1] = decision.requests_left, decision.tokens_left
+            if quota.concurrency:
+                self._held[key] = self._held.get(key, 0) + 1
+        return decision
+
+    async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
+        if quota.tpm and refund:
+            bucket = self._refill(key, quota, time.monotonic() * 1000)
+            bucket[1] = min(quota.tpm, bucket[1] + refund)
+        if quota.concurrency:
+            self._held[key] -= 1
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: bucket hash, concurrency lease set. ARGV: rpm, tpm, concurrency (0: none), cost,
+# lease id, lease ms. The hash holds r (requests), t (tokens), at (ms); it expires once both
+# buckets would be full again, so an idle caller costs nothing. Leases are a sorted set scored by
+# expiry, so slots of a crashed gateway free themselves.
+_LEVELS = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local s = redis.call('HMGET', KEYS[1], 'r', 't', 'at')
+local function level(cap, l)
+  if not l then return cap end
+  return math.min(cap, tonumber(l) + (now - tonumber(s[3])) * cap / 60000)
+end
+local r, t = level(rpm, s[1]), level(tpm, s[2])
+local function save()
+  local full_ms = 0
+  if rpm > 0 then full_ms = math.max(full_ms, (rpm - r) * 60000 / rpm) end
+  if tpm > 0 then full_ms = math.max(full_ms, (tpm - t) * 60000 / tpm) end
+  redis.call('HSET', KEYS[1], 'r', r, 't', t, 'at', now)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(full_ms) + 1000)
+end
+"""
+
+ACQUIRE = _LEVELS + """
+local conc, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local held = 0
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  held = redis.call('ZCARD', KEYS[2])
+end
+local refused, wait = '', 0
+if tpm > 0 and cost > tpm then refused = 'too_large'
+elseif rpm > 0 and r < 1 then refused = 'requests'; wait = (1 - r) * 60000 / rpm
+elseif tpm > 0 and t < cost then refused = 'tokens'; wait = (cost - t) * 60000 / tpm
+elseif conc > 0 and held >= conc then refused = 'concurrency'; wait = 1000
+end
+if refused == '' then
+  if rpm > 0 then r = r - 1 end
+  if tpm > 0 then t = t - cost end
+  save()
+  if conc > 0 then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
+    redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  end
+end
+return {refused, tostring(r), tostring(t), tostring(wait)}
+"""
+
+# ARGV: rpm, tpm, refund (tokens, may be negative), lease id ('' when no concurrency limit).
+SETTLE = _LEVELS + """
+local refund = tonumber(ARGV[3])
+if tpm > 0 and refund ~= 0 then
+  t = math.min(tpm, t + refund)
+  save()
+end
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
+return 1
+"""
+
+
+class RedisStore:
+    """Budgets shared by every gateway using the same Redis and key prefix."""
+
+    def __init__(self, url: str, prefix: str, timeout_s: float, lease_s: float) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            # One retry, at once: it replaces a pooled connection Redis dropped (a restart),
+            # while during an outage every request waits at most twice the timeout.
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._prefix = prefix
+        self._lease_ms = int(lease_s * 1000)
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._settle = self._redis.register_script(SETTLE)
+
+    def _keys(self, key: str) -> list[str]:
+        # The braces keep both keys of a caller in one Redis Cluster slot, as scripts need.
+        return [f"{self._prefix}limits:{{{key}}}:buckets", f"{self._prefix}limits:{{{key}}}:leases"]
+
+    async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision:
+        refused, requests, tokens, wait = await self._acquire(
+            self._keys(key),
+            [quota.rpm or 0, quota.tpm or 0, quota.concurrency or 0, cost, lease, self._lease_ms],
+        )
+        return Decision(refused.decode() or None, float(requests), float(tokens), float(wait))
+
+    async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
+        if not quota.tpm and not quota.concurrency:
+            return  # requests alone: nothing to correct, so no second round trip
+        await self._settle(
+            self._keys(key),
+            [quota.rpm or 0, quota.tpm or 0, refund if quota.tpm else 0,
+             lease if quota.concurrency else ""],
+        )
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def format_duration(ms: float) -> str:
+    """A reset time as OpenAI writes it: `20ms`, `1.5s`, `6m0s`."""
+    if ms < 1000:
+        return f"{math.ceil(ms)}ms"
+    seconds = math.ceil(ms / 10) / 100
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:g}s"
+
+
+def rate_headers(quota: Quota, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers for the limits that apply to this caller."""
+    headers = []
+    for name, limit, left in (("requests", quota.rpm, decision.requests_left),
+                              ("tokens", quota.tpm, decision.tokens_left)):
+        if limit:
+            remaining = max(0, math.floor(left))
+            headers += [
+                (f"x-ratelimit-limit-{name}".encode(), str(limit).encode()),
+                (f"x-ratelimit-remaining-{name}".encode(), str(remaining).encode()),
+                (f"x-ratelimit-reset-{name}".encode(),
+                 format_duration((limit - left) * MINUTE_MS / limit).encode()),
+            ]
+    return headers
+
+
+REFUSALS = {
+    "requests": "requests per minute",
+    "tokens": "tokens per minute",
+    "concurrency": "concurrent requests",
+}
+
+
+class Limiter:
+    def __init__(self, settings: LimitSettings, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self._session = session
+        if settings.redis_url:
+            self.store: Store = RedisStore(
+                settings.redis_url.get_secret_value(), settings.key_prefix,
+                settings.redis_timeout_s, settings.concurrency_lease_s,
+            )
+        else:
+            self.store = MemoryStore()
+
+    def quota(self, caller: Caller) -> Quota:
+        """The caller's own limits; the configured defaults where it has none."""
+        s = self.settings
+        concurrency = caller.max_concurrency
+        return Quota(
+            caller.rpm if caller.rpm is not None else s.default_rpm,
+            caller.tpm if caller.tpm is not None else s.default_tpm,
+            concurrency if concurrency is not None else s.default_max_concurrency,
+        )
+
+    async def reserve(
+        self, exchange: Exchange, replica: Replica, max_model_len: int | None
+    ) -> list[tuple[bytes, bytes]]:
+        """Take the request's share of the caller's budgets, or refuse with a 429.
+
+        Returns the rate-limit headers for the response; registers the reconciliation."""
+        quota = self.quota(exchange.caller)
+        if not (quota.rpm or quota.tpm or quota.concurrency):
+            return []
+        cost = 0
+        if quota.tpm:
+            prompt = await count_prompt_tokens(self._session, replica, exchange)
+            cost = prompt + completion_budget(exchange.payload, prompt, max_model_len)
+        key = exchange.caller.name
+        try:
+            decision = await self.store.acquire(key, quota, cost, exchange.request_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self.settings.redis_fail_open:
+                log.warning("Rate limiter unavailable, letting request %s through: %r",
+                            exchange.request_id, exc)
+                return []
+            raise GatewayError(
+                503, "The rate limiter is unavailable; try again shortly.",
+                code="rate_limiter_unavailable", retry_after_s=1,
+            ) from None
+        headers = rate_headers(quota, decision)
+        if decision.refused:
+            limit = "tokens" if decision.refused == "too_large" else decision.refused
+            RATE_LIMITED.labels(key, limit).inc()
+            if decision.refused == "too_large":
+                message = (f"Request too large: it may use {cost} tokens (prompt + max_tokens), "
+                           f"over the limit of {quota.tpm} tokens per minute. Lower max_tokens.")
+                retry_after_s = None
+            else:
+                message = (f"Rate limit reached for {REFUSALS[decision.refused]}; "
+                           f"retry in {format_duration(decision.retry_after_ms)}.")
+                retry_after_s = max(1, math.ceil(decision.retry_after_ms / 1000))
+                retry_after_ms = str(math.ceil(decision.retry_after_ms)).encode()
+                headers.append((b"retry-after-ms", retry_after_ms))
+            raise GatewayError(
+                429, message, code="rate_limit_exceeded", retry_after_s=retry_after_s,
+                headers={name.decode(): value.decode() for name, value in headers},
+            )
+
+        async def reconcile(exchange: Exchange) -> None:
+            used = exchange.prompt_tokens + exchange.completion_tokens
+            if not used and exchange.status == CLIENT_CLOSED:
+                used = cost  # the engine worked until the client left; its usage never came
+            try:
+                refund = cost - used if quota.tpm else 0
+                await self.store.settle(key, quota, refund, exchange.request_id)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("Could not settle limits of request %s: %r", exchange.request_id, exc)
+
+        exchange.on_finish(reconcile)
+        return headers
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def completion_budget(
+    payload: dict[str, Any], prompt_tokens: int, max_model_len: int | None
+) -> int:
+    """The most tokens the request may generate: n choices of max_tokens for each prompt, or the
+    rest of the context window when it gives no max_tokens."""
+    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = max(0, (max_model_len or 0) - prompt_tokens)
+    prompt = payload.get("prompt")
+    batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+    return max_tokens * (payload.get("n") or 1) * (len(prompt) if batch else 1)
+
+
+async def count_prompt_tokens(
+    session: aiohttp.ClientSession, replica: Replica, exchange: Exchange
+) -> int:
+    """The exact prompt length, from the engine's tokenizer (its /tokenize applies the chat
+    template). A few ms, paid only by callers with a token limit."""
+    payload = exchange.payload
+    if exchange.route == "/v1/chat/completions":
+        keys = ("messages", "tools", "chat_template_kwargs", "add_generation_prompt")
+        bodies = [{"model": exchange.model, **{k: payload[k] for k in keys if k in payload}}]
+    else:
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return len(prompt)  # token ids already
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if all(isinstance(p, list) for p in prompts):
+            return sum(len(p) for p in prompts)
+        bodies = [{"model": exchange.model, "prompt": p} for p in prompts]
+    param = "messages" if exchange.route == "/v1/chat/completions" else "prompt"
+    counts = await asyncio.gather(*(_tokenize(session, replica, body, param) for body in bodies))
+    return sum(counts)
+
+
+async def _tokenize(
+    session: aiohttp.ClientSession, replica: Replica, body: dict[str, Any], param: str
+) -> int:
+    try:
+        async with session.post(f"{replica.url}/tokenize", data=orjson.dumps(body),
+                                headers={"content-type": "application/json"}) as response:
+            answer = orjson.loads(await response.read())
+    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+        raise GatewayError(503, f"Could not count the prompt's tokens: {exc}",
+                           code="engine_unavailable", retry_after_s=1) from None
+    if response.status != 200:
+        error = answer.get("error", answer) if isinstance(answer, dict) else {}
+        message = error.get("message") if isinstance(error, dict) else None
+        raise GatewayError(400, f"Invalid prompt: {message or answer}", param=param)
+    return int(answer["count"])
