@@ -1,0 +1,318 @@
+"""Real stacks for the tests: `qwenstack up` in a subprocess, a real vLLM engine behind it.
+
+The tiny random-weight Qwen3 (real tokenizer) serves the gateway tests; it starts once per
+session. Tests marked `disruptive` (they kill the engine) run after all others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+STARTUP_TIMEOUT_S = 900
+HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[bytes]
+    gateway: str  # base URL, no /v1
+    engine: str
+    home: Path
+    log: Path
+    key: str = ""  # the admin key `up` printed on its first start
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"}
+
+    def engine_state(self) -> list[dict]:
+        return json.loads((self.home / "run" / "engines.json").read_text())
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        _wait_until_ready(self.process, self.gateway, self.log, timeout_s)
+
+    def stop(self) -> int:
+        return _stop(self.process)
+
+
+@dataclass
+class Gateway:
+    """`qwenstack gateway` alone, in front of an engine that is already up."""
+
+    process: subprocess.Popen[bytes]
+    url: str  # base URL, no /v1
+    home: Path
+    log: Path
+
+    def stop(self) -> int:
+        return _stop(self.process)
+
+
+def request_log(log: Path, request_id: str) -> dict:
+    """The gateway's JSON log line for one request (written just after the answer went out)."""
+    deadline = time.monotonic() + 5
+    while True:
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and f'"request_id":"{request_id}"' in line:
+                return json.loads(line)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line for request {request_id} in {log}")
+        time.sleep(0.05)
+
+
+def start_gateway(
+    tmp: Path, engine_url: str, *args: str, env: dict[str, str] | None = None, auth: bool = False
+) -> Gateway:
+    """A gateway process on a free port with its own home; `env` adds QWENSTACK_* settings.
+
+    Auth is off unless asked for: tests of limits, cache or metrics then need no key store (the
+    stack tests and tests/test_auth.py, test_usage.py run with it on)."""
+    env = {**({} if auth else {"QWENSTACK_AUTH__ENABLED": "false"}), **(env or {})}
+    home = tmp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = tmp / f"gateway-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", engine_url,
+         "--port", str(port), "--home", str(home), *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env},
+    )
+    gateway = Gateway(process, f"http://127.0.0.1:{port}", home, log)
+    try:
+        _wait_until_ready(process, gateway.url, log, timeout_s=60)
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def _wait_until_ready(process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited {process.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout_s} s:\n{log.read_text()[-5000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
+def start_stack(tmp: Path, *args: str) -> Stack:
+    """`qwenstack up` on free ports, its home in `tmp` but sharing the engine venv and models."""
+    home = tmp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    for shared in ("engine-venv", "models"):
+        (HOME / shared).mkdir(parents=True, exist_ok=True)
+        (home / shared).symlink_to(HOME / shared)
+    gateway_port, engine_port = free_port(), free_port()
+    log = tmp / "up.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "up", "--port", str(gateway_port),
+         "--engine-base-port", str(engine_port), "--home", str(home), *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    stack = Stack(process, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", home, log)
+    try:
+        stack.wait_ready()
+        stack.key = _printed_admin_key(log)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _printed_admin_key(log: Path, timeout_s: float = 10) -> str:
+    """The admin key in the ready banner (printed just after /ready turns 200)."""
+    deadline = time.monotonic() + timeout_s
+    while not (match := re.search(r"admin key +(sk-qs-[A-Za-z0-9_-]+)", log.read_text())):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no admin key in {log}:\n{log.read_text()[-5000:]}")
+        time.sleep(0.2)
+    return match[1]
+
+
+def create_key(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`qwenstack keys create --home HOME ARGS...`: the new key's secret."""
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenstack", "keys", "create", "--home", str(home), *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3() -> Path:
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenstack", "test-model"], capture_output=True, text=True, check=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(
+        tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3), "--served-model-name", "tiny-qwen3",
+        "--max-model-len", "1024", "--kv-cache-gib", "1",
+        "--enforce-eager",  # a vLLM flag, passed through: starts in about half the time on a CPU
+    )
+    yield stack
+    assert stack.stop() == 0, stack.log.read_text()[-5000:]
+
+
+@pytest.fixture(scope="session")
+def engine_url(request: pytest.FixtureRequest) -> str:
+    """A vLLM engine serving tiny-qwen3: the test stack's, or QWENSTACK_TEST_ENGINE_URL's when
+    set (one engine kept running while developing, instead of one per pytest run)."""
+    return os.environ.get("QWENSTACK_TEST_ENGINE_URL") or request.getfixturevalue("stack").engine
+
+
+class RedisServer:
+    """A redis-server process of the test's own, which a test may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis (the redis-server binary must be installed), for tests that stop it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis on 127.0.0.1:6379 (database 0), or one started here where none runs.
+
+    Tests share it, so each uses key prefixes of its own (see `unique_prefix`)."""
+    url = "redis://127.0.0.1:6379/0"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        yield url
+        return
+    except redis.ConnectionError:
+        pass
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    return f"qwenstack-test-{os.getpid()}-{time.monotonic_ns()}:"
+
+
+POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def _ensure_postgres_runs() -> None:
+    try:
+        psycopg.connect(POSTGRES_ADMIN, connect_timeout=2).close()
+        return
+    except psycopg.OperationalError:
+        pass
+    # Debian's cluster, as the CI machine image has it; started here when it is not running.
+    versions = sorted(Path("/etc/postgresql").glob("*"))
+    if not versions:
+        pytest.fail("PostgreSQL is neither running on 127.0.0.1:5432 nor installed")
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main", "start"], check=True
+    )
+    psycopg.connect(POSTGRES_ADMIN, connect_timeout=10).close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session, as a SQLAlchemy URL."""
+    _ensure_postgres_runs()
+    name = f"qwenstack_test_{os.getpid()}_{time.time_ns()}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def held_stream(
+    base_url: str, model: str = "tiny-qwen3", headers: dict[str, str] | None = None
+) -> Iterator[httpx.Response]:
+    """A streamed completion that stays open until the block ends: it asks for megabytes of
+    events (1000 tokens, 2 choices, 20 logprobs each) and reads only the first line, so the
+    gateway's sends wait on the full socket; leaving the block disconnects."""
+    body = {"model": model, "prompt": "hello there", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True, "logprobs": 20, "n": 2}
+    with httpx.stream(
+        "POST", f"{base_url}/v1/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200, response.read()
+        lines = response.iter_lines()  # kept: a dropped iterator would close the response
+        next(lines)
+        yield response

@@ -1,0 +1,133 @@
+"""Input validation at the gateway: each bad request gets its status in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from conftest import Gateway, start_gateway
+
+MODEL = "tiny-qwen3"  # max_model_len 1024
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+CHAT_URL, COMPLETION_URL = "/v1/chat/completions", "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("validation"), engine_url, env={
+        "QWENSTACK_VALIDATION__MAX_N": "4",
+        "QWENSTACK_VALIDATION__MAX_TOKENS_CAP": "2000",
+        "QWENSTACK_VALIDATION__MAX_BODY_BYTES": "65536",
+        "QWENSTACK_VALIDATION__MAX_HEADER_BYTES": "8192",
+    })
+    yield gateway
+    gateway.stop()
+
+
+def _assert_error(response: httpx.Response, status: int, code: str | None, param: str | None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["code"], error["param"]) == (code, param)
+
+
+CASES = [
+    ("malformed JSON", CHAT_URL, b'{"model": "tiny-qwen3", "messages": [', 400, None, None),
+    ("not an object", CHAT_URL, [1, 2], 400, None, None),
+    ("messages not a list", CHAT_URL, {**CHAT, "messages": "Hi"}, 400, "invalid_type", "messages"),
+    ("message without role", CHAT_URL, {**CHAT, "messages": [{"content": "Hi"}]}, 400, "invalid_type",
+     "messages"),
+    ("no prompt", COMPLETION_URL, {"model": MODEL}, 400, "invalid_type", "prompt"),
+    ("max_tokens a string", CHAT_URL, {**CHAT, "max_tokens": "10"}, 400, "invalid_type", "max_tokens"),
+    ("max_tokens zero", COMPLETION_URL, {**COMPLETION, "max_tokens": 0}, 400, "invalid_type",
+     "max_tokens"),
+    ("temperature a string", CHAT_URL, {**CHAT, "temperature": "hot"}, 400, "invalid_type",
+     "temperature"),
+    ("n a float", CHAT_URL, {**CHAT, "n": 1.5}, 400, "invalid_type", "n"),
+    ("stream not a bool", CHAT_URL, {**CHAT, "stream": "yes"}, 400, None, "stream"),
+    ("n over the cap (CVE-2026-34756)", CHAT_URL, {**CHAT, "n": 5}, 400, "integer_above_max_value", "n"),
+    ("best_of over the cap", COMPLETION_URL, {**COMPLETION, "best_of": 100}, 400,
+     "integer_above_max_value", "best_of"),
+    ("max_tokens over the cap", COMPLETION_URL, {**COMPLETION, "max_tokens": 2001}, 400,
+     "integer_above_max_value", "max_tokens"),
+    ("max_tokens beyond the context window", CHAT_URL, {**CHAT, "max_tokens": 1500}, 400,
+     "context_length_exceeded", "max_tokens"),
+    ("max_completion_tokens beyond the context window", CHAT_URL,
+     {**CHAT, "max_completion_tokens": 1024}, 400, "context_length_exceeded", "max_completion_tokens"),
+    ("chat_template (CVE-2025-61620)", CHAT_URL, {**CHAT, "chat_template": "{{ 7 * 7 }}"}, 400,
+     "invalid_request", "chat_template"),
+    ("chat_template_kwargs", CHAT_URL, {**CHAT, "chat_template_kwargs": {"enable_thinking": True}},
+     400, "invalid_request", "chat_template_kwargs"),
+    ("unknown model", CHAT_URL, {**CHAT, "model": "gpt-9"}, 404, "model_not_found", "model"),
+    ("oversized body", COMPLETION_URL, {**COMPLETION, "prompt": "x" * 70_000}, 413,
+     "request_too_large", None),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "code", "param"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_request_is_refused_at_the_gateway(
+    gateway: Gateway, route: str, body: object, status: int, code: str | None, param: str | None
+):
+    if isinstance(body, bytes):
+        response = httpx.post(gateway.url + route, content=body,
+                              headers={"content-type": "application/json"}, timeout=30)
+    else:
+        response = httpx.post(gateway.url + route, json=body, timeout=30)
+    _assert_error(response, status, code, param)
+
+
+def test_body_over_the_limit_without_length_is_cut_off_at_413(gateway: Gateway):
+    def chunks() -> Iterator[bytes]:  # chunked transfer: no content-length to refuse up front
+        yield b'{"model": "tiny-qwen3", "prompt": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = httpx.post(gateway.url + COMPLETION_URL, content=chunks(), timeout=30)
+    _assert_error(response, 413, "request_too_large", None)
+
+
+def test_oversized_headers_get_431_before_the_app(gateway: Gateway):
+    response = httpx.post(gateway.url + CHAT_URL, json=CHAT, headers={"x-filler": "a" * 9000}, timeout=30)
+    assert response.status_code == 431
+    assert response.json()["error"]["code"] == "request_header_fields_too_large"
+
+
+def test_megabytes_of_header_are_refused_without_being_buffered(gateway: Gateway):
+    # Sent raw and never finished: the gateway answers once the limit is passed, not at the end.
+    address = urlsplit(gateway.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-filler: ")
+        with pytest.raises(OSError):  # the gateway closes the connection mid-header
+            for _ in range(10_000):
+                sock.sendall(b"a" * 1024)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_headers_under_the_limit_and_valid_requests_pass(gateway: Gateway):
+    ok = httpx.post(gateway.url + CHAT_URL, json={**CHAT, "n": 4}, headers={"x-filler": "a" * 4000},
+                    timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+    token_ids = httpx.post(gateway.url + COMPLETION_URL, json={**COMPLETION, "prompt": [9707, 1052]},
+                           timeout=60)
+    assert token_ids.status_code == 200
+
+
+def test_max_tokens_cap_applies_when_the_request_sets_none(tmp_path: Path, engine_url: str):
+    gateway = start_gateway(tmp_path, engine_url, env={"QWENSTACK_VALIDATION__MAX_TOKENS_CAP": "3"})
+    try:
+        answer = httpx.post(gateway.url + COMPLETION_URL,
+                            json={"model": MODEL, "prompt": "Hi", "ignore_eos": True}, timeout=60)
+    finally:
+        gateway.stop()
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
