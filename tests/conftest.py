@@ -304,14 +304,20 @@ def postgres_url() -> Iterator[str]:
 def held_stream(
     base_url: str, model: str = "tiny-qwen3", headers: dict[str, str] | None = None
 ) -> Iterator[httpx.Response]:
-    """A streamed completion that stays open until the block ends: it asks for megabytes of
-    events (1000 tokens, 2 choices, 20 logprobs each) and reads only the first line, so the
-    gateway's sends wait on the full socket; leaving the block disconnects."""
+    """A streamed completion that stays open until the block ends, then disconnects.
+
+    It asks for megabytes of events (1000 tokens, 2 choices, 20 logprobs each) and reads only
+    the first line. The socket's receive buffer is set small, which on Linux also turns off its
+    autotuning (up to tcp_rmem's 32 MiB here, enough to swallow the whole stream and let it
+    end): so the gateway's sends wait on a full socket for as long as the block lasts.
+    """
     body = {"model": model, "prompt": "hello there", "max_tokens": 1000, "ignore_eos": True,
             "stream": True, "logprobs": 20, "n": 2}
-    with httpx.stream(
-        "POST", f"{base_url}/v1/completions", json=body, headers=headers, timeout=60
-    ) as response:
+    small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+    with (
+        httpx.Client(transport=httpx.HTTPTransport(socket_options=small_buffer), timeout=60) as client,
+        client.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response,
+    ):
         assert response.status_code == 200, response.read()
         lines = response.iter_lines()  # kept: a dropped iterator would close the response
         next(lines)

@@ -235,7 +235,9 @@ class EngineStream(Response):
             if exchange.first_chunk_s is None:
                 exchange.first_chunk_s = time.perf_counter() - exchange.started_s
             events = partial + chunk if partial else chunk
-            end = events.rfind(b"\n\n") + 2
+            end = events.rfind(b"\n\n") + 2  # 1 when there is no complete event yet
+            if end == 1:
+                end = 0
             events, partial = events[:end], events[end:]
             if b'"usage":{' in events:
                 events = take_usage(events, exchange)
