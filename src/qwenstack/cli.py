@@ -462,10 +462,12 @@ def plan(
     from qwenstack.engine import planning
     from qwenstack.engine.hardware import GIB
 
+    # A bare config.json names no model vLLM could load: leave the flag for the user to fill.
+    served = "MODEL_FOLDER_OR_HUB_ID" if Path(model).is_file() else model
     try:
         chosen = gpu_table.lookup(gpu)
         p = planning.plan(
-            model, planning.read_model_config(model, os.environ.get("HF_TOKEN")), chosen,
+            served, planning.read_model_config(model, os.environ.get("HF_TOKEN")), chosen,
             gpu_count=gpus, context=context, concurrency=concurrency, dtype=dtype,
             kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization,
         )
