@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvloop
-
 from conftest import start_gateway
+
 from qwenstack import bench
 from qwenstack.bench import datasets, loadgen
 from qwenstack.bench.datasets import DatasetError
@@ -35,7 +35,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _counters(engine_url: str) -> dict[str, float]:
     page = httpx.get(f"{engine_url}/metrics", timeout=10).text
     return {
-        name: sum(float(m[1]) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", page, re.M))
+        name: sum(float(m[1]) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", page, re.MULTILINE))
         for name in COUNTERS
     }
 

@@ -45,7 +45,7 @@ def benchmark(
     requests_per_run: int,
     rounds: int = 1,
     warmup: int = 0,
-    slo: Slo = Slo(),
+    slo: Slo | None = None,
     timeout_s: float = 600,
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -56,7 +56,7 @@ def benchmark(
     ))
     summaries, all_ratios = [], []
     for per_target in runs:
-        figures = [summarize(run, slo) for run in per_target]
+        figures = [summarize(run, slo or Slo()) for run in per_target]
         summaries += figures
         all_ratios += [ratios(f, figures[-1]) for f in figures[:-1]]
     return summaries, all_ratios

@@ -8,6 +8,7 @@ token counts come from the server and small, fast models are not slowed by the c
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -101,7 +102,7 @@ class RequestRecord:
 
     def itls(self) -> list[float]:
         times = self.token_times
-        return [b - a for a, b in zip(times, times[1:])]
+        return [b - a for a, b in itertools.pairwise(times)]
 
 
 @dataclass
@@ -126,7 +127,7 @@ async def _send(
             else:
                 _take_usage(orjson.loads(await response.read()), record)
                 record.token_times.append(time.perf_counter())
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"[:200]
     record.finished = time.perf_counter()
     return record

@@ -47,7 +47,8 @@ def distribution_ms(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(run: RunRecord, slo: Slo = Slo()) -> dict[str, Any]:
+def summarize(run: RunRecord, slo: Slo | None = None) -> dict[str, Any]:
+    slo = slo or Slo()
     ok = [r for r in run.records if r.error is None]
     output_tokens = sum(r.output_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
