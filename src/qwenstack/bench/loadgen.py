@@ -136,10 +136,10 @@ async def _send(
 async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord, api: Api) -> None:
     times = record.token_times
     first = last = b""
+    # Read to the end, past [DONE]: leaving earlier would close the connection under the server
+    # (a gateway logs the request as a client disconnect) instead of returning it to the pool.
     async for line in response.content:
-        if line.startswith(b"data: "):
-            if line.startswith(b"data: [DONE]"):
-                break
+        if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
             times.append(time.perf_counter())
             if not first:
                 first = line
