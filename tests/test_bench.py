@@ -139,6 +139,17 @@ def test_compare_gateway_with_engine_interleaved(engine_url: str, tmp_path: Path
     assert "gateway/direct" in run.stdout
 
 
+@pytest.mark.skipif(not CMRC.is_file(), reason="shared/data is not beside the repository")
+def test_cmrc_questions_against_engine(engine_url: str, tmp_path: Path):
+    out_json = tmp_path / "cmrc.json"
+    run = _cli("bench", engine_url, "--dataset", "cmrc", "--dataset-path", str(CMRC),
+               "--num-prompts", "3", "--output-len", "4", "--warmup", "0", "--json", str(out_json))
+    assert run.returncode == 0, run.stderr
+    [summary] = json.loads(out_json.read_text())["results"]
+    _assert_consistent(summary, requests=3, output_len=4)
+    assert summary["prompt_tokens"] > 3 * 100  # a paragraph each, not just the question
+
+
 def test_datasets(tmp_path: Path):
     sharegpt = tmp_path / "sharegpt.json"
     sharegpt.write_text(json.dumps([
@@ -172,6 +183,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path):
         (["bench", "http://127.0.0.1:9", "--concurrency", "0"], "above 0"),
         (["bench", "http://127.0.0.1:9", "--api", "embeddings"], "chat or completions"),
         (["bench", "http://127.0.0.1:9", "--header", "nocolon"], "name: value"),
+        (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "nope"], "use one of"),
+        (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "sharegpt"], "--dataset-path"),
         (["bench", "http://127.0.0.1:9"], "is it up"),
         (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "sharegpt",
           "--dataset-path", str(tmp_path / "missing.json")], "cannot read"),

@@ -412,17 +412,10 @@ def bench(
         loads = [bench_.Load(concurrency=c) for c in _numbers(concurrency or "1", "--concurrency", int)]
     count = bench_.prompts_needed(len(targets), len(loads), rounds, num_prompts, warmup)
     try:
-        if dataset == "random":
-            prompts = datasets.random_prompts(count, input_len, output_len or 64, range_ratio, seed)
-        elif dataset == "sharegpt":
-            if dataset_path is None:
-                raise typer.BadParameter("sharegpt needs --dataset-path FILE.json")
-            prompts = datasets.sharegpt_prompts(dataset_path, count, output_len, seed)
-        elif dataset == "cmrc":
-            path = dataset_path or Path.cwd().parent / "shared" / "data" / "cmrc2018_trial.json"
-            prompts = datasets.cmrc_prompts(path, count, output_len or 64, seed)
-        else:
-            raise typer.BadParameter("use random, sharegpt or cmrc", param_hint="--dataset")
+        prompts = datasets.load(
+            dataset, count, path=dataset_path, input_len=input_len, output_len=output_len,
+            range_ratio=range_ratio, seed=seed,
+        )
         options = bench_.RequestOptions(
             model=model or bench_.served_model(targets[0]), api=api, stream=stream,  # type: ignore[arg-type]
             ignore_eos=ignore_eos, temperature=temperature,

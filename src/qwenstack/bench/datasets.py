@@ -27,6 +27,11 @@ WORDS = (
 ).split()
 
 
+# Where the repository's shared data sits when the bench runs from a clone's root.
+DEFAULT_CMRC = Path("../shared/data/cmrc2018_trial.json")
+DATASETS = ("random", "sharegpt", "cmrc")
+
+
 class DatasetError(SetupError):
     """A dataset file or length setting that cannot be used."""
 
@@ -35,6 +40,28 @@ class DatasetError(SetupError):
 class Prompt:
     text: str
     max_tokens: int
+
+
+def load(
+    name: str,
+    count: int,
+    *,
+    path: Path | None = None,
+    input_len: int = 128,
+    output_len: int | None = None,
+    range_ratio: float = 0.0,
+    seed: int = 0,
+) -> list[Prompt]:
+    """`count` prompts from the named dataset; output_len None: 64, or ShareGPT's replies."""
+    if name == "random":
+        return random_prompts(count, input_len, output_len or 64, range_ratio, seed)
+    if name == "sharegpt":
+        if path is None:
+            raise DatasetError("--dataset sharegpt needs --dataset-path FILE.json")
+        return sharegpt_prompts(path, count, output_len, seed)
+    if name == "cmrc":
+        return cmrc_prompts(path or DEFAULT_CMRC, count, output_len or 64, seed)
+    raise DatasetError(f"--dataset {name}: use one of {', '.join(DATASETS)}")
 
 
 def random_prompts(
