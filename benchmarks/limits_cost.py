@@ -49,7 +49,9 @@ def free_port() -> int:
 
 def start(engine: str, limits: dict[str, str], home: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "QWENSTACK_LIMITS__KEY_PREFIX": f"bench-{port}:",
+    # Auth off: every caller is anonymous and gets the default limits measured here.
+    env = {**os.environ, "QWENSTACK_AUTH__ENABLED": "false",
+           "QWENSTACK_LIMITS__KEY_PREFIX": f"bench-{port}:",
            **{f"QWENSTACK_LIMITS__{k}": v for k, v in limits.items()}}
     process = subprocess.Popen(
         [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", engine, "--port", str(port),
