@@ -149,6 +149,18 @@ class CacheSettings(BaseModel):
     shared_across_callers: bool = Field(
         False, description="One cache for all callers instead of one per caller (API key)."
     )
+    semantic: bool = Field(
+        False,
+        description="Also serve a chat request whose last user message means the same as a cached "
+        "one's, all else equal (embeddings from rag.embedding_*; needs the `rag` extra).",
+    )
+    semantic_threshold: float = Field(
+        0.95, gt=0, le=1,
+        description="Least cosine similarity of two questions for one's answer to serve the other.",
+    )
+    semantic_max_entries: int = Field(
+        10_000, ge=1, description="Questions the semantic index keeps, oldest dropped first."
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> CacheSettings:

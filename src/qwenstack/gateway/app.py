@@ -158,7 +158,7 @@ def create_app(settings: Settings) -> FastAPI:
             gpus = GpuCollector.start()
             if gpus:
                 REGISTRY.register(gpus)
-            app.state.cache = await AnswerCache.open(settings.cache)
+            app.state.cache = await AnswerCache.open(settings.cache, settings.rag)
             app.state.validation = settings.validation
             app.state.limiter = Limiter(settings.limits, session)
             app.state.admission = Admission(settings.admission)
