@@ -306,13 +306,15 @@ def held_stream(
 ) -> Iterator[httpx.Response]:
     """A streamed completion that stays open until the block ends, then disconnects.
 
-    It asks for megabytes of events (1000 tokens, 2 choices, 20 logprobs each) and reads only
-    the first line. The socket's receive buffer is set small, which on Linux also turns off its
-    autotuning (up to tcp_rmem's 32 MiB here, enough to swallow the whole stream and let it
-    end): so the gateway's sends wait on a full socket for as long as the block lasts.
+    It asks for about 15 MB of events (1000 tokens, 16 choices, 20 logprobs each; 2 choices
+    made 1.9 MB) and reads only the first line. The socket's receive buffer is set small, which
+    on Linux also turns off its autotuning (up to tcp_rmem's 32 MiB here). What the gateway can
+    hand off is then its send buffer (at most tcp_wmem's 4 MiB) and uvicorn's 64 KiB: far
+    less than the stream, so its sends wait for as long as the block lasts, however fast the
+    engine generates.
     """
     body = {"model": model, "prompt": "hello there", "max_tokens": 1000, "ignore_eos": True,
-            "stream": True, "logprobs": 20, "n": 2}
+            "stream": True, "logprobs": 20, "n": 16}
     small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
     with (
         httpx.Client(transport=httpx.HTTPTransport(socket_options=small_buffer), timeout=60) as client,

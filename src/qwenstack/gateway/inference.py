@@ -12,7 +12,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qwenstack.gateway import cache, metrics, validation
+from qwenstack.gateway import cache, knowledge, metrics, validation
 from qwenstack.gateway.auth import check_model
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
@@ -31,6 +31,7 @@ async def serve(request: Request, route: str) -> Response:
     exchange.on_finish(state.usage.finisher)
     try:
         exchange.payload = parse_body(body)  # inside: a malformed request is counted too
+        await knowledge.ground(request, exchange)  # before validation: it resolves a `+kb:` alias
         cards = state.pool.model_cards()
         validation.check(exchange, state.validation, cards)
         # The engine is chosen again when forwarding (after any queueing); this resolves the
@@ -40,7 +41,11 @@ async def serve(request: Request, route: str) -> Response:
         rate_headers = await state.limiter.reserve(
             exchange, replicas[0], validation.context_window(exchange.model, cards)
         )
-        response = await state.cache.lookup(exchange, request.headers.get("cache-control"))
+        # A grounded answer's citations are added after the engine answers, and a replay from
+        # the cache would lack them: such requests skip the cache.
+        cache_control = "no-store" if exchange.citations is not None else request.headers.get(
+            "cache-control")
+        response = await state.cache.lookup(exchange, cache_control)
         if response is None and not state.admission.admit_now(exchange):
             try:
                 await until_disconnect(request.receive, state.admission.wait(exchange))
@@ -48,6 +53,7 @@ async def serve(request: Request, route: str) -> Response:
                 response = Response(status_code=CLIENT_CLOSED)
         if response is None:
             response = await state.upstream.forward(request, exchange)
+        response = knowledge.attach_citations(response, exchange)
         cache.label(response, exchange)
     except GatewayError as exc:
         await exchange.finish(exc.status, exc.code)

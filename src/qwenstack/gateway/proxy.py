@@ -241,6 +241,8 @@ class EngineStream(Response):
             events, partial = events[:end], events[end:]
             if b'"usage":{' in events:
                 events = take_usage(events, exchange)
+            if exchange.final_event and b"data: [DONE]" in events:
+                events = events.replace(b"data: [DONE]", exchange.final_event + b"data: [DONE]", 1)
             if events:
                 await send({"type": "http.response.body", "body": events, "more_body": True})
         await send({"type": "http.response.body", "body": partial, "more_body": False})

@@ -1,0 +1,103 @@
+"""Knowledge-base metadata in the gateway's SQL database: names, owners, grants, files.
+
+The chunks themselves live in Milvus (store.py); this is what says who may read a knowledge
+base and which version of each file its chunks belong to. Schema: migration 0004.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from qwenstack.gateway.db import Base, aware, now
+from qwenstack.gateway.exchange import Caller
+from qwenstack.rag import RagError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class KnowledgeBase(Base):
+    __tablename__ = "knowledge_bases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    owner: Mapped[str | None] = mapped_column(sa.String(256))  # a key name or jwt:<sub>; None: admins
+    # Queries must be embedded by the model the chunks were embedded by.
+    embedding_model: Mapped[str] = mapped_column(sa.String(512))
+    dimension: Mapped[int]
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class KnowledgeBaseGrant(Base):
+    __tablename__ = "knowledge_base_grants"
+    __table_args__ = (sa.UniqueConstraint("knowledge_base_id", "caller"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    knowledge_base_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    caller: Mapped[str] = mapped_column(sa.String(256))
+    write: Mapped[bool]
+
+
+class KnowledgeBaseFile(Base):
+    __tablename__ = "knowledge_base_files"
+    __table_args__ = (sa.UniqueConstraint("knowledge_base_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    knowledge_base_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(1024))
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    chunks: Mapped[int]
+    # Bumped on each re-ingest; chunk ids carry it, so new chunks go in before old ones go.
+    version: Mapped[int]
+    ingested_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise RagError(
+            f"Invalid knowledge base name {name!r}: 1-64 letters, digits, . _ - "
+            "(starting with a letter or digit).", code="invalid_knowledge_base_name",
+        )
+    return name
+
+
+def may_read(session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool) -> bool:
+    return _allowed(session, kb, caller, open_access, write=False)
+
+
+def may_write(session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool) -> bool:
+    return _allowed(session, kb, caller, open_access, write=True)
+
+
+def _allowed(
+    session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool, write: bool
+) -> bool:
+    if open_access or caller.admin or (kb.owner is not None and caller.name == kb.owner):
+        return True
+    grant = session.scalar(sa.select(KnowledgeBaseGrant).where(
+        KnowledgeBaseGrant.knowledge_base_id == kb.id, KnowledgeBaseGrant.caller == caller.name))
+    return grant is not None and (grant.write or not write)
+
+
+def describe(session: sa.orm.Session, kb: KnowledgeBase) -> dict[str, object]:
+    grants = session.scalars(sa.select(KnowledgeBaseGrant).where(
+        KnowledgeBaseGrant.knowledge_base_id == kb.id)).all()
+    files = session.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(
+        KnowledgeBaseFile.chunks), 0)).where(KnowledgeBaseFile.knowledge_base_id == kb.id)).one()
+    return {
+        "object": "knowledge_base", "name": kb.name, "owner": kb.owner,
+        "readers": sorted(g.caller for g in grants if not g.write),
+        "writers": sorted(g.caller for g in grants if g.write),
+        "embedding_model": kb.embedding_model, "files": files[0], "chunks": int(files[1]),
+        "created_at": aware(kb.created_at).isoformat(),
+    }
+
+
+__all__ = ["KnowledgeBase", "KnowledgeBaseFile", "KnowledgeBaseGrant", "check_name", "describe",
+           "may_read", "may_write", "now"]

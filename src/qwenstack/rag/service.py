@@ -1,0 +1,347 @@
+"""Knowledge bases as one service, shared by the CLI and the gateway: create, grant, ingest,
+search, delete, with the access rules applied. Calls block; the gateway makes them from
+worker threads.
+
+An ingest is all or nothing per file: the file is parsed, chunked and embedded before anything
+is written; its new chunks go into Milvus under a new version, then its metadata row is
+committed, and only then are the old version's chunks deleted. A failure at any step removes
+what the new version wrote and leaves the previous version as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from qwenstack.gateway.exchange import Caller
+from qwenstack.rag import RagError
+from qwenstack.rag.catalog import (
+    KnowledgeBase, KnowledgeBaseFile, KnowledgeBaseGrant, check_name, describe, may_read,
+    may_write, now,
+)
+from qwenstack.rag.chunking import Chunk, TokenCounter, chunk_sections
+from qwenstack.rag.embeddings import Embedder
+from qwenstack.rag.parsers import parse
+from qwenstack.rag.store import Hit, MilvusStore, Mode, StoredChunk
+from qwenstack.settings import RagSettings, Settings
+
+log = logging.getLogger(__name__)
+
+Reranker = Callable[[str, list[Hit]], list[Hit]]
+
+
+@dataclass(frozen=True)
+class FileResult:
+    name: str
+    status: str  # "ingested", "replaced" or "unchanged"
+    chunks: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "chunks": self.chunks}
+
+
+@dataclass(frozen=True)
+class PreparedFile:
+    """A file parsed and chunked, not yet written anywhere."""
+
+    name: str
+    size: int
+    sha256: str
+    chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    knowledge_base: str
+    hit: Hit
+
+    def citation(self) -> dict[str, Any]:
+        return self.hit.citation(self.knowledge_base)
+
+
+def load_reranker(spec: str | None) -> Reranker | None:
+    """`module:callable` from settings: (query, hits) -> hits, best first."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class KnowledgeService:
+    def close(self) -> None:
+        self.store.close()
+        self.engine.dispose()
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        store: MilvusStore,
+        embedder_factory: Callable[[], Embedder],
+        counter: TokenCounter,
+        settings: RagSettings,
+        open_access: bool,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.counter = counter
+        self.settings = settings
+        self.open_access = open_access  # auth off: every caller may do everything
+        self.reranker = load_reranker(settings.reranker)
+        self._embedder_factory = embedder_factory
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
+
+    @property
+    def embedder(self) -> Embedder:
+        # Loaded on first use: a sentence-transformers model takes seconds and most requests
+        # never need it.
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = self._embedder_factory()
+            return self._embedder
+
+    # --- knowledge bases -------------------------------------------------------------------
+
+    def create(
+        self, name: str, owner: str | None, readers: Sequence[str] = (), writers: Sequence[str] = ()
+    ) -> dict[str, object]:
+        check_name(name)
+        embedder = self.embedder
+        with Session(self.engine) as session, session.begin():
+            if session.scalar(sa.select(KnowledgeBase).where(KnowledgeBase.name == name)):
+                raise RagError(f"The knowledge base {name!r} exists already.", status=409,
+                               code="knowledge_base_exists")
+            kb = KnowledgeBase(name=name, owner=owner, embedding_model=embedder.name,
+                               dimension=embedder.dimension, created_at=now())
+            session.add(kb)
+            session.flush()
+            for caller in dict.fromkeys([*readers, *writers]):
+                session.add(KnowledgeBaseGrant(knowledge_base_id=kb.id, caller=caller,
+                                               write=caller in writers))
+            session.flush()
+            # The collection first: a failure here rolls the metadata back with it.
+            self.store.create(kb.id, embedder.dimension)
+            return describe(session, kb)
+
+    def list(self, caller: Caller) -> list[dict[str, object]]:
+        with Session(self.engine) as session:
+            kbs = session.scalars(sa.select(KnowledgeBase).order_by(KnowledgeBase.name)).all()
+            return [describe(session, kb) for kb in kbs
+                    if may_read(session, kb, caller, self.open_access)]
+
+    def get(self, name: str, caller: Caller) -> dict[str, object]:
+        with Session(self.engine) as session:
+            return describe(session, self._readable(session, name, caller))
+
+    def delete(self, name: str, caller: Caller) -> None:
+        with Session(self.engine) as session, session.begin():
+            kb = self._writable(session, name, caller, owner_only=True)
+            self.store.drop(kb.id)
+            session.delete(kb)
+
+    def grant(self, name: str, caller_name: str, write: bool, caller: Caller) -> dict[str, object]:
+        with Session(self.engine) as session, session.begin():
+            kb = self._writable(session, name, caller, owner_only=True)
+            grant = session.scalar(sa.select(KnowledgeBaseGrant).where(
+                KnowledgeBaseGrant.knowledge_base_id == kb.id,
+                KnowledgeBaseGrant.caller == caller_name))
+            if grant is None:
+                session.add(KnowledgeBaseGrant(knowledge_base_id=kb.id, caller=caller_name,
+                                               write=write))
+            else:
+                grant.write = write
+            session.flush()
+            return describe(session, kb)
+
+    def files(self, name: str, caller: Caller) -> list[dict[str, object]]:
+        with Session(self.engine) as session:
+            kb = self._readable(session, name, caller)
+            rows = session.scalars(sa.select(KnowledgeBaseFile).where(
+                KnowledgeBaseFile.knowledge_base_id == kb.id).order_by(KnowledgeBaseFile.name)).all()
+            return [{"name": f.name, "sha256": f.sha256, "bytes": f.bytes, "chunks": f.chunks,
+                     "ingested_at": f.ingested_at.isoformat()} for f in rows]
+
+    # --- ingest ----------------------------------------------------------------------------
+
+    def ingest(self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller) -> list[FileResult]:
+        """Each (file name, content) in turn; every file is parsed before any is written, so
+        a bad file refuses the whole request. Per file, all or nothing."""
+        with Session(self.engine) as session:
+            kb = self._writable(session, name, caller)
+            kb_id, kb_model = kb.id, kb.embedding_model
+            known = dict(session.execute(sa.select(KnowledgeBaseFile.name, KnowledgeBaseFile.sha256)
+                                         .where(KnowledgeBaseFile.knowledge_base_id == kb_id)).all())
+        self._check_model(name, kb_model)
+        prepared = [self._prepare(file_name, data) for file_name, data in files]
+        changed = [item for item in prepared if known.get(item.name) != item.sha256]
+        # One embedding call for all changed files: batches fill up, which small files alone do not.
+        vectors = iter(self.embedder.embed([c.text for item in changed for c in item.chunks]))
+        embedded = {id(item): [next(vectors) for _ in item.chunks] for item in changed}
+        return [self._ingest_one(kb_id, item, embedded.get(id(item))) for item in prepared]
+
+    def _prepare(self, name: str, data: bytes) -> PreparedFile:
+        name = PurePath(name.replace("\\", "/")).name
+        if not name or len(name) > 255:
+            raise RagError(f"Invalid file name {name!r}.", code="invalid_file_name")
+        if len(data) > self.settings.max_upload_bytes:
+            raise RagError(f"{name}: {len(data)} bytes, over the limit of "
+                           f"{self.settings.max_upload_bytes}.", status=413, code="file_too_large")
+        chunks = chunk_sections(parse(name, data), self.counter, self.settings.chunk_tokens,
+                                self.settings.chunk_overlap_tokens)
+        return PreparedFile(name, len(data), hashlib.sha256(data).hexdigest(), chunks)
+
+    def _ingest_one(
+        self, kb_id: int, item: PreparedFile, vectors: list[list[float]] | None
+    ) -> FileResult:
+        with Session(self.engine) as session, session.begin():
+            row = session.scalar(sa.select(KnowledgeBaseFile).where(
+                KnowledgeBaseFile.knowledge_base_id == kb_id, KnowledgeBaseFile.name == item.name))
+            if row is not None and row.sha256 == item.sha256:
+                return FileResult(item.name, "unchanged", row.chunks)
+            status = "ingested" if row is None else "replaced"
+            if vectors is None:  # changed since ingest() looked
+                vectors = self.embedder.embed([c.text for c in item.chunks])
+            if row is None:
+                row = KnowledgeBaseFile(knowledge_base_id=kb_id, name=item.name, version=0)
+                session.add(row)
+            row.sha256, row.bytes, row.chunks = item.sha256, item.size, len(item.chunks)
+            row.version += 1
+            row.ingested_at = now()
+            session.flush()
+            file_id, version = row.id, row.version
+            try:
+                self.store.insert(kb_id, [
+                    StoredChunk(file_id, version, item.name, index, c.text, c.page, c.heading,
+                                c.start, c.end, vector)
+                    for index, (c, vector) in enumerate(zip(item.chunks, vectors, strict=True))
+                ])
+                session.commit()
+            except BaseException:
+                session.rollback()
+                self.store.delete_version(kb_id, file_id, version)
+                raise
+        # Committed: the new version is the file's; the old one's chunks can go.
+        try:
+            self.store.delete_other_versions(kb_id, file_id, version)
+        except Exception:
+            log.exception("Old chunks of %s stay until its next ingest", item.name)
+        return FileResult(item.name, status, len(item.chunks))
+
+    def remove_file(self, name: str, file_name: str, caller: Caller) -> None:
+        with Session(self.engine) as session, session.begin():
+            kb = self._writable(session, name, caller)
+            row = session.scalar(sa.select(KnowledgeBaseFile).where(
+                KnowledgeBaseFile.knowledge_base_id == kb.id, KnowledgeBaseFile.name == file_name))
+            if row is None:
+                raise RagError(f"No file {file_name!r} in {name!r}.", status=404,
+                               code="file_not_found")
+            self.store.delete_file(kb.id, row.id)
+            session.delete(row)
+
+    # --- retrieval -------------------------------------------------------------------------
+
+    def search(
+        self, names: Sequence[str], query: str, caller: Caller, top_k: int | None = None,
+        mode: Mode | None = None, query_vector: list[float] | None = None,
+    ) -> list[Retrieved]:
+        """The `top_k` best chunks of the named knowledge bases for `query` (embedded here
+        unless its `query_vector` is given, as batch evaluations do)."""
+        top_k = top_k or self.settings.top_k
+        mode = mode or self.settings.mode
+        with Session(self.engine) as session:
+            kbs = [(kb.name, kb.id, kb.embedding_model)
+                   for kb in (self._readable(session, name, caller) for name in names)]
+        vector = None
+        if mode != "bm25":
+            for name, _, model in kbs:
+                self._check_model(name, model)
+            vector = query_vector or self.embedder.embed([query])[0]
+        # Each knowledge base ranks its own chunks; several are merged by rank (RRF), as their
+        # scores are not comparable across collections in BM25 and hybrid modes.
+        rankings = [
+            [Retrieved(name, hit) for hit in self.store.search(
+                kb_id, query, vector, mode, top_k, self.settings.rrf_k)]
+            for name, kb_id, _ in kbs
+        ]
+        merged = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(
+            rankings, self.settings.rrf_k)
+        if self.reranker:
+            hits = self.reranker(query, [item.hit for item in merged])
+            by_hit = {id(item.hit): item for item in merged}
+            merged = [by_hit[id(hit)] for hit in hits]
+        return merged[:top_k]
+
+    # --- access ----------------------------------------------------------------------------
+
+    def _find(self, session: Session, name: str) -> KnowledgeBase:
+        kb = session.scalar(sa.select(KnowledgeBase).where(KnowledgeBase.name == name))
+        if kb is None:
+            raise RagError(f"No knowledge base {name!r}.", status=404,
+                           code="knowledge_base_not_found")
+        return kb
+
+    def _readable(self, session: Session, name: str, caller: Caller) -> KnowledgeBase:
+        kb = self._find(session, name)
+        if not may_read(session, kb, caller, self.open_access):
+            # The same answer as for a missing one: a caller learns nothing of others' bases.
+            raise RagError(f"No knowledge base {name!r}.", status=404,
+                           code="knowledge_base_not_found")
+        return kb
+
+    def _writable(self, session: Session, name: str, caller: Caller, owner_only: bool = False) -> KnowledgeBase:
+        kb = self._readable(session, name, caller)
+        allowed = (self.open_access or caller.admin or caller.name == kb.owner) if owner_only \
+            else may_write(session, kb, caller, self.open_access)
+        if not allowed:
+            what = "the owner" if owner_only else "a writer"
+            raise RagError(f"Only {what} of knowledge base {name!r} may do this.", status=403,
+                           code="knowledge_base_forbidden")
+        return kb
+
+    def _check_model(self, name: str, model: str) -> None:
+        if model != self.embedder.name:
+            raise RagError(
+                f"The knowledge base {name!r} was embedded with {model!r}, but rag.embedding_model "
+                f"is {self.embedder.name!r}; re-create it or configure that model.",
+                status=409, code="embedding_model_mismatch",
+            )
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[Retrieved]], k: int) -> list[Retrieved]:
+    scores: dict[int, float] = {}
+    items: dict[int, Retrieved] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, 1):
+            scores[id(item)] = scores.get(id(item), 0.0) + 1 / (k + rank)
+            items[id(item)] = item
+    return [items[key] for key in sorted(scores, key=scores.__getitem__, reverse=True)]
+
+
+def open_service(settings: Settings, *, open_access: bool | None = None) -> KnowledgeService:
+    """The service over the settings' database and Milvus, embedder loaded on first use."""
+    from qwenstack.gateway import db
+    from qwenstack.rag.chunking import token_counter
+    from qwenstack.rag.embeddings import make_embedder
+
+    rag = settings.rag
+    engine = db.connect(settings.database)
+    try:
+        store = MilvusStore(settings.milvus_uri,
+                            rag.milvus_token.get_secret_value() if rag.milvus_token else None)
+        counter = token_counter(rag.tokenizer, settings.engine.model)
+    except BaseException:
+        engine.dispose()
+        raise
+    return KnowledgeService(
+        engine, store, lambda: make_embedder(rag), counter, rag,
+        open_access=not settings.auth.enabled if open_access is None else open_access,
+    )

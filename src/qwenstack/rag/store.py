@@ -1,0 +1,186 @@
+"""Chunks in Milvus: one collection per knowledge base, dense vectors plus BM25.
+
+The same pymilvus `MilvusClient` code serves Milvus Lite (a local file, the default) and a
+Milvus server (by URI). BM25 is Milvus's own function over the `text` field with the jieba
+analyzer, so Chinese is cut into words on the server (Milvus Lite 3.x implements the same
+analyzer in Python); hybrid search fuses the two rankings with reciprocal rank fusion.
+
+Filters use integers only (file ids and versions from the metadata database): file names
+never go into a filter expression, so no quoting or injection to get wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jieba
+from pymilvus import (
+    AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, MilvusException, RRFRanker,
+)
+
+# Milvus Lite serves pymilvus over an in-process gRPC server, which logs a traceback for each
+# optional call it lacks (AllocTimestamp) although the client goes on without it.
+logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+# jieba (Milvus Lite's Chinese analyzer) announces its dictionary load at debug level.
+jieba.setLogLevel(logging.WARNING)
+
+Mode = Literal["dense", "bm25", "hybrid"]
+ANALYZER = {"tokenizer": "jieba"}
+OUTPUT_FIELDS = ["file_id", "source", "chunk", "text", "page", "heading", "start", "end"]
+MAX_TEXT_BYTES = 65535  # Milvus's VARCHAR limit
+NO_PAGE = 0  # Milvus has no NULL for these fields here
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    file_id: int
+    version: int
+    source: str  # the file name
+    chunk: int  # index within the file
+    text: str
+    page: int | None
+    heading: str | None
+    start: int
+    end: int
+    vector: list[float]
+
+
+@dataclass(frozen=True)
+class Hit:
+    file_id: int
+    source: str
+    chunk: int
+    text: str
+    page: int | None
+    heading: str | None
+    start: int
+    end: int
+    score: float  # mode-dependent: cosine, BM25 or RRF; comparable only within one search
+
+    def citation(self, knowledge_base: str) -> dict[str, Any]:
+        return {"knowledge_base": knowledge_base, "source": self.source, "page": self.page,
+                "heading": self.heading, "chunk": self.chunk, "start": self.start, "end": self.end,
+                "text": self.text}
+
+
+def collection_name(kb_id: int) -> str:
+    return f"qwenstack_kb_{kb_id}"
+
+
+class MilvusStore:
+    def __init__(self, uri: str, token: str | None = None) -> None:
+        self.client = MilvusClient(uri=uri, token=token or "")
+        # Milvus Lite runs in this process; one call at a time keeps its file consistent.
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def create(self, kb_id: int, dimension: int) -> None:
+        name = collection_name(kb_id)
+        with self.lock:
+            if self.client.has_collection(name):
+                return
+            schema = self.client.create_schema(auto_id=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("file_id", DataType.INT64)
+            schema.add_field("version", DataType.INT64)
+            schema.add_field("source", DataType.VARCHAR, max_length=1024)
+            schema.add_field("chunk", DataType.INT64)
+            schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES,
+                             enable_analyzer=True, analyzer_params=ANALYZER)
+            schema.add_field("page", DataType.INT64)
+            schema.add_field("heading", DataType.VARCHAR, max_length=1024)
+            schema.add_field("start", DataType.INT64)
+            schema.add_field("end", DataType.INT64)
+            schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dimension)
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(
+                name="bm25", function_type=FunctionType.BM25,
+                input_field_names=["text"], output_field_names=["sparse"],
+            ))
+            index = self.client.prepare_index_params()
+            index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            self.client.create_collection(name, schema=schema, index_params=index)
+
+    def drop(self, kb_id: int) -> None:
+        with self.lock:
+            self.client.drop_collection(collection_name(kb_id))
+
+    def insert(self, kb_id: int, chunks: Sequence[StoredChunk]) -> None:
+        rows = [{
+            "id": f"{c.file_id}-{c.version}-{c.chunk}",
+            "file_id": c.file_id, "version": c.version, "source": _clip(c.source, 1024),
+            "chunk": c.chunk, "text": _clip(c.text, MAX_TEXT_BYTES), "page": c.page or NO_PAGE,
+            "heading": _clip(c.heading or "", 1024), "start": c.start, "end": c.end,
+            "dense": c.vector,
+        } for c in chunks]
+        with self.lock:
+            self.client.insert(collection_name(kb_id), rows)
+
+    def delete_version(self, kb_id: int, file_id: int, version: int) -> None:
+        self._delete(kb_id, f"file_id == {int(file_id)} and version == {int(version)}")
+
+    def delete_other_versions(self, kb_id: int, file_id: int, version: int) -> None:
+        self._delete(kb_id, f"file_id == {int(file_id)} and version != {int(version)}")
+
+    def delete_file(self, kb_id: int, file_id: int) -> None:
+        self._delete(kb_id, f"file_id == {int(file_id)}")
+
+    def _delete(self, kb_id: int, expression: str) -> None:
+        with self.lock:
+            self.client.delete(collection_name(kb_id), filter=expression)
+
+    def count(self, kb_id: int, file_id: int | None = None) -> int:
+        expression = f"file_id == {int(file_id)}" if file_id is not None else "file_id >= 0"
+        with self.lock:
+            rows = self.client.query(collection_name(kb_id), filter=expression, output_fields=["id"])
+        return len(rows)
+
+    def search(
+        self, kb_id: int, query: str, vector: list[float] | None, mode: Mode, limit: int, rrf_k: int
+    ) -> list[Hit]:
+        name = collection_name(kb_id)
+        requests = []
+        if mode != "bm25":
+            requests.append(AnnSearchRequest(data=[vector], anns_field="dense",
+                                             param={"metric_type": "COSINE"}, limit=limit))
+        if mode != "dense":
+            requests.append(AnnSearchRequest(data=[query], anns_field="sparse",
+                                             param={"metric_type": "BM25"}, limit=limit))
+        with self.lock:
+            if len(requests) == 2:
+                results = self.client.hybrid_search(
+                    name, requests, ranker=RRFRanker(rrf_k), limit=limit, output_fields=OUTPUT_FIELDS,
+                )
+            else:
+                (request,) = requests
+                results = self.client.search(
+                    name, data=request.data, anns_field=request.anns_field,
+                    search_params=request.param, limit=limit, output_fields=OUTPUT_FIELDS,
+                )
+        return [_hit(result) for result in results[0]]
+
+
+def _hit(result: dict[str, Any]) -> Hit:
+    entity = result["entity"]
+    return Hit(
+        file_id=entity["file_id"], source=entity["source"], chunk=entity["chunk"],
+        text=entity["text"], page=entity["page"] or None, heading=entity["heading"] or None,
+        start=entity["start"], end=entity["end"], score=float(result["distance"]),
+    )
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode(errors="ignore")
+
+
+__all__ = ["Hit", "MilvusException", "MilvusStore", "Mode", "StoredChunk"]

@@ -1,0 +1,101 @@
+"""Parsing and Chinese-aware chunking, measured with the real Qwen3 tokenizer."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from qwenstack.rag import RagError
+from qwenstack.rag.chunking import EstimatedCounter, TokenizerCounter, chunk_sections
+from qwenstack.rag.parsers import Section, parse
+
+# No spaces anywhere: sentence ends are the only places to cut.
+CHINESE = (
+    "大熊猫是中国特有的哺乳动物，主要生活在四川、陕西和甘肃的山区。它们几乎只吃竹子，每天要花十多个小时进食！"
+    "大熊猫的繁殖率很低，幼崽出生时只有一百多克重。为什么大熊猫被称为活化石？因为它们在地球上已经生存了至少八百万年；"
+    "科学家认为它们的祖先是食肉动物。目前野生大熊猫的数量约为一千八百多只，保护区的建立使数量逐渐回升。"
+) * 3
+ENDS = "。！？；"
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokens(tiny_qwen3: Path) -> TokenizerCounter:
+    return TokenizerCounter(tiny_qwen3 / "tokenizer.json")
+
+
+def test_chinese_without_spaces_splits_at_sentence_ends(qwen3_tokens: TokenizerCounter) -> None:
+    chunks = chunk_sections([Section(CHINESE)], qwen3_tokens, size=60, overlap=30)
+    assert len(chunks) > 3
+    for chunk in chunks:
+        assert qwen3_tokens.count([chunk.text])[0] <= 60
+        assert chunk.text[-1] in ENDS, chunk.text  # never cut inside a sentence
+        assert CHINESE[chunk.start:chunk.end] == chunk.text
+    # Consecutive chunks overlap by whole sentences (those that fit the overlap budget), and
+    # together cover the text.
+    pairs = list(zip(chunks, chunks[1:]))
+    for before, after in pairs:
+        assert after.start <= before.end
+        assert CHINESE[after.start - 1] in ENDS
+    assert sum(after.start < before.end for before, after in pairs) >= len(pairs) // 2
+    assert chunks[0].start == 0 and chunks[-1].end == len(CHINESE)
+
+
+def test_an_overlong_sentence_is_cut_by_tokens(qwen3_tokens: TokenizerCounter) -> None:
+    sentence = "这是一个没有任何标点符号而且非常非常长的句子" * 20 + "。"
+    chunks = chunk_sections([Section(sentence)], qwen3_tokens, size=40, overlap=0)
+    assert len(chunks) > 1
+    assert "".join(c.text for c in chunks) == sentence
+    assert all(qwen3_tokens.count([c.text])[0] <= 48 for c in chunks)  # proportional cut: near 40
+
+
+def test_paragraphs_and_ascii_sentence_ends() -> None:
+    text = "First sentence. Pi is 3.14 here! Third?\n\n第二段第一句。第二句；"
+    chunks = chunk_sections([Section(text)], EstimatedCounter(), size=12, overlap=0)
+    # "3.14" is no sentence end; short paragraphs share a chunk rather than make tiny ones.
+    assert [c.text for c in chunks] == [
+        "First sentence.", "Pi is 3.14 here!", "Third?\n\n第二段第一句。", "第二句；"]
+
+
+def test_chunks_keep_page_and_heading() -> None:
+    sections = parse("guide.md", "intro text。\n\n# 安装\n\n先安装依赖。\n\n## 运行\n\n再运行。".encode())
+    chunks = chunk_sections(sections, EstimatedCounter(), size=100, overlap=0)
+    assert [(c.heading, c.text) for c in chunks] == [
+        (None, "intro text。"), ("安装", "# 安装\n\n先安装依赖。"), ("运行", "## 运行\n\n再运行。")]
+
+
+def test_html_and_docx() -> None:
+    import docx
+
+    html = b"<html><script>x()</script><h1>Title</h1><p>Para <b>one</b>.</p><h2>Sub</h2><p>Two.</p></html>"
+    assert [(s.heading, s.text) for s in parse("a.html", html)] == [
+        ("Title", "Para one ."), ("Sub", "Two.")]
+    document = docx.Document()
+    document.add_heading("章节一", level=1)
+    document.add_paragraph("第一段。")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    assert [(s.heading, s.text) for s in parse("a.docx", buffer.getvalue())] == [("章节一", "第一段。")]
+
+
+def test_bad_files_are_refused_clearly(tmp_path: Path) -> None:
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(100, 100)
+    writer.encrypt("secret")
+    encrypted = io.BytesIO()
+    writer.write(encrypted)
+    cases = {
+        ("locked.pdf", encrypted.getvalue()): "encrypted_pdf",
+        ("broken.pdf", b"%PDF-1.4 not really"): "unreadable_file",
+        ("broken.docx", b"PK not a zip"): "unreadable_file",
+        ("image.png", b"\x89PNG"): "unsupported_file_type",
+        ("empty.txt", b"  \n"): "empty_file",
+    }
+    for (name, data), code in cases.items():
+        with pytest.raises(RagError) as caught:
+            parse(name, data)
+        assert caught.value.code == code, name
+        assert name in str(caught.value)

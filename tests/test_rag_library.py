@@ -1,0 +1,106 @@
+"""Knowledge bases through the library, on Milvus Lite and the packaged MiniLM: ingest and
+query, re-ingest dedup, rollback of a failed ingest, access rules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qwenstack.gateway.exchange import Caller
+from qwenstack.rag import RagError
+from qwenstack.rag.service import KnowledgeService, open_service
+from qwenstack.settings import load_settings
+
+OWNER = Caller("team-a")
+READER = Caller("team-b")
+STRANGER = Caller("team-c")
+PANDAS = "大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。".encode()
+WALL = "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。".encode()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnowledgeService]:
+    home = tmp_path_factory.mktemp("rag")
+    service = open_service(load_settings(home=home, **{"rag.chunk_tokens": 32,
+                                                       "rag.chunk_overlap_tokens": 4}),
+                           open_access=False)
+    yield service
+    service.close()
+
+
+def test_ingest_query_and_dedup(service: KnowledgeService) -> None:
+    service.create("docs", OWNER.name, readers=[READER.name])
+    results = service.ingest("docs", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
+    assert [(r.name, r.status) for r in results] == [("pandas.txt", "ingested"), ("wall.txt", "ingested")]
+    chunks = service.get("docs", OWNER)["chunks"]
+    for mode in ("dense", "bm25", "hybrid"):
+        hits = service.search(["docs"], "大熊猫吃什么？", READER, top_k=1, mode=mode)
+        assert hits[0].hit.source == "pandas.txt", mode
+
+    # The same bytes again: skipped. A changed file: its chunks replaced, none left over.
+    again = service.ingest("docs", [("pandas.txt", PANDAS)], OWNER)
+    assert [(r.name, r.status) for r in again] == [("pandas.txt", "unchanged")]
+    changed = "大熊猫也吃竹笋和水果。".encode()
+    assert service.ingest("docs", [("pandas.txt", changed)], OWNER)[0].status == "replaced"
+    texts = [item.hit.text for item in service.search(["docs"], "大熊猫", OWNER, top_k=20, mode="bm25")]
+    assert "大熊猫也吃竹笋和水果。" in texts and not any("四川" in text for text in texts)
+    info = service.get("docs", OWNER)
+    assert info["files"] == 2 and info["chunks"] < chunks + 1
+
+
+def test_failed_ingest_leaves_the_previous_version(
+    service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service.create("rollback", OWNER.name)
+    service.ingest("rollback", [("a.txt", PANDAS)], OWNER)
+    before = service.store.count(_kb_id(service, "rollback"))
+
+    insert = service.store.insert
+
+    def insert_then_fail(kb_id: int, chunks: list) -> None:
+        insert(kb_id, chunks)  # the chunks are in Milvus when the failure comes
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(service.store, "insert", insert_then_fail)
+    with pytest.raises(RuntimeError):
+        service.ingest("rollback", [("a.txt", WALL), ("b.txt", WALL)], OWNER)
+    monkeypatch.undo()
+    assert service.store.count(_kb_id(service, "rollback")) == before
+    assert [f["name"] for f in service.files("rollback", OWNER)] == ["a.txt"]
+    assert service.search(["rollback"], "长城", OWNER, mode="bm25") == []
+    # A bad file in a batch refuses the batch before anything is written.
+    with pytest.raises(RagError, match="unsupported file type"):
+        service.ingest("rollback", [("b.txt", WALL), ("c.exe", b"MZ")], OWNER)
+    assert [f["name"] for f in service.files("rollback", OWNER)] == ["a.txt"]
+
+
+def test_access_rules(service: KnowledgeService) -> None:
+    service.create("private", OWNER.name, readers=[READER.name])
+    service.ingest("private", [("pandas.txt", PANDAS)], OWNER)
+    assert service.search(["private"], "竹子", READER, mode="bm25")
+    for attempt in (lambda: service.search(["private"], "竹子", STRANGER),
+                    lambda: service.files("private", STRANGER),
+                    lambda: service.get("private", STRANGER)):
+        with pytest.raises(RagError) as caught:
+            attempt()
+        assert caught.value.status == 404  # the same as a missing one: nothing leaks
+    assert "private" not in [kb["name"] for kb in service.list(STRANGER)]
+    with pytest.raises(RagError) as caught:
+        service.ingest("private", [("x.txt", WALL)], READER)
+    assert caught.value.status == 403
+    with pytest.raises(RagError) as caught:
+        service.delete("private", READER)
+    assert caught.value.status == 403
+    assert service.search(["private"], "竹子", Caller("root", admin=True), mode="bm25")
+
+
+def _kb_id(service: KnowledgeService, name: str) -> int:
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from qwenstack.rag.catalog import KnowledgeBase
+
+    with Session(service.engine) as session:
+        return session.scalar(sa.select(KnowledgeBase.id).where(KnowledgeBase.name == name))
