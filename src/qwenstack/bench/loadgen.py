@@ -101,8 +101,7 @@ class RequestRecord:
         return (self.token_times[-1] - self.token_times[0]) / (self.output_tokens - 1)
 
     def itls(self) -> list[float]:
-        times = self.token_times
-        return [b - a for a, b in itertools.pairwise(times)]
+        return [b - a for a, b in itertools.pairwise(self.token_times)]
 
 
 @dataclass
