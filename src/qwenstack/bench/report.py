@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -58,7 +59,8 @@ def summarize(run: RunRecord, slo: Slo | None = None) -> dict[str, Any]:
     return {
         "target": run.target,
         "load": run.load.label,
-        "load_value": run.load.value,
+        # None for an unbounded rate (all at once): JSON has no infinity, a plot no place for it.
+        "load_value": run.load.value if math.isfinite(run.load.value) else None,
         "requests": len(run.records),
         "completed": len(ok),
         "errors": len(run.records) - len(ok),
@@ -165,13 +167,13 @@ def plot(path: Path, summaries: Sequence[dict[str, Any]], x_label: str) -> None:
     ]
     figure, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     targets = list(dict.fromkeys(s["target"] for s in summaries))
-    xs = [s["load_value"] for s in summaries if s["load_value"] > 0]
+    xs = [s["load_value"] for s in summaries if s["load_value"]]
     # Sweeps like 1, 8, 32 read best on a log axis.
-    log_x = bool(xs) and max(xs) / min(xs) >= 4 and all(x != float("inf") for x in xs)
+    log_x = bool(xs) and max(xs) / min(xs) >= 4
     for ax, (title, value) in zip(axes.flat, panels):
         for target in targets:
             points = [(s["load_value"], value(s)) for s in summaries if s["target"] == target]
-            points = [(x, y) for x, y in points if y is not None]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=target)
         if log_x:
             ax.set_xscale("log", base=2)
