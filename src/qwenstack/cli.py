@@ -321,3 +321,92 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@app.command()
+def ui(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    host: Annotated[str | None, typer.Option(help="UI address.")] = None,
+    port: Annotated[int | None, typer.Option(help="UI port (default 8008).")] = None,
+    gateway_url: Annotated[str | None, typer.Option(help="Gateway base URL, no /v1.")] = None,
+) -> None:
+    """Run the Chainlit chat UI alone, in front of a running gateway."""
+    from qwenstack.ui import server
+
+    settings = _settings(
+        config, home=home, **{"ui.host": host, "ui.port": port, "ui.gateway_url": gateway_url}
+    )
+
+    def on_up(url: str) -> None:
+        typer.echo(f"\nqwenstack chat UI is ready: {url}\nStop with Ctrl-C.")
+
+    try:
+        uvloop.run(server.serve(settings, on_up))
+    except SetupError as exc:
+        _fail(exc)
+
+
+users_app = typer.Typer(help="Chat UI users who sign in with a password.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@contextlib.contextmanager
+def _accounts(config: Path | None, home: Path | None) -> Iterator[Any]:
+    from qwenstack.ui import store
+    from qwenstack.ui.accounts import AccountError
+
+    try:
+        accounts = store.accounts(_settings(config, home=home))
+    except SetupError as exc:
+        _fail(exc)
+    try:
+        yield accounts
+    except AccountError as exc:
+        _fail(exc)
+    finally:
+        accounts.engine.dispose()
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Sign-in name.")],
+    password: Annotated[str, typer.Option(
+        prompt=True, hide_input=True, confirmation_prompt=True,
+        help="Asked for when not given (flags show up in the shell history).")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Add a user (the password is stored as a scrypt hash)."""
+    with _accounts(config, home) as accounts:
+        accounts.add(name, password)
+    typer.echo(f"added {name}")
+
+
+@users_app.command("list")
+def users_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Every UI user: how they sign in and whether they have a gateway key yet."""
+    from qwenstack.ui.accounts import gateway_key_name
+
+    with _accounts(config, home) as accounts:
+        users = accounts.list()
+    _print_table([("NAME", "SIGN_IN", "GATEWAY_KEY", "CREATED")] + [
+        (u.identifier, "password" if u.has_password else "header",
+         gateway_key_name(u.identifier) if u.has_gateway_key else "-",
+         u.created_at.strftime("%Y-%m-%d %H:%M"))
+        for u in users
+    ])
+
+
+@users_app.command("remove")
+def users_remove(name: str, config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Remove a user and revoke their gateway key (their chat history stays in the database)."""
+    from qwenstack.ui.accounts import gateway_key_name
+
+    with _accounts(config, home) as accounts:
+        accounts.remove(name)
+    settings = _settings(config, home=home)
+    if settings.auth.enabled:
+        with _key_store(config, home) as store, contextlib.suppress(KeyStoreError):
+            store.revoke(gateway_key_name(name))
+    typer.echo(f"removed {name}")
