@@ -72,6 +72,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         if gateway:
             url = f"http://{settings.gateway.host}:{settings.gateway.port}"
             lines.append(f"  gateway  {url}/v1   (OpenAI-compatible; /health, /ready)")
+        if gateway and engines and settings.ui.enabled:
+            from qwenstack.ui.server import ui_url
+
+            lines.append(f"  chat UI  {ui_url(settings)}   (sign-in: `qwenstack users add NAME`)")
         where = "loopback only" if engines else "remote"
         lines += [f"  engine   {u}   ({where})" for u in engine_urls]
         if first_key:
@@ -90,7 +94,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
 
     try:
         # uvloop: the gateway's per-chunk relay costs less CPU, which the engine can use instead.
-        uvloop.run(stack.run(settings, engines=engines, gateway=gateway, on_ready=on_ready))
+        uvloop.run(stack.run(
+            settings, engines=engines, gateway=gateway, on_ready=on_ready,
+            ui=gateway and engines and settings.ui.enabled,
+        ))
     except SetupError as exc:
         if first_key:  # created, but the banner will not show it
             typer.echo(f"An admin key was created: {first_key}")

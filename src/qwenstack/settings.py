@@ -306,6 +306,12 @@ class UiSettings(BaseModel):
     max_tokens: int = Field(1024, ge=1, description="Longest answer.")
     request_timeout_s: float = Field(600, gt=0, description="Longest wait for the gateway.")
 
+    @model_validator(mode="after")
+    def _needs_a_sign_in(self) -> UiSettings:
+        if not self.password_login and not self.header_login:
+            raise ValueError("ui: turn on password_login or set header_login, or nobody can sign in")
+        return self
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(

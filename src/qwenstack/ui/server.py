@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import secrets
@@ -149,15 +150,21 @@ def prepare(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _check_port(settings: Settings) -> None:
-    """Fail at once, with the setting to change, when the port is taken."""
+def preflight(settings: Settings) -> None:
+    """Fail at once, with what to change, when the UI could not start: Chainlit not installed
+    or the port taken."""
+    if importlib.util.find_spec("chainlit") is None:
+        raise SetupError(
+            "The chat UI needs the `ui` extra: pip install 'qwenstack[ui]' (or set "
+            "QWENSTACK_UI__ENABLED=false)."
+        )
     host, port = settings.ui.host, settings.ui.port
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
         raise SetupError(
-            f"The UI cannot listen on {host}:{port} ({exc.strerror}); set ui.port (--ui-port)."
+            f"The UI cannot listen on {host}:{port} ({exc.strerror}); set ui.port."
         ) from None
 
 
@@ -190,7 +197,7 @@ async def supervise(
     settings: Settings, stop: asyncio.Event, on_up: Callable[[str], None] | None = None
 ) -> None:
     """Run the UI until `stop` is set, restarting it with backoff when it exits."""
-    _check_port(settings)
+    preflight(settings)
     env = await asyncio.to_thread(prepare, settings)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_dir / "ui.log"

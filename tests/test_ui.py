@@ -1,0 +1,295 @@
+"""The chat UI: a real gateway and engine, `qwenstack ui`, and a real headless Chromium.
+
+Chromium is Debian's (/usr/bin/chromium; scripts/test installs it), driven by Playwright.
+Screenshots of the signed-in chats go to $QWENSTACK_TEST_ARTIFACTS/ui-screenshots (else a
+temporary folder); the folder is printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Gateway, create_key, free_port, start_gateway
+
+from qwenstack.settings import load_settings
+from qwenstack.ui.accounts import Accounts, AccountError, gateway_key_name, password_matches
+from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # Without these, Chromium's own background connections are refused on sandboxed hosts.
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+# Generous: a loaded 2-core machine runs the engine, the gateway, Chainlit and Chromium at once.
+WAIT_MS = 90_000
+ANSWER_TOKENS = 24
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+
+
+# ---- without a browser -------------------------------------------------------------------
+
+
+def test_history_is_trimmed_from_the_oldest_whole_turns() -> None:
+    conversation = Conversation()
+    for i in range(5):
+        conversation.add("user", f"question {i} " + "x" * 300)
+        conversation.add("assistant", f"answer {i} " + "y" * 300)
+    conversation.add("user", "last question")
+    everything, dropped = conversation.messages("Be brief.", None)
+    assert dropped == 0 and len(everything) == 12 and everything[0]["role"] == "system"
+
+    budget = sum(map(estimate_tokens, [everything[0], *everything[-5:]]))  # system, 2 turns, new
+    messages, dropped = conversation.messages("Be brief.", budget)
+    assert dropped == 3
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"].startswith("question 3")
+
+    # The engine refused what the estimate let through: one more turn goes.
+    messages, dropped = conversation.messages("", None, skip_turns=4)
+    assert dropped == 4 and messages[0]["content"].startswith("question 4")
+    # Never the newest message, however small the budget.
+    assert conversation.messages("", 1)[0] == [{"role": "user", "content": "last question"}]
+
+
+def test_sampling_defaults_follow_the_model_card_and_leave_room_in_the_context() -> None:
+    ui = load_settings().ui
+    sampling = Sampling("m", "", ui.temperature, ui.top_p, ui.top_k, ui.min_p, 4096)
+    request = sampling.request(context_len=1024)
+    assert (request["temperature"], request["top_p"]) == (0.7, 0.8)
+    assert request["extra_body"] == {"top_k": 20, "min_p": 0.0}
+    assert request["max_tokens"] == 512
+    assert sampling.request(context_len=None)["max_tokens"] == 4096
+
+
+def test_gateway_key_names_are_valid_and_distinct() -> None:
+    assert gateway_key_name("alice") == "ui-alice"
+    a, b = gateway_key_name("a@example.com"), gateway_key_name("a_example.com")
+    assert a != b and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", a)
+    assert len(gateway_key_name("x" * 256)) <= 64
+
+
+def _users(home: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qwenstack", "users", *args, "--home", str(home)],
+        input=f"{password}\n{password}\n" if password is not None else None,
+        capture_output=True, text=True, check=False, timeout=120,
+    )
+
+
+def test_users_cli_stores_hashes_and_refuses_bad_input_clearly(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert _users(home, "add", "carol", password="correct horse").returncode == 0
+    for args, password, says in [
+        (("add", "carol"), "another password", "exists already"),
+        (("add", "no spaces allowed"), "long enough", "User name"),
+        (("add", "dave"), "short", "at least 8"),
+        (("remove", "nobody"), None, "No user named"),
+    ]:
+        out = _users(home, *args, password=password)
+        assert out.returncode == 1 and says in out.stderr, out
+        assert "Traceback" not in out.stderr
+    listing = _users(home, "list")
+    assert "carol" in listing.stdout and "password" in listing.stdout
+
+    settings = load_settings(home=home)
+    from qwenstack.ui import store
+
+    accounts = store.accounts(settings)
+    stored = accounts.engine.connect().exec_driver_sql(
+        "SELECT password_hash FROM qwenstack_ui_accounts").scalar_one()
+    assert "correct horse" not in stored and password_matches("correct horse", stored)
+    assert accounts.check_password("carol", "correct horse")
+    assert not accounts.check_password("carol", "wrong horse")
+    assert not accounts.check_password("nobody", "correct horse")
+    with pytest.raises(AccountError):
+        Accounts(accounts.engine).add("carol", "correct horse")
+    assert _users(home, "remove", "carol").returncode == 0
+    assert "carol" not in _users(home, "list").stdout
+
+
+# ---- in the browser -----------------------------------------------------------------------
+
+
+@dataclass
+class ChatUI:
+    url: str
+    gateway: Gateway
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def requests(self, key_name: str) -> list[dict]:
+        """The gateway's log lines of chat requests made with one user's key, oldest first."""
+        lines = [json.loads(line) for line in self.gateway.log.read_text().splitlines()
+                 if line.startswith("{")]
+        return [line for line in lines
+                if line.get("path") == "/v1/chat/completions" and line.get("key") == key_name]
+
+
+@pytest.fixture(scope="module")
+def screenshots(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    base = os.environ.get("QWENSTACK_TEST_ARTIFACTS")
+    folder = (Path(base) if base else tmp_path_factory.mktemp("artifacts")) / "ui-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"UI screenshots: {folder}")
+
+
+@pytest.fixture(scope="module")
+def chat_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatUI]:
+    tmp = tmp_path_factory.mktemp("ui")
+    gateway = start_gateway(tmp, engine_url, auth=True)
+    admin_key = create_key(gateway.home, "--name", "ui-admin", "--admin")
+    for user, password in PASSWORDS.items():
+        assert _users(gateway.home, "add", user, password=password).returncode == 0
+    port = free_port()
+    log = tmp / "ui.out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "ui", "--home", str(gateway.home), "--port", str(port),
+         "--gateway-url", gateway.url],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key,
+             "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS)},
+    )
+    ui = ChatUI(f"http://127.0.0.1:{port}", gateway, process, log)
+    try:
+        deadline = time.monotonic() + 120
+        while "chat UI is ready" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        yield ui
+    finally:
+        process.terminate()
+        code = process.wait(60)
+        gateway.stop()
+    # SIGTERM stops the UI cleanly, Chainlit's process included: nothing answers on its port.
+    assert code == 0, log.read_text()[-3000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ui.url, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Chat:
+    """One signed-in browser session; counts the streamed tokens its websocket receives."""
+
+    def __init__(self, browser: object, ui: ChatUI, user: str, locale: str = "en-US") -> None:
+        self.context = browser.new_context(locale=locale)  # type: ignore[attr-defined]
+        self.context.set_default_timeout(WAIT_MS)
+        self.page = self.context.new_page()
+        self.stream_tokens = 0
+        self.page.on("websocket", lambda ws: ws.on("framereceived", self._count))
+        self.page.goto(f"{ui.url}/login")
+        self.page.locator("input:not([type=password])").first.fill(user)
+        self.page.locator("input[type=password]").fill(PASSWORDS[user])
+        self.page.locator("button[type=submit]").click()
+        self.page.locator("#chat-input").wait_for()
+
+    def _count(self, frame: str | bytes) -> None:
+        if isinstance(frame, str) and frame.startswith('42["stream_token"'):
+            self.stream_tokens += 1
+
+    def send(self, text: str) -> None:
+        self.page.locator("#chat-input").fill(text)
+        self.page.locator("#chat-input").press("Enter")
+
+    def assistant_texts(self) -> list[str]:
+        return self.page.locator("[data-step-type=assistant_message]").all_inner_texts()
+
+    def wait_for_text(self, text: str) -> None:
+        self.page.get_by_text(text).first.wait_for()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def _wait_for(page: object, condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        # Not time.sleep: Playwright's sync API delivers events (websocket frames) only while
+        # one of its calls runs.
+        page.wait_for_timeout(200)  # type: ignore[attr-defined]
+
+
+def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    alice = Chat(browser, chat_ui, "alice")
+    alice.wait_for_text("Welcome to the")
+    key = gateway_key_name("alice")
+
+    first = "Tell me a long story about a lighthouse keeper named Ada and her cat."
+    alice.send(first)
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 1, "the first chat request")
+    # Token by token: several stream_token events reached the page, and the answer shows.
+    _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
+    _wait_for(alice.page, lambda: len(alice.assistant_texts()) >= 2
+              and alice.assistant_texts()[-1].strip(), "the answer on the page")
+    answer = alice.assistant_texts()[-1]
+    alice.page.screenshot(path=str(screenshots / "alice-first-answer.png"))
+
+    alice.send("Go on.")
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 2, "the follow-up request")
+    one, two = chat_ui.requests(key)
+    assert one["status"] == two["status"] == 200
+    # "Go on." alone is shorter than the first message: a longer prompt carried the first turn.
+    assert two["prompt_tokens"] > one["prompt_tokens"] + 5, (one, two)
+    assert one["completion_tokens"] <= ANSWER_TOKENS
+
+    # After a reload the chat is in the history; opened, it shows both turns.
+    alice.page.reload()
+    history = alice.page.locator("#thread-history")
+    history.get_by_text("lighthouse keeper").first.click()
+    alice.page.wait_for_url(re.compile(r"/thread/"))
+    thread_url = alice.page.url
+    alice.wait_for_text(first)
+    alice.wait_for_text("Go on.")
+    alice.page.get_by_text(answer.strip()[:20]).first.wait_for()
+    alice.page.screenshot(path=str(screenshots / "alice-history.png"))
+
+    # Bob (a Chinese browser) sees his own welcome, and not Alice's chat.
+    bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
+    bob.wait_for_text("欢迎使用")
+    bob.page.locator("#thread-history").wait_for()
+    assert "lighthouse" not in bob.page.locator("#thread-history").inner_text()
+    bob.page.goto(thread_url)
+    bob.page.locator("#chat-input").wait_for()
+    bob.page.wait_for_timeout(2000)  # give a wrongly shown thread time to load
+    assert first not in bob.page.locator("body").inner_text()
+    bob.page.screenshot(path=str(screenshots / "bob-cannot-see-alice.png"))
+    bob.close()
+    alice.close()
+
+
+def test_gateway_down_is_a_message_in_the_chat(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
+    bob.wait_for_text("欢迎使用")
+    chat_ui.gateway.stop()
+    bob.send("你好")
+    bob.wait_for_text("无法连接到网关")
+    bob.page.screenshot(path=str(screenshots / "bob-gateway-down.png"))
+    bob.close()
