@@ -268,6 +268,10 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     alice.wait_for_text("Go on.")
     alice.page.get_by_text(answer.strip()[:20]).first.wait_for()
     alice.page.screenshot(path=str(screenshots / "alice-history.png"))
+    # Resumed from the database, the chat goes on with its history.
+    alice.send("And then?")
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 3, "the request after resuming")
+    assert chat_ui.requests(key)[2]["prompt_tokens"] > two["prompt_tokens"] + 5
 
     # Bob (a Chinese browser) sees his own welcome, and not Alice's chat.
     bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
@@ -283,11 +287,47 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     alice.close()
 
 
-def test_gateway_down_is_a_message_in_the_chat(
+def test_settings_panel_and_stop_button_cancel_the_gateway_request(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    alice = Chat(browser, chat_ui, "alice")
+    alice.wait_for_text("Welcome to the")
+    alice.page.locator("#chat-settings-open-modal").click()
+    alice.page.locator("#max_tokens").fill("500")  # the most a 1024-token context allows
+    alice.page.locator("#confirm").click()
+    key = gateway_key_name("alice")
+    before = len(chat_ui.requests(key))
+    alice.send("Write a very long poem about the sea.")
+    _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
+    alice.page.locator("#stop-button").click()
+    # The gateway's log line comes when the request ends: long before 500 tokens when the
+    # stop closed the connection (the gateway then aborts the engine's request).
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == before + 1, "the request to end")
+    stopped = chat_ui.requests(key)[-1]
+    assert (stopped.get("completion_tokens") or 0) < 500, stopped
+    alice.page.screenshot(path=str(screenshots / "alice-stopped.png"))
+    alice.close()
+
+
+def test_long_chats_are_trimmed_and_errors_are_messages_in_the_chat(
     chat_ui: ChatUI, browser: object, screenshots: Path
 ) -> None:
     bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
     bob.wait_for_text("欢迎使用")
+    key = gateway_key_name("bob")
+    # 500 Chinese characters: at most 500 tokens each, so one turn fits the 1024-token context
+    # and two do not.
+    bob.send("你好" * 250)
+    _wait_for(bob.page, lambda: len(chat_ui.requests(key)) == 1, "the first answer")
+    bob.send("再见" * 250)
+    bob.wait_for_text("最早的 1 轮对话未发送给模型")
+    _wait_for(bob.page, lambda: len(chat_ui.requests(key)) == 2, "the second answer")
+    assert chat_ui.requests(key)[-1]["status"] == 200
+
+    bob.send("lighthouse " * 1500)  # over 1024 tokens on its own
+    bob.wait_for_text("您的消息太长")
+    bob.page.screenshot(path=str(screenshots / "bob-trimmed-and-too-long.png"))
+
     chat_ui.gateway.stop()
     bob.send("你好")
     bob.wait_for_text("无法连接到网关")
