@@ -163,7 +163,8 @@ def chat_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
          "--gateway-url", gateway.url],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
         env={**os.environ, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key,
-             "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS)},
+             "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS),
+             "QWENSTACK_UI__HEADER_LOGIN": "X-Forwarded-User"},
     )
     ui = ChatUI(f"http://127.0.0.1:{port}", gateway, process, log)
     try:
@@ -287,6 +288,64 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     alice.close()
 
 
+STACK_WITH_UI = """
+import sys, uvloop
+from qwenstack import stack
+from qwenstack.settings import load_settings
+
+settings = load_settings()
+uvloop.run(stack.run(settings, engines=False, gateway=True, ui=True,
+                     on_ready=lambda urls: print("ready", flush=True)))
+"""
+
+
+def test_the_stack_runs_the_ui_beside_the_gateway_and_sigterm_stops_both(
+    engine_url: str, tmp_path: Path
+) -> None:
+    """What `qwenstack up` does once its engines are up (those are tested elsewhere)."""
+    gateway_port, ui_port = free_port(), free_port()
+    log = tmp_path / "stack.log"
+    env = {**os.environ, "QWENSTACK_HOME": str(tmp_path / "home"),
+           "QWENSTACK_ENGINE__URLS": engine_url, "QWENSTACK_GATEWAY__PORT": str(gateway_port),
+           "QWENSTACK_UI__PORT": str(ui_port)}
+    process = subprocess.Popen([sys.executable, "-c", STACK_WITH_UI], env=env,
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    ui_url = f"http://127.0.0.1:{ui_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{ui_url}/login", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        # No admin key was configured: the UI made its own in the stack's key store.
+        assert (tmp_path / "home" / "secrets" / "ui-admin-key").stat().st_mode & 0o777 == 0o600
+    finally:
+        process.terminate()
+        code = process.wait(60)
+    assert code == 0, log.read_text()[-3000:]
+    for url in (ui_url, f"http://127.0.0.1:{gateway_port}/health"):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=5)
+
+
+def test_sso_header_sign_in(chat_ui: ChatUI, browser: object) -> None:
+    context = browser.new_context(  # type: ignore[attr-defined]
+        extra_http_headers={"X-Forwarded-User": "carol@example.com"})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.goto(chat_ui.url)
+    page.locator("#chat-input").wait_for()
+    page.get_by_text("Welcome to the").first.wait_for()
+    # Her own key: made on her first chat, named after her.
+    assert gateway_key_name("carol@example.com") in chat_ui.gateway.log.read_text()
+    context.close()
+
+
 def test_settings_panel_and_stop_button_cancel_the_gateway_request(
     chat_ui: ChatUI, browser: object, screenshots: Path
 ) -> None:
@@ -333,3 +392,4 @@ def test_long_chats_are_trimmed_and_errors_are_messages_in_the_chat(
     bob.wait_for_text("无法连接到网关")
     bob.page.screenshot(path=str(screenshots / "bob-gateway-down.png"))
     bob.close()
+
