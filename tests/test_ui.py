@@ -7,23 +7,31 @@ temporary folder); the folder is printed at the end of the session.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from conftest import Gateway, create_key, free_port, start_gateway
+from typer.testing import CliRunner, Result
 
+from qwenstack import cli
 from qwenstack.settings import load_settings
-from qwenstack.ui.accounts import Accounts, AccountError, gateway_key_name, password_matches
+from qwenstack.ui import store
+from qwenstack.ui.accounts import AccountError, Accounts, gateway_key_name, password_matches
 from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
+from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
+from qwenstack.ui.texts import text
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -36,7 +44,7 @@ CHROMIUM_ARGS = [
 # Generous: a loaded 2-core machine runs the engine, the gateway, Chainlit and Chromium at once.
 WAIT_MS = 90_000
 ANSWER_TOKENS = 24
-PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "dave": "dave-password-333"}
 
 
 # ---- without a browser -------------------------------------------------------------------
@@ -54,7 +62,8 @@ def test_history_is_trimmed_from_the_oldest_whole_turns() -> None:
     budget = sum(map(estimate_tokens, [everything[0], *everything[-5:]]))  # system, 2 turns, new
     messages, dropped = conversation.messages("Be brief.", budget)
     assert dropped == 3
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    roles = [m["role"] for m in messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
     assert messages[1]["content"].startswith("question 3")
 
     # The engine refused what the estimate let through: one more turn goes.
@@ -81,17 +90,56 @@ def test_gateway_key_names_are_valid_and_distinct() -> None:
     assert len(gateway_key_name("x" * 256)) <= 64
 
 
-def _users(home: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qwenstack", "users", *args, "--home", str(home)],
+def _status_error(status: int, body: dict, headers: dict[str, str] | None = None) -> Exception:
+    request = httpx.Request("POST", "http://gateway/v1/chat/completions")
+    response = httpx.Response(status, json=body, headers=headers, request=request)
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://gateway/v1")
+    return client._make_status_error_from_response(response)  # as the SDK raises them
+
+
+@pytest.mark.parametrize("error, key, values", [
+    (_status_error(429, {"error": {"message": "Rate limit", "code": "rate_limit_exceeded"}},
+                   {"retry-after": "17"}), "rate_limited", {"retry": 17}),
+    (_status_error(503, {"error": {"message": "No engine is ready"}}, {"retry-after": "3"}),
+     "engine_unavailable", {"retry": 3}),
+    (_status_error(504, {"error": {"message": "The engine stopped answering"}}),
+     "engine_unavailable", {"retry": 5}),
+    (_status_error(403, {"error": {"message": "not allowed", "code": "model_not_allowed"}}),
+     "model_not_allowed", {"model": "m"}),
+    (_status_error(400, {"error": {"message": "bad temperature"}}),
+     "gateway_error", {"status": 400, "message": "bad temperature"}),
+    (openai.APIConnectionError(request=httpx.Request("POST", "http://gateway")),
+     "gateway_down", {"url": "http://gateway"}),
+    (MessageTooLong(1024), "too_long", {"context": 1024}),
+])
+def test_errors_become_texts_in_both_languages(error: Exception, key: str, values: dict) -> None:
+    assert explain(error, model="m", gateway_url="http://gateway", timeout_s=600) == (key, values)
+    for language in ("zh", "en"):
+        assert text(key, language, **values)
+    assert explain(RuntimeError("?"), model="m", gateway_url="", timeout_s=1) is None
+
+
+def test_context_errors_of_vllm_and_the_gateway_are_recognised() -> None:
+    vllm = _status_error(400, {"error": {"message": "This model's maximum context length is 1024 "
+                                                    "tokens. However, your request has 1510 input "
+                                                    "tokens.", "code": 400}})
+    gateway = _status_error(400, {"error": {"message": "max_tokens too large",
+                                            "code": "context_length_exceeded"}})
+    other = _status_error(400, {"error": {"message": "bad temperature"}})
+    assert context_too_long(vllm) and context_too_long(gateway) and not context_too_long(other)
+
+
+def _users(home: Path, *args: str, password: str | None = None) -> Result:
+    """`qwenstack users ...`, in this process (each subprocess would spend seconds importing)."""
+    return CliRunner().invoke(
+        cli.app, ["users", *args, "--home", str(home)],
         input=f"{password}\n{password}\n" if password is not None else None,
-        capture_output=True, text=True, check=False, timeout=120,
     )
 
 
 def test_users_cli_stores_hashes_and_refuses_bad_input_clearly(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert _users(home, "add", "carol", password="correct horse").returncode == 0
+    assert _users(home, "add", "carol", password="correct horse").exit_code == 0
     for args, password, says in [
         (("add", "carol"), "another password", "exists already"),
         (("add", "no spaces allowed"), "long enough", "User name"),
@@ -99,25 +147,70 @@ def test_users_cli_stores_hashes_and_refuses_bad_input_clearly(tmp_path: Path) -
         (("remove", "nobody"), None, "No user named"),
     ]:
         out = _users(home, *args, password=password)
-        assert out.returncode == 1 and says in out.stderr, out
-        assert "Traceback" not in out.stderr
+        # A clear message and exit status 1, not an exception.
+        assert out.exit_code == 1 and says in out.stderr, out.output
+        assert isinstance(out.exception, SystemExit)
     listing = _users(home, "list")
     assert "carol" in listing.stdout and "password" in listing.stdout
 
-    settings = load_settings(home=home)
-    from qwenstack.ui import store
-
-    accounts = store.accounts(settings)
-    stored = accounts.engine.connect().exec_driver_sql(
-        "SELECT password_hash FROM qwenstack_ui_accounts").scalar_one()
+    accounts = store.accounts(load_settings(home=home))
+    with accounts.engine.connect() as connection:
+        stored = connection.exec_driver_sql(
+            "SELECT password_hash FROM qwenstack_ui_accounts").scalar_one()
     assert "correct horse" not in stored and password_matches("correct horse", stored)
     assert accounts.check_password("carol", "correct horse")
     assert not accounts.check_password("carol", "wrong horse")
     assert not accounts.check_password("nobody", "correct horse")
     with pytest.raises(AccountError):
         Accounts(accounts.engine).add("carol", "correct horse")
-    assert _users(home, "remove", "carol").returncode == 0
+    accounts.engine.dispose()
+    assert _users(home, "remove", "carol").exit_code == 0
     assert "carol" not in _users(home, "list").stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_history_tables_take_chainlit_writes(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The tables made here hold what Chainlit's data layer writes, and list per user."""
+    from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+    from chainlit.types import Pagination, ThreadFilter
+    from chainlit.user import User
+
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    settings = load_settings(home=tmp_path, **{"ui.database_url": url})
+    store.connect(settings).dispose()
+    store.connect(settings).dispose()  # a restart finds the tables there
+
+    async def scenario() -> None:
+        layer = SQLAlchemyDataLayer(conninfo=store.async_database_url(settings))
+        try:
+            alice = await layer.create_user(User(identifier="alice", metadata={"sign_in": "pw"}))
+            bob = await layer.create_user(User(identifier="bob"))
+            assert alice and bob
+            thread_id = str(uuid.uuid4())
+            await layer.update_thread(thread_id, name="lighthouse", user_id=alice.id)
+            now = await layer.get_current_timestamp()
+            step = {
+                "id": str(uuid.uuid4()), "threadId": thread_id, "parentId": None, "name": "alice",
+                "type": "user_message", "command": None, "modes": None, "streaming": False,
+                "waitForAnswer": None, "isError": False, "metadata": {"kind": "answer"},
+                "tags": None, "input": "", "output": "hello", "createdAt": now, "start": now,
+                "end": now, "generation": None, "showInput": "json", "defaultOpen": False,
+                "autoCollapse": False, "language": None, "icon": None,
+            }
+            # Unwrapped: the wrapper queues writes until a browser session's first message.
+            await SQLAlchemyDataLayer.create_step.__wrapped__(layer, step)
+            page = await layer.list_threads(Pagination(first=10), ThreadFilter(userId=alice.id))
+            assert [t["id"] for t in page.data] == [thread_id]
+            assert [s["output"] for s in page.data[0]["steps"]] == ["hello"]
+            others = await layer.list_threads(Pagination(first=10), ThreadFilter(userId=bob.id))
+            assert others.data == []
+            assert await layer.get_thread_author(thread_id) == "alice"
+        finally:
+            await layer.engine.dispose()
+
+    asyncio.run(scenario())
 
 
 # ---- in the browser -----------------------------------------------------------------------
@@ -139,7 +232,9 @@ class ChatUI:
 
 
 @pytest.fixture(scope="module")
-def screenshots(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def screenshots(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     base = os.environ.get("QWENSTACK_TEST_ARTIFACTS")
     folder = (Path(base) if base else tmp_path_factory.mktemp("artifacts")) / "ui-screenshots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,8 +249,10 @@ def chat_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("ui")
     gateway = start_gateway(tmp, engine_url, auth=True)
     admin_key = create_key(gateway.home, "--name", "ui-admin", "--admin")
+    accounts = store.accounts(load_settings(home=gateway.home))
     for user, password in PASSWORDS.items():
-        assert _users(gateway.home, "add", user, password=password).returncode == 0
+        accounts.add(user, password)
+    accounts.engine.dispose()
     port = free_port()
     log = tmp / "ui.out"
     process = subprocess.Popen(
@@ -239,6 +336,9 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
 ) -> None:
     alice = Chat(browser, chat_ui, "alice")
     alice.wait_for_text("Welcome to the")
+    # Messages render Markdown: the welcome's **model name** is bold.
+    welcome = alice.page.locator("[data-step-type=assistant_message]").first
+    welcome.locator(".font-bold", has_text="tiny-qwen3").wait_for()
     key = gateway_key_name("alice")
 
     first = "Tell me a long story about a lighthouse keeper named Ada and her cat."
@@ -344,6 +444,20 @@ def test_sso_header_sign_in(chat_ui: ChatUI, browser: object) -> None:
     # Her own key: made on her first chat, named after her.
     assert gateway_key_name("carol@example.com") in chat_ui.gateway.log.read_text()
     context.close()
+
+
+def test_rate_limit_is_a_message_with_the_wait(chat_ui: ChatUI, browser: object) -> None:
+    # Dave's gateway key exists already, limited to 1 request a minute: the UI takes it over
+    # (a new secret, the same limits), as it would after losing its database.
+    create_key(chat_ui.gateway.home, "--name", gateway_key_name("dave"), "--rpm", "1")
+    dave = Chat(browser, chat_ui, "dave")
+    dave.wait_for_text("Welcome to the")
+    dave.send("Hello there.")
+    _wait_for(dave.page, lambda: len(chat_ui.requests(gateway_key_name("dave"))) == 1, "an answer")
+    dave.send("Hello again.")
+    dave.wait_for_text("You have reached your usage limit; please try again in about")
+    assert chat_ui.requests(gateway_key_name("dave"))[-1]["status"] == 429
+    dave.close()
 
 
 def test_settings_panel_and_stop_button_cancel_the_gateway_request(

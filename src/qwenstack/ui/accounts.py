@@ -39,7 +39,8 @@ class Account(Base):
     __tablename__ = "qwenstack_ui_accounts"
 
     identifier: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
-    password_hash: Mapped[str | None] = mapped_column(sa.String(256))  # None: signs in by SSO header
+    # None: the user signs in through an SSO proxy's header.
+    password_hash: Mapped[str | None] = mapped_column(sa.String(256))
     gateway_key: Mapped[str | None] = mapped_column(sa.String(128))
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
 

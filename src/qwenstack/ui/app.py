@@ -21,7 +21,8 @@ from chainlit.types import ThreadDict
 from qwenstack.settings import load_settings
 from qwenstack.ui import store
 from qwenstack.ui.conversation import Conversation, Sampling
-from qwenstack.ui.gateway_keys import KeyUnavailable, UserKeys
+from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
+from qwenstack.ui.gateway_keys import UserKeys
 from qwenstack.ui.texts import language_of, starters, text
 
 log = logging.getLogger("qwenstack.ui")
@@ -31,10 +32,9 @@ ui = settings.ui
 gateway_url = (ui.gateway_url or f"http://127.0.0.1:{settings.gateway.port}").rstrip("/")
 accounts = store.accounts(settings)
 user_keys = UserKeys(ui, gateway_url, accounts)
-# The engine's "context too long" answer, when the estimate in conversation.py fell short.
-CONTEXT_ERROR_HINTS = ("context_length_exceeded", "maximum context length", "context length")
 MAX_FIT_ATTEMPTS = 8
 ANSWER = "answer"  # metadata kind of the model's answers, the only assistant messages replayed
+NO_MODEL = "-"  # the settings panel's model while the gateway lists none
 
 
 @cl.data_layer
@@ -68,7 +68,7 @@ def _language() -> str:
 
 
 def _say(key: str, **values: object) -> cl.Message:
-    """A notice in the chat (an error, a trimmed history): shown and kept, never sent to the model."""
+    """A notice in the chat (an error, a trimmed history): kept, but never sent to the model."""
     return cl.Message(content=text(key, _language(), **values), metadata={"kind": "notice"})
 
 
@@ -114,7 +114,7 @@ async def _start_session(conversation: Conversation) -> None:
         models = []
     context_lens = {m["id"]: m.get("max_model_len") for m in models}
     cl.user_session.set("context_lens", context_lens)
-    names = list(context_lens) or ["-"]
+    names = list(context_lens) or [NO_MODEL]
     values = await cl.ChatSettings([
         Select(id="model", label=text("setting_model", language), values=names, initial_index=0),
         TextInput(id="system_prompt", label=text("setting_system_prompt", language),
@@ -127,7 +127,7 @@ async def _start_session(conversation: Conversation) -> None:
                     initial=ui.max_tokens),
     ]).send()
     _apply_settings(values)
-    if not models and not conversation.turns:
+    if not models:
         await _say("no_model").send()
 
 
@@ -137,7 +137,7 @@ def _apply_settings(values: dict[str, Any]) -> None:
     except (TypeError, ValueError):
         max_tokens = ui.max_tokens
     cl.user_session.set("sampling", Sampling(
-        model=values.get("model") or "-",
+        model=values.get("model") or NO_MODEL,
         system_prompt=values.get("system_prompt") or "",
         temperature=float(values.get("temperature", ui.temperature)),
         top_p=float(values.get("top_p", ui.top_p)),
@@ -151,7 +151,7 @@ def _apply_settings(values: dict[str, Any]) -> None:
 async def on_chat_start() -> None:
     await _start_session(Conversation())
     sampling: Sampling = cl.user_session.get("sampling")
-    if sampling.model != "-":
+    if sampling.model != NO_MODEL:
         await cl.Message(content=text("welcome", _language(), model=sampling.model),
                          metadata={"kind": "notice"}).send()
 
@@ -178,7 +178,12 @@ async def on_settings_update(values: dict[str, Any]) -> None:
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
     conversation: Conversation = cl.user_session.get("conversation")
+    if cl.user_session.get("sampling").model == NO_MODEL:
+        # The gateway had no model when this chat started (down, or engines loading): ask again.
+        await _start_session(conversation)
     sampling: Sampling = cl.user_session.get("sampling")
+    if sampling.model == NO_MODEL:
+        return  # _start_session told the user why
     conversation.add("user", message.content)
     answer = cl.Message(content="", metadata={"kind": ANSWER})
     try:
@@ -204,16 +209,21 @@ async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Mes
     request = sampling.request(context_len)
     budget = context_len - request["max_tokens"] if context_len else None
     client = await _client()
+    key_renewed = False
     skip = 0
     for _ in range(MAX_FIT_ATTEMPTS):
         messages, dropped = conversation.messages(sampling.system_prompt, budget, skip)
         try:
             stream = await client.chat.completions.create(messages=messages, stream=True, **request)
         except openai.AuthenticationError:
+            if key_renewed:
+                raise
+            # Rotated by another session of this user, or by an admin: get the current one.
             client = await _client(refused=client.api_key)
+            key_renewed = True
             continue
         except openai.BadRequestError as exc:
-            if not _context_too_long(exc):
+            if not context_too_long(exc):
                 raise
             if len(messages) <= 1 + bool(sampling.system_prompt.strip()):
                 raise MessageTooLong(context_len) from None
@@ -229,48 +239,12 @@ async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Mes
     raise MessageTooLong(context_len)
 
 
-class MessageTooLong(Exception):
-    def __init__(self, context_len: int | None) -> None:
-        super().__init__(context_len)
-        self.context_len = context_len
-
-
-def _context_too_long(exc: openai.APIStatusError) -> bool:
-    described = f"{exc.code or ''} {exc.message}".lower()
-    return any(hint in described for hint in CONTEXT_ERROR_HINTS)
-
-
-def _retry_after(exc: openai.APIStatusError) -> int:
-    headers = exc.response.headers
-    try:
-        return max(1, round(float(headers.get("retry-after") or 0)))
-    except ValueError:
-        return 5
-
-
-async def _report(exc: Exception, model: str = "-") -> None:
+async def _report(exc: Exception, model: str = NO_MODEL) -> None:
     """Tell the user what went wrong, in their language; the log keeps the details."""
     log.info("Chat request failed: %r", exc)
-    if isinstance(exc, MessageTooLong):
-        await _say("too_long", context=exc.context_len or "?").send()
-    elif isinstance(exc, openai.APITimeoutError):
-        await _say("timeout", seconds=round(ui.request_timeout_s)).send()
-    elif isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
-        await _say("gateway_down", url=gateway_url).send()
-    elif isinstance(exc, KeyUnavailable):
-        await _say("no_key", reason=str(exc)).send()
-    elif isinstance(exc, openai.RateLimitError):
-        await _say("rate_limited", retry=_retry_after(exc)).send()
-    elif isinstance(exc, openai.APIStatusError) and exc.status_code in (502, 503, 504):
-        await _say("engine_unavailable", retry=_retry_after(exc)).send()
-    elif isinstance(exc, openai.PermissionDeniedError):
-        await _say("model_not_allowed", model=model).send()
-    elif isinstance(exc, openai.AuthenticationError):
-        await _say("key_rejected").send()
-    elif isinstance(exc, openai.APIStatusError):
-        await _say("gateway_error", status=exc.status_code, message=exc.message).send()
-    elif isinstance(exc, openai.APIError):  # an error event in the middle of a stream
-        await _say("gateway_error", status="stream", message=exc.message).send()
-    else:
+    explained = explain(exc, model=model, gateway_url=gateway_url, timeout_s=ui.request_timeout_s)
+    if explained is None:
         log.exception("Unexpected error in a chat turn", exc_info=exc)
-        await _say("gateway_error", status="-", message=type(exc).__name__).send()
+        explained = ("gateway_error", {"status": "-", "message": type(exc).__name__})
+    key, values = explained
+    await _say(key, **values).send()

@@ -71,12 +71,10 @@ class Conversation:
         sees an answer without its question. The newest message is always sent."""
         system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
         starts = [i for i, turn in enumerate(self.turns) if turn["role"] == "user"] or [0]
-        dropped = 0
-        for start in starts:
+        for dropped, start in enumerate(starts):
             kept = system + self.turns[start:]
             if dropped >= skip_turns and (
                 prompt_budget is None or sum(map(estimate_tokens, kept)) <= prompt_budget
             ):
                 return kept, dropped
-            dropped += 1
         return system + self.turns[starts[-1]:], len(starts) - 1

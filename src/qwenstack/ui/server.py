@@ -120,7 +120,8 @@ def gateway_admin_key(settings: Settings) -> str | None:
                 return keys.rotate(UI_ADMIN_KEY)[1]
         except KeyStoreError as exc:
             raise SetupError(
-                f"The UI cannot make its admin key {UI_ADMIN_KEY!r}: {exc} Set ui.gateway_admin_key."
+                f"The UI cannot make its admin key {UI_ADMIN_KEY!r}: {exc} "
+                "Set ui.gateway_admin_key."
             ) from None
         finally:
             keys.engine.dispose()

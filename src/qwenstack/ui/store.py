@@ -117,7 +117,8 @@ def async_database_url(settings: Settings) -> str:
     if url.drivername == "postgresql+psycopg":  # psycopg 3 serves asyncio too
         return url.render_as_string(hide_password=False)
     raise SetupError(
-        f"ui.database_url: use SQLite or PostgreSQL (postgresql+psycopg://...), not {url.drivername}"
+        "ui.database_url: use SQLite or PostgreSQL (postgresql+psycopg://...), "
+        f"not {url.drivername}"
     )
 
 

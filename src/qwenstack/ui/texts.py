@@ -72,12 +72,14 @@ STARTERS: dict[str, list[tuple[str, str]]] = {
         ("对比表格", "用 Markdown 表格对比 TCP 和 UDP 的主要区别。"),
     ],
     "en": [
-        ("Quantum entanglement", "Explain quantum entanglement and give an example of its use "
-                                 "in communication."),
-        ("Write an email", "Write a short email inviting colleagues to a project review next "
-                           "Wednesday afternoon."),
-        ("Python code", "Write a Python function that checks whether a string is a palindrome, "
-                        "with a few test cases."),
+        ("Quantum entanglement", (
+            "Explain quantum entanglement and give an example of its use in communication.")),
+        ("Write an email", (
+            "Write a short email inviting colleagues to a project review next Wednesday "
+            "afternoon.")),
+        ("Python code", (
+            "Write a Python function that checks whether a string is a palindrome, with a few "
+            "test cases.")),
         ("Comparison table", "Compare TCP and UDP in a Markdown table."),
     ],
 }
