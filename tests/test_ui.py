@@ -468,11 +468,14 @@ def test_settings_panel_and_stop_button_cancel_the_gateway_request(
     alice.page.locator("#chat-settings-open-modal").click()
     alice.page.locator("#max_tokens").fill("500")  # the most a 1024-token context allows
     alice.page.locator("#confirm").click()
+    alice.page.locator("#confirm").wait_for(state="hidden")
     key = gateway_key_name("alice")
     before = len(chat_ui.requests(key))
     alice.send("Write a very long poem about the sea.")
     _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
-    alice.page.locator("#stop-button").click()
+    # force: the button re-renders with every token, so it never holds still for the usual
+    # "stable" check on a busy machine.
+    alice.page.locator("#stop-button").click(force=True)
     # The gateway's log line comes when the request ends: long before 500 tokens when the
     # stop closed the connection (the gateway then aborts the engine's request).
     _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == before + 1, "the request to end")

@@ -121,12 +121,11 @@ async def run(
         waits[0].cancel()
     finally:
         log.info("Stopping")
-        stop.set()
-        if ui_task:
-            with contextlib.suppress(asyncio.CancelledError):
-                await ui_task
+        stop.set()  # the UI stops its process on this, meanwhile the rest stops below
         if server and server_task:
             server.should_exit = True
             await server_task
         if supervisor:
             await supervisor.stop()
+        if ui_task:
+            await ui_task  # raises the UI's SetupError, if it could not start, once all is down
