@@ -374,6 +374,16 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 3, "the request after resuming")
     assert chat_ui.requests(key)[2]["prompt_tokens"] > two["prompt_tokens"] + 5
 
+    # A new chat starts clean: "Go on." goes alone, shorter than the first message was.
+    alice.page.locator("#new-chat-button").click()
+    _wait_for(alice.page, lambda: [t[:14] for t in alice.assistant_texts()] == ["Welcome to the"],
+              "the new chat's welcome")
+    alice.send("Go on.")
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 4, "the new chat's request")
+    assert chat_ui.requests(key)[3]["prompt_tokens"] < one["prompt_tokens"]
+    # File upload is off until the RAG part takes uploads.
+    assert alice.page.locator("#upload-button, input[type=file]").count() == 0
+
     # Bob (a Chinese browser) sees his own welcome, and not Alice's chat.
     bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
     bob.wait_for_text("欢迎使用")
