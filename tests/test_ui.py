@@ -173,6 +173,8 @@ def test_history_tables_take_chainlit_writes(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The tables made here hold what Chainlit's data layer writes, and list per user."""
+    # Importing chainlit writes its config files into its app root: not into the checkout.
+    os.environ.setdefault("CHAINLIT_APP_ROOT", str(tmp_path))
     from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
     from chainlit.types import Pagination, ThreadFilter
     from chainlit.user import User

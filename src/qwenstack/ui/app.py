@@ -74,7 +74,8 @@ def _say(key: str, **values: object) -> cl.Message:
 
 @cl.set_starters
 async def set_starters(user: cl.User | None, language: str | None = None) -> list[cl.Starter]:
-    return starters(language_of(language))
+    return [cl.Starter(label=label, message=message)
+            for label, message in starters(language_of(language))]
 
 
 async def _client(refused: str | None = None) -> openai.AsyncOpenAI:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from chainlit.types import Starter
-
 TEXTS: dict[str, dict[str, str]] = {
     "welcome": {
         "zh": "欢迎使用 **{model}** 助手!请提出您的问题。对话会保存在左侧的历史记录中。",
@@ -94,5 +92,6 @@ def text(key: str, language: str, **values: object) -> str:
     return TEXTS[key][language].format(**values)
 
 
-def starters(language: str) -> list[Starter]:
-    return [Starter(label=label, message=message) for label, message in STARTERS[language]]
+def starters(language: str) -> list[tuple[str, str]]:
+    """(label, message) pairs."""
+    return STARTERS[language]
