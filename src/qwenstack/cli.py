@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -60,7 +61,21 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+def _with_ui(settings: Settings, *, engines: bool, gateway: bool) -> bool:
+    """Whether `up` starts the chat UI: on by default, skipped (with a word) without Chainlit."""
+    if not (engines and gateway and settings.ui.enabled):
+        return False
+    if importlib.util.find_spec("chainlit") is None:
+        typer.secho(
+            "The chat UI is not started: it needs the `ui` extra (pip install 'qwenstack[ui]'). "
+            "QWENSTACK_UI__ENABLED=false silences this.", err=True, fg=typer.colors.YELLOW,
+        )
+        return False
+    return True
+
+
 def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
+    ui = _with_ui(settings, engines=engines, gateway=gateway)
     try:
         first_key = _first_admin_key(settings) if gateway else None
     except SetupError as exc:
@@ -72,7 +87,7 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         if gateway:
             url = f"http://{settings.gateway.host}:{settings.gateway.port}"
             lines.append(f"  gateway  {url}/v1   (OpenAI-compatible; /health, /ready)")
-        if gateway and engines and settings.ui.enabled:
+        if ui:
             from qwenstack.ui.server import ui_url
 
             lines.append(f"  chat UI  {ui_url(settings)}   (sign-in: `qwenstack users add NAME`)")
@@ -96,7 +111,7 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         # uvloop: the gateway's per-chunk relay costs less CPU, which the engine can use instead.
         uvloop.run(stack.run(
             settings, engines=engines, gateway=gateway, on_ready=on_ready,
-            ui=gateway and engines and settings.ui.enabled,
+            ui=ui,
         ))
     except SetupError as exc:
         if first_key:  # created, but the banner will not show it
