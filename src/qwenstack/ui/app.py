@@ -19,7 +19,7 @@ from chainlit.input_widget import NumberInput, Select, Slider, TextInput
 from chainlit.types import ThreadDict
 
 from qwenstack.settings import load_settings
-from qwenstack.ui import store
+from qwenstack.ui import server, store
 from qwenstack.ui.conversation import Conversation, Sampling
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
 from qwenstack.ui.gateway_keys import UserKeys
@@ -29,7 +29,7 @@ log = logging.getLogger("qwenstack.ui")
 
 settings = load_settings()
 ui = settings.ui
-gateway_url = (ui.gateway_url or f"http://127.0.0.1:{settings.gateway.port}").rstrip("/")
+gateway_url = server.gateway_url(settings)
 accounts = store.accounts(settings)
 user_keys = UserKeys(ui, gateway_url, accounts)
 MAX_FIT_ATTEMPTS = 8
@@ -108,12 +108,12 @@ async def _start_session(conversation: Conversation) -> None:
     """Models, settings panel and history for a new or resumed chat."""
     cl.user_session.set("conversation", conversation)
     language = _language()
+    models: list[dict[str, Any]] | None = None
     try:
         models = await _models()
     except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
         await _report(exc)
-        models = []
-    context_lens = {m["id"]: m.get("max_model_len") for m in models}
+    context_lens = {m["id"]: m.get("max_model_len") for m in models or ()}
     cl.user_session.set("context_lens", context_lens)
     names = list(context_lens) or [NO_MODEL]
     values = await cl.ChatSettings([
@@ -128,7 +128,7 @@ async def _start_session(conversation: Conversation) -> None:
                     initial=ui.max_tokens),
     ]).send()
     _apply_settings(values)
-    if not models:
+    if models == []:  # the gateway answered, but serves nothing (None: _report said why)
         await _say("no_model").send()
 
 
@@ -190,8 +190,8 @@ async def on_message(message: cl.Message) -> None:
     try:
         await _answer(conversation, sampling, answer)
     except asyncio.CancelledError:
-        # The stop button: leaving the `async with` above closed the gateway connection, which
-        # makes the gateway abort the engine's request. What came so far stays in the chat.
+        # The stop button: leaving `async with stream` in _answer closed the gateway connection,
+        # which makes the gateway abort the engine's request. What came so far stays in the chat.
         if answer.content:
             conversation.add("assistant", answer.content)
             await answer.send()
