@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -61,7 +62,21 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+def _with_ui(settings: Settings, *, engines: bool, gateway: bool) -> bool:
+    """Whether `up` starts the chat UI: on by default, skipped (with a word) without Chainlit."""
+    if not (engines and gateway and settings.ui.enabled):
+        return False
+    if importlib.util.find_spec("chainlit") is None:
+        typer.secho(
+            "The chat UI is not started: it needs the `ui` extra (pip install 'qwenstack[ui]'). "
+            "QWENSTACK_UI__ENABLED=false silences this.", err=True, fg=typer.colors.YELLOW,
+        )
+        return False
+    return True
+
+
 def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
+    ui = _with_ui(settings, engines=engines, gateway=gateway)
     try:
         first_key = _first_admin_key(settings) if gateway else None
     except SetupError as exc:
@@ -73,6 +88,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         if gateway:
             url = f"http://{settings.gateway.host}:{settings.gateway.port}"
             lines.append(f"  gateway  {url}/v1   (OpenAI-compatible; /health, /ready)")
+        if ui:
+            from qwenstack.ui.server import ui_url
+
+            lines.append(f"  chat UI  {ui_url(settings)}   (sign-in: `qwenstack users add NAME`)")
         where = "loopback only" if engines else "remote"
         lines += [f"  engine   {u}   ({where})" for u in engine_urls]
         if first_key:
@@ -91,7 +110,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
 
     try:
         # uvloop: the gateway's per-chunk relay costs less CPU, which the engine can use instead.
-        uvloop.run(stack.run(settings, engines=engines, gateway=gateway, on_ready=on_ready))
+        uvloop.run(stack.run(
+            settings, engines=engines, gateway=gateway, on_ready=on_ready,
+            ui=ui,
+        ))
     except SetupError as exc:
         if first_key:  # created, but the banner will not show it
             typer.echo(f"An admin key was created: {first_key}")
@@ -629,3 +651,90 @@ def plan(
         typer.secho(f"\nDoes not fit: {p.refusal}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
     typer.echo("\nvLLM flags:  " + " ".join(p.vllm_flags()))
+@app.command()
+def ui(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    host: Annotated[str | None, typer.Option(help="UI address.")] = None,
+    port: Annotated[int | None, typer.Option(help="UI port (default 8008).")] = None,
+    gateway_url: Annotated[str | None, typer.Option(help="Gateway base URL, no /v1.")] = None,
+) -> None:
+    """Run the Chainlit chat UI alone, in front of a running gateway."""
+    from qwenstack.ui import server
+
+    settings = _settings(
+        config, home=home, **{"ui.host": host, "ui.port": port, "ui.gateway_url": gateway_url}
+    )
+
+    def on_up(url: str) -> None:
+        typer.echo(f"\nqwenstack chat UI is ready: {url}\nStop with Ctrl-C.")
+
+    try:
+        uvloop.run(server.serve(settings, on_up))
+    except SetupError as exc:
+        _fail(exc)
+
+
+users_app = typer.Typer(help="Chat UI users who sign in with a password.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@contextlib.contextmanager
+def _accounts(config: Path | None, home: Path | None) -> Iterator[Any]:
+    from qwenstack.ui import store
+    from qwenstack.ui.accounts import AccountError
+
+    try:
+        accounts = store.accounts(_settings(config, home=home))
+    except SetupError as exc:
+        _fail(exc)
+    try:
+        yield accounts
+    except AccountError as exc:
+        _fail(exc)
+    finally:
+        accounts.engine.dispose()
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Sign-in name.")],
+    password: Annotated[str, typer.Option(
+        prompt=True, hide_input=True, confirmation_prompt=True,
+        help="Asked for when not given (flags show up in the shell history).")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Add a user (the password is stored as a scrypt hash)."""
+    with _accounts(config, home) as accounts:
+        accounts.add(name, password)
+    typer.echo(f"added {name}")
+
+
+@users_app.command("list")
+def users_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Every UI user: how they sign in and whether they have a gateway key yet."""
+    from qwenstack.ui.accounts import gateway_key_name
+
+    with _accounts(config, home) as accounts:
+        users = accounts.list()
+    _print_table([("NAME", "SIGN_IN", "GATEWAY_KEY", "CREATED")] + [
+        (u.identifier, "password" if u.has_password else "header",
+         gateway_key_name(u.identifier) if u.has_gateway_key else "-",
+         u.created_at.strftime("%Y-%m-%d %H:%M"))
+        for u in users
+    ])
+
+
+@users_app.command("remove")
+def users_remove(name: str, config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Remove a user and revoke their gateway key (their chat history stays in the database)."""
+    from qwenstack.ui.accounts import gateway_key_name
+
+    with _accounts(config, home) as accounts:
+        accounts.remove(name)
+    settings = _settings(config, home=home)
+    if settings.auth.enabled:
+        with _key_store(config, home) as store, contextlib.suppress(KeyStoreError):
+            store.revoke(gateway_key_name(name))
+    typer.echo(f"removed {name}")
