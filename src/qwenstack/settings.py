@@ -271,7 +271,7 @@ class RagSettings(BaseModel):
     """Knowledge bases: parsing, chunking, embeddings, the Milvus store and retrieval."""
 
     milvus_uri: str | None = Field(
-        None, description="A Milvus server (http://host:19530) or a Milvus Lite file path. "
+        None, description="A Milvus server (http://host:19530) or a Milvus Lite file (a path ending .db). "
         "Unset: Milvus Lite at <home>/milvus.db.",
     )
     milvus_token: SecretStr | None = Field(None, description="Milvus server credentials, user:password.")
@@ -299,6 +299,13 @@ class RagSettings(BaseModel):
         None, description="`module:callable` taking (query, chunks) and returning them reordered.",
     )
     max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest file one upload may hold.")
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _server_or_lite_file(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not value.endswith(".db"):
+            raise ValueError("rag.milvus_uri: a server URL (http://host:19530) or a file ending .db")
+        return value
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RagSettings:

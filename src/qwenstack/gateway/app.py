@@ -162,7 +162,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.validation = settings.validation
             app.state.limiter = Limiter(settings.limits, session)
             app.state.admission = Admission(settings.admission)
-            app.state.knowledge = await asyncio.to_thread(knowledge.open_service, settings)
+            app.state.knowledge, app.state.knowledge_off = await asyncio.to_thread(
+                knowledge.open_service, settings)
             try:
                 yield
             finally:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
+from qwenstack.errors import SetupError
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import ANONYMOUS, Caller, Exchange
 from qwenstack.settings import Settings
@@ -43,20 +44,25 @@ GROUNDING_INSTRUCTIONS = (
 router = APIRouter(prefix="/v1")
 
 
-def open_service(settings: Settings) -> KnowledgeService | None:
-    """The knowledge service, or None when the `rag` extra is not installed."""
+def open_service(settings: Settings) -> tuple[KnowledgeService | None, str]:
+    """The knowledge service, or None and why not: the gateway serves on without it."""
     try:
         from qwenstack.rag.service import open_service as open_rag
     except ImportError as exc:
-        log.info("Knowledge bases are off (install qwenstack[rag]): %s", exc)
-        return None
-    return open_rag(settings)
+        reason = f"they need the `rag` extra (pip install 'qwenstack[rag]'): {exc}"
+        log.info("Knowledge bases are off: %s", reason)
+        return None, reason
+    try:
+        return open_rag(settings), ""
+    except SetupError as exc:
+        log.error("Knowledge bases are off: %s", exc)
+        return None, str(exc)
 
 
 def _service(request: Request) -> KnowledgeService:
     service = request.app.state.knowledge
     if service is None:
-        raise GatewayError(501, "Knowledge bases need the `rag` extra: pip install 'qwenstack[rag]'.",
+        raise GatewayError(503, f"Knowledge bases are unavailable: {request.app.state.knowledge_off}",
                            code="knowledge_bases_unavailable")
     return service
 
@@ -68,11 +74,16 @@ def _caller(request: Request) -> Caller:
 async def _call(function: Any, *args: Any) -> Any:
     """A blocking service call in a worker thread, its RagError turned into an OpenAI error."""
     from qwenstack.rag import RagError
+    from qwenstack.rag.store import MilvusException
 
     try:
         return await asyncio.to_thread(function, *args)
     except RagError as exc:
         raise GatewayError(exc.status, str(exc), code=exc.code) from None
+    except MilvusException as exc:
+        log.error("Milvus failed: %s", exc)
+        raise GatewayError(503, f"The vector store failed: {exc.message}",
+                           code="vector_store_unavailable", retry_after_s=5) from None
 
 
 class NewKnowledgeBase(BaseModel):
