@@ -244,7 +244,11 @@ def context_message(retrieved: list[Retrieved]) -> str:
 async def ground(request: Request, exchange: Exchange) -> None:
     """Put retrieved chunks into a chat request that names knowledge bases; a no-op otherwise."""
     payload = exchange.payload
+    model = payload.get("model")
+    if "knowledge_bases" not in payload and not (isinstance(model, str) and KB_ALIAS in model):
+        return
     names = requested_knowledge_bases(payload)
+    exchange.body = orjson.dumps(payload)  # the engine gets neither the field nor the alias
     if not names:
         return
     if exchange.route != "/v1/chat/completions":
