@@ -241,19 +241,24 @@ def context_message(retrieved: list[Retrieved]) -> str:
     return GROUNDING_INSTRUCTIONS + "\n\n" + "\n\n".join(documents)
 
 
-async def ground(request: Request, exchange: Exchange) -> None:
-    """Put retrieved chunks into a chat request that names knowledge bases; a no-op otherwise."""
+def take_knowledge_bases(exchange: Exchange) -> list[str]:
+    """The knowledge bases a request names, taken out of it (the engine gets neither the field
+    nor the alias); [] for an ordinary request. Cheap: it runs before validation."""
     payload = exchange.payload
     model = payload.get("model")
     if "knowledge_bases" not in payload and not (isinstance(model, str) and KB_ALIAS in model):
-        return
+        return []
     names = requested_knowledge_bases(payload)
-    exchange.body = orjson.dumps(payload)  # the engine gets neither the field nor the alias
-    if not names:
-        return
-    if exchange.route != "/v1/chat/completions":
+    exchange.body = orjson.dumps(payload)
+    if names and exchange.route != "/v1/chat/completions":
         raise GatewayError(400, "Knowledge bases apply to /v1/chat/completions only.",
                            param="knowledge_bases", code="invalid_request")
+    return names
+
+
+async def ground(request: Request, exchange: Exchange, names: list[str]) -> None:
+    """Put the chunks retrieved from `names` into the chat request, as a system message."""
+    payload = exchange.payload
     messages = payload.get("messages")
     question = _question(messages) if isinstance(messages, list) else ""
     if not question.strip():
