@@ -23,11 +23,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from qwenstack.errors import SetupError
+from qwenstack.gateway.db import now
 from qwenstack.gateway.exchange import Caller
 from qwenstack.rag import RagError
 from qwenstack.rag.catalog import (
     KnowledgeBase, KnowledgeBaseFile, KnowledgeBaseGrant, check_name, describe, may_read,
-    may_write, now,
+    may_write,
 )
 from qwenstack.rag.chunking import Chunk, TokenCounter, chunk_sections
 from qwenstack.rag.embeddings import Embedder
