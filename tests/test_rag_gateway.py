@@ -129,6 +129,14 @@ def test_embeddings_route(gateway: Gateway) -> None:
     body = response.json()
     assert [item["index"] for item in body["data"]] == [0, 1]
     assert len(body["data"][0]["embedding"]) == 384 and body["model"] == "all-MiniLM-L6-v2"
+    # The gateway's own endpoint serves as an OpenAI-compatible embedding backend too.
+    from qwenstack.rag.embeddings import RemoteEmbedder
+
+    remote = RemoteEmbedder(gateway.url, "all-MiniLM-L6-v2", key, batch_size=1)
+    assert remote.dimension == 384
+    vectors = remote.embed(["大熊猫", "giant panda"])
+    for vector, item in zip(vectors, body["data"], strict=True):  # batches of 1 and 2: padding
+        assert vector == pytest.approx(item["embedding"], abs=1e-5)  # moves the last digits
     bad = httpx.post(f"{gateway.url}/v1/embeddings", headers=_bearer(key), json={"input": []})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
 

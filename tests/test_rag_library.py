@@ -127,3 +127,21 @@ def test_a_reopened_store_serves_and_replaces(home: Path) -> None:
         assert service.search(["kept"], "竹子", OWNER, mode="bm25") == []
     finally:
         service.close()
+
+
+def reverse(query: str, hits: list) -> list:
+    return list(reversed(hits))
+
+
+def test_reranker_hook(service: KnowledgeService) -> None:
+    from qwenstack.rag.service import load_reranker
+
+    service.create("reranked", OWNER.name)
+    service.ingest("reranked", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
+    plain = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
+    service.reranker = load_reranker("test_rag_library:reverse")
+    try:
+        reranked = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
+    finally:
+        service.reranker = None
+    assert reranked == plain[::-1]
