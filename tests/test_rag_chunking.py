@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_chinese_without_spaces_splits_at_sentence_ends(qwen3_tokens: TokenizerC
         assert CHINESE[chunk.start:chunk.end] == chunk.text
     # Consecutive chunks overlap by whole sentences (those that fit the overlap budget), and
     # together cover the text.
-    pairs = list(zip(chunks, chunks[1:]))
+    pairs = list(itertools.pairwise(chunks))
     for before, after in pairs:
         assert after.start <= before.end
         assert CHINESE[after.start - 1] in ENDS

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import Gateway, create_key, start_gateway
 
 PANDAS = "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。".encode()
@@ -109,6 +108,7 @@ def test_bad_uploads_change_nothing(gateway: Gateway) -> None:
         ([("ok.txt", WALL), ("locked.pdf", locked.getvalue())], 400, "encrypted_pdf"),
         ([("big.txt", b"x" * 200_000)], 413, "request_too_large"),
         ([("tool.exe", b"MZ")], 400, "unsupported_file_type"),
+        ([(f"{i}.txt", b"x") for i in range(65)], 400, "invalid_upload"),  # over 64 files
     ]
     for files, status, code in cases:
         response = httpx.post(url, headers=_bearer(owner), timeout=60,

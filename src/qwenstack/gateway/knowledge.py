@@ -21,6 +21,8 @@ import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
 from qwenstack.errors import SetupError
@@ -165,8 +167,9 @@ async def upload_files(name: str, request: Request) -> dict[str, Any]:
                            code="invalid_upload")
     try:
         form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
-    except Exception as exc:  # Starlette raises its own errors for malformed or oversized forms
-        raise GatewayError(400, f"The upload cannot be read: {exc}", code="invalid_upload") from None
+    except (HTTPException, MultiPartException) as exc:  # malformed, or too many parts
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise GatewayError(400, f"The upload cannot be read: {detail}", code="invalid_upload") from None
     try:
         uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
         if not uploads:

@@ -27,7 +27,12 @@ from qwenstack.gateway.db import now
 from qwenstack.gateway.exchange import Caller
 from qwenstack.rag import RagError
 from qwenstack.rag.catalog import (
-    KnowledgeBase, KnowledgeBaseFile, KnowledgeBaseGrant, check_name, describe, may_read,
+    KnowledgeBase,
+    KnowledgeBaseFile,
+    KnowledgeBaseGrant,
+    check_name,
+    describe,
+    may_read,
     may_write,
 )
 from qwenstack.rag.chunking import Chunk, TokenCounter, chunk_sections

@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 import jieba
 from pymilvus import (
-    AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, MilvusException, RRFRanker,
+    AnnSearchRequest,
+    DataType,
+    Function,
+    FunctionType,
+    MilvusClient,
+    MilvusException,
+    RRFRanker,
 )
 
 # Milvus Lite serves pymilvus over an in-process gRPC server, which logs a traceback for each
