@@ -271,10 +271,12 @@ class RagSettings(BaseModel):
     """Knowledge bases: parsing, chunking, embeddings, the Milvus store and retrieval."""
 
     milvus_uri: str | None = Field(
-        None, description="A Milvus server (http://host:19530) or a Milvus Lite file (a path ending .db). "
-        "Unset: Milvus Lite at <home>/milvus.db.",
+        None, description="A Milvus server (http://host:19530) or a Milvus Lite file (a path "
+        "ending .db). Unset: Milvus Lite at <home>/milvus.db.",
     )
-    milvus_token: SecretStr | None = Field(None, description="Milvus server credentials, user:password.")
+    milvus_token: SecretStr | None = Field(
+        None, description="Milvus server credentials, user:password."
+    )
     embedding_model: str = Field(
         "all-MiniLM-L6-v2",
         description="sentence-transformers model: a local folder, a hub id, or all-MiniLM-L6-v2 "
@@ -298,7 +300,9 @@ class RagSettings(BaseModel):
     reranker: str | None = Field(
         None, description="`module:callable` taking (query, chunks) and returning them reordered.",
     )
-    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest file one upload may hold.")
+    max_upload_bytes: int = Field(
+        20 * 2**20, ge=1, description="Largest upload (all its files), in bytes."
+    )
 
     @field_validator("milvus_uri")
     @classmethod
