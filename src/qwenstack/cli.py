@@ -357,6 +357,7 @@ KB_ADMIN = Caller("cli", admin=True)
 def _knowledge(config: Path | None, home: Path | None) -> Iterator[Any]:
     from qwenstack.rag import RagError
     from qwenstack.rag.service import open_service
+    from qwenstack.rag.store import MilvusException
 
     try:
         service = open_service(_settings(config, home=home), open_access=True)
@@ -364,7 +365,7 @@ def _knowledge(config: Path | None, home: Path | None) -> Iterator[Any]:
         _fail(exc)
     try:
         yield service
-    except RagError as exc:
+    except (RagError, MilvusException) as exc:
         _fail(exc)
     finally:
         service.close()
