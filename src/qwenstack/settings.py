@@ -99,6 +99,31 @@ class GatewaySettings(BaseModel):
     )
     health_interval_s: float = Field(1.0, gt=0)
     max_connections_per_engine: int = Field(1024, ge=1)
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM the gateway stops accepting connections and lets "
+        "requests in flight finish for at most this long, then exits.",
+    )
+
+
+class RoutingSettings(BaseModel):
+    """Which engine replica takes a request (see gateway/routing.py)."""
+
+    policy: Literal["round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = Field(
+        "prefix_aware",
+        description="prefix_aware: a conversation's turns go where its earlier turns' KV is "
+        "cached, within prefix_load_slack of the least busy replica; new prompts least busy.",
+    )
+    prefix_block_bytes: int = Field(
+        256, ge=16, description="Prompt bytes per hashed block (about 64 tokens of English)."
+    )
+    prefix_max_blocks: int = Field(64, ge=1, description="Leading blocks hashed per request.")
+    prefix_max_entries: int = Field(
+        100_000, ge=1, description="Block hashes remembered, least recently used dropped."
+    )
+    prefix_load_slack: int = Field(
+        4, ge=0, description="Outstanding requests the prefix holder may have beyond the least "
+        "busy replica before a request goes to the least busy instead.",
+    )
 
 
 class ObservabilitySettings(BaseModel):
@@ -335,6 +360,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()
     admission: AdmissionSettings = AdmissionSettings()
+    routing: RoutingSettings = RoutingSettings()
     validation: ValidationSettings = ValidationSettings()
     database_url: SecretStr | None = Field(
         None,

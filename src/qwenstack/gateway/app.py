@@ -34,6 +34,7 @@ from qwenstack.gateway.auth import Authentication, Authenticator
 from qwenstack.gateway.keys import KeyStore
 from qwenstack.gateway.proxy import Upstream
 from qwenstack.gateway.replicas import ReplicaPool
+from qwenstack.gateway.routing import make_policy
 from qwenstack.gateway.usage import UsageRecorder
 from qwenstack.settings import Settings
 
@@ -148,7 +149,12 @@ def create_app(settings: Settings) -> FastAPI:
             )
             await pool.start()
             app.state.pool = pool
-            app.state.upstream = Upstream(pool, session)
+            routing = settings.routing
+            app.state.upstream = Upstream(pool, session, make_policy(
+                routing.policy, block_bytes=routing.prefix_block_bytes,
+                max_blocks=routing.prefix_max_blocks, max_entries=routing.prefix_max_entries,
+                load_slack=routing.prefix_load_slack,
+            ))
             app.state.metrics = metrics.Exposition(
                 pool, session, engine_metrics=observability.engine_metrics,
                 timeout_s=observability.engine_metrics_timeout_s,
@@ -246,7 +252,8 @@ def create_app(settings: Settings) -> FastAPI:
         """An engine can serve."""
         pool: ReplicaPool = request.app.state.pool
         engines = [
-            {"url": r.url, "up": r.up, "in_flight": r.in_flight, "circuit_open": bool(r.open_until)}
+            {"url": r.url, "up": r.up, "in_flight": r.in_flight, "load": r.load(),
+             "kv_cache_usage": r.kv_cache_usage, "circuit_open": bool(r.open_until)}
             for r in pool.replicas
         ]
         return JSONResponse(

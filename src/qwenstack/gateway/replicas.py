@@ -50,6 +50,28 @@ class Replica:
     failures: int = 0  # consecutive failed requests
     open_until: float = 0.0  # circuit open until this time.monotonic(); 0: closed
     health_timeouts: int = 0  # consecutive /health checks that timed out
+    # From the engine's /metrics, read with each health check: requests running plus waiting
+    # (from every gateway), KV-cache usage (0..1), and this gateway's in_flight at that moment.
+    engine_queue: int = 0
+    kv_cache_usage: float = 0.0
+    in_flight_at_poll: int = 0
+
+    def load(self) -> int:
+        """Requests outstanding at the engine: its last reported queue, corrected by what this
+        gateway has sent or finished since (the report is up to a health interval old); never
+        below this gateway's own in-flight count."""
+        return max(self.in_flight, self.engine_queue + self.in_flight - self.in_flight_at_poll)
+
+    def read_metrics(self, page: bytes) -> None:
+        """Load figures from a vLLM /metrics page: a line scan, no full parse."""
+        queue, usage = 0.0, 0.0
+        for line in page.splitlines():
+            if line.startswith((b"vllm:num_requests_running{", b"vllm:num_requests_waiting{")):
+                queue += float(line.rsplit(b" ", 1)[1])
+            elif line.startswith(b"vllm:kv_cache_usage_perc{"):
+                usage = max(usage, float(line.rsplit(b" ", 1)[1]))
+        self.engine_queue, self.kv_cache_usage = int(queue), usage
+        self.in_flight_at_poll = self.in_flight
 
     def admits(self, now: float) -> bool:
         """The circuit is closed, or its cool-down is over and no request (probe) is under way:
@@ -121,7 +143,8 @@ class ReplicaPool:
         return list(cards.values())
 
     def route(self, model: str | None) -> tuple[str, list[Replica]]:
-        """The model to serve and the replicas that can serve it, least busy first."""
+        """The model to serve and the replicas that can take it now (the routing policy orders
+        them)."""
         cards = self.model_cards()
         if model is None:
             if not cards:
@@ -141,7 +164,6 @@ class ReplicaPool:
             if serving:  # all out of rotation: retry when the first cool-down ends
                 raise _unavailable(math.ceil(min(r.open_until for r in serving) - now))
             raise _unavailable()
-        candidates.sort(key=lambda r: r.in_flight)
         return model, candidates
 
     async def check_all(self) -> None:
@@ -169,8 +191,21 @@ class ReplicaPool:
             replica.health_timeouts += 1
             if replica.health_timeouts >= HEALTH_TIMEOUTS_TO_DOWN:
                 replica.mark_down(f"/health timed out {replica.health_timeouts} times in a row")
+            return
         except (aiohttp.ClientError, KeyError, ValueError) as exc:
             replica.mark_down(f"{type(exc).__name__}: {exc}")
+            return
+        await self._read_load(replica)
+
+    async def _read_load(self, replica: Replica) -> None:
+        """Refresh the engine's load figures; an unreadable page keeps the last ones (routing
+        then leans on the gateway's own in-flight count), it does not take the engine down."""
+        try:
+            async with self._session.get(f"{replica.url}/metrics", timeout=HEALTH_TIMEOUT) as page:
+                page.raise_for_status()
+                replica.read_metrics(await page.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError, IndexError) as exc:
+            log.debug("Load of engine %s not read: %r", replica.url, exc)
 
 
 def _unavailable(retry_after_s: int = RETRY_AFTER_S) -> GatewayError:
