@@ -106,6 +106,8 @@ class RequestContext:
                     "prompt_tokens": exchange.prompt_tokens,
                     "completion_tokens": exchange.completion_tokens,
                 }
+                if exchange.replica is not None:
+                    fields["replica"] = exchange.replica
                 if exchange.error_code:
                     fields["error_code"] = exchange.error_code
                 if exchange.first_chunk_s is not None:

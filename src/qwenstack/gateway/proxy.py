@@ -111,6 +111,7 @@ class Upstream:
             )
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
+        exchange.replica = replica.index
         if upstream.status < 500:
             self.policy.placed(exchange, replica)
         if upstream.status == 200 and exchange.stream:
