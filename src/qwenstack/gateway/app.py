@@ -33,7 +33,7 @@ from qwenstack.gateway.limits import Limiter
 from qwenstack.gateway.auth import Authentication, Authenticator
 from qwenstack.gateway.keys import KeyStore
 from qwenstack.gateway.proxy import Upstream
-from qwenstack.gateway.replicas import ReplicaPool
+from qwenstack.gateway.replicas import DnsDiscovery, ReplicaPool
 from qwenstack.gateway.routing import make_policy
 from qwenstack.gateway.usage import UsageRecorder
 from qwenstack.settings import Settings
@@ -145,9 +145,13 @@ def create_app(settings: Settings) -> FastAPI:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
+            engine = settings.engine
             pool = ReplicaPool(
-                settings.engine.replica_urls(), session, gateway.health_interval_s,
+                engine.replica_urls(), session, gateway.health_interval_s,
                 settings.admission.circuit_failures, settings.admission.circuit_cooldown_s,
+                discovery=DnsDiscovery(
+                    engine.discovery_dns, engine.discovery_port, engine.discovery_interval_s
+                ) if engine.discovery_dns else None,
             )
             await pool.start()
             app.state.pool = pool

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +103,23 @@ class Replica:
         self.up = False
 
 
+@dataclass(frozen=True)
+class DnsDiscovery:
+    """Engines as the A/AAAA records of a name, e.g. a Kubernetes headless Service's, whose DNS
+    answers with the addresses of its ready pods."""
+
+    name: str
+    port: int
+    interval_s: float
+
+    async def urls(self) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.name, self.port, type=socket.SOCK_STREAM
+        )
+        hosts = {info[4][0] for info in infos}
+        return sorted(f"http://{f'[{h}]' if ':' in h else h}:{self.port}" for h in hosts)
+
+
 class ReplicaPool:
     def __init__(
         self,
@@ -109,26 +128,66 @@ class ReplicaPool:
         interval_s: float,
         failures_to_open: int = 5,
         cooldown_s: float = 30.0,
+        discovery: DnsDiscovery | None = None,
     ) -> None:
-        self.replicas = [
-            Replica(url, index=i, failures_to_open=failures_to_open, cooldown_s=cooldown_s)
-            for i, url in enumerate(urls)
-        ]
-        for replica in self.replicas:
-            CIRCUIT_OPEN.labels(str(replica.index)).set(0)
+        self.replicas: list[Replica] = []
+        self._failures_to_open = failures_to_open
+        self._cooldown_s = cooldown_s
+        self.set_urls(urls)
         self._session = session
         self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._discovery = discovery
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Make the pool these engines: known ones keep their state (and index, the `replica`
+        label), new ones start down until their health check passes, others leave. A request
+        under way on one that left still finishes: it holds its replica."""
+        known = {replica.url: replica for replica in self.replicas}
+        if set(urls) == set(known):
+            return
+        kept = [known[url] for url in urls if url in known]
+        free = (i for i in itertools.count() if i not in {r.index for r in kept})
+        added = [
+            Replica(url, index=next(free), failures_to_open=self._failures_to_open,
+                    cooldown_s=self._cooldown_s)
+            for url in urls if url not in known
+        ]
+        for replica in added:
+            CIRCUIT_OPEN.labels(str(replica.index)).set(0)
+        if self.replicas:
+            log.info("Engines now %s", urls)
+        self.replicas = sorted(kept + added, key=lambda replica: replica.index)
 
     async def start(self) -> None:
+        if self._discovery:
+            await self.discover()
+            self._tasks.append(asyncio.create_task(self._discover_forever(self._discovery)))
         await self.check_all()
-        self._task = asyncio.create_task(self._check_forever())
+        self._tasks.append(asyncio.create_task(self._check_forever()))
+
+    async def discover(self) -> None:
+        """Refresh the engines from DNS; a failed lookup keeps the last ones (their health
+        checks still run), so a DNS hiccup does not empty the pool."""
+        assert self._discovery
+        try:
+            urls = await self._discovery.urls()
+        except OSError as exc:
+            log.warning("Engine discovery: %s did not resolve (%s); keeping %d engines",
+                        self._discovery.name, exc, len(self.replicas))
+            return
+        self.set_urls(urls)
+
+    async def _discover_forever(self, discovery: DnsDiscovery) -> None:
+        while True:
+            await asyncio.sleep(discovery.interval_s)
+            await self.discover()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     @property
     def any_up(self) -> bool:
