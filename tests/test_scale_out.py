@@ -172,6 +172,7 @@ def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_mo
             "ttft_median_ms": round(statistics.median(ttfts) * 1000, 1),
             "ttft_p95_ms": round(statistics.quantiles(ttfts, n=20)[-1] * 1000, 1),
             "prefix_cache_hit_rate": round(hits / queries, 3),
+            "ttfts_ms": [round(t * 1000) for t in ttfts],
             "served": served,
         }
     print("\nrouting figures:", json.dumps({p: {k: v for k, v in f.items() if k != "served"}

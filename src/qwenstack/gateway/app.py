@@ -155,12 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
             await pool.start()
             app.state.pool = pool
-            routing = settings.routing
-            app.state.upstream = Upstream(pool, session, make_policy(
-                routing.policy, block_bytes=routing.prefix_block_bytes,
-                max_blocks=routing.prefix_max_blocks, max_entries=routing.prefix_max_entries,
-                load_slack=routing.prefix_load_slack,
-            ))
+            app.state.upstream = Upstream(pool, session, make_policy(settings.routing))
             app.state.metrics = metrics.Exposition(
                 pool, session, engine_metrics=observability.engine_metrics,
                 timeout_s=observability.engine_metrics_timeout_s,

@@ -24,14 +24,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.replicas import Replica
+from qwenstack.settings import RoutingSettings
 
-PolicyName = Literal["round_robin", "least_outstanding", "session_affinity", "prefix_aware"]
 SESSION_HEADER = "x-session-id"
 
 
@@ -150,12 +150,12 @@ class PrefixAware(RoundRobin):
             where.popitem(last=False)
 
 
-def make_policy(name: PolicyName, *, block_bytes: int, max_blocks: int, max_entries: int,
-                load_slack: int) -> RoutingPolicy:
-    if name == "round_robin":
+def make_policy(settings: RoutingSettings) -> RoutingPolicy:
+    if settings.policy == "round_robin":
         return RoundRobin()
-    if name == "least_outstanding":
+    if settings.policy == "least_outstanding":
         return LeastOutstanding()
-    if name == "session_affinity":
+    if settings.policy == "session_affinity":
         return SessionAffinity()
-    return PrefixAware(block_bytes, max_blocks, max_entries, load_slack)
+    return PrefixAware(settings.prefix_block_bytes, settings.prefix_max_blocks,
+                       settings.prefix_max_entries, settings.prefix_load_slack)
