@@ -271,8 +271,10 @@ def test_helm_chart_renders_valid_manifests_that_fit_together():
                     if "secretKeyRef" in env.get("valueFrom", {}):
                         assert env["valueFrom"]["secretKeyRef"]["key"] in secret, env
     env = {e["name"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert {"QWENSTACK_AUTH__PEPPER", "QWENSTACK_DATABASE_URL", "QWENSTACK_LIMITS__REDIS_URL"} <= env
-    assert secret["database-url"] == "postgresql+psycopg://qwenstack:pw@qs-postgresql:5432/qwenstack"
+    assert {"QWENSTACK_AUTH__PEPPER", "QWENSTACK_DATABASE_URL",
+            "QWENSTACK_LIMITS__REDIS_URL"} <= env
+    assert secret["database-url"] == (
+        "postgresql+psycopg://qwenstack:pw@qs-postgresql:5432/qwenstack")
     assert secret["redis-url"] == "redis://qs-redis:6379/0"
     # Every Service selects pods some workload makes.
     pod_labels = [m["spec"]["template"]["metadata"]["labels"] for m in manifests.values()
@@ -293,9 +295,11 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
     }))
     kinds = {kind for kind, _ in manifests}
     assert "StatefulSet" not in kinds and "HorizontalPodAutoscaler" not in kinds
-    assert ("Deployment", "qs-redis") not in manifests and ("Deployment", "qs-ui") not in manifests
+    assert ("Deployment", "qs-redis") not in manifests
+    assert ("Deployment", "qs-ui") not in manifests
     assert manifests["Deployment", "qs-gateway"]["spec"]["replicas"] == 3
-    assert manifests["Secret", "qs-secrets"]["stringData"]["redis-url"] == "redis://r.example:6379/0"
+    secret = manifests["Secret", "qs-secrets"]["stringData"]
+    assert secret["redis-url"] == "redis://r.example:6379/0"
     config = manifests["ConfigMap", "qs-gateway"]["data"]
     assert config["QWENSTACK_RAG__MILVUS_URI"] == "http://milvus.example:19530"
 

@@ -93,7 +93,9 @@ def upstream_body(exchange: Exchange) -> bytes:
 class Upstream:
     """The pooled HTTP client that talks to the engines."""
 
-    def __init__(self, pool: ReplicaPool, session: aiohttp.ClientSession, policy: RoutingPolicy) -> None:
+    def __init__(
+        self, pool: ReplicaPool, session: aiohttp.ClientSession, policy: RoutingPolicy
+    ) -> None:
         self.pool = pool
         self.session = session
         self.policy = policy

@@ -260,7 +260,8 @@ class ReplicaPool:
         """Refresh the engine's load figures; an unreadable page keeps the last ones (routing
         then leans on the gateway's own in-flight count), it does not take the engine down."""
         try:
-            async with self._session.get(f"{replica.url}/metrics", timeout=HEALTH_TIMEOUT) as page:
+            url = f"{replica.url}/metrics"
+            async with self._session.get(url, timeout=HEALTH_TIMEOUT) as page:
                 page.raise_for_status()
                 replica.read_metrics(await page.read())
         except (aiohttp.ClientError, TimeoutError, ValueError, IndexError) as exc:

@@ -115,19 +115,22 @@ def block_hashes(prompt: bytes, block_bytes: int, max_blocks: int) -> list[bytes
 
 
 class PrefixAware(RoundRobin):
-    def __init__(self, block_bytes: int, max_blocks: int, max_entries: int, load_slack: int) -> None:
+    def __init__(
+        self, block_bytes: int, max_blocks: int, max_entries: int, load_slack: int
+    ) -> None:
         super().__init__()
         self.block_bytes = block_bytes
         self.max_blocks = max_blocks
         self.max_entries = max_entries
         self.load_slack = load_slack
-        # block hash -> url of the replica that last served a prompt starting with those blocks;
-        # least recently used first. URLs, not replicas: discovery may replace the replica objects.
+        # block hash -> url of the replica that last served a prompt starting with those blocks,
+        # least recently used first. URLs, not replicas: discovery may replace replica objects.
         self._where: OrderedDict[bytes, str] = OrderedDict()
 
     def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
         ranked = self.by_load(candidates)
-        hashes = block_hashes(canonical_prompt(exchange.payload), self.block_bytes, self.max_blocks)
+        prompt = canonical_prompt(exchange.payload)
+        hashes = block_hashes(prompt, self.block_bytes, self.max_blocks)
         exchange.prefix_hashes = hashes
         least = ranked[0].load()
         by_url = {replica.url: replica for replica in ranked}
