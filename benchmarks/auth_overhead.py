@@ -2,9 +2,10 @@
 
 Starts two `qwenstack gateway` processes in front of the same engine, one checking an API key
 (QWENSTACK_AUTH__ENABLED=true, a key made with `qwenstack keys create`) and one with auth off,
-then sends small non-streaming requests one at a time, rotating over direct / auth off / auth on
-so drift in the machine's speed falls on all three alike. Prints the median latency of each, the
-gateway's added latency (gateway - direct) with auth off and on, and the difference.
+then sends small non-streaming requests one at a time (`qwenstack bench`'s load generator),
+interleaving direct / auth off / auth on so drift in the machine's speed falls on all three
+alike. Prints the median latency of each, the gateway's added latency (gateway - direct) with
+auth off and on, and the difference.
 
     .venv/bin/python benchmarks/auth_overhead.py --engine http://127.0.0.1:8199 --model tiny-qwen3
 """
@@ -15,7 +16,6 @@ import argparse
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+from qwenstack import bench
+from qwenstack.bench.datasets import Prompt
 
 
 def free_port() -> int:
@@ -79,59 +82,39 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="per target")
     args = parser.parse_args()
 
-    body = {"model": args.model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     with tempfile.TemporaryDirectory() as tmp:
         on_home, off_home = Path(tmp, "on"), Path(tmp, "off")
         key = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qwenstack",
-                "keys",
-                "create",
-                "--name",
-                "bench",
-                "--home",
-                str(on_home),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
+            [sys.executable, "-m", "qwenstack", "keys", "create", "--name", "bench",
+             "--home", str(on_home)],
+            capture_output=True, text=True, check=True,
         ).stdout.strip()
+        auth = {"authorization": f"Bearer {key}"}
         processes: list[subprocess.Popen[bytes]] = []
-        clients = {"direct": httpx.Client(base_url=args.engine, timeout=60)}
-        latencies: dict[str, list[float]] = {"direct": [], "auth off": [], "auth on": []}
+        targets = [bench.Target("direct", args.engine)]
         try:
-            for name, home, enabled in (
-                ("auth off", off_home, "false"),
-                ("auth on", on_home, "true"),
-            ):
-                process, url = start_gateway(
-                    home, args.engine, {"QWENSTACK_AUTH__ENABLED": enabled}
-                )
+            for name, home, enabled in (("auth off", off_home, "false"), ("auth on", on_home, "true")):
+                process, url = start_gateway(home, args.engine, {"QWENSTACK_AUTH__ENABLED": enabled})
                 processes.append(process)
-                clients[name] = httpx.Client(
-                    base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=60
-                )
-            names = list(clients)
-            for i in range(args.requests + 20):
-                order = names[i % 3 :] + names[: i % 3]
-                for name in order:
-                    started = time.perf_counter()
-                    response = clients[name].post("/v1/completions", json=body)
-                    elapsed = time.perf_counter() - started
-                    response.raise_for_status()
-                    if i >= 20:  # the first rounds warm connections, caches and the engine
-                        latencies[name].append(elapsed * 1000)
+                targets.append(bench.Target(name, url, auth))
+            # Runs of 10 requests per target, the order reversing every round; the warm-up
+            # requests warm connections, caches and the engine.
+            rounds = max(1, args.requests // 10)
+            prompts = [Prompt("Hello", 1)] * bench.prompts_needed(3, 1, rounds, 10, warmup=20)
+            summaries, _ = bench.benchmark(
+                targets, prompts, [bench.Load(concurrency=1)],
+                bench.RequestOptions(model=args.model, api="completions", stream=False),
+                requests_per_run=10, rounds=rounds, warmup=20,
+            )
         finally:
-            for client in clients.values():
-                client.close()
             for process in processes:
                 process.send_signal(signal.SIGTERM)
                 process.wait(30)
 
-    median = {name: statistics.median(values) for name, values in latencies.items()}
-    print(f"{args.requests} non-streaming requests each (max_tokens 1), interleaved; median ms")
+    if any(s["errors"] for s in summaries):
+        sys.exit(f"requests failed: {[s['error_kinds'] for s in summaries]}")
+    median = {s["target"]: s["e2e_ms"]["median"] for s in summaries}
+    print(f"{rounds * 10} non-streaming requests each (max_tokens 1), interleaved; median ms")
     for name, value in median.items():
         added = "" if name == "direct" else f"   gateway adds {value - median['direct']:+.2f} ms"
         print(f"  {name:<9} {value:7.2f}{added}")

@@ -10,94 +10,58 @@ Prints gateway/direct ratios per concurrency.
 
 The gateway runs as deployed (API key checked, limits, metrics, usage records); the answer
 cache is bypassed with `cache-control: no-cache`, so the relay itself is what is measured.
+The measuring is `qwenstack bench --compare` (src/qwenstack/bench); this script sizes each level
+(16 requests per round and path, 2 x the concurrency above 8). One level by hand:
+
+    qwenstack bench http://127.0.0.1:8000 --compare http://127.0.0.1:8100 --name gateway \\
+        --compare-name direct --api completions --input-len 16 --output-len 64 \\
+        --concurrency 32 --num-prompts 64 --rounds 4 --warmup 32 \\
+        --header 'cache-control: no-cache' --api-key sk-qs-...
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
+from qwenstack import bench
+from qwenstack.bench import datasets, report
 
 
-@dataclass
-class Run:
-    tokens: int = 0
-    seconds: float = 0.0
-    ttfts: list[float] = field(default_factory=list)
-
-
-async def one_stream(session: aiohttp.ClientSession, url: str, body: dict, run: Run) -> None:
-    started = time.perf_counter()
-    first = None
-    async with session.post(url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            if first is None:
-                first = time.perf_counter()
-            run.tokens += 1  # one event per token: vLLM streams each token as it is sampled
-    run.ttfts.append((first or time.perf_counter()) - started)
-
-
-async def measure(session: aiohttp.ClientSession, url: str, body: dict, concurrency: int, requests: int) -> Run:
-    run = Run()
-    queue = iter(range(requests))
-
-    async def worker() -> None:
-        for _ in queue:
-            await one_stream(session, url, body, run)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    run.seconds = time.perf_counter() - started
-    return run
-
-
-async def benchmark(args: argparse.Namespace) -> None:
-    body = {
-        "model": args.model, "prompt": "The history of the city of Paris begins",
-        "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-    }
-    targets = {"gateway": f"{args.gateway}/v1/completions", "direct": f"{args.engine}/v1/completions"}
-    connector = aiohttp.TCPConnector(limit=0)
+def benchmark(args: argparse.Namespace) -> None:
     # no-cache: the gateway relays the engine's answer (and stores it) instead of replaying it.
-    headers = {"cache-control": "no-cache"}
+    gateway_headers = {"cache-control": "no-cache"}
     if args.api_key:
-        headers["authorization"] = f"Bearer {args.api_key}"
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=600), headers=headers
-    ) as session:
-        for name, url in targets.items():  # warm up connections and the engine
-            await measure(session, url, body, 4, 8)
-        print(f"{'conc':>4} {'gw tok/s':>9} {'direct tok/s':>12} {'tput ratio':>10} "
-              f"{'gw TTFT ms':>10} {'direct TTFT ms':>14} {'TTFT +ms':>8}")
-        for concurrency in args.concurrency:
-            requests = max(args.min_requests, 2 * concurrency)
-            runs: dict[str, list[Run]] = {name: [] for name in targets}
-            for round_index in range(args.rounds):
-                order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
-                for name in order:
-                    runs[name].append(await measure(session, targets[name], body, concurrency, requests))
-            tput = {n: sum(r.tokens for r in rs) / sum(r.seconds for r in rs) for n, rs in runs.items()}
-            ttft = {n: statistics.median(t for r in rs for t in r.ttfts) * 1000 for n, rs in runs.items()}
-            print(f"{concurrency:>4} {tput['gateway']:>9.0f} {tput['direct']:>12.0f} "
-                  f"{tput['gateway'] / tput['direct']:>10.3f} {ttft['gateway']:>10.1f} "
-                  f"{ttft['direct']:>14.1f} {ttft['gateway'] - ttft['direct']:>+8.1f}", flush=True)
+        gateway_headers["authorization"] = f"Bearer {args.api_key}"
+    targets = [bench.Target("gateway", args.gateway, gateway_headers), bench.Target("direct", args.engine)]
+    all_summaries, all_ratios = [], []
+    for concurrency in args.concurrency:  # each level interleaved on its own, sized to its load
+        requests = max(args.min_requests, 2 * concurrency)
+        count = bench.prompts_needed(len(targets), 1, args.rounds, requests, warmup=concurrency)
+        summaries, ratios = bench.benchmark(
+            targets, datasets.random_prompts(count, args.input_len, args.max_tokens, seed=concurrency),
+            [bench.Load(concurrency=concurrency)], bench.RequestOptions(model=args.model, api="completions"),
+            requests_per_run=requests, rounds=args.rounds, warmup=concurrency,
+        )
+        all_summaries += summaries
+        all_ratios += ratios
+    print(report.table(all_summaries))
+    print()
+    print(report.ratio_table(all_ratios))
+    if args.json:
+        report.write_json(args.json, {"model": args.model, "rounds": args.rounds,
+                                      "targets": {t.name: t.base_url for t in targets}},
+                          all_summaries, all_ratios)
 
 
 def _free_port() -> int:
@@ -159,17 +123,20 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-qwen3")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=4, help="per path; the order alternates")
-    parser.add_argument("--min-requests", type=int, default=16, help="per round")
+    parser.add_argument("--min-requests", type=int, default=16,
+                        help="per round and path; at least 2 x the concurrency")
+    parser.add_argument("--input-len", type=int, default=16, help="prompt words (about tokens)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--api-key", default=os.environ.get("QWENSTACK_API_KEY"),
                         help="for a running gateway with auth on (default: $QWENSTACK_API_KEY)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
     if bool(args.gateway) != bool(args.engine):
         parser.error("give both --gateway and --engine, or neither")
     with contextlib.ExitStack() as stack:
         if not args.gateway:
             stack.enter_context(tiny_stack(args))
-        asyncio.run(benchmark(args))
+        benchmark(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """What per-caller limits add to a request: gateways with limits off, on in-process, on in Redis,
 each with and without a token limit (which counts prompt tokens with the engine's /tokenize).
 
-Sequential 1-token chat completions, configurations interleaved round by round (the order
-rotating, so no configuration always goes first); prints the median and p90 latency per
-configuration, of a bare /tokenize call, and of the limiter's store operations alone.
+Sequential 1-token chat completions (`qwenstack bench`'s load generator), configurations
+interleaved round by round (the order reversing, so no configuration always goes first); prints
+the median and p90 latency per configuration, of a bare /tokenize call, and of the limiter's
+store operations alone.
 
     .venv/bin/python benchmarks/limits_cost.py --engine http://127.0.0.1:8199 --model tiny-qwen3
 """
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import httpx
 
+from qwenstack import bench
+from qwenstack.bench.datasets import Prompt
+from qwenstack.bench.report import distribution_ms
 from qwenstack.gateway.limits import MemoryStore, Quota, RedisStore
 
 HIGH = "1000000000"  # limits that never refuse: the cost of checking them, not of refusals
@@ -46,7 +49,9 @@ def free_port() -> int:
 
 def start(engine: str, limits: dict[str, str], home: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "QWENSTACK_LIMITS__KEY_PREFIX": f"bench-{port}:",
+    # Auth off: every caller is anonymous and gets the default limits measured here.
+    env = {**os.environ, "QWENSTACK_AUTH__ENABLED": "false",
+           "QWENSTACK_LIMITS__KEY_PREFIX": f"bench-{port}:",
            **{f"QWENSTACK_LIMITS__{k}": v for k, v in limits.items()}}
     process = subprocess.Popen(
         [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", engine, "--port", str(port),
@@ -66,43 +71,45 @@ def start(engine: str, limits: dict[str, str], home: Path) -> tuple[subprocess.P
         time.sleep(0.3)
 
 
-def p(values: list[float], q: float) -> float:
-    return sorted(values)[int(q * (len(values) - 1))] * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", default="http://127.0.0.1:8199")
     parser.add_argument("--model", default="tiny-qwen3")
     parser.add_argument("--rounds", type=int, default=100)
     args = parser.parse_args()
-    body = {"model": args.model, "messages": [{"role": "user", "content": "Tell me about Paris."}],
-            "max_tokens": 1}
     with tempfile.TemporaryDirectory() as tmp:
         gateways = {name: start(args.engine, limits, Path(tmp)) for name, limits in CONFIGS.items()}
-        times: dict[str, list[float]] = {name: [] for name in [*CONFIGS, "bare /tokenize"]}
         try:
+            # One request per configuration and round, the order reversing every round.
+            prompts = [Prompt("Tell me about Paris.", 1)] * bench.prompts_needed(
+                len(CONFIGS), 1, args.rounds, 1, warmup=5)
+            summaries, _ = bench.benchmark(
+                [bench.Target(name, url) for name, (_, url) in gateways.items()], prompts,
+                [bench.Load(concurrency=1)], bench.RequestOptions(model=args.model, stream=False),
+                requests_per_run=1, rounds=args.rounds, warmup=5,
+            )
+            tokenize = []
             with httpx.Client(timeout=60) as client:
-                order = list(gateways.items())
-                for round_ in range(args.rounds):
-                    shift = round_ % len(order)
-                    for name, (_, url) in order[shift:] + order[:shift]:
-                        started = time.perf_counter()
-                        client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
-                        times[name].append(time.perf_counter() - started)
+                for _ in range(args.rounds):
                     started = time.perf_counter()
-                    client.post(f"{args.engine}/tokenize",
-                                json={"model": args.model, "messages": body["messages"]})
-                    times["bare /tokenize"].append(time.perf_counter() - started)
+                    client.post(f"{args.engine}/tokenize", json={
+                        "model": args.model,
+                        "messages": [{"role": "user", "content": "Tell me about Paris."}],
+                    })
+                    tokenize.append(time.perf_counter() - started)
         finally:
             for process, _ in gateways.values():
                 process.terminate()
                 process.wait(30)
-    base = statistics.median(times["off"]) * 1000
-    for name, values in times.items():
-        median = statistics.median(values) * 1000
-        extra = f"  (+{median - base:.2f} ms vs off)" if name != "bare /tokenize" else ""
-        print(f"{name:28s} median {median:7.2f} ms  p90 {p(values, 0.9):7.2f} ms{extra}")
+    if any(s["errors"] for s in summaries):
+        sys.exit(f"requests failed: {[s['error_kinds'] for s in summaries]}")
+    base = summaries[0]["e2e_ms"]["median"]  # "off"
+    for s in summaries:
+        e2e = s["e2e_ms"]
+        print(f"{s['target']:28s} median {e2e['median']:7.2f} ms  p90 {e2e['p90']:7.2f} ms"
+              f"  (+{e2e['median'] - base:.2f} ms vs off)")
+    bare = distribution_ms(tokenize)
+    print(f"{'bare /tokenize':28s} median {bare['median']:7.2f} ms  p90 {bare['p90']:7.2f} ms")
     asyncio.run(store_costs())
 
 

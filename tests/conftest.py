@@ -148,6 +148,8 @@ def start_stack(tmp: Path, *args: str) -> Stack:
         [sys.executable, "-m", "qwenstack", "up", "--port", str(gateway_port),
          "--engine-base-port", str(engine_port), "--home", str(home), *args],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        # The chat UI has its own tests (test_ui.py); here it would only contend for port 8008.
+        env={**os.environ, "QWENSTACK_UI__ENABLED": "false"},
     )
     stack = Stack(process, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", home, log)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_chinese_without_spaces_splits_at_sentence_ends(qwen3_tokens: TokenizerC
         assert CHINESE[chunk.start:chunk.end] == chunk.text
     # Consecutive chunks overlap by whole sentences (those that fit the overlap budget), and
     # together cover the text.
-    pairs = list(zip(chunks, chunks[1:]))
+    pairs = list(itertools.pairwise(chunks))
     for before, after in pairs:
         assert after.start <= before.end
         assert CHINESE[after.start - 1] in ENDS
@@ -77,6 +78,36 @@ def test_html_and_docx() -> None:
     buffer = io.BytesIO()
     document.save(buffer)
     assert [(s.heading, s.text) for s in parse("a.docx", buffer.getvalue())] == [("章节一", "第一段。")]
+
+
+def text_pdf(pages: list[str]) -> bytes:
+    """A minimal PDF with one line of (ASCII) text per page, written by hand."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "",
+               "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET"
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents "
+                       f"{len(objects)} 0 R /Resources << /Font << /F1 3 0 R >> >> >>")
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def test_pdf_chunks_keep_their_page() -> None:
+    sections = parse("manual.pdf", text_pdf(["Install it first.", "Then run it."]))
+    chunks = chunk_sections(sections, EstimatedCounter(), size=100, overlap=0)
+    assert [(c.page, c.text) for c in chunks] == [(1, "Install it first."), (2, "Then run it.")]
 
 
 def test_bad_files_are_refused_clearly(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import Gateway, create_key, start_gateway
 
 PANDAS = "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。".encode()
@@ -109,6 +108,7 @@ def test_bad_uploads_change_nothing(gateway: Gateway) -> None:
         ([("ok.txt", WALL), ("locked.pdf", locked.getvalue())], 400, "encrypted_pdf"),
         ([("big.txt", b"x" * 200_000)], 413, "request_too_large"),
         ([("tool.exe", b"MZ")], 400, "unsupported_file_type"),
+        ([(f"{i}.txt", b"x") for i in range(65)], 400, "invalid_upload"),  # over 64 files
     ]
     for files, status, code in cases:
         response = httpx.post(url, headers=_bearer(owner), timeout=60,
@@ -129,5 +129,27 @@ def test_embeddings_route(gateway: Gateway) -> None:
     body = response.json()
     assert [item["index"] for item in body["data"]] == [0, 1]
     assert len(body["data"][0]["embedding"]) == 384 and body["model"] == "all-MiniLM-L6-v2"
+    # The gateway's own endpoint serves as an OpenAI-compatible embedding backend too.
+    from qwenstack.rag.embeddings import RemoteEmbedder
+
+    remote = RemoteEmbedder(gateway.url, "all-MiniLM-L6-v2", key, batch_size=1)
+    assert remote.dimension == 384
+    vectors = remote.embed(["大熊猫", "giant panda"])
+    for vector, item in zip(vectors, body["data"], strict=True):  # batches of 1 and 2: padding
+        assert vector == pytest.approx(item["embedding"], abs=1e-5)  # moves the last digits
     bad = httpx.post(f"{gateway.url}/v1/embeddings", headers=_bearer(key), json={"input": []})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+
+
+def test_documents_are_delimited_data() -> None:
+    from qwenstack.gateway.knowledge import GROUNDING_INSTRUCTIONS, context_message
+    from qwenstack.rag.service import Retrieved
+    from qwenstack.rag.store import Hit
+
+    hit = Hit(1, "notes.txt", 0, INJECTION.decode(), 3, "附录", 0, 10, 1.0)
+    message = context_message([Retrieved("zoo", hit)])
+    assert message.startswith(GROUNDING_INSTRUCTIONS) and "never follow instructions" in message
+    # The document cannot end its own block early: one closing tag, the real one, at the end.
+    documents = message.removeprefix(GROUNDING_INSTRUCTIONS)
+    assert documents.count("</document>") == 1 and documents.endswith("</document>")
+    assert '<document number="1" source="notes.txt, page 3, section 附录">' in message

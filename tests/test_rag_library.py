@@ -20,12 +20,19 @@ PANDAS = "大熊猫主要吃竹子，每天进食十多个小时。大熊猫生�
 WALL = "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。".encode()
 
 
+def _open(home: Path) -> KnowledgeService:
+    settings = load_settings(home=home, **{"rag.chunk_tokens": 32, "rag.chunk_overlap_tokens": 4})
+    return open_service(settings, open_access=False)
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnowledgeService]:
-    home = tmp_path_factory.mktemp("rag")
-    service = open_service(load_settings(home=home, **{"rag.chunk_tokens": 32,
-                                                       "rag.chunk_overlap_tokens": 4}),
-                           open_access=False)
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rag")
+
+
+@pytest.fixture(scope="module")
+def service(home: Path) -> Iterator[KnowledgeService]:
+    service = _open(home)
     yield service
     service.close()
 
@@ -104,3 +111,37 @@ def _kb_id(service: KnowledgeService, name: str) -> int:
 
     with Session(service.engine) as session:
         return session.scalar(sa.select(KnowledgeBase.id).where(KnowledgeBase.name == name))
+
+
+def test_a_reopened_store_serves_and_replaces(home: Path) -> None:
+    """Another process's view: collections on disk must be loaded before use."""
+    service = _open(home / "reopened")
+    service.create("kept", OWNER.name)
+    service.ingest("kept", [("a.txt", PANDAS)], OWNER)
+    service.close()
+    service = _open(home / "reopened")
+    try:
+        assert service.search(["kept"], "竹子", OWNER, mode="hybrid")[0].hit.source == "a.txt"
+        assert service.ingest("kept", [("a.txt", WALL)], OWNER)[0].status == "replaced"
+        assert [i.hit.text for i in service.search(["kept"], "长城", OWNER, mode="bm25")] == [WALL.decode()]
+        assert service.search(["kept"], "竹子", OWNER, mode="bm25") == []
+    finally:
+        service.close()
+
+
+def reverse(query: str, hits: list) -> list:
+    return list(reversed(hits))
+
+
+def test_reranker_hook(service: KnowledgeService) -> None:
+    from qwenstack.rag.service import load_reranker
+
+    service.create("reranked", OWNER.name)
+    service.ingest("reranked", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
+    plain = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
+    service.reranker = load_reranker("test_rag_library:reverse")
+    try:
+        reranked = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
+    finally:
+        service.reranker = None
+    assert reranked == plain[::-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -61,7 +62,21 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+def _with_ui(settings: Settings, *, engines: bool, gateway: bool) -> bool:
+    """Whether `up` starts the chat UI: on by default, skipped (with a word) without Chainlit."""
+    if not (engines and gateway and settings.ui.enabled):
+        return False
+    if importlib.util.find_spec("chainlit") is None:
+        typer.secho(
+            "The chat UI is not started: it needs the `ui` extra (pip install 'qwenstack[ui]'). "
+            "QWENSTACK_UI__ENABLED=false silences this.", err=True, fg=typer.colors.YELLOW,
+        )
+        return False
+    return True
+
+
 def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
+    ui = _with_ui(settings, engines=engines, gateway=gateway)
     try:
         first_key = _first_admin_key(settings) if gateway else None
     except SetupError as exc:
@@ -73,6 +88,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         if gateway:
             url = f"http://{settings.gateway.host}:{settings.gateway.port}"
             lines.append(f"  gateway  {url}/v1   (OpenAI-compatible; /health, /ready)")
+        if ui:
+            from qwenstack.ui.server import ui_url
+
+            lines.append(f"  chat UI  {ui_url(settings)}   (sign-in: `qwenstack users add NAME`)")
         where = "loopback only" if engines else "remote"
         lines += [f"  engine   {u}   ({where})" for u in engine_urls]
         if first_key:
@@ -91,7 +110,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
 
     try:
         # uvloop: the gateway's per-chunk relay costs less CPU, which the engine can use instead.
-        uvloop.run(stack.run(settings, engines=engines, gateway=gateway, on_ready=on_ready))
+        uvloop.run(stack.run(
+            settings, engines=engines, gateway=gateway, on_ready=on_ready,
+            ui=ui,
+        ))
     except SetupError as exc:
         if first_key:  # created, but the banner will not show it
             typer.echo(f"An admin key was created: {first_key}")
@@ -335,6 +357,7 @@ KB_ADMIN = Caller("cli", admin=True)
 def _knowledge(config: Path | None, home: Path | None) -> Iterator[Any]:
     from qwenstack.rag import RagError
     from qwenstack.rag.service import open_service
+    from qwenstack.rag.store import MilvusException
 
     try:
         service = open_service(_settings(config, home=home), open_access=True)
@@ -342,7 +365,7 @@ def _knowledge(config: Path | None, home: Path | None) -> Iterator[Any]:
         _fail(exc)
     try:
         yield service
-    except RagError as exc:
+    except (RagError, MilvusException) as exc:
         _fail(exc)
     finally:
         service.close()
@@ -460,3 +483,259 @@ def kb_eval(
         (mode, f"{s.recall_at_1:.3f}", f"{s.recall_at_5:.3f}", f"{s.mrr_at_10:.3f}")
         for mode, s in report.scores.items()
     ])
+
+
+def _numbers(text: str | None, flag: str, kind: type[int] | type[float]) -> list[Any]:
+    """A comma-separated sweep, e.g. `1,8,32`; `inf` allowed for rates."""
+    if text is None:
+        return []
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give numbers separated by commas", param_hint=flag) from None
+    if not values or any(v <= 0 for v in values):
+        raise typer.BadParameter("give one or more numbers above 0", param_hint=flag)
+    return values
+
+
+def _target(url: str, name: str | None, headers: dict[str, str]) -> Any:
+    from qwenstack.bench import Target
+
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{url!r}: give a base URL such as http://127.0.0.1:8000")
+    url = url.rstrip("/").removesuffix("/v1")
+    return Target(name or url.split("://", 1)[1], url, headers)
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Argument(help="Base URL of an OpenAI-compatible server (gateway or vLLM).")],
+    compare: Annotated[str | None, typer.Option(
+        help="A second base URL, run interleaved with the first; reports first/second ratios.")] = None,
+    name: Annotated[str | None, typer.Option(help="Label of URL. Default: host:port.")] = None,
+    compare_name: Annotated[str | None, typer.Option(help="Label of --compare.")] = None,
+    model: Annotated[str | None, typer.Option(help="Default: the first the server lists.")] = None,
+    api: Annotated[str, typer.Option(help="chat or completions.")] = "chat",
+    dataset: Annotated[str, typer.Option(help="random, sharegpt or cmrc.")] = "random",
+    dataset_path: Annotated[Path | None, typer.Option(
+        help="sharegpt: a ShareGPT-style JSON file; cmrc: default ../shared/data/cmrc2018_trial.json.")] = None,
+    num_prompts: Annotated[int, typer.Option(help="Requests per load level, target and round.")] = 32,
+    input_len: Annotated[int, typer.Option(help="random: prompt words (about tokens).")] = 128,
+    output_len: Annotated[int | None, typer.Option(
+        help="Tokens to generate (max_tokens). Default 64; sharegpt: the recorded reply's length.")] = None,
+    range_ratio: Annotated[float, typer.Option(help="random: lengths uniform in len x [1-r, 1+r].")] = 0.0,
+    concurrency: Annotated[str | None, typer.Option(help="Fixed concurrency sweep, e.g. 1,8,32.")] = None,
+    rate: Annotated[str | None, typer.Option(help="Poisson request rate sweep (req/s), e.g. 1,2,inf.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="With --rate: cap on requests in flight.")] = None,
+    rounds: Annotated[int, typer.Option(help="Runs per load level and target; the order alternates.")] = 1,
+    warmup: Annotated[int, typer.Option(help="Unmeasured requests per target first.")] = 2,
+    slo_ttft_ms: Annotated[float | None, typer.Option(help="Goodput: time to first token at most.")] = None,
+    slo_tpot_ms: Annotated[float | None, typer.Option(help="Goodput: time per output token at most.")] = None,
+    slo_e2e_ms: Annotated[float | None, typer.Option(help="Goodput: whole request at most.")] = None,
+    header: Annotated[list[str] | None, typer.Option(help="Extra header 'name: value' (repeatable).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="QWENSTACK_KEY", help="Bearer key.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default: the model's.")] = None,
+    stream: Annotated[bool, typer.Option(help="Streamed answers (TTFT, ITL need them).")] = True,
+    ignore_eos: Annotated[bool, typer.Option(help="vLLM: always generate max_tokens.")] = True,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write latency/throughput against load as PNG.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 600.0,
+) -> None:
+    """Load-test an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, goodput, errors."""
+    from qwenstack import bench as bench_
+    from qwenstack.bench import datasets, report
+
+    if api not in ("chat", "completions"):
+        raise typer.BadParameter("use chat or completions", param_hint="--api")
+    if concurrency and rate:
+        raise typer.BadParameter("give --concurrency or --rate, not both")
+    for flag, value in (("--num-prompts", num_prompts), ("--rounds", rounds), ("--timeout", timeout)):
+        if value <= 0:
+            raise typer.BadParameter("must be above 0", param_hint=flag)
+    if warmup < 0:
+        raise typer.BadParameter("must be 0 or more", param_hint="--warmup")
+    headers = {}
+    for item in header or []:
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r}: write it as 'name: value'", param_hint="--header")
+        headers[key.strip()] = value.strip()
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    targets = [_target(url, name, headers)]
+    if compare:
+        targets.append(_target(compare, compare_name, headers))
+    if len({t.name for t in targets}) < len(targets):
+        raise typer.BadParameter("the two targets need different --name and --compare-name")
+    if rate:
+        loads = [bench_.Load(rate=r, max_concurrency=max_concurrency) for r in _numbers(rate, "--rate", float)]
+    else:
+        loads = [bench_.Load(concurrency=c) for c in _numbers(concurrency or "1", "--concurrency", int)]
+    count = bench_.prompts_needed(len(targets), len(loads), rounds, num_prompts, warmup)
+    try:
+        prompts = datasets.load(
+            dataset, count, path=dataset_path, input_len=input_len, output_len=output_len,
+            range_ratio=range_ratio, seed=seed,
+        )
+        options = bench_.RequestOptions(
+            model=model or bench_.served_model(targets[0]), api=api, stream=stream,  # type: ignore[arg-type]
+            ignore_eos=ignore_eos, temperature=temperature,
+        )
+        slo = report.Slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms)
+        summaries, ratios = bench_.benchmark(
+            targets, prompts, loads, options, requests_per_run=num_prompts, rounds=rounds,
+            warmup=warmup, slo=slo, timeout_s=timeout, seed=seed,
+        )
+        typer.echo(report.table(summaries))
+        if ratios:
+            typer.echo("\n" + report.ratio_table(ratios))
+        if json_out:
+            meta = {"model": options.model, "api": api, "dataset": dataset, "num_prompts": num_prompts,
+                    "rounds": rounds, "stream": stream, "slo": slo.__dict__,
+                    "targets": {t.name: t.base_url for t in targets}}
+            report.write_json(json_out, meta, summaries, ratios)
+        if plot:
+            report.plot(plot, summaries, "request rate (req/s)" if rate else "concurrency")
+    except SetupError as exc:
+        _fail(exc)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Hub id, local model folder, or a config.json file.")],
+    gpu: Annotated[str, typer.Option(help="A GPU name (A10, L4, A100-80GB, H100 ...) or memory, e.g. 24GB.")],
+    gpus: Annotated[int, typer.Option(help="GPUs (tensor parallel).")] = 1,
+    context: Annotated[int | None, typer.Option(help="Tokens per sequence. Default: the model's maximum.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Sequences at once.")] = 1,
+    dtype: Annotated[str, typer.Option(help="auto: bfloat16 where the GPU has it, else float16.")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the weights' dtype) or fp8.")] = "auto",
+    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+) -> None:
+    """Size a deployment: weights, KV cache, context and concurrency that fit, decode bound, flags."""
+    from qwenstack.engine import gpus as gpu_table
+    from qwenstack.engine import planning
+    from qwenstack.engine.hardware import GIB
+
+    # A bare config.json names no model vLLM could load: leave the flag for the user to fill.
+    served = "MODEL_FOLDER_OR_HUB_ID" if Path(model).is_file() else model
+    try:
+        chosen = gpu_table.lookup(gpu)
+        p = planning.plan(
+            served, planning.read_model_config(model, os.environ.get("HF_TOKEN")), chosen,
+            gpu_count=gpus, context=context, concurrency=concurrency, dtype=dtype,
+            kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization,
+        )
+    except SetupError as exc:
+        _fail(exc)
+    bandwidth = f", {chosen.bandwidth_gb_s:,.0f} GB/s" if chosen.bandwidth_gb_s else ""
+    single = "-" if p.decode_bound_single is None else f"{p.decode_bound_single:,.0f} tokens/s"
+    total = "-" if p.decode_bound_total is None else f"{p.decode_bound_total:,.0f} tokens/s"
+    running = min(p.concurrency, p.sequences_at_context)
+    _print_table([
+        ("model", p.model),
+        ("GPUs", f"{p.gpu_count} x {chosen.name} ({chosen.memory_bytes / GIB:.1f} GiB{bandwidth})"),
+        ("dtype", f"{p.dtype}: {p.dtype_advice}"),
+        ("weights", f"{p.weights_bytes / GIB:.2f} GiB"),
+        ("KV cache per token", p.kv_formula),
+        ("KV cache", f"{p.kv_cache_bytes / GIB:.2f} GiB (x {p.gpu_memory_utilization} of memory,"
+                     f" less weights and 1 GiB per GPU for activations)"),
+        ("KV tokens that fit", f"{p.kv_tokens:,}"),
+        ("longest context", f"{p.longest_context:,} tokens"),
+        (f"sequences of {p.context:,} at once", f"{p.sequences_at_context:,}"
+         + ("" if p.sequences_at_context >= p.concurrency else
+            f" (fewer than {p.concurrency}: the rest wait or are preempted)")),
+        ("decode bound, 1 sequence", single),
+        (f"decode bound, {running} x {p.context:,}", total),
+    ])
+    if p.refusal:
+        typer.secho(f"\nDoes not fit: {p.refusal}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.echo("\nvLLM flags:  " + " ".join(p.vllm_flags()))
+@app.command()
+def ui(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    host: Annotated[str | None, typer.Option(help="UI address.")] = None,
+    port: Annotated[int | None, typer.Option(help="UI port (default 8008).")] = None,
+    gateway_url: Annotated[str | None, typer.Option(help="Gateway base URL, no /v1.")] = None,
+) -> None:
+    """Run the Chainlit chat UI alone, in front of a running gateway."""
+    from qwenstack.ui import server
+
+    settings = _settings(
+        config, home=home, **{"ui.host": host, "ui.port": port, "ui.gateway_url": gateway_url}
+    )
+
+    def on_up(url: str) -> None:
+        typer.echo(f"\nqwenstack chat UI is ready: {url}\nStop with Ctrl-C.")
+
+    try:
+        uvloop.run(server.serve(settings, on_up))
+    except SetupError as exc:
+        _fail(exc)
+
+
+users_app = typer.Typer(help="Chat UI users who sign in with a password.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@contextlib.contextmanager
+def _accounts(config: Path | None, home: Path | None) -> Iterator[Any]:
+    from qwenstack.ui import store
+    from qwenstack.ui.accounts import AccountError
+
+    try:
+        accounts = store.accounts(_settings(config, home=home))
+    except SetupError as exc:
+        _fail(exc)
+    try:
+        yield accounts
+    except AccountError as exc:
+        _fail(exc)
+    finally:
+        accounts.engine.dispose()
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Sign-in name.")],
+    password: Annotated[str, typer.Option(
+        prompt=True, hide_input=True, confirmation_prompt=True,
+        help="Asked for when not given (flags show up in the shell history).")],
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Add a user (the password is stored as a scrypt hash)."""
+    with _accounts(config, home) as accounts:
+        accounts.add(name, password)
+    typer.echo(f"added {name}")
+
+
+@users_app.command("list")
+def users_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Every UI user: how they sign in and whether they have a gateway key yet."""
+    from qwenstack.ui.accounts import gateway_key_name
+
+    with _accounts(config, home) as accounts:
+        users = accounts.list()
+    _print_table([("NAME", "SIGN_IN", "GATEWAY_KEY", "CREATED")] + [
+        (u.identifier, "password" if u.has_password else "header",
+         gateway_key_name(u.identifier) if u.has_gateway_key else "-",
+         u.created_at.strftime("%Y-%m-%d %H:%M"))
+        for u in users
+    ])
+
+
+@users_app.command("remove")
+def users_remove(name: str, config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Remove a user and revoke their gateway key (their chat history stays in the database)."""
+    from qwenstack.ui.accounts import gateway_key_name
+
+    with _accounts(config, home) as accounts:
+        accounts.remove(name)
+    settings = _settings(config, home=home)
+    if settings.auth.enabled:
+        with _key_store(config, home) as store, contextlib.suppress(KeyStoreError):
+            store.revoke(gateway_key_name(name))
+    typer.echo(f"removed {name}")

@@ -318,10 +318,12 @@ class RagSettings(BaseModel):
     """Knowledge bases: parsing, chunking, embeddings, the Milvus store and retrieval."""
 
     milvus_uri: str | None = Field(
-        None, description="A Milvus server (http://host:19530) or a Milvus Lite file path. "
-        "Unset: Milvus Lite at <home>/milvus.db.",
+        None, description="A Milvus server (http://host:19530) or a Milvus Lite file (a path "
+        "ending .db). Unset: Milvus Lite at <home>/milvus.db.",
     )
-    milvus_token: SecretStr | None = Field(None, description="Milvus server credentials, user:password.")
+    milvus_token: SecretStr | None = Field(
+        None, description="Milvus server credentials, user:password."
+    )
     embedding_model: str = Field(
         "all-MiniLM-L6-v2",
         description="sentence-transformers model: a local folder, a hub id, or all-MiniLM-L6-v2 "
@@ -340,17 +342,76 @@ class RagSettings(BaseModel):
     chunk_tokens: int = Field(200, ge=16, description="Largest chunk, in tokens.")
     chunk_overlap_tokens: int = Field(40, ge=0, description="Tokens a chunk repeats from the last.")
     top_k: int = Field(4, ge=1, le=100, description="Chunks put into a grounded chat request.")
-    mode: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode.")
+    mode: Literal["dense", "bm25", "hybrid"] = Field(
+        "bm25",
+        description="Retrieval mode. BM25 by default: with the default English embedding model, "
+        "hybrid ranks Chinese worse than BM25 alone (README, CMRC 2018 figures).",
+    )
     rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant.")
     reranker: str | None = Field(
         None, description="`module:callable` taking (query, chunks) and returning them reordered.",
     )
-    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest file one upload may hold.")
+    max_upload_bytes: int = Field(
+        20 * 2**20, ge=1, description="Largest upload (all its files), in bytes."
+    )
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _server_or_lite_file(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not value.endswith(".db"):
+            raise ValueError("rag.milvus_uri: a server URL (http://host:19530) or a file ending .db")
+        return value
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RagSettings:
         if self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ValueError("rag.chunk_overlap_tokens must be below rag.chunk_tokens")
+        return self
+
+
+class UiSettings(BaseModel):
+    """The Chainlit chat UI (`qwenstack ui`; `qwenstack up` starts it too unless disabled)."""
+
+    enabled: bool = Field(True, description="`qwenstack up` starts the UI beside the gateway.")
+    host: str = Field("127.0.0.1", description="Set 0.0.0.0 to serve beyond this machine.")
+    port: int = Field(8008, ge=1, le=65535)
+    gateway_url: str | None = Field(
+        None, description="Gateway base URL (no /v1). Unset: this machine's gateway.port."
+    )
+    gateway_admin_key: SecretStr | None = Field(
+        None,
+        description="Admin key the UI uses to make each user's own gateway key. Unset: the UI "
+        "makes an admin key named `ui` in the local key store once, kept in <home>/secrets.",
+    )
+    user_key_rpm: int | None = Field(None, ge=1, description="Requests/min of each user's key.")
+    user_key_tpm: int | None = Field(None, ge=1, description="Tokens/min of each user's key.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy URL for UI users and chat history, e.g. "
+        "postgresql+psycopg://user@host/db. Unset: SQLite at <home>/ui.db.",
+    )
+    auth_secret: SecretStr | None = Field(
+        None, description="Signs session tokens (Chainlit's CHAINLIT_AUTH_SECRET). Unset: "
+        "generated once into <home>/secrets/ui-auth-secret; UI replicas must share it.",
+    )
+    password_login: bool = Field(True, description="Sign-in with `qwenstack users` passwords.")
+    header_login: str | None = Field(
+        None,
+        description="Header an SSO proxy sets to the signed-in user's name (e.g. "
+        "X-Forwarded-User); unset: off. Only safe when the proxy is the sole way in.",
+    )
+    system_prompt: str = Field("", description="Default system prompt; users may change theirs.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Qwen3-4B-Instruct-2507's model card.")
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=-1, description="Sent as extra_body; -1: off.")
+    min_p: float = Field(0.0, ge=0, le=1)
+    max_tokens: int = Field(1024, ge=1, description="Longest answer.")
+    request_timeout_s: float = Field(600, gt=0, description="Longest wait for the gateway.")
+
+    @model_validator(mode="after")
+    def _needs_a_sign_in(self) -> UiSettings:
+        if not self.password_login and not self.header_login:
+            raise ValueError("ui: turn on password_login or set header_login, or nobody can sign in")
         return self
 
 
@@ -379,6 +440,7 @@ class Settings(BaseSettings):
     )
     auth: AuthSettings = AuthSettings()
     rag: RagSettings = RagSettings()
+    ui: UiSettings = UiSettings()
 
     @property
     def log_dir(self) -> Path:

@@ -66,8 +66,10 @@ async def run(
     engines: bool,
     gateway: bool,
     on_ready: Callable[[list[str]], None],
+    ui: bool = False,
 ) -> None:
-    """Run engines and/or the gateway until a signal; `on_ready` gets the engine URLs."""
+    """Run engines, the gateway and/or the chat UI until a signal; `on_ready` gets the engine
+    URLs."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -78,6 +80,11 @@ async def run(
     server_task: asyncio.Task[None] | None = None
     # Bound first: a taken port should fail before minutes of engine loading, not after.
     listener = _listen(settings) if gateway else None
+    ui_task: asyncio.Task[None] | None = None
+    if ui:
+        from qwenstack.ui import server as ui_server  # only with the `ui` extra installed
+
+        ui_server.preflight(settings)
     try:
         if engines:
             _, launches = await asyncio.to_thread(plan_engines, settings)
@@ -93,6 +100,9 @@ async def run(
             # Up before the engines are: /health answers and /ready says 503 while they load.
             server = gateway_server(settings)
             server_task = asyncio.create_task(server.serve(sockets=[listener]))
+        if ui:
+            # Up while the engines load too: it tells users the model is starting.
+            ui_task = asyncio.create_task(ui_server.supervise(settings, stop))
         if supervisor:
             ready = asyncio.create_task(supervisor.wait_ready(_report_progress))
             stopped = asyncio.create_task(stop.wait())
@@ -106,12 +116,17 @@ async def run(
         waits = [asyncio.create_task(stop.wait())]
         if server_task:
             waits.append(server_task)
+        if ui_task:
+            waits.append(ui_task)  # ends early only when the UI cannot start at all
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         waits[0].cancel()
     finally:
         log.info("Stopping")
+        stop.set()  # the UI stops its process on this, meanwhile the rest stops below
         if server and server_task:
             server.should_exit = True
             await server_task
         if supervisor:
             await supervisor.stop()
+        if ui_task:
+            await ui_task  # raises the UI's SetupError, if it could not start, once all is down

@@ -42,7 +42,7 @@ def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
     return out_dir
 
 
-def _hub_config(model_id: str, token: str | None) -> dict[str, Any]:
+def hub_config(model_id: str, token: str | None) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -82,5 +82,5 @@ def resolve(settings: Settings, hardware: Hardware, engine_python: Path) -> Reso
     return ResolvedModel(
         source=model,
         served_name=engine.served_model_name or model,
-        config=_hub_config(model, token),
+        config=hub_config(model, token),
     )

@@ -169,12 +169,11 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.validation = settings.validation
             app.state.limiter = Limiter(settings.limits, session)
             app.state.admission = Admission(settings.admission)
-            app.state.knowledge = await asyncio.to_thread(knowledge.open_service, settings)
+            app.state.knowledge = knowledge.Knowledge(settings)
             try:
                 yield
             finally:
-                if app.state.knowledge:
-                    app.state.knowledge.close()
+                app.state.knowledge.close()
                 await app.state.cache.close()
                 REGISTRY.unregister(engines)
                 if gpus:

@@ -1,8 +1,9 @@
 """The path of an inference request through the gateway, step by step.
 
     authenticate (auth.Authentication, before this) -> read + parse -> validate -> route
-    (model scope) -> limits reserve -> answer cache lookup -> admission queue
-    -> forward (or stream) -> finish (accounting, usage record, cache store)
+    (model scope) -> ground (when knowledge bases are named) -> limits reserve -> answer cache
+    lookup -> admission queue -> forward (or stream) -> finish (accounting, usage record, cache
+    store)
 
 Each step raises a GatewayError to refuse; whatever happens, the exchange is finished once.
 """
@@ -31,13 +32,16 @@ async def serve(request: Request, route: str) -> Response:
     exchange.on_finish(state.usage.finisher)
     try:
         exchange.payload = parse_body(body)  # inside: a malformed request is counted too
-        await knowledge.ground(request, exchange)  # before validation: it resolves a `+kb:` alias
+        knowledge_bases = knowledge.take_knowledge_bases(exchange)  # resolves a `+kb:` alias
         cards = state.pool.model_cards()
         validation.check(exchange, state.validation, cards)
         # The engine is chosen again when forwarding (after any queueing); this resolves the
         # model and finds an engine to count prompt tokens with.
         exchange.model, replicas = state.pool.route(exchange.payload.get("model"))
         check_model(exchange.caller, exchange.model)
+        if knowledge_bases:
+            # After the checks (retrieval costs), before the limits (they count its context).
+            await knowledge.ground(request, exchange, knowledge_bases)
         rate_headers = await state.limiter.reserve(
             exchange, replicas[0], validation.context_window(exchange.model, cards)
         )

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
+from qwenstack.errors import SetupError
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import ANONYMOUS, Caller, Exchange
 from qwenstack.settings import Settings
@@ -43,22 +47,41 @@ GROUNDING_INSTRUCTIONS = (
 router = APIRouter(prefix="/v1")
 
 
-def open_service(settings: Settings) -> KnowledgeService | None:
-    """The knowledge service, or None when the `rag` extra is not installed."""
-    try:
-        from qwenstack.rag.service import open_service as open_rag
-    except ImportError as exc:
-        log.info("Knowledge bases are off (install qwenstack[rag]): %s", exc)
-        return None
-    return open_rag(settings)
+class Knowledge:
+    """The knowledge service, opened on first use: gateways that serve no knowledge base never
+    import torch or hold the Milvus Lite file (which one process at a time may open)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._service: KnowledgeService | None = None
+        self._lock = threading.Lock()
+
+    def service(self) -> KnowledgeService:
+        """Blocks (call from a worker thread); a failure is retried on the next request."""
+        with self._lock:
+            if self._service is None:
+                try:
+                    from qwenstack.rag.service import open_service
+                except ImportError as exc:
+                    raise GatewayError(
+                        501, f"Knowledge bases need the `rag` extra (pip install "
+                        f"'qwenstack[rag]'): {exc}", code="knowledge_bases_unavailable",
+                    ) from None
+                try:
+                    self._service = open_service(self.settings)
+                except SetupError as exc:
+                    log.error("Knowledge bases are unavailable: %s", exc)
+                    raise GatewayError(503, f"Knowledge bases are unavailable: {exc}",
+                                       code="knowledge_bases_unavailable", retry_after_s=5) from None
+            return self._service
+
+    def close(self) -> None:
+        if self._service is not None:
+            self._service.close()
 
 
-def _service(request: Request) -> KnowledgeService:
-    service = request.app.state.knowledge
-    if service is None:
-        raise GatewayError(501, "Knowledge bases need the `rag` extra: pip install 'qwenstack[rag]'.",
-                           code="knowledge_bases_unavailable")
-    return service
+async def _service(request: Request) -> KnowledgeService:
+    return await asyncio.to_thread(request.app.state.knowledge.service)
 
 
 def _caller(request: Request) -> Caller:
@@ -68,11 +91,16 @@ def _caller(request: Request) -> Caller:
 async def _call(function: Any, *args: Any) -> Any:
     """A blocking service call in a worker thread, its RagError turned into an OpenAI error."""
     from qwenstack.rag import RagError
+    from qwenstack.rag.store import MilvusException
 
     try:
         return await asyncio.to_thread(function, *args)
     except RagError as exc:
         raise GatewayError(exc.status, str(exc), code=exc.code) from None
+    except MilvusException as exc:
+        log.error("Milvus failed: %s", exc)
+        raise GatewayError(503, f"The vector store failed: {exc.message}",
+                           code="vector_store_unavailable", retry_after_s=5) from None
 
 
 class NewKnowledgeBase(BaseModel):
@@ -95,13 +123,13 @@ class EmbeddingRequest(BaseModel):
 
 @router.get("/knowledge_bases")
 async def list_knowledge_bases(request: Request) -> dict[str, Any]:
-    service = _service(request)
+    service = await _service(request)
     return {"object": "list", "data": await _call(service.list, _caller(request))}
 
 
 @router.post("/knowledge_bases", status_code=201)
 async def create_knowledge_base(body: NewKnowledgeBase, request: Request) -> dict[str, Any]:
-    service = _service(request)
+    service = await _service(request)
     caller = _caller(request)
     owner = None if caller is ANONYMOUS else caller.name
     return await _call(service.create, body.name, owner, body.readers, body.writers)
@@ -109,24 +137,27 @@ async def create_knowledge_base(body: NewKnowledgeBase, request: Request) -> dic
 
 @router.get("/knowledge_bases/{name}")
 async def get_knowledge_base(name: str, request: Request) -> dict[str, Any]:
-    return await _call(_service(request).get, name, _caller(request))
+    service = await _service(request)
+    return await _call(service.get, name, _caller(request))
 
 
 @router.delete("/knowledge_bases/{name}")
 async def delete_knowledge_base(name: str, request: Request) -> dict[str, Any]:
-    await _call(_service(request).delete, name, _caller(request))
+    service = await _service(request)
+    await _call(service.delete, name, _caller(request))
     return {"object": "knowledge_base.deleted", "name": name, "deleted": True}
 
 
 @router.get("/knowledge_bases/{name}/files")
 async def list_files(name: str, request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": await _call(_service(request).files, name, _caller(request))}
+    service = await _service(request)
+    return {"object": "list", "data": await _call(service.files, name, _caller(request))}
 
 
 @router.post("/knowledge_bases/{name}/files")
 async def upload_files(name: str, request: Request) -> dict[str, Any]:
     """multipart/form-data with one or more `file` parts."""
-    service = _service(request)
+    service = await _service(request)
     limit = service.settings.max_upload_bytes
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
@@ -136,8 +167,9 @@ async def upload_files(name: str, request: Request) -> dict[str, Any]:
                            code="invalid_upload")
     try:
         form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
-    except Exception as exc:  # Starlette raises its own errors for malformed or oversized forms
-        raise GatewayError(400, f"The upload cannot be read: {exc}", code="invalid_upload") from None
+    except (HTTPException, MultiPartException) as exc:  # malformed, or too many parts
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise GatewayError(400, f"The upload cannot be read: {detail}", code="invalid_upload") from None
     try:
         uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
         if not uploads:
@@ -157,30 +189,32 @@ async def upload_files(name: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/knowledge_bases/{name}/files/{file_name}")
 async def delete_file(name: str, file_name: str, request: Request) -> dict[str, Any]:
-    await _call(_service(request).remove_file, name, file_name, _caller(request))
+    service = await _service(request)
+    await _call(service.remove_file, name, file_name, _caller(request))
     return {"object": "file.deleted", "name": file_name, "deleted": True}
 
 
 @router.post("/knowledge_bases/{name}/query")
 async def query(name: str, body: Query, request: Request) -> dict[str, Any]:
-    hits = await _call(_service(request).search, [name], body.query, _caller(request),
+    service = await _service(request)
+    hits = await _call(service.search, [name], body.query, _caller(request),
                        body.top_k, body.mode)
     return {"object": "list", "data": [{**item.citation(), "score": item.hit.score} for item in hits]}
 
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    service = _service(request)
+    service = await _service(request)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or not all(texts):
         raise GatewayError(400, "`input` must be a non-empty string or list of them.",
                            param="input", code="invalid_input")
-    model = await asyncio.to_thread(lambda: service.embedder)
+    model = await _call(lambda: service.embedder)
     if body.model not in (None, model.name):
         raise GatewayError(404, f"The embedding model is {model.name!r}, not {body.model!r}.",
                            param="model", code="model_not_found")
     vectors = await _call(model.embed, texts)
-    tokens = sum(service.counter.count(texts))
+    tokens = sum(service.counter.count(texts))  # the chat model's tokens: an approximation
     return {
         "object": "list", "model": model.name,
         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
@@ -230,21 +264,31 @@ def context_message(retrieved: list[Retrieved]) -> str:
     return GROUNDING_INSTRUCTIONS + "\n\n" + "\n\n".join(documents)
 
 
-async def ground(request: Request, exchange: Exchange) -> None:
-    """Put retrieved chunks into a chat request that names knowledge bases; a no-op otherwise."""
+def take_knowledge_bases(exchange: Exchange) -> list[str]:
+    """The knowledge bases a request names, taken out of it (the engine gets neither the field
+    nor the alias); [] for an ordinary request. Cheap: it runs before validation."""
     payload = exchange.payload
+    model = payload.get("model")
+    if "knowledge_bases" not in payload and not (isinstance(model, str) and KB_ALIAS in model):
+        return []
     names = requested_knowledge_bases(payload)
-    if not names:
-        return
-    if exchange.route != "/v1/chat/completions":
+    exchange.body = orjson.dumps(payload)
+    if names and exchange.route != "/v1/chat/completions":
         raise GatewayError(400, "Knowledge bases apply to /v1/chat/completions only.",
                            param="knowledge_bases", code="invalid_request")
+    return names
+
+
+async def ground(request: Request, exchange: Exchange, names: list[str]) -> None:
+    """Put the chunks retrieved from `names` into the chat request, as a system message."""
+    payload = exchange.payload
     messages = payload.get("messages")
     question = _question(messages) if isinstance(messages, list) else ""
     if not question.strip():
         raise GatewayError(400, "A grounded chat needs a user message to search with.",
                            param="messages", code="invalid_request")
-    retrieved = await _call(_service(request).search, names, question, exchange.caller)
+    service = await _service(request)
+    retrieved = await _call(service.search, names, question, exchange.caller)
     context = context_message(retrieved)
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" \
             and isinstance(messages[0].get("content"), str):

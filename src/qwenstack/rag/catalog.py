@@ -12,7 +12,7 @@ import re
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from qwenstack.gateway.db import Base, aware, now
+from qwenstack.gateway.db import Base, aware
 from qwenstack.gateway.exchange import Caller
 from qwenstack.rag import RagError
 
@@ -99,5 +99,3 @@ def describe(session: sa.orm.Session, kb: KnowledgeBase) -> dict[str, object]:
     }
 
 
-__all__ = ["KnowledgeBase", "KnowledgeBaseFile", "KnowledgeBaseGrant", "check_name", "describe",
-           "may_read", "may_write", "now"]

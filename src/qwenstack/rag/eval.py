@@ -9,6 +9,7 @@ second (parse + chunk + embed + insert). Runs in a temporary database and Milvus
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import get_args
 from qwenstack.gateway.exchange import Caller
 from qwenstack.rag.store import Mode
 from qwenstack.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 # Chunks fetched per question: a paragraph spans a few chunks, and 10 distinct ones are scored.
@@ -84,6 +87,8 @@ def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) 
             ingest_s = time.perf_counter() - started
             report = EvalReport(len(paragraphs), len(questions), sum(r.chunks for r in results),
                                 ingest_s)
+            log.info("Ingested %d chunks in %.1f s; asking %d questions", report.chunks, ingest_s,
+                     len(questions))
             vectors = service.embedder.embed([question for question, _ in questions])
             for mode in MODES:
                 score = ModeScores()
@@ -99,6 +104,7 @@ def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) 
                 for name in vars(score):
                     setattr(score, name, round(getattr(score, name) / len(questions), 4))
                 report.scores[mode] = score
+                log.info("%s: recall@5 %.3f", mode, score.recall_at_5)
             return report
         finally:
             service.close()

@@ -22,16 +22,23 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from qwenstack.errors import SetupError
+from qwenstack.gateway.db import now
 from qwenstack.gateway.exchange import Caller
 from qwenstack.rag import RagError
 from qwenstack.rag.catalog import (
-    KnowledgeBase, KnowledgeBaseFile, KnowledgeBaseGrant, check_name, describe, may_read,
-    may_write, now,
+    KnowledgeBase,
+    KnowledgeBaseFile,
+    KnowledgeBaseGrant,
+    check_name,
+    describe,
+    may_read,
+    may_write,
 )
 from qwenstack.rag.chunking import Chunk, TokenCounter, chunk_sections
 from qwenstack.rag.embeddings import Embedder
 from qwenstack.rag.parsers import parse
-from qwenstack.rag.store import Hit, MilvusStore, Mode, StoredChunk
+from qwenstack.rag.store import Hit, MilvusException, MilvusStore, Mode, StoredChunk
 from qwenstack.settings import RagSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -338,6 +345,13 @@ def open_service(settings: Settings, *, open_access: bool | None = None) -> Know
         store = MilvusStore(settings.milvus_uri,
                             rag.milvus_token.get_secret_value() if rag.milvus_token else None)
         counter = token_counter(rag.tokenizer, settings.engine.model)
+    except MilvusException as exc:
+        engine.dispose()
+        # Milvus Lite lets one process at a time open its file.
+        raise SetupError(
+            f"Milvus at {settings.milvus_uri} cannot be opened ({exc.message}); a Milvus Lite file "
+            "is held by one process at a time: while a gateway runs on it, use its HTTP API."
+        ) from None
     except BaseException:
         engine.dispose()
         raise

@@ -15,11 +15,18 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import jieba
 from pymilvus import (
-    AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, MilvusException, RRFRanker,
+    AnnSearchRequest,
+    DataType,
+    Function,
+    FunctionType,
+    MilvusClient,
+    MilvusException,
+    RRFRanker,
 )
 
 # Milvus Lite serves pymilvus over an in-process gRPC server, which logs a traceback for each
@@ -73,12 +80,32 @@ def collection_name(kb_id: int) -> str:
 
 class MilvusStore:
     def __init__(self, uri: str, token: str | None = None) -> None:
+        self.uri = uri
+        self.lite = uri.endswith(".db")  # pymilvus's own rule for a Milvus Lite file
+        if self.lite:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
         self.client = MilvusClient(uri=uri, token=token or "")
         # Milvus Lite runs in this process; one call at a time keeps its file consistent.
         self.lock = threading.Lock()
+        self.loaded: set[str] = set()
+
+    def _loaded(self, kb_id: int) -> str:
+        """The collection's name, loaded for search, query and delete (a collection made in an
+        earlier process is on disk only). Call with the lock held."""
+        name = collection_name(kb_id)
+        if name not in self.loaded:
+            self.client.load_collection(name)
+            self.loaded.add(name)
+        return name
 
     def close(self) -> None:
         self.client.close()
+        if self.lite:
+            # Milvus Lite serves its file from this process until released: release it now, so
+            # the file is free for another process (otherwise only at interpreter exit).
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 
     def create(self, kb_id: int, dimension: int) -> None:
         name = collection_name(kb_id)
@@ -107,10 +134,13 @@ class MilvusStore:
             index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
             index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
             self.client.create_collection(name, schema=schema, index_params=index)
+            self.client.load_collection(name)
+            self.loaded.add(name)
 
     def drop(self, kb_id: int) -> None:
         with self.lock:
             self.client.drop_collection(collection_name(kb_id))
+            self.loaded.discard(collection_name(kb_id))
 
     def insert(self, kb_id: int, chunks: Sequence[StoredChunk]) -> None:
         rows = [{
@@ -134,18 +164,17 @@ class MilvusStore:
 
     def _delete(self, kb_id: int, expression: str) -> None:
         with self.lock:
-            self.client.delete(collection_name(kb_id), filter=expression)
+            self.client.delete(self._loaded(kb_id), filter=expression)
 
     def count(self, kb_id: int, file_id: int | None = None) -> int:
         expression = f"file_id == {int(file_id)}" if file_id is not None else "file_id >= 0"
         with self.lock:
-            rows = self.client.query(collection_name(kb_id), filter=expression, output_fields=["id"])
+            rows = self.client.query(self._loaded(kb_id), filter=expression, output_fields=["id"])
         return len(rows)
 
     def search(
         self, kb_id: int, query: str, vector: list[float] | None, mode: Mode, limit: int, rrf_k: int
     ) -> list[Hit]:
-        name = collection_name(kb_id)
         requests = []
         if mode != "bm25":
             requests.append(AnnSearchRequest(data=[vector], anns_field="dense",
@@ -154,6 +183,7 @@ class MilvusStore:
             requests.append(AnnSearchRequest(data=[query], anns_field="sparse",
                                              param={"metric_type": "BM25"}, limit=limit))
         with self.lock:
+            name = self._loaded(kb_id)
             if len(requests) == 2:
                 results = self.client.hybrid_search(
                     name, requests, ranker=RRFRanker(rrf_k), limit=limit, output_fields=OUTPUT_FIELDS,

@@ -1,0 +1,1 @@
+"""The Chainlit chat UI: a client of the gateway, with its own users and chat history."""

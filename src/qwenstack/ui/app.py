@@ -1,0 +1,251 @@
+"""The Chainlit app (`chainlit run` loads this file; `qwenstack ui` does that).
+
+Each turn sends the whole conversation to the gateway's /v1/chat/completions with the user's own
+key and streams the answer into the chat. Nothing here talks to an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import chainlit as cl
+import httpx
+import openai
+from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+from chainlit.input_widget import NumberInput, Select, Slider, TextInput
+from chainlit.types import ThreadDict
+
+from qwenstack.settings import load_settings
+from qwenstack.ui import server, store
+from qwenstack.ui.conversation import Conversation, Sampling
+from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
+from qwenstack.ui.gateway_keys import UserKeys
+from qwenstack.ui.texts import language_of, starters, text
+
+log = logging.getLogger("qwenstack.ui")
+
+settings = load_settings()
+ui = settings.ui
+gateway_url = server.gateway_url(settings)
+accounts = store.accounts(settings)
+user_keys = UserKeys(ui, gateway_url, accounts)
+MAX_FIT_ATTEMPTS = 8
+ANSWER = "answer"  # metadata kind of the model's answers, the only assistant messages replayed
+NO_MODEL = "-"  # the settings panel's model while the gateway lists none
+
+
+@cl.data_layer
+def data_layer() -> SQLAlchemyDataLayer:
+    return SQLAlchemyDataLayer(conninfo=store.async_database_url(settings))
+
+
+if ui.password_login:
+
+    @cl.password_auth_callback
+    async def password_sign_in(username: str, password: str) -> cl.User | None:
+        if await asyncio.to_thread(accounts.check_password, username, password):
+            return cl.User(identifier=username, metadata={"sign_in": "password"})
+        return None
+
+
+if ui.header_login:
+    header = ui.header_login
+
+    @cl.header_auth_callback
+    async def header_sign_in(headers: Any) -> cl.User | None:
+        identifier = (headers.get(header) or "").strip()
+        if not identifier or len(identifier) > 256:
+            return None
+        await asyncio.to_thread(accounts.ensure, identifier)
+        return cl.User(identifier=identifier, metadata={"sign_in": "header"})
+
+
+def _language() -> str:
+    return language_of(cl.context.session.language)
+
+
+def _say(key: str, **values: object) -> cl.Message:
+    """A notice in the chat (an error, a trimmed history): kept, but never sent to the model."""
+    return cl.Message(content=text(key, _language(), **values), metadata={"kind": "notice"})
+
+
+@cl.set_starters
+async def set_starters(user: cl.User | None, language: str | None = None) -> list[cl.Starter]:
+    return [cl.Starter(label=label, message=message)
+            for label, message in starters(language_of(language))]
+
+
+async def _client(refused: str | None = None) -> openai.AsyncOpenAI:
+    user: cl.User = cl.user_session.get("user")
+    key = await user_keys.key(user.identifier, refused)
+    client = cl.user_session.get("client")
+    if client is None or client.api_key != key:
+        client = openai.AsyncOpenAI(
+            base_url=f"{gateway_url}/v1", api_key=key,
+            # Errors go straight to the user, who can try again: retrying here would only hide
+            # a down gateway or a rate limit behind a long wait.
+            max_retries=0,
+            timeout=httpx.Timeout(ui.request_timeout_s, connect=5),
+        )
+        cl.user_session.set("client", client)
+    return client
+
+
+async def _models() -> list[dict[str, Any]]:
+    client = await _client()
+    try:
+        page = await client.models.list()
+    except openai.AuthenticationError:
+        client = await _client(refused=client.api_key)
+        page = await client.models.list()
+    return [model.model_dump() for model in page.data]
+
+
+async def _start_session(conversation: Conversation) -> None:
+    """Models, settings panel and history for a new or resumed chat."""
+    cl.user_session.set("conversation", conversation)
+    language = _language()
+    models: list[dict[str, Any]] | None = None
+    try:
+        models = await _models()
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
+        await _report(exc)
+    context_lens = {m["id"]: m.get("max_model_len") for m in models or ()}
+    cl.user_session.set("context_lens", context_lens)
+    names = list(context_lens) or [NO_MODEL]
+    values = await cl.ChatSettings([
+        Select(id="model", label=text("setting_model", language), values=names, initial_index=0),
+        TextInput(id="system_prompt", label=text("setting_system_prompt", language),
+                  initial=ui.system_prompt, multiline=True),
+        Slider(id="temperature", label=text("setting_temperature", language),
+               initial=ui.temperature, min=0, max=2, step=0.05),
+        Slider(id="top_p", label=text("setting_top_p", language),
+               initial=ui.top_p, min=0.05, max=1, step=0.05),
+        NumberInput(id="max_tokens", label=text("setting_max_tokens", language),
+                    initial=ui.max_tokens),
+    ]).send()
+    _apply_settings(values)
+    if models == []:  # the gateway answered, but serves nothing (None: _report said why)
+        await _say("no_model").send()
+
+
+def _apply_settings(values: dict[str, Any]) -> None:
+    try:
+        max_tokens = max(1, int(values.get("max_tokens") or ui.max_tokens))
+    except (TypeError, ValueError):
+        max_tokens = ui.max_tokens
+    cl.user_session.set("sampling", Sampling(
+        model=values.get("model") or NO_MODEL,
+        system_prompt=values.get("system_prompt") or "",
+        temperature=float(values.get("temperature", ui.temperature)),
+        top_p=float(values.get("top_p", ui.top_p)),
+        top_k=ui.top_k,
+        min_p=ui.min_p,
+        max_tokens=max_tokens,
+    ))
+
+
+@cl.on_chat_start
+async def on_chat_start() -> None:
+    await _start_session(Conversation())
+    sampling: Sampling = cl.user_session.get("sampling")
+    if sampling.model != NO_MODEL:
+        await cl.Message(content=text("welcome", _language(), model=sampling.model),
+                         metadata={"kind": "notice"}).send()
+
+
+@cl.on_chat_resume
+async def on_chat_resume(thread: ThreadDict) -> None:
+    conversation = Conversation()
+    for step in sorted(thread["steps"], key=lambda s: s.get("createdAt") or ""):
+        metadata = step.get("metadata") or {}
+        if isinstance(metadata, str):
+            metadata = json.loads(metadata or "{}")
+        if step["type"] == "user_message":
+            conversation.add("user", step.get("output") or "")
+        elif step["type"] == "assistant_message" and metadata.get("kind") == ANSWER:
+            conversation.add("assistant", step.get("output") or "")
+    await _start_session(conversation)
+
+
+@cl.on_settings_update
+async def on_settings_update(values: dict[str, Any]) -> None:
+    _apply_settings(values)
+
+
+@cl.on_message
+async def on_message(message: cl.Message) -> None:
+    conversation: Conversation = cl.user_session.get("conversation")
+    if cl.user_session.get("sampling").model == NO_MODEL:
+        # The gateway had no model when this chat started (down, or engines loading): ask again.
+        await _start_session(conversation)
+    sampling: Sampling = cl.user_session.get("sampling")
+    if sampling.model == NO_MODEL:
+        return  # _start_session told the user why
+    conversation.add("user", message.content)
+    answer = cl.Message(content="", metadata={"kind": ANSWER})
+    try:
+        await _answer(conversation, sampling, answer)
+    except asyncio.CancelledError:
+        # The stop button: leaving `async with stream` in _answer closed the gateway connection,
+        # which makes the gateway abort the engine's request. What came so far stays in the chat.
+        if answer.content:
+            conversation.add("assistant", answer.content)
+            await answer.send()
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
+        conversation.turns.pop()  # unanswered: not part of what the model saw
+        await _report(exc, model=sampling.model)
+        return
+    conversation.add("assistant", answer.content)
+    await answer.send()
+
+
+async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Message) -> None:
+    """Stream the answer to the newest message, fitting the history into the context window."""
+    context_len = cl.user_session.get("context_lens", {}).get(sampling.model)
+    request = sampling.request(context_len)
+    budget = context_len - request["max_tokens"] if context_len else None
+    client = await _client()
+    key_renewed = False
+    skip = 0
+    for _ in range(MAX_FIT_ATTEMPTS):
+        messages, dropped = conversation.messages(sampling.system_prompt, budget, skip)
+        try:
+            stream = await client.chat.completions.create(messages=messages, stream=True, **request)
+        except openai.AuthenticationError:
+            if key_renewed:
+                raise
+            # Rotated by another session of this user, or by an admin: get the current one.
+            client = await _client(refused=client.api_key)
+            key_renewed = True
+            continue
+        except openai.BadRequestError as exc:
+            if not context_too_long(exc):
+                raise
+            if len(messages) <= 1 + bool(sampling.system_prompt.strip()):
+                raise MessageTooLong(context_len) from None
+            skip = dropped + 1
+            continue
+        if dropped:
+            await _say("trimmed", context=context_len, turns=dropped).send()
+        async with stream:
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    await answer.stream_token(chunk.choices[0].delta.content)
+        return
+    raise MessageTooLong(context_len)
+
+
+async def _report(exc: Exception, model: str = NO_MODEL) -> None:
+    """Tell the user what went wrong, in their language; the log keeps the details."""
+    log.info("Chat request failed: %r", exc)
+    explained = explain(exc, model=model, gateway_url=gateway_url, timeout_s=ui.request_timeout_s)
+    if explained is None:
+        log.exception("Unexpected error in a chat turn", exc_info=exc)
+        explained = ("gateway_error", {"status": "-", "message": type(exc).__name__})
+    key, values = explained
+    await _say(key, **values).send()

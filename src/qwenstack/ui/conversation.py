@@ -1,0 +1,80 @@
+"""What goes to the gateway each turn: the whole history, trimmed to fit the context window.
+
+The UI has no tokenizer for the served model (it talks only to the gateway), so fitting is
+done in two steps: an estimate that errs towards too many tokens drops the oldest turns first,
+then, should the engine still answer "context too long", the turn loop drops one more turn and
+asks again (see app.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Tokens a message costs beyond its text: role markers and separators of the chat template.
+MESSAGE_OVERHEAD_TOKENS = 8
+# Qwen3's tokenizer spends about one token per Chinese character (3 UTF-8 bytes) and about four
+# English characters per token; a token per 3 bytes overestimates both, which is the safe side.
+BYTES_PER_TOKEN = 3
+
+
+def estimate_tokens(message: dict[str, str]) -> int:
+    return len(message["content"].encode()) // BYTES_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS
+
+
+@dataclass
+class Sampling:
+    """One user's sampling settings (the settings panel)."""
+
+    model: str
+    system_prompt: str
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    max_tokens: int
+
+    def request(self, context_len: int | None) -> dict[str, Any]:
+        """Keyword arguments for `chat.completions.create`, besides messages.
+
+        top_k and min_p are vLLM's extensions to the OpenAI API, so they go as extra_body."""
+        return {
+            "model": self.model,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.answer_tokens(context_len),
+            "extra_body": {"top_k": self.top_k, "min_p": self.min_p},
+        }
+
+    def answer_tokens(self, context_len: int | None) -> int:
+        # The answer shares the window with the prompt: never ask for more than half of it, so
+        # a conversation always has room to go on.
+        return min(self.max_tokens, context_len // 2) if context_len else self.max_tokens
+
+
+@dataclass
+class Conversation:
+    """The turns of one chat so far, as OpenAI chat messages (user and assistant, in order)."""
+
+    turns: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, role: str, content: str) -> None:
+        self.turns.append({"role": role, "content": content})
+
+    def messages(
+        self, system_prompt: str, prompt_budget: int | None, skip_turns: int = 0
+    ) -> tuple[list[dict[str, str]], int]:
+        """The messages to send and how many of the oldest turns were left out to fit.
+
+        `skip_turns` leaves out that many more of the oldest turns (after the engine refused the
+        estimate). Turns are left out whole, user message and answer together, so the model never
+        sees an answer without its question. The newest message is always sent."""
+        system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+        starts = [i for i, turn in enumerate(self.turns) if turn["role"] == "user"] or [0]
+        for dropped, start in enumerate(starts):
+            kept = system + self.turns[start:]
+            if dropped >= skip_turns and (
+                prompt_budget is None or sum(map(estimate_tokens, kept)) <= prompt_budget
+            ):
+                return kept, dropped
+        return system + self.turns[starts[-1]:], len(starts) - 1

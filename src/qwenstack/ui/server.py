@@ -1,0 +1,250 @@
+"""Starting the Chainlit app: its folder, secrets and database, then its process, supervised."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from qwenstack.errors import SetupError
+from qwenstack.gateway.keys import KeyStore, KeyStoreError
+from qwenstack.settings import Settings
+from qwenstack.ui import store
+
+log = logging.getLogger(__name__)
+# The readiness polls below would log a line each at info level.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+APP_MODULE = Path(__file__).with_name("app.py")
+UI_ADMIN_KEY = "ui"  # the admin key the UI makes for itself when none is configured
+STARTUP_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 15
+BACKOFF_INITIAL_S, BACKOFF_MAX_S = 1.0, 60.0
+STEADY_RUN_S = 60  # a process that ran this long starts its restart backoff afresh
+
+# Chainlit reads its configuration from <app root>/.chainlit/config.toml and writes a default
+# there when none exists; this one is written on every start so an upgrade changes it too.
+CONFIG_TOML = """\
+[project]
+session_timeout = 3600
+user_session_timeout = 1296000
+
+[features]
+unsafe_allow_html = false
+latex = false
+user_message_markdown = true
+# The history sent to the model is the one the user saw; editing past messages would fork it.
+edit_message = false
+
+[features.spontaneous_file_upload]
+# Off until the RAG part handles uploads.
+enabled = false
+
+[UI]
+name = "Qwen"
+cot = "hidden"
+confirm_new_chat = false
+
+[meta]
+generated_by = "{version}"
+"""
+
+README = """\
+# qwenstack chat
+
+Answers come from the model the gateway serves. The settings button next to the message box
+changes the model, the system prompt and the sampling values.
+"""
+
+
+def app_root(settings: Settings) -> Path:
+    return settings.home / "ui"
+
+
+def gateway_url(settings: Settings) -> str:
+    if settings.ui.gateway_url:
+        return settings.ui.gateway_url.rstrip("/")
+    return f"http://127.0.0.1:{settings.gateway.port}"
+
+
+def ui_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.ui.host in ("0.0.0.0", "::") else settings.ui.host
+    return f"http://{host}:{settings.ui.port}"
+
+
+def _secret_file(settings: Settings, name: str, make: Callable[[], str]) -> str:
+    """A secret kept in <home>/secrets (mode 0600), made on first use."""
+    folder = settings.home / "secrets"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / name
+    if path.exists():
+        return path.read_text().strip()
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(value + "\n")
+    return value
+
+
+def auth_secret(settings: Settings) -> str:
+    if settings.ui.auth_secret:
+        return settings.ui.auth_secret.get_secret_value()
+    return _secret_file(settings, "ui-auth-secret", lambda: secrets.token_urlsafe(48))
+
+
+def gateway_admin_key(settings: Settings) -> str | None:
+    """The admin key the UI makes users' keys with; None when the gateway has auth off."""
+    if not settings.auth.enabled:
+        return None
+    if settings.ui.gateway_admin_key:
+        return settings.ui.gateway_admin_key.get_secret_value()
+
+    def make() -> str:
+        keys = KeyStore.open(settings)
+        try:
+            try:
+                return keys.create(UI_ADMIN_KEY, admin=True)[1]
+            except KeyStoreError:  # made before, its secret file lost since: a new secret
+                return keys.rotate(UI_ADMIN_KEY)[1]
+        except KeyStoreError as exc:
+            raise SetupError(
+                f"The UI cannot make its admin key {UI_ADMIN_KEY!r}: {exc} "
+                "Set ui.gateway_admin_key."
+            ) from None
+        finally:
+            keys.engine.dispose()
+
+    return _secret_file(settings, "ui-admin-key", make)
+
+
+def prepare(settings: Settings) -> dict[str, str]:
+    """Database, config files and secrets in place; the environment of the Chainlit process."""
+    store.connect(settings).dispose()
+    root = app_root(settings)
+    (root / ".chainlit").mkdir(parents=True, exist_ok=True)
+    version = importlib.metadata.version("chainlit")
+    (root / ".chainlit" / "config.toml").write_text(CONFIG_TOML.format(version=version))
+    (root / "chainlit.md").write_text(README)
+    env = {
+        **os.environ,
+        "CHAINLIT_APP_ROOT": str(root),
+        "CHAINLIT_AUTH_SECRET": auth_secret(settings),
+        # The app reads its settings as this process does, plus what flags set here.
+        "QWENSTACK_HOME": str(settings.home),
+        "QWENSTACK_UI__GATEWAY_URL": gateway_url(settings),
+    }
+    admin_key = gateway_admin_key(settings)
+    if admin_key:
+        env["QWENSTACK_UI__GATEWAY_ADMIN_KEY"] = admin_key
+    return env
+
+
+def preflight(settings: Settings) -> None:
+    """Fail at once, with what to change, when the UI could not start: Chainlit not installed
+    or the port taken."""
+    if importlib.util.find_spec("chainlit") is None:
+        raise SetupError(
+            "The chat UI needs the `ui` extra: pip install 'qwenstack[ui]' (or set "
+            "QWENSTACK_UI__ENABLED=false)."
+        )
+    host, port = settings.ui.host, settings.ui.port
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise SetupError(
+            f"The UI cannot listen on {host}:{port} ({exc.strerror}); set ui.port."
+        ) from None
+
+
+def command(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "chainlit", "run", str(APP_MODULE), "--headless",
+        "--host", settings.ui.host, "--port", str(settings.ui.port),
+    ]
+
+
+async def _wait_until_up(url: str, process: asyncio.subprocess.Process) -> bool:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() < deadline and process.returncode is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return True
+            await asyncio.sleep(0.5)
+    return False
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def supervise(
+    settings: Settings, stop: asyncio.Event, on_up: Callable[[str], None] | None = None
+) -> None:
+    """Run the UI until `stop` is set, restarting it with backoff when it exits."""
+    preflight(settings)
+    env = await asyncio.to_thread(prepare, settings)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "ui.log"
+    backoff_s = BACKOFF_INITIAL_S
+    while not stop.is_set():
+        started = time.monotonic()
+        with log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *command(settings), env=env, cwd=app_root(settings),
+                stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+            )
+        try:
+            exited = asyncio.create_task(process.wait())
+            if await _wait_until_up(ui_url(settings), process):
+                log.info("UI up at %s", ui_url(settings))
+                if on_up:
+                    on_up(ui_url(settings))
+                    on_up = None
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait((exited, stopping), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+        if stop.is_set():
+            return
+        if time.monotonic() - started > STEADY_RUN_S:
+            backoff_s = BACKOFF_INITIAL_S
+        log.warning(
+            "The UI exited (%s); restarting in %.0f s. Its log (%s) ends:\n%s",
+            process.returncode, backoff_s, log_path, _log_tail(log_path),
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff_s)
+        backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+
+
+async def serve(settings: Settings, on_up: Callable[[str], None]) -> None:
+    """`qwenstack ui`: the UI alone until Ctrl-C or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await supervise(settings, stop, on_up)

@@ -1,0 +1,97 @@
+"""What the UI says, in Chinese and English; the browser's language picks one."""
+
+from __future__ import annotations
+
+TEXTS: dict[str, dict[str, str]] = {
+    "welcome": {
+        "zh": "欢迎使用 **{model}** 助手!请提出您的问题。对话会保存在左侧的历史记录中。",
+        "en": "Welcome to the **{model}** assistant! Ask anything; your chats are kept in the "
+              "history on the left.",
+    },
+    "no_model": {
+        "zh": "网关目前没有可用的模型,请稍后再试。",
+        "en": "The gateway serves no model right now; please try again later.",
+    },
+    "trimmed": {
+        "zh": "对话已超出模型的上下文长度({context} 个 token),最早的 {turns} 轮对话未发送给模型。",
+        "en": "This chat is longer than the model's context ({context} tokens): its {turns} "
+              "oldest turn(s) were not sent to the model.",
+    },
+    "too_long": {
+        "zh": "您的消息太长,超出了模型的上下文长度({context} 个 token),请缩短后重试。",
+        "en": "Your message is too long for the model's context ({context} tokens); please "
+              "shorten it.",
+    },
+    "gateway_down": {
+        "zh": "无法连接到网关({url}),服务可能未启动。请稍后重试。",
+        "en": "The gateway ({url}) cannot be reached; the service may be down. Please try again "
+              "in a moment.",
+    },
+    "timeout": {
+        "zh": "网关在 {seconds} 秒内没有响应,请稍后重试。",
+        "en": "The gateway did not answer within {seconds} s; please try again.",
+    },
+    "engine_unavailable": {
+        "zh": "模型正在启动或重启,请在约 {retry} 秒后重试。",
+        "en": "The model is starting or restarting; please try again in about {retry} s.",
+    },
+    "rate_limited": {
+        "zh": "您的请求过于频繁,已达到使用限制,请在约 {retry} 秒后重试。",
+        "en": "You have reached your usage limit; please try again in about {retry} s.",
+    },
+    "model_not_allowed": {
+        "zh": "您的账户无权使用模型 {model},请在设置中选择其他模型。",
+        "en": "Your account may not use the model {model}; choose another one in the settings.",
+    },
+    "key_rejected": {
+        "zh": "网关拒绝了您的访问密钥,请联系管理员。",
+        "en": "The gateway refused your access key; please ask an administrator.",
+    },
+    "no_key": {
+        "zh": "无法为您的账户获取网关访问密钥:{reason}",
+        "en": "No gateway key could be made for your account: {reason}",
+    },
+    "gateway_error": {
+        "zh": "网关返回错误({status}):{message}",
+        "en": "The gateway answered with an error ({status}): {message}",
+    },
+    "setting_model": {"zh": "模型", "en": "Model"},
+    "setting_system_prompt": {"zh": "系统提示词", "en": "System prompt"},
+    "setting_temperature": {"zh": "温度 (temperature)", "en": "Temperature"},
+    "setting_top_p": {"zh": "Top P", "en": "Top P"},
+    "setting_max_tokens": {"zh": "最大回答长度 (token)", "en": "Max answer tokens"},
+}
+
+STARTERS: dict[str, list[tuple[str, str]]] = {
+    "zh": [
+        ("量子纠缠", "请解释什么是量子纠缠,并举例说明其在通信中的应用。"),
+        ("写一封邮件", "帮我写一封简短的邮件,邀请同事参加下周三下午的项目评审会。"),
+        ("Python 代码", "用 Python 写一个函数,判断一个字符串是否是回文,并附上几个测试用例。"),
+        ("对比表格", "用 Markdown 表格对比 TCP 和 UDP 的主要区别。"),
+    ],
+    "en": [
+        ("Quantum entanglement", (
+            "Explain quantum entanglement and give an example of its use in communication.")),
+        ("Write an email", (
+            "Write a short email inviting colleagues to a project review next Wednesday "
+            "afternoon.")),
+        ("Python code", (
+            "Write a Python function that checks whether a string is a palindrome, with a few "
+            "test cases.")),
+        ("Comparison table", "Compare TCP and UDP in a Markdown table."),
+    ],
+}
+
+
+def language_of(browser_language: str | None) -> str:
+    """`zh` for any Chinese browser language (zh-CN, zh-TW, ...), else `en`."""
+    return "zh" if (browser_language or "").lower().startswith("zh") else "en"
+
+
+def text(key: str, language: str, **values: object) -> str:
+    return TEXTS[key][language].format(**values)
+
+
+def starters(language: str) -> list[tuple[str, str]]:
+    """(label, message) pairs."""
+    return STARTERS[language]

@@ -1,0 +1,524 @@
+"""The chat UI: a real gateway and engine, `qwenstack ui`, and a real headless Chromium.
+
+Chromium is Debian's (/usr/bin/chromium; scripts/test installs it), driven by Playwright.
+Screenshots of the signed-in chats go to $QWENSTACK_TEST_ARTIFACTS/ui-screenshots (else a
+temporary folder); the folder is printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import Gateway, create_key, free_port, start_gateway
+from typer.testing import CliRunner, Result
+
+from qwenstack import cli
+from qwenstack.settings import load_settings
+from qwenstack.ui import store
+from qwenstack.ui.accounts import AccountError, Accounts, gateway_key_name, password_matches
+from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
+from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
+from qwenstack.ui.texts import text
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # Without these, Chromium's own background connections are refused on sandboxed hosts.
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+# Generous: a loaded 2-core machine runs the engine, the gateway, Chainlit and Chromium at once.
+WAIT_MS = 90_000
+ANSWER_TOKENS = 24
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "dave": "dave-password-333"}
+
+
+# ---- without a browser -------------------------------------------------------------------
+
+
+def test_history_is_trimmed_from_the_oldest_whole_turns() -> None:
+    conversation = Conversation()
+    for i in range(5):
+        conversation.add("user", f"question {i} " + "x" * 300)
+        conversation.add("assistant", f"answer {i} " + "y" * 300)
+    conversation.add("user", "last question")
+    everything, dropped = conversation.messages("Be brief.", None)
+    assert dropped == 0 and len(everything) == 12 and everything[0]["role"] == "system"
+
+    budget = sum(map(estimate_tokens, [everything[0], *everything[-5:]]))  # system, 2 turns, new
+    messages, dropped = conversation.messages("Be brief.", budget)
+    assert dropped == 3
+    roles = [m["role"] for m in messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"].startswith("question 3")
+
+    # The engine refused what the estimate let through: one more turn goes.
+    messages, dropped = conversation.messages("", None, skip_turns=4)
+    assert dropped == 4 and messages[0]["content"].startswith("question 4")
+    # Never the newest message, however small the budget.
+    assert conversation.messages("", 1)[0] == [{"role": "user", "content": "last question"}]
+
+
+def test_sampling_defaults_follow_the_model_card_and_leave_room_in_the_context() -> None:
+    ui = load_settings().ui
+    sampling = Sampling("m", "", ui.temperature, ui.top_p, ui.top_k, ui.min_p, 4096)
+    request = sampling.request(context_len=1024)
+    assert (request["temperature"], request["top_p"]) == (0.7, 0.8)
+    assert request["extra_body"] == {"top_k": 20, "min_p": 0.0}
+    assert request["max_tokens"] == 512
+    assert sampling.request(context_len=None)["max_tokens"] == 4096
+
+
+def test_gateway_key_names_are_valid_and_distinct() -> None:
+    assert gateway_key_name("alice") == "ui-alice"
+    a, b = gateway_key_name("a@example.com"), gateway_key_name("a_example.com")
+    assert a != b and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", a)
+    assert len(gateway_key_name("x" * 256)) <= 64
+
+
+def _status_error(status: int, body: dict, headers: dict[str, str] | None = None) -> Exception:
+    request = httpx.Request("POST", "http://gateway/v1/chat/completions")
+    response = httpx.Response(status, json=body, headers=headers, request=request)
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://gateway/v1")
+    return client._make_status_error_from_response(response)  # as the SDK raises them
+
+
+@pytest.mark.parametrize("error, key, values", [
+    (_status_error(429, {"error": {"message": "Rate limit", "code": "rate_limit_exceeded"}},
+                   {"retry-after": "17"}), "rate_limited", {"retry": 17}),
+    (_status_error(503, {"error": {"message": "No engine is ready"}}, {"retry-after": "3"}),
+     "engine_unavailable", {"retry": 3}),
+    (_status_error(504, {"error": {"message": "The engine stopped answering"}}),
+     "engine_unavailable", {"retry": 5}),
+    (_status_error(403, {"error": {"message": "not allowed", "code": "model_not_allowed"}}),
+     "model_not_allowed", {"model": "m"}),
+    (_status_error(400, {"error": {"message": "bad temperature"}}),
+     "gateway_error", {"status": 400, "message": "bad temperature"}),
+    (openai.APIConnectionError(request=httpx.Request("POST", "http://gateway")),
+     "gateway_down", {"url": "http://gateway"}),
+    (MessageTooLong(1024), "too_long", {"context": 1024}),
+])
+def test_errors_become_texts_in_both_languages(error: Exception, key: str, values: dict) -> None:
+    assert explain(error, model="m", gateway_url="http://gateway", timeout_s=600) == (key, values)
+    for language in ("zh", "en"):
+        assert text(key, language, **values)
+    assert explain(RuntimeError("?"), model="m", gateway_url="", timeout_s=1) is None
+
+
+def test_context_errors_of_vllm_and_the_gateway_are_recognised() -> None:
+    vllm = _status_error(400, {"error": {"message": "This model's maximum context length is 1024 "
+                                                    "tokens. However, your request has 1510 input "
+                                                    "tokens.", "code": 400}})
+    gateway = _status_error(400, {"error": {"message": "max_tokens too large",
+                                            "code": "context_length_exceeded"}})
+    other = _status_error(400, {"error": {"message": "bad temperature"}})
+    assert context_too_long(vllm) and context_too_long(gateway) and not context_too_long(other)
+
+
+def _users(home: Path, *args: str, password: str | None = None) -> Result:
+    """`qwenstack users ...`, in this process (each subprocess would spend seconds importing)."""
+    return CliRunner().invoke(
+        cli.app, ["users", *args, "--home", str(home)],
+        input=f"{password}\n{password}\n" if password is not None else None,
+    )
+
+
+def test_users_cli_stores_hashes_and_refuses_bad_input_clearly(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert _users(home, "add", "carol", password="correct horse").exit_code == 0
+    for args, password, says in [
+        (("add", "carol"), "another password", "exists already"),
+        (("add", "no spaces allowed"), "long enough", "User name"),
+        (("add", "dave"), "short", "at least 8"),
+        (("remove", "nobody"), None, "No user named"),
+    ]:
+        out = _users(home, *args, password=password)
+        # A clear message and exit status 1, not an exception.
+        assert out.exit_code == 1 and says in out.stderr, out.output
+        assert isinstance(out.exception, SystemExit)
+    listing = _users(home, "list")
+    assert "carol" in listing.stdout and "password" in listing.stdout
+
+    accounts = store.accounts(load_settings(home=home))
+    with accounts.engine.connect() as connection:
+        stored = connection.exec_driver_sql(
+            "SELECT password_hash FROM qwenstack_ui_accounts").scalar_one()
+    assert "correct horse" not in stored and password_matches("correct horse", stored)
+    assert accounts.check_password("carol", "correct horse")
+    assert not accounts.check_password("carol", "wrong horse")
+    assert not accounts.check_password("nobody", "correct horse")
+    with pytest.raises(AccountError):
+        Accounts(accounts.engine).add("carol", "correct horse")
+    accounts.engine.dispose()
+    assert _users(home, "remove", "carol").exit_code == 0
+    assert "carol" not in _users(home, "list").stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_history_tables_take_chainlit_writes(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The tables made here hold what Chainlit's data layer writes, and list per user."""
+    # Importing chainlit writes its config files into its app root: not into the checkout.
+    os.environ.setdefault("CHAINLIT_APP_ROOT", str(tmp_path))
+    from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
+    from chainlit.types import Pagination, ThreadFilter
+    from chainlit.user import User
+
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    settings = load_settings(home=tmp_path, **{"ui.database_url": url})
+    store.connect(settings).dispose()
+    store.connect(settings).dispose()  # a restart finds the tables there
+
+    async def scenario() -> None:
+        layer = SQLAlchemyDataLayer(conninfo=store.async_database_url(settings))
+        try:
+            alice = await layer.create_user(User(identifier="alice", metadata={"sign_in": "pw"}))
+            bob = await layer.create_user(User(identifier="bob"))
+            assert alice and bob
+            thread_id = str(uuid.uuid4())
+            await layer.update_thread(thread_id, name="lighthouse", user_id=alice.id)
+            now = await layer.get_current_timestamp()
+            step = {
+                "id": str(uuid.uuid4()), "threadId": thread_id, "parentId": None, "name": "alice",
+                "type": "user_message", "command": None, "modes": None, "streaming": False,
+                "waitForAnswer": None, "isError": False, "metadata": {"kind": "answer"},
+                "tags": None, "input": "", "output": "hello", "createdAt": now, "start": now,
+                "end": now, "generation": None, "showInput": "json", "defaultOpen": False,
+                "autoCollapse": False, "language": None, "icon": None,
+            }
+            # Unwrapped: the wrapper queues writes until a browser session's first message.
+            await SQLAlchemyDataLayer.create_step.__wrapped__(layer, step)
+            page = await layer.list_threads(Pagination(first=10), ThreadFilter(userId=alice.id))
+            assert [t["id"] for t in page.data] == [thread_id]
+            assert [s["output"] for s in page.data[0]["steps"]] == ["hello"]
+            others = await layer.list_threads(Pagination(first=10), ThreadFilter(userId=bob.id))
+            assert others.data == []
+            assert await layer.get_thread_author(thread_id) == "alice"
+        finally:
+            await layer.engine.dispose()
+
+    asyncio.run(scenario())
+
+
+# ---- in the browser -----------------------------------------------------------------------
+
+
+@dataclass
+class ChatUI:
+    url: str
+    gateway: Gateway
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def requests(self, key_name: str) -> list[dict]:
+        """The gateway's log lines of chat requests made with one user's key, oldest first."""
+        lines = [json.loads(line) for line in self.gateway.log.read_text().splitlines()
+                 if line.startswith("{")]
+        return [line for line in lines
+                if line.get("path") == "/v1/chat/completions" and line.get("key") == key_name]
+
+
+@pytest.fixture(scope="module")
+def screenshots(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    base = os.environ.get("QWENSTACK_TEST_ARTIFACTS")
+    folder = (Path(base) if base else tmp_path_factory.mktemp("artifacts")) / "ui-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"UI screenshots: {folder}")
+
+
+@pytest.fixture(scope="module")
+def chat_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatUI]:
+    tmp = tmp_path_factory.mktemp("ui")
+    gateway = start_gateway(tmp, engine_url, auth=True)
+    admin_key = create_key(gateway.home, "--name", "ui-admin", "--admin")
+    accounts = store.accounts(load_settings(home=gateway.home))
+    for user, password in PASSWORDS.items():
+        accounts.add(user, password)
+    accounts.engine.dispose()
+    port = free_port()
+    log = tmp / "ui.out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "ui", "--home", str(gateway.home), "--port", str(port),
+         "--gateway-url", gateway.url],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key,
+             "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS),
+             "QWENSTACK_UI__HEADER_LOGIN": "X-Forwarded-User"},
+    )
+    ui = ChatUI(f"http://127.0.0.1:{port}", gateway, process, log)
+    try:
+        deadline = time.monotonic() + 120
+        while "chat UI is ready" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        yield ui
+    finally:
+        process.terminate()
+        code = process.wait(60)
+        gateway.stop()
+    # SIGTERM stops the UI cleanly, Chainlit's process included: nothing answers on its port.
+    assert code == 0, log.read_text()[-3000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ui.url, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Chat:
+    """One signed-in browser session; counts the streamed tokens its websocket receives."""
+
+    def __init__(self, browser: object, ui: ChatUI, user: str, locale: str = "en-US") -> None:
+        self.context = browser.new_context(locale=locale)  # type: ignore[attr-defined]
+        self.context.set_default_timeout(WAIT_MS)
+        self.page = self.context.new_page()
+        self.stream_tokens = 0
+        self.page.on("websocket", lambda ws: ws.on("framereceived", self._count))
+        self.page.goto(f"{ui.url}/login")
+        self.page.locator("input:not([type=password])").first.fill(user)
+        self.page.locator("input[type=password]").fill(PASSWORDS[user])
+        self.page.locator("button[type=submit]").click()
+        self.page.locator("#chat-input").wait_for()
+
+    def _count(self, frame: str | bytes) -> None:
+        if isinstance(frame, str) and frame.startswith('42["stream_token"'):
+            self.stream_tokens += 1
+
+    def send(self, text: str) -> None:
+        self.page.locator("#chat-input").fill(text)
+        self.page.locator("#chat-input").press("Enter")
+
+    def assistant_texts(self) -> list[str]:
+        return self.page.locator("[data-step-type=assistant_message]").all_inner_texts()
+
+    def wait_for_text(self, text: str) -> None:
+        self.page.get_by_text(text).first.wait_for()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def _wait_for(page: object, condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        # Not time.sleep: Playwright's sync API delivers events (websocket frames) only while
+        # one of its calls runs.
+        page.wait_for_timeout(200)  # type: ignore[attr-defined]
+
+
+def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    alice = Chat(browser, chat_ui, "alice")
+    alice.wait_for_text("Welcome to the")
+    # Messages render Markdown: the welcome's **model name** is bold.
+    welcome = alice.page.locator("[data-step-type=assistant_message]").first
+    welcome.locator(".font-bold", has_text="tiny-qwen3").wait_for()
+    key = gateway_key_name("alice")
+
+    first = "Tell me a long story about a lighthouse keeper named Ada and her cat."
+    alice.send(first)
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 1, "the first chat request")
+    # Token by token: several stream_token events reached the page, and the answer shows.
+    _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
+    _wait_for(alice.page, lambda: len(alice.assistant_texts()) >= 2
+              and alice.assistant_texts()[-1].strip(), "the answer on the page")
+    answer = alice.assistant_texts()[-1]
+    alice.page.screenshot(path=str(screenshots / "alice-first-answer.png"))
+
+    alice.send("Go on.")
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 2, "the follow-up request")
+    one, two = chat_ui.requests(key)
+    assert one["status"] == two["status"] == 200
+    # "Go on." alone is shorter than the first message: a longer prompt carried the first turn.
+    assert two["prompt_tokens"] > one["prompt_tokens"] + 5, (one, two)
+    assert one["completion_tokens"] <= ANSWER_TOKENS
+
+    # After a reload the chat is in the history; opened, it shows both turns.
+    alice.page.reload()
+    history = alice.page.locator("#thread-history")
+    history.get_by_text("lighthouse keeper").first.click()
+    alice.page.wait_for_url(re.compile(r"/thread/"))
+    thread_url = alice.page.url
+    alice.wait_for_text(first)
+    alice.wait_for_text("Go on.")
+    alice.page.get_by_text(answer.strip()[:20]).first.wait_for()
+    alice.page.screenshot(path=str(screenshots / "alice-history.png"))
+    # Resumed from the database, the chat goes on with its history.
+    alice.send("And then?")
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 3, "the request after resuming")
+    assert chat_ui.requests(key)[2]["prompt_tokens"] > two["prompt_tokens"] + 5
+
+    # A new chat starts clean: "Go on." goes alone, shorter than the first message was.
+    alice.page.locator("#new-chat-button").click()
+    _wait_for(alice.page, lambda: [t[:14] for t in alice.assistant_texts()] == ["Welcome to the"],
+              "the new chat's welcome")
+    alice.send("Go on.")
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 4, "the new chat's request")
+    assert chat_ui.requests(key)[3]["prompt_tokens"] < one["prompt_tokens"]
+    # File upload is off until the RAG part takes uploads.
+    assert alice.page.locator("#upload-button, input[type=file]").count() == 0
+
+    # Bob (a Chinese browser) sees his own welcome, and not Alice's chat.
+    bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
+    bob.wait_for_text("欢迎使用")
+    bob.page.locator("#thread-history").wait_for()
+    assert "lighthouse" not in bob.page.locator("#thread-history").inner_text()
+    bob.page.goto(thread_url)
+    bob.page.locator("#chat-input").wait_for()
+    bob.page.wait_for_timeout(2000)  # give a wrongly shown thread time to load
+    assert first not in bob.page.locator("body").inner_text()
+    bob.page.screenshot(path=str(screenshots / "bob-cannot-see-alice.png"))
+    bob.close()
+    alice.close()
+
+
+STACK_WITH_UI = """
+import sys, uvloop
+from qwenstack import stack
+from qwenstack.settings import load_settings
+
+settings = load_settings()
+uvloop.run(stack.run(settings, engines=False, gateway=True, ui=True,
+                     on_ready=lambda urls: print("ready", flush=True)))
+"""
+
+
+def test_the_stack_runs_the_ui_beside_the_gateway_and_sigterm_stops_both(
+    engine_url: str, tmp_path: Path
+) -> None:
+    """What `qwenstack up` does once its engines are up (those are tested elsewhere)."""
+    gateway_port, ui_port = free_port(), free_port()
+    log = tmp_path / "stack.log"
+    env = {**os.environ, "QWENSTACK_HOME": str(tmp_path / "home"),
+           "QWENSTACK_ENGINE__URLS": engine_url, "QWENSTACK_GATEWAY__PORT": str(gateway_port),
+           "QWENSTACK_UI__PORT": str(ui_port)}
+    process = subprocess.Popen([sys.executable, "-c", STACK_WITH_UI], env=env,
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    ui_url = f"http://127.0.0.1:{ui_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{ui_url}/login", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        # No admin key was configured: the UI made its own in the stack's key store.
+        assert (tmp_path / "home" / "secrets" / "ui-admin-key").stat().st_mode & 0o777 == 0o600
+    finally:
+        process.terminate()
+        code = process.wait(60)
+    assert code == 0, log.read_text()[-3000:]
+    for url in (ui_url, f"http://127.0.0.1:{gateway_port}/health"):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=5)
+
+
+def test_sso_header_sign_in(chat_ui: ChatUI, browser: object) -> None:
+    context = browser.new_context(  # type: ignore[attr-defined]
+        extra_http_headers={"X-Forwarded-User": "carol@example.com"})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.goto(chat_ui.url)
+    page.locator("#chat-input").wait_for()
+    page.get_by_text("Welcome to the").first.wait_for()
+    # Her own key: made on her first chat, named after her.
+    assert gateway_key_name("carol@example.com") in chat_ui.gateway.log.read_text()
+    context.close()
+
+
+def test_rate_limit_is_a_message_with_the_wait(chat_ui: ChatUI, browser: object) -> None:
+    # Dave's gateway key exists already, limited to 1 request a minute: the UI takes it over
+    # (a new secret, the same limits), as it would after losing its database.
+    create_key(chat_ui.gateway.home, "--name", gateway_key_name("dave"), "--rpm", "1")
+    dave = Chat(browser, chat_ui, "dave")
+    dave.wait_for_text("Welcome to the")
+    dave.send("Hello there.")
+    _wait_for(dave.page, lambda: len(chat_ui.requests(gateway_key_name("dave"))) == 1, "an answer")
+    dave.send("Hello again.")
+    dave.wait_for_text("You have reached your usage limit; please try again in about")
+    assert chat_ui.requests(gateway_key_name("dave"))[-1]["status"] == 429
+    dave.close()
+
+
+def test_settings_panel_and_stop_button_cancel_the_gateway_request(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    alice = Chat(browser, chat_ui, "alice")
+    alice.wait_for_text("Welcome to the")
+    alice.page.locator("#chat-settings-open-modal").click()
+    alice.page.locator("#max_tokens").fill("500")  # the most a 1024-token context allows
+    alice.page.locator("#confirm").click()
+    alice.page.locator("#confirm").wait_for(state="hidden")
+    key = gateway_key_name("alice")
+    before = len(chat_ui.requests(key))
+    alice.send("Write a very long poem about the sea.")
+    _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
+    # force: the button re-renders with every token, so it never holds still for the usual
+    # "stable" check on a busy machine.
+    alice.page.locator("#stop-button").click(force=True)
+    # The gateway's log line comes when the request ends: long before 500 tokens when the
+    # stop closed the connection (the gateway then aborts the engine's request).
+    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == before + 1, "the request to end")
+    stopped = chat_ui.requests(key)[-1]
+    assert (stopped.get("completion_tokens") or 0) < 500, stopped
+    alice.page.screenshot(path=str(screenshots / "alice-stopped.png"))
+    alice.close()
+
+
+def test_long_chats_are_trimmed_and_errors_are_messages_in_the_chat(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
+    bob.wait_for_text("欢迎使用")
+    key = gateway_key_name("bob")
+    # 500 Chinese characters: at most 500 tokens each, so one turn fits the 1024-token context
+    # and two do not.
+    bob.send("你好" * 250)
+    _wait_for(bob.page, lambda: len(chat_ui.requests(key)) == 1, "the first answer")
+    bob.send("再见" * 250)
+    bob.wait_for_text("最早的 1 轮对话未发送给模型")
+    _wait_for(bob.page, lambda: len(chat_ui.requests(key)) == 2, "the second answer")
+    assert chat_ui.requests(key)[-1]["status"] == 200
+
+    bob.send("lighthouse " * 1500)  # over 1024 tokens on its own
+    bob.wait_for_text("您的消息太长")
+    bob.page.screenshot(path=str(screenshots / "bob-trimmed-and-too-long.png"))
+
+    chat_ui.gateway.stop()
+    bob.send("你好")
+    bob.wait_for_text("无法连接到网关")
+    bob.page.screenshot(path=str(screenshots / "bob-gateway-down.png"))
+    bob.close()
+
