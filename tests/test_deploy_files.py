@@ -227,7 +227,8 @@ def test_compose_file_brings_up_the_whole_stack():
 
 
 CHART = DEPLOY / "helm" / "qwenstack"
-CHART_SECRETS = {"secrets": {"pepper": "pepper"}, "postgresql": {"password": "pw"}}
+CHART_SECRETS = {"secrets": {"pepper": "pepper", "uiAuthSecret": "ui"},
+                 "postgresql": {"password": "pw"}}
 
 
 def render_chart(values: dict) -> list[dict]:
