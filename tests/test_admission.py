@@ -107,20 +107,34 @@ def test_failing_engine_is_taken_out_of_rotation_then_probed(
         tmp_path, failing_engine, "--engine-url", engine_url,
         env={"QWENSTACK_ADMISSION__CIRCUIT_FAILURES": "2",
              # Long enough that three requests to a busy CPU engine end within it.
-             "QWENSTACK_ADMISSION__CIRCUIT_COOLDOWN_S": "5"},
+             "QWENSTACK_ADMISSION__CIRCUIT_COOLDOWN_S": "5",
+             # Turns in a known order: the failing engine (listed first) gets every other one.
+             "QWENSTACK_ROUTING__POLICY": "round_robin"},
     )
     url = f"{gateway.url}/v1/completions"
     try:
-        # Both idle: the failing engine (listed first) takes requests until its circuit opens.
+        # A 500 came before any byte reached the client: the other engine answers it instead.
+        # The failing engine takes its turns until its circuit opens after two failures.
         statuses = [httpx.post(url, json=SHORT, timeout=60).status_code for _ in range(5)]
-        assert statuses == [500, 500, 200, 200, 200]
+        assert statuses == [200] * 5
         assert FailingEngine.requests == 2
         engines = httpx.get(f"{gateway.url}/ready").json()["engines"]
         assert [e["circuit_open"] for e in engines] == [True, False]
         time.sleep(5.2)
-        # Cool-down over: one request probes it, fails, and the circuit opens again.
+        # Cool-down over: one request probes it, fails (and is retried), the circuit opens again.
         statuses = [httpx.post(url, json=SHORT, timeout=60).status_code for _ in range(3)]
-        assert statuses == [500, 200, 200]
+        assert statuses == [200] * 3
         assert FailingEngine.requests == 3
+    finally:
+        gateway.stop()
+
+
+def test_a_failure_is_retried_once_only(tmp_path: Path, failing_engine: str):
+    """Two failing engines: the request goes to the second once, then its 500 is the answer."""
+    gateway = start_gateway(tmp_path, failing_engine, "--engine-url", failing_engine)
+    try:
+        refused = httpx.post(f"{gateway.url}/v1/completions", json=SHORT, timeout=60)
+        assert refused.status_code == 500 and refused.json()["error"]["message"] == "boom"
+        assert FailingEngine.requests == 2
     finally:
         gateway.stop()

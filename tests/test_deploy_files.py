@@ -1,4 +1,5 @@
-"""The Prometheus and Grafana files parse, and query only metrics the stack exports."""
+"""The deploy files: Prometheus and Grafana query only metrics the stack exports; compose.yaml
+fits together; the Helm chart renders (Helm's own engine) to manifests valid for Kubernetes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import helm_python as helm
 import httpx
+import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -191,24 +194,122 @@ def test_every_queried_metric_and_label_is_exported(exported: dict[str, set[str]
     assert any(name.startswith("vllm:") and name in exported for name in queried)
 
 
-def test_compose_and_helm_files_parse_and_fit_together():
-    # Docker and Helm do not run here: these files are checked by parsing, not by deploying.
+def test_compose_file_brings_up_the_whole_stack():
+    # Docker does not run here: the file is checked by parsing, not by deploying.
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"qwenstack", "redis", "postgres", "prometheus", "grafana"} <= set(services)
-    build = services["qwenstack"]["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+    assert set(services) >= {"engine", "gateway", "ui", "redis", "postgres", "milvus",
+                             "prometheus", "grafana"}
+    stages = set(re.findall(r"^FROM \S+ AS (\w+)$", (DEPLOY / "Dockerfile").read_text(), re.M))
+    for name in ("gateway", "ui"):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+        assert build["target"] in stages
+    engine = services["engine"]
+    assert engine["image"].startswith("vllm/vllm-openai:")
+    assert "--enable-prefix-caching" in engine["command"]
+    assert "ports" not in engine  # vLLM's unauthenticated endpoints stay inside the network
+    gateway = services["gateway"]["environment"]
+    assert gateway["QWENSTACK_ENGINE__DISCOVERY_DNS"] == "engine"
+    assert gateway["QWENSTACK_RAG__MILVUS_URI"] == "http://milvus:19530"
+    assert gateway["QWENSTACK_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert services["ui"]["environment"]["QWENSTACK_UI__GATEWAY_URL"] == "http://gateway:8000"
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             assert not source.startswith(".") or (DEPLOY / source).exists(), source
+            assert source.startswith(".") or source in compose["volumes"], source
+        for dependency in service.get("depends_on", []):
+            assert dependency in services
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     [target] = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert target == "qwenstack:8000"  # the compose service
-    chart = DEPLOY / "helm" / "qwenstack"
-    assert yaml.safe_load((chart / "Chart.yaml").read_text())["apiVersion"] == "v2"
-    values = yaml.safe_load((chart / "values.yaml").read_text())
-    assert values["service"]["port"] == 8000
-    for template in (chart / "templates").glob("*.yaml"):
-        text = template.read_text()
-        assert text.count("{{") == text.count("}}"), template
+    assert target == "gateway:8000"  # the compose service
+
+
+CHART = DEPLOY / "helm" / "qwenstack"
+CHART_SECRETS = {"secrets": {"pepper": "pepper", "uiAuthSecret": "ui"},
+                 "postgresql": {"password": "pw"}}
+
+
+def render_chart(values: dict) -> list[dict]:
+    """The chart rendered by Helm's own template engine (its Go SDK, from the PyPI package
+    helm-python-sdk), as manifests validated against the Kubernetes schemas (strict: unknown
+    fields are errors) shipped by the PyPI package kubernetes-validate."""
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values, name="qs", namespace="ai")
+    manifests = [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, "1.33", strict=True)
+    return manifests
+
+
+def by_kind(manifests: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+def test_helm_chart_renders_valid_manifests_that_fit_together():
+    assert helm.lint(str(CHART))["errors"] == []
+    manifests = by_kind(render_chart(CHART_SECRETS))
+    engine = manifests["Deployment", "qs-engine"]["spec"]["template"]["spec"]["containers"][0]
+    assert engine["image"].startswith("vllm/vllm-openai:")
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert engine["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert "--enable-prefix-caching" in engine["args"]
+    headless = manifests["Service", "qs-engine"]["spec"]
+    assert headless["clusterIP"] == "None"
+    config = manifests["ConfigMap", "qs-gateway"]["data"]
+    assert config["QWENSTACK_ENGINE__DISCOVERY_DNS"] == "qs-engine.ai.svc.cluster.local"
+    assert config["QWENSTACK_ENGINE__DISCOVERY_PORT"] == str(headless["ports"][0]["port"])
+    gateway = manifests["Deployment", "qs-gateway"]
+    hpa = manifests["HorizontalPodAutoscaler", "qs-gateway"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "qs-gateway" and "replicas" not in gateway["spec"]
+    # Every Secret key a pod reads exists, and the gateways share limits, keys and the pepper.
+    secret = manifests["Secret", "qs-secrets"]["stringData"]
+    for manifest in manifests.values():
+        if manifest["kind"] in ("Deployment", "StatefulSet"):
+            for container in manifest["spec"]["template"]["spec"]["containers"]:
+                for env in container.get("env", []):
+                    if "secretKeyRef" in env.get("valueFrom", {}):
+                        assert env["valueFrom"]["secretKeyRef"]["key"] in secret, env
+    env = {e["name"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"QWENSTACK_AUTH__PEPPER", "QWENSTACK_DATABASE_URL",
+            "QWENSTACK_LIMITS__REDIS_URL"} <= env
+    assert secret["database-url"] == (
+        "postgresql+psycopg://qwenstack:pw@qs-postgresql:5432/qwenstack")
+    assert secret["redis-url"] == "redis://qs-redis:6379/0"
+    # Every Service selects pods some workload makes.
+    pod_labels = [m["spec"]["template"]["metadata"]["labels"] for m in manifests.values()
+                  if m["kind"] in ("Deployment", "StatefulSet")]
+    for service in (m for m in manifests.values() if m["kind"] == "Service"):
+        selector = service["spec"]["selector"].items()
+        assert any(selector <= labels.items() for labels in pod_labels), service["metadata"]
+
+
+def test_helm_chart_with_external_services_and_fixed_gateways():
+    manifests = by_kind(render_chart({
+        "secrets": {"pepper": "pepper"},
+        "redis": {"deploy": False, "url": "redis://r.example:6379/0"},
+        "postgresql": {"deploy": False, "url": "postgresql+psycopg://u:p@pg.example/q"},
+        "milvus": {"uri": "http://milvus.example:19530"},
+        "gateway": {"autoscaling": {"enabled": False}, "replicas": 3},
+        "ui": {"enabled": False},
+    }))
+    kinds = {kind for kind, _ in manifests}
+    assert "StatefulSet" not in kinds and "HorizontalPodAutoscaler" not in kinds
+    assert ("Deployment", "qs-redis") not in manifests
+    assert ("Deployment", "qs-ui") not in manifests
+    assert manifests["Deployment", "qs-gateway"]["spec"]["replicas"] == 3
+    secret = manifests["Secret", "qs-secrets"]["stringData"]
+    assert secret["redis-url"] == "redis://r.example:6379/0"
+    config = manifests["ConfigMap", "qs-gateway"]["data"]
+    assert config["QWENSTACK_RAG__MILVUS_URI"] == "http://milvus.example:19530"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"postgresql": {"password": "pw"}}, "secrets.pepper is required"),
+    ({"secrets": {"pepper": "p"}}, "postgresql.password is required"),
+    ({**CHART_SECRETS, "redis": {"deploy": False}}, "redis.url, or redis.deploy, is required"),
+])
+def test_helm_chart_refuses_to_render_without_what_replicas_must_share(values, message):
+    with helm.Chart.load(CHART) as chart, pytest.raises(Exception, match=message):
+        chart.render(values, name="qs", namespace="ai")

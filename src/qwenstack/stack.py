@@ -36,7 +36,8 @@ def gateway_server(settings: Settings) -> uvicorn.Server:
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through qwenstack's handler and log format
         access_log=False,  # the gateway logs each request itself, with its request id
-        timeout_graceful_shutdown=10,
+        # On stop: no new connections, requests in flight (streams too) finish within this.
+        timeout_graceful_shutdown=settings.gateway.drain_timeout_s,
         http=BoundedHeadProtocol.limited_to(settings.validation.max_header_bytes),
     )
     return _GatewayServer(config)

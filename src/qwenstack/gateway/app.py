@@ -33,7 +33,8 @@ from qwenstack.gateway.limits import Limiter
 from qwenstack.gateway.auth import Authentication, Authenticator
 from qwenstack.gateway.keys import KeyStore
 from qwenstack.gateway.proxy import Upstream
-from qwenstack.gateway.replicas import ReplicaPool
+from qwenstack.gateway.replicas import DnsDiscovery, ReplicaPool
+from qwenstack.gateway.routing import make_policy
 from qwenstack.gateway.usage import UsageRecorder
 from qwenstack.settings import Settings
 
@@ -105,6 +106,8 @@ class RequestContext:
                     "prompt_tokens": exchange.prompt_tokens,
                     "completion_tokens": exchange.completion_tokens,
                 }
+                if exchange.replica is not None:
+                    fields["replica"] = exchange.replica
                 if exchange.error_code:
                     fields["error_code"] = exchange.error_code
                 if exchange.first_chunk_s is not None:
@@ -142,13 +145,17 @@ def create_app(settings: Settings) -> FastAPI:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
+            engine = settings.engine
             pool = ReplicaPool(
-                settings.engine.replica_urls(), session, gateway.health_interval_s,
+                engine.replica_urls(), session, gateway.health_interval_s,
                 settings.admission.circuit_failures, settings.admission.circuit_cooldown_s,
+                discovery=DnsDiscovery(
+                    engine.discovery_dns, engine.discovery_port, engine.discovery_interval_s
+                ) if engine.discovery_dns else None,
             )
             await pool.start()
             app.state.pool = pool
-            app.state.upstream = Upstream(pool, session)
+            app.state.upstream = Upstream(pool, session, make_policy(settings.routing))
             app.state.metrics = metrics.Exposition(
                 pool, session, engine_metrics=observability.engine_metrics,
                 timeout_s=observability.engine_metrics_timeout_s,
@@ -245,7 +252,8 @@ def create_app(settings: Settings) -> FastAPI:
         """An engine can serve."""
         pool: ReplicaPool = request.app.state.pool
         engines = [
-            {"url": r.url, "up": r.up, "in_flight": r.in_flight, "circuit_open": bool(r.open_until)}
+            {"url": r.url, "up": r.up, "in_flight": r.in_flight, "load": r.load(),
+             "kv_cache_usage": r.kv_cache_usage, "circuit_open": bool(r.open_until)}
             for r in pool.replicas
         ]
         return JSONResponse(

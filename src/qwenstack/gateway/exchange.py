@@ -56,6 +56,9 @@ class Exchange:
     capture: bytearray | None = None  # the engine's answer as relayed, when the cache keeps it
     citations: list[dict[str, Any]] | None = None  # a grounded chat's retrieved chunks
     final_event: bytes = b""  # an SSE event a stream sends just before `data: [DONE]`
+    session: str | None = None  # the client's x-session-id header, for session affinity
+    replica: int | None = None  # index of the engine replica that answered
+    prefix_hashes: list[bytes] = field(default_factory=list)  # set by prefix-aware routing
     _finishers: list[Finisher] = field(default_factory=list, repr=False)
 
     @property

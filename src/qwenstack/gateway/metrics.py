@@ -114,8 +114,8 @@ class PoolCollector:
             labels=["model"],
         )
         by_model: dict[str, int] = {}
-        for index, replica in enumerate(self.pool.replicas):
-            up.add_metric([str(index)], 1.0 if replica.up else 0.0)
+        for replica in self.pool.replicas:
+            up.add_metric([str(replica.index)], 1.0 if replica.up else 0.0)
             if replica.models:
                 # An engine serves one model (its first card; further ones would be aliases).
                 model = replica.models[0]["id"]
@@ -191,8 +191,8 @@ class Exposition:
             return generate_latest(REGISTRY)
         fetched = await asyncio.gather(
             *(
-                self._fetch(str(index), replica.url)
-                for index, replica in enumerate(self.pool.replicas)
+                self._fetch(str(replica.index), replica.url)
+                for replica in self.pool.replicas
                 if replica.up
             )
         )

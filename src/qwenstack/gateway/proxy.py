@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from qwenstack.gateway.errors import GatewayError, error_body
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
 from qwenstack.gateway.replicas import Replica, ReplicaPool
+from qwenstack.gateway.routing import SESSION_HEADER, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,19 @@ def upstream_body(exchange: Exchange) -> bytes:
 class Upstream:
     """The pooled HTTP client that talks to the engines."""
 
-    def __init__(self, pool: ReplicaPool, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, pool: ReplicaPool, session: aiohttp.ClientSession, policy: RoutingPolicy
+    ) -> None:
         self.pool = pool
         self.session = session
+        self.policy = policy
 
     async def forward(self, request: Request, exchange: Exchange) -> Response:
         """Send the exchange to an engine; a stream's response finishes the exchange itself."""
-        model, replicas = self.pool.route(exchange.payload.get("model"))
+        model, candidates = self.pool.route(exchange.payload.get("model"))
         exchange.model = model
+        exchange.session = request.headers.get(SESSION_HEADER)
+        replicas = self.policy.order(candidates, exchange)
         headers = {"content-type": "application/json", "x-request-id": exchange.request_id}
         try:
             replica, upstream = await until_disconnect(
@@ -107,8 +113,9 @@ class Upstream:
             )
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        if upstream.status >= 500:
-            replica.record_outcome(False)
+        exchange.replica = replica.index
+        if upstream.status < 500:
+            self.policy.placed(exchange, replica)
         if upstream.status == 200 and exchange.stream:
             return EngineStream(upstream, replica, exchange)
         try:
@@ -137,25 +144,48 @@ class Upstream:
     async def _send(
         self, replicas: list[Replica], path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[Replica, aiohttp.ClientResponse]:
-        """Send to the least busy replica; one that refuses the connection is skipped."""
-        for replica in replicas:
+        """Send to the replicas in order until one answers.
+
+        A replica that refuses the connection saw nothing, so the next one is tried, however
+        many refuse. A request that failed before its first byte came back (a dropped
+        connection, a 5xx answer) may have reached its engine, so it goes to another replica
+        only once: the client then sees at most two attempts' delay, never a cascade. A timeout
+        is not retried: the engine may still be working on it, and the wait was long already.
+        """
+        retried = False
+        for position, replica in enumerate(replicas):
+            last = position == len(replicas) - 1
             replica.in_flight += 1
             try:
-                return replica, await self._post(replica.url + path, body, headers)
+                upstream = await self._post(replica.url + path, body, headers)
             except aiohttp.ClientConnectorError as exc:
-                # Nothing reached the engine, so another replica can safely take the request.
                 replica.in_flight -= 1
                 replica.mark_down(str(exc))
                 replica.record_outcome(False)
+                continue
             except BaseException as exc:
                 replica.in_flight -= 1
-                if isinstance(exc, aiohttp.ClientError | TimeoutError):
-                    raise _upstream_failure(exc, replica) from None
-                raise
+                if not isinstance(exc, aiohttp.ClientError | TimeoutError):
+                    raise
+                error = _upstream_failure(exc, replica)
+                if retried or last or isinstance(exc, TimeoutError):
+                    raise error from None
+                log.warning("Retrying on another engine after %s: %r", replica.url, exc)
+                retried = True
+                continue
+            if upstream.status >= 500:
+                replica.record_outcome(False)
+                if not (retried or last):
+                    log.warning("Retrying on another engine after %s answered %d",
+                                replica.url, upstream.status)
+                    upstream.release()
+                    replica.in_flight -= 1
+                    retried = True
+                    continue
+            return replica, upstream
         raise GatewayError(
             503, "No engine is reachable right now.", code="engine_unavailable", retry_after_s=5
         )
-
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         try:

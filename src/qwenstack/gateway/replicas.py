@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,28 @@ class Replica:
     failures: int = 0  # consecutive failed requests
     open_until: float = 0.0  # circuit open until this time.monotonic(); 0: closed
     health_timeouts: int = 0  # consecutive /health checks that timed out
+    # From the engine's /metrics, read with each health check: requests running plus waiting
+    # (from every gateway), KV-cache usage (0..1), and this gateway's in_flight at that moment.
+    engine_queue: int = 0
+    kv_cache_usage: float = 0.0
+    in_flight_at_poll: int = 0
+
+    def load(self) -> int:
+        """Requests outstanding at the engine: its last reported queue, corrected by what this
+        gateway has sent or finished since (the report is up to a health interval old); never
+        below this gateway's own in-flight count."""
+        return max(self.in_flight, self.engine_queue + self.in_flight - self.in_flight_at_poll)
+
+    def read_metrics(self, page: bytes) -> None:
+        """Load figures from a vLLM /metrics page: a line scan, no full parse."""
+        queue, usage = 0.0, 0.0
+        for line in page.splitlines():
+            if line.startswith((b"vllm:num_requests_running{", b"vllm:num_requests_waiting{")):
+                queue += float(line.rsplit(b" ", 1)[1])
+            elif line.startswith(b"vllm:kv_cache_usage_perc{"):
+                usage = max(usage, float(line.rsplit(b" ", 1)[1]))
+        self.engine_queue, self.kv_cache_usage = int(queue), usage
+        self.in_flight_at_poll = self.in_flight
 
     def admits(self, now: float) -> bool:
         """The circuit is closed, or its cool-down is over and no request (probe) is under way:
@@ -79,6 +103,23 @@ class Replica:
         self.up = False
 
 
+@dataclass(frozen=True)
+class DnsDiscovery:
+    """Engines as the A/AAAA records of a name, e.g. a Kubernetes headless Service's, whose DNS
+    answers with the addresses of its ready pods."""
+
+    name: str
+    port: int
+    interval_s: float
+
+    async def urls(self) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.name, self.port, type=socket.SOCK_STREAM
+        )
+        hosts = {info[4][0] for info in infos}
+        return sorted(f"http://{f'[{h}]' if ':' in h else h}:{self.port}" for h in hosts)
+
+
 class ReplicaPool:
     def __init__(
         self,
@@ -87,26 +128,66 @@ class ReplicaPool:
         interval_s: float,
         failures_to_open: int = 5,
         cooldown_s: float = 30.0,
+        discovery: DnsDiscovery | None = None,
     ) -> None:
-        self.replicas = [
-            Replica(url, index=i, failures_to_open=failures_to_open, cooldown_s=cooldown_s)
-            for i, url in enumerate(urls)
-        ]
-        for replica in self.replicas:
-            CIRCUIT_OPEN.labels(str(replica.index)).set(0)
+        self.replicas: list[Replica] = []
+        self._failures_to_open = failures_to_open
+        self._cooldown_s = cooldown_s
+        self.set_urls(urls)
         self._session = session
         self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._discovery = discovery
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Make the pool these engines: known ones keep their state (and index, the `replica`
+        label), new ones start down until their health check passes, others leave. A request
+        under way on one that left still finishes: it holds its replica."""
+        known = {replica.url: replica for replica in self.replicas}
+        if set(urls) == set(known):
+            return
+        kept = [known[url] for url in urls if url in known]
+        free = (i for i in itertools.count() if i not in {r.index for r in kept})
+        added = [
+            Replica(url, index=next(free), failures_to_open=self._failures_to_open,
+                    cooldown_s=self._cooldown_s)
+            for url in urls if url not in known
+        ]
+        for replica in added:
+            CIRCUIT_OPEN.labels(str(replica.index)).set(0)
+        if self.replicas:
+            log.info("Engines now %s", urls)
+        self.replicas = sorted(kept + added, key=lambda replica: replica.index)
 
     async def start(self) -> None:
+        if self._discovery:
+            await self.discover()
+            self._tasks.append(asyncio.create_task(self._discover_forever(self._discovery)))
         await self.check_all()
-        self._task = asyncio.create_task(self._check_forever())
+        self._tasks.append(asyncio.create_task(self._check_forever()))
+
+    async def discover(self) -> None:
+        """Refresh the engines from DNS; a failed lookup keeps the last ones (their health
+        checks still run), so a DNS hiccup does not empty the pool."""
+        assert self._discovery
+        try:
+            urls = await self._discovery.urls()
+        except OSError as exc:
+            log.warning("Engine discovery: %s did not resolve (%s); keeping %d engines",
+                        self._discovery.name, exc, len(self.replicas))
+            return
+        self.set_urls(urls)
+
+    async def _discover_forever(self, discovery: DnsDiscovery) -> None:
+        while True:
+            await asyncio.sleep(discovery.interval_s)
+            await self.discover()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     @property
     def any_up(self) -> bool:
@@ -121,7 +202,8 @@ class ReplicaPool:
         return list(cards.values())
 
     def route(self, model: str | None) -> tuple[str, list[Replica]]:
-        """The model to serve and the replicas that can serve it, least busy first."""
+        """The model to serve and the replicas that can take it now (the routing policy orders
+        them)."""
         cards = self.model_cards()
         if model is None:
             if not cards:
@@ -141,7 +223,6 @@ class ReplicaPool:
             if serving:  # all out of rotation: retry when the first cool-down ends
                 raise _unavailable(math.ceil(min(r.open_until for r in serving) - now))
             raise _unavailable()
-        candidates.sort(key=lambda r: r.in_flight)
         return model, candidates
 
     async def check_all(self) -> None:
@@ -169,8 +250,22 @@ class ReplicaPool:
             replica.health_timeouts += 1
             if replica.health_timeouts >= HEALTH_TIMEOUTS_TO_DOWN:
                 replica.mark_down(f"/health timed out {replica.health_timeouts} times in a row")
+            return
         except (aiohttp.ClientError, KeyError, ValueError) as exc:
             replica.mark_down(f"{type(exc).__name__}: {exc}")
+            return
+        await self._read_load(replica)
+
+    async def _read_load(self, replica: Replica) -> None:
+        """Refresh the engine's load figures; an unreadable page keeps the last ones (routing
+        then leans on the gateway's own in-flight count), it does not take the engine down."""
+        try:
+            url = f"{replica.url}/metrics"
+            async with self._session.get(url, timeout=HEALTH_TIMEOUT) as page:
+                page.raise_for_status()
+                replica.read_metrics(await page.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError, IndexError) as exc:
+            log.debug("Load of engine %s not read: %r", replica.url, exc)
 
 
 def _unavailable(retry_after_s: int = RETRY_AFTER_S) -> GatewayError:

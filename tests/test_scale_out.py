@@ -1,0 +1,360 @@
+"""Two real vLLM engines (tiny Qwen3, prefix caching on) behind gateways: routing policies,
+an engine killed under load, and a gateway stopped under load.
+
+The engines start once for the module (`qwenstack up --replicas 2`). While developing, set
+QWENSTACK_TEST_ENGINE_URLS to two running engines' URLs, and QWENSTACK_TEST_ENGINE_HOME to the
+`--home` of a `qwenstack engine` supervising the last of them (the one the fault test kills).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import request_log, start_gateway, start_stack
+
+MODEL = "tiny-qwen3"
+# Blocks of 256 prompt bytes, as the gateway hashes them; vLLM caches in blocks of tokens.
+SYSTEM = "You answer questions about the weather of mountain villages, briefly and politely. " * 6
+
+
+@dataclass
+class Engines:
+    urls: list[str]
+    home: Path  # engines.json there lists the last URL's process
+
+    def pid(self, url: str) -> int:
+        for engine in json.loads((self.home / "run" / "engines.json").read_text()):
+            if engine["url"] == url:
+                return engine["pid"]
+        raise LookupError(url)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    if urls := os.environ.get("QWENSTACK_TEST_ENGINE_URLS"):
+        yield Engines(urls.split(), Path(os.environ["QWENSTACK_TEST_ENGINE_HOME"]))
+        return
+    stack = start_stack(
+        tmp_path_factory.mktemp("two-engines"), "--model", str(tiny_qwen3),
+        "--served-model-name", MODEL, "--replicas", "2", "--max-model-len", "1024",
+        "--kv-cache-gib", "1", "--enforce-eager", "--enable-prefix-caching",
+    )
+    base = int(stack.engine.rsplit(":", 1)[1])
+    yield Engines([stack.engine, f"http://127.0.0.1:{base + 1}"], stack.home)
+    assert stack.stop() == 0, stack.log.read_text()[-5000:]
+
+
+def gateway_for(tmp: Path, engines: Engines, **settings: str):
+    first, *rest = engines.urls
+    extra = [arg for url in rest for arg in ("--engine-url", url)]
+    env = {f"QWENSTACK_{name.upper()}": value for name, value in settings.items()}
+    gateway = start_gateway(tmp, first, *extra, env=env)
+    wait_for(lambda: all(e["up"] for e in httpx.get(f"{gateway.url}/ready").json()["engines"]),
+             "both engines up", 60)
+    return gateway
+
+
+def wait_for(condition, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout_s} s")
+        time.sleep(0.2)
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    started: float
+    status: int
+    ttft_s: float | None
+    text: str
+    error: dict | None  # the OpenAI-shaped error, as a body or a stream's error event
+
+
+def stream_chat(client: httpx.Client, base_url: str, messages: list[dict], max_tokens: int = 8,
+                **extra) -> Outcome:
+    """A streamed chat completion, read to the end; never raises for the server's failures."""
+    request_id = uuid.uuid4().hex
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, **extra}
+    started = time.monotonic()
+    ttft, parts, error = None, [], None
+    try:
+        with client.stream("POST", f"{base_url}/v1/chat/completions", json=body,
+                           headers={"x-request-id": request_id}) as response:
+            if response.status_code != 200:
+                return Outcome(request_id, started, response.status_code, None, "",
+                               json.loads(response.read())["error"])
+            done = False
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]
+                    continue
+                if ttft is None:
+                    ttft = time.monotonic() - started
+                parts.extend(c["delta"].get("content") or "" for c in event["choices"])
+            status = 200 if done and error is None else 502
+    except httpx.TransportError as exc:
+        return Outcome(request_id, started, 0, ttft, "", {"message": repr(exc)})
+    return Outcome(request_id, started, status, ttft, "".join(parts), error)
+
+
+def prefix_cache_counts(engines: Engines) -> tuple[float, float]:
+    """Summed vLLM prefix-cache (hits, queries) in tokens, over both engines."""
+    hits = queries = 0.0
+    for url in engines.urls:
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total{"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total{"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+def conversations_workload(gateway, salt: str, conversations: int = 7, turns: int = 3):
+    """Multi-turn chats, interleaved turn by turn (every conversation's first turn, then every
+    second turn...), one request at a time. An odd number of conversations, so that round robin
+    does not send each one's turns to the same replica by coincidence. `salt` starts every
+    prompt, so no run hits what an earlier run left in the prefix caches."""
+    chats = [[{"role": "system", "content": f"{salt} {i}. {SYSTEM}"}] for i in range(conversations)]
+    served: dict[int, list[int]] = {i: [] for i in range(conversations)}
+    outcomes = []
+    with httpx.Client(timeout=120) as client:
+        for turn in range(turns):
+            for i, chat in enumerate(chats):
+                chat.append({"role": "user", "content": f"Turn {turn}: and in village {i}?"})
+                outcome = stream_chat(client, gateway.url, chat)
+                assert outcome.status == 200, outcome
+                chat.append({"role": "assistant", "content": outcome.text})
+                served[i].append(request_log(gateway.log, outcome.request_id)["replica"])
+                outcomes.append(outcome)
+    return served, outcomes
+
+
+def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_more(
+    tmp_path: Path, engines: Engines
+):
+    figures = {}
+    for policy in ("round_robin", "prefix_aware"):
+        gateway = gateway_for(tmp_path / policy, engines, routing__policy=policy)
+        try:
+            before = prefix_cache_counts(engines)
+            served, outcomes = conversations_workload(gateway, salt=uuid.uuid4().hex)
+            after = prefix_cache_counts(engines)
+        finally:
+            gateway.stop()
+        ttfts = sorted(o.ttft_s for o in outcomes)
+        hits, queries = after[0] - before[0], after[1] - before[1]
+        figures[policy] = {
+            "ttft_median_ms": round(statistics.median(ttfts) * 1000, 1),
+            "ttft_p95_ms": round(statistics.quantiles(ttfts, n=20)[-1] * 1000, 1),
+            "prefix_cache_hit_rate": round(hits / queries, 3),
+            "ttfts_ms": [round(t * 1000) for t in ttfts],
+            "served": served,
+        }
+    print("\nrouting figures:", json.dumps({p: {k: v for k, v in f.items() if k != "served"}
+                                           for p, f in figures.items()}))
+    # Every conversation's later turns went where its first did, and both replicas took some.
+    prefix_served = figures["prefix_aware"]["served"]
+    assert all(len(set(replicas)) == 1 for replicas in prefix_served.values()), prefix_served
+    assert {replicas[0] for replicas in prefix_served.values()} == {0, 1}, prefix_served
+    round_robin_served = figures["round_robin"]["served"]
+    assert any(len(set(replicas)) > 1 for replicas in round_robin_served.values())
+    assert (figures["prefix_aware"]["prefix_cache_hit_rate"]
+            > figures["round_robin"]["prefix_cache_hit_rate"]), figures
+
+
+def test_least_outstanding_spreads_concurrent_load(tmp_path: Path, engines: Engines):
+    gateway = gateway_for(tmp_path, engines, routing__policy="least_outstanding")
+    try:
+        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(
+                lambda i: stream_chat(client, gateway.url, [{"role": "user", "content": f"{i}"}],
+                                      max_tokens=64, ignore_eos=True),
+                range(12),
+            ))
+        assert all(o.status == 200 for o in outcomes), outcomes
+        replicas = Counter(request_log(gateway.log, o.request_id)["replica"] for o in outcomes)
+        assert set(replicas) == {0, 1} and min(replicas.values()) >= 3, replicas
+    finally:
+        gateway.stop()
+
+
+class SteadyLoad:
+    """Clients sending short streamed chats back to back, each outcome kept, until stopped."""
+
+    def __init__(self, base_url: str, clients: int = 3, max_tokens: int = 32) -> None:
+        self.base_url = base_url
+        self.max_tokens = max_tokens
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(300)
+
+    def _run(self, client_index: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                messages = [{"role": "user", "content": f"client {client_index} request {n}"}]
+                self.outcomes.append(stream_chat(client, self.base_url, messages,
+                                                 max_tokens=self.max_tokens, ignore_eos=True))
+
+    def wait_for_more(self, count: int, timeout_s: float = 300) -> None:
+        target = len(self.outcomes) + count
+        wait_for(lambda: len(self.outcomes) >= target, f"{count} more requests done", timeout_s)
+
+
+@pytest.mark.disruptive
+def test_killed_engine_is_ejected_then_taken_back(tmp_path: Path, engines: Engines):
+    """SIGKILL one engine under load: only requests already at it may fail (with an OpenAI
+    error); once the health check has taken it out, none does; its supervisor restarts it and
+    it takes load again."""
+    victim = engines.urls[-1]
+    gateway = gateway_for(tmp_path, engines, routing__policy="least_outstanding")
+    ready = f"{gateway.url}/ready"
+    try:
+        with SteadyLoad(gateway.url) as load:
+            load.wait_for_more(6)
+            killed_at = time.monotonic()
+            os.kill(engines.pid(victim), signal.SIGKILL)
+            wait_for(lambda: not httpx.get(ready).json()["engines"][-1]["up"], "ejected", 30)
+            ejected_at = time.monotonic()
+            load.wait_for_more(10)
+        # Seconds: the health check runs every second; a killed vLLM may leave its listening
+        # socket to a dying child for a moment, and this machine may be busy.
+        assert ejected_at - killed_at < 15
+        failed = [o for o in load.outcomes if o.status != 200]
+        for outcome in failed:
+            assert outcome.started < ejected_at, outcome  # after ejection, nothing fails
+            assert outcome.error and outcome.error.get("message"), outcome  # a clear error
+        # The supervisor restarts it; the health check takes it back, and it serves again.
+        wait_for(lambda: httpx.get(ready).json()["engines"][-1]["up"], "back in rotation", 600)
+        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(
+                lambda i: stream_chat(client, gateway.url, [{"role": "user", "content": f"{i}"}],
+                                      max_tokens=32, ignore_eos=True), range(8)))
+        assert all(o.status == 200 for o in outcomes), outcomes
+        replicas = {request_log(gateway.log, o.request_id)["replica"] for o in outcomes}
+        assert replicas == {0, 1}
+    finally:
+        gateway.stop()
+
+
+def test_sigterm_lets_accepted_requests_finish_and_refuses_new_ones(
+    tmp_path: Path, engines: Engines
+):
+    gateway = gateway_for(tmp_path, engines, gateway__drain_timeout_s="120")
+    try:
+        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
+            streams = [
+                pool.submit(stream_chat, client, gateway.url, [{"role": "user", "content": f"{i}"}],
+                            max_tokens=200, ignore_eos=True)
+                for i in range(4)
+            ]
+            wait_for(lambda: sum(e["in_flight"] for e in
+                                 httpx.get(f"{gateway.url}/ready").json()["engines"]) == 4,
+                     "4 requests in flight", 60)
+            gateway.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: refused(gateway.url), "new connections refused", 10)
+            outcomes = [stream.result() for stream in streams]
+        assert gateway.process.wait(120) == 0
+        for outcome in outcomes:  # every accepted one ran to its last token
+            assert outcome.status == 200, outcome
+            assert outcome.error is None
+    finally:
+        if gateway.process.poll() is None:
+            gateway.stop()
+
+
+def refused(base_url: str) -> bool:
+    try:
+        httpx.get(f"{base_url}/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        pass
+    return False
+
+
+class BreakingEngine(BaseHTTPRequestHandler):
+    """A fake engine whose streams break after the first event (the connection drops mid-way
+    through a chunked body, as when a real engine dies)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionError):  # the break itself, seen by the server
+            super().handle()
+
+    def do_GET(self) -> None:
+        body = b'{"object":"list","data":[{"id":"tiny-qwen3","max_model_len":1024}]}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        event = (b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,'
+                 b'"delta":{"content":"Hel"}}]}\n\n')
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.flush()
+        time.sleep(0.5)  # the gateway relays the event before the break
+        self.close_connection = True
+        self.connection.shutdown(2)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_stream_broken_mid_way_ends_with_an_error_event(tmp_path: Path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BreakingEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gateway = start_gateway(tmp_path, f"http://127.0.0.1:{server.server_port}")
+    try:
+        with httpx.Client(timeout=30) as client:
+            outcome = stream_chat(client, gateway.url, [{"role": "user", "content": "hi"}])
+        assert outcome.text == "Hel"  # what came before the break was relayed
+        assert outcome.status == 502 and outcome.error["type"] == "server_error", outcome
+        assert outcome.error["code"] == "engine_error"  # then the stream ended, no hang
+    finally:
+        gateway.stop()
+        server.shutdown()
