@@ -31,6 +31,7 @@ from qwenstack.ui import store
 from qwenstack.ui.accounts import AccountError, Accounts, gateway_key_name, password_matches
 from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
+from qwenstack.ui.knowledge import UploadRefused, knowledge_base_name, max_upload_mb, sources
 from qwenstack.ui.texts import text
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -44,7 +45,13 @@ CHROMIUM_ARGS = [
 # Generous: a loaded 2-core machine runs the engine, the gateway, Chainlit and Chromium at once.
 WAIT_MS = 90_000
 ANSWER_TOKENS = 24
-PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "dave": "dave-password-333"}
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "dave": "dave-password-333",
+             "erin": "erin-password-4444", "frank": "frank-password-55555"}
+# Knowledge bases sized for the tiny model's 1,024-token context: two small chunks at most.
+RAG_ENV = {"QWENSTACK_RAG__CHUNK_TOKENS": "64", "QWENSTACK_RAG__CHUNK_OVERLAP_TOKENS": "8",
+           "QWENSTACK_RAG__TOP_K": "2", "QWENSTACK_RAG__MAX_UPLOAD_BYTES": "100000"}
+NOTES = (b"The lighthouse on Kestrel Point was built in 1887 from grey granite.\n\n"
+         b"Its keeper's secret code word is amber-falcon.\n")
 
 
 # ---- without a browser -------------------------------------------------------------------
@@ -90,6 +97,17 @@ def test_gateway_key_names_are_valid_and_distinct() -> None:
     assert len(gateway_key_name("x" * 256)) <= 64
 
 
+def test_citations_become_sources_and_upload_limits_whole_megabytes() -> None:
+    lines = sources([
+        {"source": "a.pdf", "page": 3, "heading": None, "text": "word " * 100},
+        {"source": "b.md", "page": None, "heading": "Intro", "text": "short\ntext"},
+    ])
+    assert lines[0].startswith("1. **a.pdf, p. 3**: word word") and lines[0].endswith("…")
+    assert lines[1] == "2. **b.md, Intro**: short text"
+    assert (max_upload_mb(1), max_upload_mb(2**20), max_upload_mb(2**20 + 1)) == (1, 1, 2)
+    assert knowledge_base_name("alice") == "ui-alice"
+
+
 def _status_error(status: int, body: dict, headers: dict[str, str] | None = None) -> Exception:
     request = httpx.Request("POST", "http://gateway/v1/chat/completions")
     response = httpx.Response(status, json=body, headers=headers, request=request)
@@ -111,6 +129,8 @@ def _status_error(status: int, body: dict, headers: dict[str, str] | None = None
     (openai.APIConnectionError(request=httpx.Request("POST", "http://gateway")),
      "gateway_down", {"url": "http://gateway"}),
     (MessageTooLong(1024), "too_long", {"context": 1024}),
+    (UploadRefused(400, "locked.pdf is encrypted"), "upload_refused",
+     {"status": 400, "message": "locked.pdf is encrypted"}),
 ])
 def test_errors_become_texts_in_both_languages(error: Exception, key: str, values: dict) -> None:
     assert explain(error, model="m", gateway_url="http://gateway", timeout_s=600) == (key, values)
@@ -247,9 +267,13 @@ def screenshots(
 
 
 @pytest.fixture(scope="module")
-def chat_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatUI]:
+def chat_ui(
+    engine_url: str, tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChatUI]:
     tmp = tmp_path_factory.mktemp("ui")
-    gateway = start_gateway(tmp, engine_url, auth=True)
+    # Chunks measured in the served model's tokens; the UI reads the same upload limit.
+    rag_env = {**RAG_ENV, "QWENSTACK_RAG__TOKENIZER": str(tiny_qwen3)}
+    gateway = start_gateway(tmp, engine_url, auth=True, env=rag_env)
     admin_key = create_key(gateway.home, "--name", "ui-admin", "--admin")
     accounts = store.accounts(load_settings(home=gateway.home))
     for user, password in PASSWORDS.items():
@@ -261,7 +285,7 @@ def chat_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         [sys.executable, "-m", "qwenstack", "ui", "--home", str(gateway.home), "--port", str(port),
          "--gateway-url", gateway.url],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key,
+        env={**os.environ, **rag_env, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key,
              "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS),
              "QWENSTACK_UI__HEADER_LOGIN": "X-Forwarded-User"},
     )
@@ -383,8 +407,6 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     alice.send("Go on.")
     _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 4, "the new chat's request")
     assert chat_ui.requests(key)[3]["prompt_tokens"] < one["prompt_tokens"]
-    # File upload is off until the RAG part takes uploads.
-    assert alice.page.locator("#upload-button, input[type=file]").count() == 0
 
     # Bob (a Chinese browser) sees his own welcome, and not Alice's chat.
     bob = Chat(browser, chat_ui, "bob", locale="zh-CN")
@@ -398,6 +420,90 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     bob.page.screenshot(path=str(screenshots / "bob-cannot-see-alice.png"))
     bob.close()
     alice.close()
+
+
+def _send_with_file(chat: Chat, path: Path, text: str) -> None:
+    """Send a message with a file attached, once Chainlit has stored the file."""
+    with chat.page.expect_response(lambda r: "/project/file" in r.url
+                                   and r.request.method == "POST") as stored:
+        chat.page.locator("#upload-button-input").set_input_files(str(path))
+    assert stored.value.ok, stored.value.text()
+    chat.page.locator("#chat-input").fill(text)
+    # The send button, not Enter: it waits until the attachment is ready, Enter is lost before.
+    chat.page.locator("#chat-submit").click()
+
+
+def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
+    chat_ui: ChatUI, browser: object, screenshots: Path, tmp_path: Path
+) -> None:
+    from pypdf import PdfWriter
+
+    notes = tmp_path / "kestrel-notes.txt"
+    notes.write_bytes(NOTES)
+    writer = PdfWriter()
+    writer.add_blank_page(100, 100)
+    writer.encrypt("secret")
+    locked = tmp_path / "locked.pdf"
+    with locked.open("wb") as file:
+        writer.write(file)
+    erin = Chat(browser, chat_ui, "erin")
+    erin.wait_for_text("Welcome to the")
+    key = gateway_key_name("erin")
+
+    _send_with_file(erin, notes, "What is the secret code word of the Kestrel Point lighthouse "
+                                 "keeper?")
+    erin.wait_for_text("was added to your documents (")
+    _wait_for(erin.page, lambda: len(chat_ui.requests(key)) == 1, "the grounded request")
+    # The answer's sources name the file and quote it.
+    cited = erin.page.locator("[data-step-type=assistant_message]", has_text="Sources:").last
+    cited.wait_for()
+    assert "kestrel-notes.txt" in cited.inner_text() and "amber-falcon" in cited.inner_text()
+    erin.page.screenshot(path=str(screenshots / "erin-grounded-answer.png"))
+    grounded = chat_ui.requests(key)[0]
+    assert grounded["status"] == 200
+    # The gateway put the document and its instructions before the question.
+    assert grounded["prompt_tokens"] > 100, grounded
+
+    # A bad file is a message in the chat, and its question is not sent without it. (In a new
+    # chat: under Playwright, a second attachment in one chat did not reach the app.)
+    erin.page.locator("#new-chat-button").click()
+    erin.wait_for_text("Welcome to the")
+    _send_with_file(erin, locked, "What does the locked file say?")
+    erin.wait_for_text("Your files could not be added to your documents (400)")
+    erin.wait_for_text("encrypted")
+    assert len(chat_ui.requests(key)) == 1
+
+    # The base is Erin's alone.
+    accounts = store.accounts(load_settings(home=chat_ui.gateway.home))
+    erin_key = accounts.gateway_key("erin")
+    accounts.engine.dispose()
+    base = knowledge_base_name("erin")
+    mine = httpx.get(f"{chat_ui.gateway.url}/v1/knowledge_bases/{base}", timeout=60,
+                     headers={"authorization": f"Bearer {erin_key}"})
+    assert mine.status_code == 200 and mine.json()["owner"] == key, mine.text
+    assert mine.json()["files"] == 1
+
+    # Frank, another user, with his own key: her base is as if it did not exist.
+    frank = Chat(browser, chat_ui, "frank")
+    frank.wait_for_text("Welcome to the")
+    accounts = store.accounts(load_settings(home=chat_ui.gateway.home))
+    frank_key = accounts.gateway_key("frank")
+    accounts.engine.dispose()
+    headers = {"authorization": f"Bearer {frank_key}"}
+    gateway = chat_ui.gateway.url
+    for response in (
+        httpx.get(f"{gateway}/v1/knowledge_bases/{base}", headers=headers, timeout=60),
+        httpx.post(f"{gateway}/v1/knowledge_bases/{base}/query", headers=headers, timeout=60,
+                   json={"query": "secret code word"}),
+        httpx.post(f"{gateway}/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": "tiny-qwen3", "knowledge_bases": [base], "max_tokens": 4,
+            "messages": [{"role": "user", "content": "What is the secret code word?"}]}),
+    ):
+        assert response.status_code == 404, response.text
+    listed = httpx.get(f"{gateway}/v1/knowledge_bases", headers=headers, timeout=60)
+    assert base not in [kb["name"] for kb in listed.json()["data"]]
+    frank.close()
+    erin.close()
 
 
 STACK_WITH_UI = """

@@ -1,7 +1,9 @@
 """The Chainlit app (`chainlit run` loads this file; `qwenstack ui` does that).
 
 Each turn sends the whole conversation to the gateway's /v1/chat/completions with the user's own
-key and streams the answer into the chat. Nothing here talks to an engine.
+key and streams the answer into the chat. Files sent with a message go into the user's own
+knowledge base (knowledge.py); once it holds documents, turns ask the gateway to ground the answer
+on it and its citations are shown as sources. Nothing here talks to an engine.
 """
 
 from __future__ import annotations
@@ -9,20 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import chainlit as cl
 import httpx
 import openai
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
-from chainlit.input_widget import NumberInput, Select, Slider, TextInput
+from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.types import ThreadDict
 
 from qwenstack.settings import load_settings
 from qwenstack.ui import server, store
 from qwenstack.ui.conversation import Conversation, Sampling
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
-from qwenstack.ui.gateway_keys import UserKeys
+from qwenstack.ui.gateway_keys import KeyUnavailable, UserKeys
+from qwenstack.ui.knowledge import KnowledgeBaseClient, UploadRefused, knowledge_base_name, sources
 from qwenstack.ui.texts import language_of, starters, text
 
 log = logging.getLogger("qwenstack.ui")
@@ -35,6 +39,7 @@ user_keys = UserKeys(ui, gateway_url, accounts)
 MAX_FIT_ATTEMPTS = 8
 ANSWER = "answer"  # metadata kind of the model's answers, the only assistant messages replayed
 NO_MODEL = "-"  # the settings panel's model while the gateway lists none
+CITATIONS_EVENT = "qwenstack.citations"  # see qwenstack.gateway.knowledge
 
 
 @cl.data_layer
@@ -94,6 +99,23 @@ async def _client(refused: str | None = None) -> openai.AsyncOpenAI:
     return client
 
 
+async def _knowledge_base(refused: str | None = None) -> KnowledgeBaseClient:
+    client = await _client(refused)
+    user: cl.User = cl.user_session.get("user")
+    return KnowledgeBaseClient(gateway_url, client.api_key, knowledge_base_name(user.identifier),
+                               ui.request_timeout_s)
+
+
+async def _document_count() -> int:
+    """Files in the user's knowledge base; 0 when there is none, or the gateway keeps none."""
+    try:
+        return await (await _knowledge_base()).document_count()
+    except (UploadRefused, KeyUnavailable, httpx.TransportError) as exc:
+        # Uploading says why, should the user try; until then the chat works without documents.
+        log.info("No knowledge base for this chat: %r", exc)
+        return 0
+
+
 async def _models() -> list[dict[str, Any]]:
     client = await _client()
     try:
@@ -113,6 +135,7 @@ async def _start_session(conversation: Conversation) -> None:
         models = await _models()
     except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
         await _report(exc)
+    cl.user_session.set("documents", await _document_count() if models else 0)
     context_lens = {m["id"]: m.get("max_model_len") for m in models or ()}
     cl.user_session.set("context_lens", context_lens)
     names = list(context_lens) or [NO_MODEL]
@@ -126,6 +149,8 @@ async def _start_session(conversation: Conversation) -> None:
                initial=ui.top_p, min=0.05, max=1, step=0.05),
         NumberInput(id="max_tokens", label=text("setting_max_tokens", language),
                     initial=ui.max_tokens),
+        # On: grounded on the user's documents whenever they have uploaded some.
+        Switch(id="use_documents", label=text("setting_use_documents", language), initial=True),
     ]).send()
     _apply_settings(values)
     if models == []:  # the gateway answered, but serves nothing (None: _report said why)
@@ -146,6 +171,7 @@ def _apply_settings(values: dict[str, Any]) -> None:
         min_p=ui.min_p,
         max_tokens=max_tokens,
     ))
+    cl.user_session.set("use_documents", bool(values.get("use_documents", True)))
 
 
 @cl.on_chat_start
@@ -185,10 +211,15 @@ async def on_message(message: cl.Message) -> None:
     sampling: Sampling = cl.user_session.get("sampling")
     if sampling.model == NO_MODEL:
         return  # _start_session told the user why
+    uploads = [element for element in message.elements or () if element.path]
+    if uploads and not await _ingest(uploads):
+        return  # refused: the user was told, and the question would miss its documents
+    if not message.content.strip():
+        return  # files alone: nothing to answer
     conversation.add("user", message.content)
     answer = cl.Message(content="", metadata={"kind": ANSWER})
     try:
-        await _answer(conversation, sampling, answer)
+        citations = await _answer(conversation, sampling, answer)
     except asyncio.CancelledError:
         # The stop button: leaving `async with stream` in _answer closed the gateway connection,
         # which makes the gateway abort the engine's request. What came so far stays in the chat.
@@ -202,12 +233,44 @@ async def on_message(message: cl.Message) -> None:
         return
     conversation.add("assistant", answer.content)
     await answer.send()
+    if citations:
+        # A notice, not part of the answer: the model never sees it in later turns.
+        await _say("sources", sources="\n".join(sources(citations))).send()
 
 
-async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Message) -> None:
-    """Stream the answer to the newest message, fitting the history into the context window."""
+async def _ingest(uploads: list[cl.Element]) -> bool:
+    """Put the message's files into the user's knowledge base, saying in the chat how it went."""
+    try:
+        files = [(element.name, await asyncio.to_thread(Path(element.path).read_bytes))
+                 for element in uploads]
+        knowledge_base = await _knowledge_base()
+        try:
+            results = await knowledge_base.upload(files)
+        except UploadRefused as exc:
+            if exc.status != 401:
+                raise
+            # The key was rotated meanwhile (see _client): once more with the current one.
+            results = await (await _knowledge_base(refused=knowledge_base.key)).upload(files)
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
+        await _report(exc)
+        return False
+    for result in results:
+        await _say(f"file_{result.status}", file=result.name, chunks=result.chunks).send()
+    cl.user_session.set("documents", max(1, cl.user_session.get("documents") or 0))
+    return True
+
+
+async def _answer(
+    conversation: Conversation, sampling: Sampling, answer: cl.Message
+) -> list[dict[str, Any]]:
+    """Stream the answer to the newest message, fitting the history into the context window;
+    the citations of a grounded answer."""
     context_len = cl.user_session.get("context_lens", {}).get(sampling.model)
     request = sampling.request(context_len)
+    if cl.user_session.get("use_documents") and cl.user_session.get("documents"):
+        user: cl.User = cl.user_session.get("user")
+        # The gateway retrieves from it with the newest message and answers with citations.
+        request["extra_body"]["knowledge_bases"] = [knowledge_base_name(user.identifier)]
     budget = context_len - request["max_tokens"] if context_len else None
     client = await _client()
     key_renewed = False
@@ -232,11 +295,16 @@ async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Mes
             continue
         if dropped:
             await _say("trimmed", context=context_len, turns=dropped).send()
+        citations: list[dict[str, Any]] = []
         async with stream:
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     await answer.stream_token(chunk.choices[0].delta.content)
-        return
+                elif chunk.object == CITATIONS_EVENT:
+                    # The gateway's last event of a grounded stream: the SDK parses it as a
+                    # chunk without choices, its extra field kept in model_extra.
+                    citations = (chunk.model_extra or {}).get("citations") or []
+        return citations
     raise MessageTooLong(context_len)
 
 

@@ -7,6 +7,7 @@ import httpx
 import openai
 
 from qwenstack.ui.gateway_keys import KeyUnavailable
+from qwenstack.ui.knowledge import UploadRefused
 
 # The engine's "context too long" answer, when the estimate in conversation.py fell short.
 CONTEXT_ERROR_HINTS = ("context_length_exceeded", "maximum context length", "context length")
@@ -52,6 +53,8 @@ def explain(
         return "timeout", {"seconds": round(timeout_s)}
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
         return "gateway_down", {"url": gateway_url}
+    if isinstance(exc, UploadRefused):
+        return "upload_refused", {"status": exc.status, "message": exc.message}
     if isinstance(exc, KeyUnavailable):
         return "no_key", {"reason": str(exc)}
     if isinstance(exc, openai.RateLimitError):

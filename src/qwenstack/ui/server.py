@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ import httpx
 from qwenstack.errors import SetupError
 from qwenstack.gateway.keys import KeyStore, KeyStoreError
 from qwenstack.settings import Settings
-from qwenstack.ui import store
+from qwenstack.ui import knowledge, store
 
 log = logging.getLogger(__name__)
 # The readiness polls below would log a line each at info level.
@@ -49,8 +50,11 @@ user_message_markdown = true
 edit_message = false
 
 [features.spontaneous_file_upload]
-# Off until the RAG part handles uploads.
-enabled = false
+# Files sent with a message go into the user's knowledge base (knowledge.py).
+enabled = true
+accept = {accept}
+max_files = {max_files}
+max_size_mb = {max_size_mb}
 
 [UI]
 name = "Qwen"
@@ -135,7 +139,11 @@ def prepare(settings: Settings) -> dict[str, str]:
     root = app_root(settings)
     (root / ".chainlit").mkdir(parents=True, exist_ok=True)
     version = importlib.metadata.version("chainlit")
-    (root / ".chainlit" / "config.toml").write_text(CONFIG_TOML.format(version=version))
+    accept = ", ".join(f"{json.dumps(mime)} = {json.dumps(extensions)}"
+                       for mime, extensions in knowledge.ACCEPTED_UPLOADS.items())
+    (root / ".chainlit" / "config.toml").write_text(CONFIG_TOML.format(
+        version=version, accept=f"{{ {accept} }}", max_files=knowledge.MAX_FILES_PER_MESSAGE,
+        max_size_mb=knowledge.max_upload_mb(settings.rag.max_upload_bytes)))
     (root / "chainlit.md").write_text(README)
     env = {
         **os.environ,

@@ -55,11 +55,35 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "网关返回错误({status}):{message}",
         "en": "The gateway answered with an error ({status}): {message}",
     },
+    "upload_refused": {
+        "zh": "文件未能加入您的文档库({status}):{message}",
+        "en": "Your files could not be added to your documents ({status}): {message}",
+    },
+    "file_ingested": {
+        "zh": "**{file}** 已加入您的文档库({chunks} 个片段),回答将引用您的文档。",
+        "en": "**{file}** was added to your documents ({chunks} chunk(s)); answers will draw on "
+              "your documents.",
+    },
+    "file_replaced": {
+        "zh": "**{file}** 已在您的文档库中更新({chunks} 个片段)。",
+        "en": "**{file}** was updated in your documents ({chunks} chunk(s)).",
+    },
+    "file_unchanged": {
+        "zh": "**{file}** 未改变,已在您的文档库中,已跳过。",
+        "en": "**{file}** is unchanged and already in your documents: skipped.",
+    },
+    "sources": {
+        "zh": "来源:\n\n{sources}",
+        "en": "Sources:\n\n{sources}",
+    },
     "setting_model": {"zh": "模型", "en": "Model"},
     "setting_system_prompt": {"zh": "系统提示词", "en": "System prompt"},
     "setting_temperature": {"zh": "温度 (temperature)", "en": "Temperature"},
     "setting_top_p": {"zh": "Top P", "en": "Top P"},
     "setting_max_tokens": {"zh": "最大回答长度 (token)", "en": "Max answer tokens"},
+    "setting_use_documents": {
+        "zh": "根据我上传的文档回答", "en": "Answer from my uploaded documents",
+    },
 }
 
 STARTERS: dict[str, list[tuple[str, str]]] = {
