@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -53,25 +53,14 @@ def _html(data: bytes, name: str) -> list[Section]:
     soup = BeautifulSoup(data, "html.parser")
     for hidden in soup(["script", "style", "noscript", "template"]):
         hidden.decompose()
-    sections: list[Section] = []
-    heading: str | None = None
-    lines: list[str] = []
     blocks = soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "th",
                             "blockquote", "dd", "dt"])
-    for block in blocks:
-        if block.find_parent(["p", "li", "pre", "td", "th", "blockquote"]):
-            continue  # its text is part of the enclosing block's
-        text = block.get_text(" ", strip=True)
-        if not text:
-            continue
-        if block.name[0] == "h" and block.name[1:].isdigit():
-            if lines:
-                sections.append(Section("\n\n".join(lines), heading=heading))
-            heading, lines = text, []
-        else:
-            lines.append(text)
-    if lines:
-        sections.append(Section("\n\n".join(lines), heading=heading))
+    sections = _under_headings(
+        (block.get_text(" ", strip=True), block.name[0] == "h" and block.name[1:].isdigit())
+        for block in blocks
+        # A block inside another: its text is part of the enclosing block's.
+        if not block.find_parent(["p", "li", "pre", "td", "th", "blockquote"])
+    )
     if not sections:  # no block structure: the page's plain text
         text = soup.get_text("\n", strip=True)
         sections = [Section(text)] if text else []
@@ -111,14 +100,22 @@ def _docx(data: bytes, name: str) -> list[Section]:
         document = docx.Document(io.BytesIO(data))
     except (zipfile.BadZipFile, KeyError, ValueError) as exc:
         raise RagError(f"{name}: the DOCX cannot be read ({exc}).", code="unreadable_file") from None
+    return _under_headings(
+        (paragraph.text.strip(),
+         paragraph.style is not None and (paragraph.style.name or "").startswith(("Heading", "Title")))
+        for paragraph in document.paragraphs
+    )
+
+
+def _under_headings(blocks: Iterable[tuple[str, bool]]) -> list[Section]:
+    """(text, is a heading) blocks in document order, as one section per heading's body."""
     sections: list[Section] = []
     heading: str | None = None
     lines: list[str] = []
-    for paragraph in document.paragraphs:
-        text = paragraph.text.strip()
+    for text, is_heading in blocks:
         if not text:
             continue
-        if paragraph.style is not None and (paragraph.style.name or "").startswith(("Heading", "Title")):
+        if is_heading:
             if lines:
                 sections.append(Section("\n\n".join(lines), heading=heading))
             heading, lines = text, []
