@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,43 @@ def test_pdf_chunks_keep_their_page() -> None:
     sections = parse("manual.pdf", text_pdf(["Install it first.", "Then run it."]))
     chunks = chunk_sections(sections, EstimatedCounter(), size=100, overlap=0)
     assert [(c.page, c.text) for c in chunks] == [(1, "Install it first."), (2, "Then run it.")]
+
+
+def docx_bomb(inflated_bytes: int, members: int = 1) -> bytes:
+    """A small zip that declares `inflated_bytes` of document XML, as a DOCX zip bomb does."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("word/document.xml", b"<" + b"w" * (inflated_bytes - 1))
+        for number in range(1, members):
+            archive.writestr(f"word/media/{number}.xml", b"")
+    return buffer.getvalue()
+
+
+def test_docx_zip_bombs_are_refused_before_inflating() -> None:
+    for data, what in [(docx_bomb(70 * 2**20), "inflates to"),  # over the size cap
+                       (docx_bomb(20 * 2**20), "compressed more than"),  # ratio ~1000:1
+                       (docx_bomb(100, members=3000), "parts, over the limit")]:
+        assert len(data) < 100_000
+        with pytest.raises(RagError) as caught:
+            parse("bomb.docx", data)
+        assert caught.value.status == 413 and caught.value.code == "archive_too_large"
+        assert what in str(caught.value) and "bomb.docx" in str(caught.value)
+
+
+def test_docx_headings_by_style_name_tables_and_breaks() -> None:
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Overview", level=1)
+    paragraph = document.add_paragraph("line one")
+    paragraph.add_run().add_break()
+    paragraph.add_run("line two")
+    document.add_paragraph("Plans", style="Title")
+    document.add_table(rows=1, cols=1).cell(0, 0).text = "in a table"
+    buffer = io.BytesIO()
+    document.save(buffer)
+    assert [(s.heading, s.text) for s in parse("a.docx", buffer.getvalue())] == [
+        ("Overview", "line one\nline two"), ("Plans", "in a table")]
 
 
 def test_bad_files_are_refused_clearly(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Gateway, create_key, start_gateway
+from test_rag_chunking import docx_bomb
 
 PANDAS = "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。".encode()
 WALL = "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。".encode()
@@ -109,6 +110,8 @@ def test_bad_uploads_change_nothing(gateway: Gateway) -> None:
         ([("big.txt", b"x" * 200_000)], 413, "request_too_large"),
         ([("tool.exe", b"MZ")], 400, "unsupported_file_type"),
         ([(f"{i}.txt", b"x") for i in range(65)], 400, "invalid_upload"),  # over 64 files
+        # 20 KiB that would inflate to 20 MiB of XML: refused before anything is inflated.
+        ([("bomb.docx", docx_bomb(20 * 2**20))], 413, "archive_too_large"),
     ]
     for files, status, code in cases:
         response = httpx.post(url, headers=_bearer(owner), timeout=60,
