@@ -18,7 +18,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import generate_latest
 
 from qwenstack.gateway import metrics
-from qwenstack.gateway.exchange import Caller, Exchange
+from qwenstack.callers import Caller
+from qwenstack.gateway.exchange import Exchange
 
 
 def per_request_us(requests: int) -> float:

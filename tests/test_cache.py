@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY
 from conftest import Gateway, RedisServer, free_port, request_log, start_gateway
 from qwenstack.gateway.cache import AnswerCache, cache_key, is_deterministic
 from qwenstack.gateway.cache_store import MemoryStore, RedisStore
-from qwenstack.gateway.exchange import Caller, Exchange
+from qwenstack.callers import Caller
+from qwenstack.gateway.exchange import Exchange
 from qwenstack.settings import CacheSettings
 
 MODEL = "tiny-qwen3"

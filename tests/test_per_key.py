@@ -26,8 +26,9 @@ from alembic.config import Config
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Gateway, create_key, held_stream, start_gateway
-from qwenstack.gateway import db, usage
-from qwenstack.gateway.keys import KeyStore
+from qwenstack import database as db
+from qwenstack.gateway import usage
+from qwenstack.keys import KeyStore
 
 MODEL = "tiny-qwen3"
 CACHE_HEADER = "x-qwenstack-cache"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenstack.gateway.exchange import Caller
+from qwenstack.callers import Caller
 from qwenstack.rag import RagError
 from qwenstack.rag.service import KnowledgeService, open_service
 from qwenstack.settings import load_settings

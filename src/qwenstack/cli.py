@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from qwenstack import logs, stack
 from qwenstack.errors import SetupError
-from qwenstack.gateway import db
-from qwenstack.gateway.exchange import Caller
-from qwenstack.gateway.keys import KeyInfo, KeyStore, KeyStoreError
+from qwenstack import database as db
+from qwenstack.callers import Caller
+from qwenstack.keys import KeyInfo, KeyStore, KeyStoreError
 from qwenstack.settings import CONFIG_ENV, Settings, load_settings
 
 app = typer.Typer(

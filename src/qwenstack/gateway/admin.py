@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from qwenstack.gateway import usage
-from qwenstack.gateway.db import parse_duration
+from qwenstack.database import parse_duration
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.exchange import ANONYMOUS, Caller
-from qwenstack.gateway.keys import KeyStoreError, UnknownKey
+from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.keys import KeyStoreError, UnknownKey
 
 
 def require_admin(request: Request) -> Caller:

@@ -31,7 +31,7 @@ from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.gpu import GpuCollector
 from qwenstack.gateway.limits import Limiter
 from qwenstack.gateway.auth import Authentication, Authenticator
-from qwenstack.gateway.keys import KeyStore
+from qwenstack.keys import KeyStore
 from qwenstack.gateway.proxy import Upstream
 from qwenstack.gateway.replicas import DnsDiscovery, ReplicaPool
 from qwenstack.gateway.routing import make_policy

@@ -18,8 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack.gateway.errors import GatewayError, error_response
-from qwenstack.gateway.exchange import ANONYMOUS, Caller
-from qwenstack.gateway.keys import SECRET_PREFIX, KeyInfo, KeyStore
+from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.keys import SECRET_PREFIX, KeyInfo, KeyStore
 from qwenstack.settings import AuthSettings
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ from prometheus_client import Counter
 from starlette.responses import Response
 
 from qwenstack.gateway.cache_store import Store, open_store
-from qwenstack.gateway.exchange import Caller, Exchange
+from qwenstack.callers import Caller
+from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.proxy import SSE_HEADERS, take_usage
 from qwenstack.gateway.semantic_cache import SEMANTIC_HITS, SemanticIndex, split_question
 from qwenstack.settings import CacheSettings, RagSettings

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenstack.callers import ANONYMOUS, Caller
+
 log = logging.getLogger(__name__)
 
 Finisher = Callable[["Exchange"], Awaitable[None]]
@@ -21,20 +23,6 @@ Finisher = Callable[["Exchange"], Awaitable[None]]
 CLIENT_CLOSED = 499
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request, and what they may do: from an API key or a JWT's claims."""
-
-    name: str  # the key's name or the JWT subject; a metric label, so never a secret
-    rpm: int | None = None  # requests per minute; None: unlimited
-    tpm: int | None = None  # prompt + completion tokens per minute
-    max_concurrency: int | None = None
-    models: frozenset[str] | None = None  # None: every served model
-    admin: bool = False
-    cache_all: bool = False  # the answer cache may serve this caller sampled answers too
-
-
-ANONYMOUS = Caller("anonymous")
 
 
 @dataclass(eq=False)

@@ -27,7 +27,8 @@ from starlette.responses import Response
 
 from qwenstack.errors import SetupError
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.exchange import ANONYMOUS, Caller, Exchange
+from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.gateway.exchange import Exchange
 from qwenstack.settings import Settings
 
 if TYPE_CHECKING:

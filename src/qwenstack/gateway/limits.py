@@ -31,7 +31,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.exchange import CLIENT_CLOSED, Caller, Exchange
+from qwenstack.callers import Caller
+from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
 from qwenstack.gateway.replicas import Replica
 from qwenstack.settings import LimitSettings
 

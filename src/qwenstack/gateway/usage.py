@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from qwenstack.gateway import db
-from qwenstack.gateway.db import UsageRecord
+from qwenstack import database as db
+from qwenstack.database import UsageRecord
 from qwenstack.gateway.exchange import Exchange
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
-from qwenstack.gateway.exchange import Caller
+from qwenstack.callers import Caller
 from qwenstack.rag.store import Mode
 from qwenstack.settings import Settings
 

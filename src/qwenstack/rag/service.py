@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from qwenstack.errors import SetupError
-from qwenstack.gateway.db import now
-from qwenstack.gateway.exchange import Caller
+from qwenstack.database import now
+from qwenstack.callers import Caller
 from qwenstack.rag import RagError
 from qwenstack.rag.catalog import (
     KnowledgeBase,
@@ -335,7 +335,7 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Retrieved]], k: int) -> l
 
 def open_service(settings: Settings, *, open_access: bool | None = None) -> KnowledgeService:
     """The service over the settings' database and Milvus, embedder loaded on first use."""
-    from qwenstack.gateway import db
+    from qwenstack import database as db
     from qwenstack.rag.chunking import token_counter
     from qwenstack.rag.embeddings import make_embedder
 

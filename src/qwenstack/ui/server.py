@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from qwenstack.errors import SetupError
-from qwenstack.gateway.keys import KeyStore, KeyStoreError
+from qwenstack.keys import KeyStore, KeyStoreError
 from qwenstack.settings import Settings
 from qwenstack.ui import knowledge, store
 

@@ -23,9 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from qwenstack.gateway import db
-from qwenstack.gateway.db import ApiKey
-from qwenstack.gateway.exchange import Caller
+from qwenstack import database as db
+from qwenstack.database import ApiKey
+from qwenstack.callers import Caller
 from qwenstack.settings import Settings
 
 SECRET_PREFIX = "sk-qs-"

@@ -1,7 +1,7 @@
 """The gateway's database: API keys and usage records, through SQLAlchemy.
 
 SQLite at <home>/qwenstack.db by default, PostgreSQL by URL. The schema is Alembic's
-(gateway/migrations), brought to `head` whenever a gateway or a `qwenstack keys|usage` command
+(migrations), brought to `head` whenever a gateway or a `qwenstack keys|usage` command
 opens the database. Calls here block; the gateway makes them from worker threads.
 """
 

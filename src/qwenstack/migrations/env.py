@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from qwenstack.gateway.db import Base
+from qwenstack.database import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata)

@@ -1,0 +1,21 @@
+"""Who sends a request: the identity and rights every part checks (gateway, knowledge bases, UI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, and what they may do: from an API key or a JWT's claims."""
+
+    name: str  # the key's name or the JWT subject; a metric label, so never a secret
+    rpm: int | None = None  # requests per minute; None: unlimited
+    tpm: int | None = None  # prompt + completion tokens per minute
+    max_concurrency: int | None = None
+    models: frozenset[str] | None = None  # None: every served model
+    admin: bool = False
+    cache_all: bool = False  # the answer cache may serve this caller sampled answers too
+
+
+ANONYMOUS = Caller("anonymous")
