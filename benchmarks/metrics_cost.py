@@ -20,13 +20,14 @@ from prometheus_client.exposition import generate_latest
 from qwenstack.gateway import metrics
 from qwenstack.callers import Caller
 from qwenstack.gateway.exchange import Exchange
+from qwenstack.gateway.protocol import InferenceRequest
 
 
 def per_request_us(requests: int) -> float:
     callers = [Caller(f"key-{i}") for i in range(20)]
     exchanges = []
     for i in range(requests):
-        exchange = Exchange(str(i), "/v1/chat/completions", b"", {"stream": True})
+        exchange = Exchange(str(i), InferenceRequest("/v1/chat/completions", {"stream": True}))
         exchange.model, exchange.caller = "tiny-qwen3", callers[i % len(callers)]
         exchange.status, exchange.finished_s, exchange.first_chunk_s = 200, 1.5, 0.05
         exchange.prompt_tokens, exchange.completion_tokens = 120, 240

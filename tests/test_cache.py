@@ -13,10 +13,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from conftest import Gateway, RedisServer, free_port, request_log, start_gateway
-from qwenstack.gateway.cache import AnswerCache, cache_key, is_deterministic
+from qwenstack.gateway.cache import AnswerCache, cache_key
 from qwenstack.gateway.cache_store import MemoryStore, RedisStore
 from qwenstack.callers import Caller
 from qwenstack.gateway.exchange import Exchange
+from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.settings import CacheSettings
 
 MODEL = "tiny-qwen3"
@@ -70,13 +71,13 @@ def _redis_gateway(tmp: Path, engine_url: str, url: str, prefix: str) -> Gateway
 # --- which requests are cached, under which key ------------------------------------------------
 
 def test_only_deterministic_requests_are_cacheable():
-    assert is_deterministic({"temperature": 0})
-    assert is_deterministic({"temperature": 0.0, "n": 3})
-    assert is_deterministic({"temperature": 0.8, "seed": 7})
+    assert InferenceRequest(CHAT_PATH, {"temperature": 0}).deterministic
+    assert InferenceRequest(CHAT_PATH, {"temperature": 0.0, "n": 3}).deterministic
+    assert InferenceRequest(CHAT_PATH, {"temperature": 0.8, "seed": 7}).deterministic
     # Without temperature vLLM samples at the model's default (0.7 for Qwen3, else 1.0).
-    assert not is_deterministic({})
-    assert not is_deterministic({"temperature": 0.8})
-    assert not is_deterministic({"temperature": False, "seed": None})
+    assert not InferenceRequest(CHAT_PATH, {}).deterministic
+    assert not InferenceRequest(CHAT_PATH, {"temperature": 0.8}).deterministic
+    assert not InferenceRequest(CHAT_PATH, {"temperature": False, "seed": None}).deterministic
 
 
 def test_key_separates_callers_and_everything_that_changes_the_answer():
@@ -106,10 +107,10 @@ def test_callers_do_not_share_entries_unless_configured():
         cache = AnswerCache(CacheSettings(shared_across_callers=shared), MemoryStore(2**20, 60))
         results = []
         for name in ("alice", "alice", "bob"):
-            exchange = Exchange("r", CHAT_PATH, orjson.dumps(CHAT), dict(CHAT), caller=Caller(name))
+            exchange = Exchange("r", InferenceRequest(CHAT_PATH, dict(CHAT)), caller=Caller(name))
             await cache.lookup(exchange, None)
-            if exchange.capture is not None:  # a miss: the engine's answer, as the relay keeps it
-                exchange.capture += orjson.dumps({"id": "chatcmpl-1", "model": MODEL, "usage": {}})
+            for see in exchange.answer.taps:  # a miss: the engine's answer, as the relay keeps it
+                see(orjson.dumps({"id": "chatcmpl-1", "model": MODEL, "usage": {}}))
             await exchange.finish(200)
             await asyncio.sleep(0)  # the write runs after the answer is out
             results.append(exchange.cache)
@@ -125,7 +126,7 @@ def test_unreadable_entry_is_a_miss():
     async def lookup() -> str:
         store = MemoryStore(2**20, 60)
         cache = AnswerCache(CacheSettings(), store)
-        exchange = Exchange("r", CHAT_PATH, orjson.dumps(CHAT), dict(CHAT))
+        exchange = Exchange("r", InferenceRequest(CHAT_PATH, dict(CHAT)))
         await store.put(cache_key(CHAT_PATH, CHAT, exchange.caller), b"not json")
         assert await cache.lookup(exchange, None) is None
         return exchange.cache

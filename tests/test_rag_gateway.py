@@ -145,7 +145,7 @@ def test_embeddings_route(gateway: Gateway) -> None:
 
 
 def test_documents_are_delimited_data() -> None:
-    from qwenstack.gateway.knowledge import GROUNDING_INSTRUCTIONS, context_message
+    from qwenstack.gateway.grounding import GROUNDING_INSTRUCTIONS, context_message
     from qwenstack.rag.service import Retrieved
     from qwenstack.rag.store import Hit
 

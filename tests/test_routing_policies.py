@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from qwenstack.gateway.exchange import Exchange
+from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.gateway.replicas import Replica
 from qwenstack.gateway.routing import (
     LeastOutstanding,
@@ -14,7 +15,6 @@ from qwenstack.gateway.routing import (
     RoundRobin,
     SessionAffinity,
     block_hashes,
-    canonical_prompt,
 )
 
 SYSTEM = "You are a terse assistant. " * 20  # 540 bytes: two 256-byte blocks
@@ -28,7 +28,7 @@ def chat(*messages: tuple[str, str], user: str | None = None) -> Exchange:
     payload = {"model": "m", "messages": [{"role": r, "content": c} for r, c in messages]}
     if user:
         payload["user"] = user
-    return Exchange("id", "/v1/chat/completions", b"", payload)
+    return Exchange("id", InferenceRequest("/v1/chat/completions", payload))
 
 
 def prefix_policy(**overrides: int) -> PrefixAware:
@@ -38,9 +38,9 @@ def prefix_policy(**overrides: int) -> PrefixAware:
 
 def test_round_robin_takes_turns_and_orders_the_rest_as_fallbacks():
     pool, policy = replicas(3), RoundRobin()
-    firsts = [policy.order(pool, chat(("user", "hi")))[0].index for _ in range(6)]
+    firsts = [policy.order(pool, chat(("user", "hi"))).replicas[0].index for _ in range(6)]
     assert firsts == [0, 1, 2, 0, 1, 2]
-    assert sorted(r.index for r in policy.order(pool, chat(("user", "hi")))) == [0, 1, 2]
+    assert sorted(r.index for r in policy.order(pool, chat(("user", "hi"))).replicas) == [0, 1, 2]
 
 
 def test_load_counts_engine_queue_reported_and_changes_since():
@@ -65,25 +65,25 @@ def test_load_counts_engine_queue_reported_and_changes_since():
 def test_least_outstanding_picks_least_loaded_and_rotates_ties():
     pool, policy = replicas(3), LeastOutstanding()
     pool[0].in_flight, pool[1].in_flight, pool[2].in_flight = 3, 1, 2
-    assert [r.index for r in policy.order(pool, chat(("user", "hi")))] == [1, 2, 0]
+    assert [r.index for r in policy.order(pool, chat(("user", "hi"))).replicas] == [1, 2, 0]
     for replica in pool:
         replica.in_flight = 0
-    firsts = Counter(policy.order(pool, chat(("user", "hi")))[0].index for _ in range(30))
+    firsts = Counter(policy.order(pool, chat(("user", "hi"))).replicas[0].index for _ in range(30))
     assert firsts == {0: 10, 1: 10, 2: 10}
 
 
 def test_session_affinity_is_sticky_and_moves_only_a_lost_replicas_sessions():
     pool, policy = replicas(4), SessionAffinity()
     sessions = [f"s{i}" for i in range(200)]
-    placed = {s: policy.order(pool, chat(("user", "hi"), user=s))[0] for s in sessions}
+    placed = {s: policy.order(pool, chat(("user", "hi"), user=s)).replicas[0] for s in sessions}
     assert len(set(placed.values())) == 4  # spread over all
     for _ in range(3):  # sticky, whatever the load
         pool[0].in_flight += 5
         for session, replica in placed.items():
-            assert policy.order(pool, chat(("user", "x"), user=session))[0] is replica
+            assert policy.order(pool, chat(("user", "x"), user=session)).replicas[0] is replica
     survivors = pool[1:]
     for session, replica in placed.items():
-        now = policy.order(survivors, chat(("user", "x"), user=session))[0]
+        now = policy.order(survivors, chat(("user", "x"), user=session)).replicas[0]
         assert now is replica or replica is pool[0]
 
 
@@ -92,17 +92,18 @@ def test_session_affinity_header_wins_over_user_field():
     exchange = chat(("user", "hi"), user="u")
     exchange.session = "header-session"
     other = chat(("user", "hi"), user="header-session")
-    assert policy.order(pool, exchange)[0] is policy.order(pool, other)[0]
+    assert policy.order(pool, exchange).replicas[0] is policy.order(pool, other).replicas[0]
 
 
 def test_canonical_prompt_of_a_later_turn_extends_the_earlier_one():
-    first = canonical_prompt(chat(("system", SYSTEM), ("user", "q1")).payload)
-    later = canonical_prompt(chat(("system", SYSTEM), ("user", "q1"), ("assistant", "a1"),
-                                  ("user", "q2")).payload)
+    first = chat(("system", SYSTEM), ("user", "q1")).request.canonical_prompt()
+    later = chat(("system", SYSTEM), ("user", "q1"), ("assistant", "a1"),
+                 ("user", "q2")).request.canonical_prompt()
     assert later.startswith(first)
-    assert canonical_prompt({"prompt": "abc"}) == b"abc"
-    assert canonical_prompt({"prompt": [1, 2]}) == b"[1,2]"
-    assert canonical_prompt({"messages": [{"role": "user", "content": [{"type": "text"}]}]})
+    assert InferenceRequest("/v1/completions", {"prompt": "abc"}).canonical_prompt() == b"abc"
+    assert InferenceRequest("/v1/completions", {"prompt": [1, 2]}).canonical_prompt() == b"[1,2]"
+    assert InferenceRequest("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "text"}]}]}).canonical_prompt()
 
 
 def test_block_hashes_are_chained_and_only_of_complete_blocks():
@@ -121,43 +122,44 @@ def test_prefix_aware_sends_later_turns_where_the_conversation_went():
     for conversation in range(6):
         system = f"{conversation} {SYSTEM}"
         exchange = chat(("system", system), ("user", "q1"))
-        homes[conversation] = home = policy.order(pool, exchange)[0]
-        policy.placed(exchange, home)
+        placement = policy.order(pool, exchange)
+        homes[conversation] = home = placement.replicas[0]
+        placement.placed(home)
     assert len({r.index for r in homes.values()}) == 3  # new prefixes spread while idle
     for conversation, home in homes.items():
         system = f"{conversation} {SYSTEM}"
         later = chat(("system", system), ("user", "q1"), ("assistant", "a1"), ("user", "q2"))
-        assert policy.order(pool, later)[0] is home
+        assert policy.order(pool, later).replicas[0] is home
 
 
 def test_prefix_aware_leaves_a_holder_busier_than_the_slack():
     pool, policy = replicas(2), prefix_policy(load_slack=2)
     exchange = chat(("system", SYSTEM), ("user", "q"))
-    holder = policy.order(pool, exchange)[0]
-    policy.placed(exchange, holder)
+    placement = policy.order(pool, exchange)
+    holder = placement.replicas[0]
+    placement.placed(holder)
     other = pool[1 - holder.index]
     holder.in_flight = 2  # within the slack: stays
-    assert policy.order(pool, chat(("system", SYSTEM), ("user", "q")))[0] is holder
+    assert policy.order(pool, chat(("system", SYSTEM), ("user", "q"))).replicas[0] is holder
     holder.in_flight = 3  # beyond: the least busy takes it, and becomes the prefix's holder
     moved = chat(("system", SYSTEM), ("user", "q"))
-    assert policy.order(pool, moved)[0] is other
-    policy.placed(moved, other)
+    placement = policy.order(pool, moved)
+    assert placement.replicas[0] is other
+    placement.placed(other)
     holder.in_flight = 0
-    assert policy.order(pool, chat(("system", SYSTEM), ("user", "q")))[0] is other
+    assert policy.order(pool, chat(("system", SYSTEM), ("user", "q"))).replicas[0] is other
 
 
 def test_prefix_aware_forgets_least_recently_used_and_ignores_gone_replicas():
     pool, policy = replicas(2), prefix_policy(max_entries=2)
     first = chat(("system", SYSTEM), ("user", "q"))  # two blocks: fills the memory
-    policy.order(pool, first)
-    policy.placed(first, pool[1])
-    assert policy.order(pool, chat(("system", SYSTEM)))[0] is pool[1]
+    policy.order(pool, first).placed(pool[1])
+    assert policy.order(pool, chat(("system", SYSTEM))).replicas[0] is pool[1]
     # The holder is not a candidate (down, or its circuit open): another takes it.
-    assert policy.order([pool[0]], chat(("system", SYSTEM)))[0] is pool[0]
+    assert policy.order([pool[0]], chat(("system", SYSTEM))).replicas[0] is pool[0]
     other = chat(("system", "other " + SYSTEM))
-    policy.order(pool, other)
-    policy.placed(other, pool[0])
-    firsts = {policy.order(pool, chat(("system", SYSTEM)))[0].index for _ in range(4)}
+    policy.order(pool, other).placed(pool[0])
+    firsts = {policy.order(pool, chat(("system", SYSTEM))).replicas[0].index for _ in range(4)}
     assert firsts == {0, 1}  # forgotten: plain least-loaded rotation again
 
 
@@ -166,8 +168,8 @@ def test_prefix_aware_forgets_least_recently_used_and_ignores_gone_replicas():
 )
 def test_prefix_aware_routes_odd_payloads(payload):
     pool, policy = replicas(2), prefix_policy()
-    exchange = Exchange("id", "/v1/chat/completions", b"", payload)
-    assert len(policy.order(pool, exchange)) == 2
+    exchange = Exchange("id", InferenceRequest("/v1/chat/completions", payload))
+    assert len(policy.order(pool, exchange).replicas) == 2
 
 
 def test_pool_membership_keeps_known_engines_and_their_labels():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import Gateway, start_gateway
+from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.gateway.semantic_cache import SemanticIndex, split_question
 
 MODEL = "tiny-qwen3"
@@ -75,14 +76,14 @@ def test_a_reworded_stream_is_replayed_as_a_stream(gateway: Gateway):
 
 
 def test_split_question_takes_only_a_last_plain_user_message():
-    question = split_question("/v1/chat/completions", chat("Hi?"))
+    question = split_question(InferenceRequest("/v1/chat/completions", chat("Hi?")))
     assert question and question.text == "Hi?"
     assert question.context["messages"][-1] == {"role": "user", "content": None}
-    assert split_question("/v1/completions", {"prompt": "Hi?"}) is None
+    assert split_question(InferenceRequest("/v1/completions", {"prompt": "Hi?"})) is None
     tool_turn = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "tool", "content": "x"}]}
-    assert split_question("/v1/chat/completions", tool_turn) is None
+    assert split_question(InferenceRequest("/v1/chat/completions", tool_turn)) is None
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]}
-    assert split_question("/v1/chat/completions", parts) is None
+    assert split_question(InferenceRequest("/v1/chat/completions", parts)) is None
 
 
 def test_index_drops_the_oldest_beyond_its_bound():

@@ -7,10 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from qwenstack.gateway import usage
-from qwenstack.database import parse_duration
-from qwenstack.gateway.errors import GatewayError
 from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.database import parse_duration
+from qwenstack.gateway import usage
+from qwenstack.gateway.errors import GatewayError
+from qwenstack.gateway.resources import resources
 from qwenstack.keys import KeyStoreError, UnknownKey
 
 
@@ -46,7 +47,7 @@ def create_key(body: NewKey, request: Request) -> dict[str, Any]:
     """A new key; the response is the only place its secret (`key`) ever appears."""
     try:
         expires_in = parse_duration(body.expires) if body.expires else None
-        info, secret = request.app.state.keys.create(
+        info, secret = resources(request).keys.create(
             body.name, rpm=body.rpm, tpm=body.tpm, max_concurrency=body.max_concurrency,
             models=body.models, expires_in=expires_in, admin=body.admin,
             cache_all=body.cache_all,
@@ -60,26 +61,26 @@ def create_key(body: NewKey, request: Request) -> dict[str, Any]:
 
 @router.get("/keys")
 def list_keys(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [info.as_json() for info in request.app.state.keys.list()]}
+    return {"object": "list", "data": [info.as_json() for info in resources(request).keys.list()]}
 
 
 @router.delete("/keys/{name}")
 def revoke_key(name: str, request: Request) -> dict[str, Any]:
     try:
-        info, digest = request.app.state.keys.revoke(name)
+        info, digest = resources(request).keys.revoke(name)
     except KeyStoreError as exc:
         raise _key_error(exc) from None
-    request.app.state.authenticator.forget(digest)
+    resources(request).authenticator.forget(digest)
     return info.as_json()
 
 
 @router.post("/keys/{name}/rotate")
 def rotate_key(name: str, request: Request) -> dict[str, Any]:
     try:
-        info, secret, old_digest = request.app.state.keys.rotate(name)
+        info, secret, old_digest = resources(request).keys.rotate(name)
     except KeyStoreError as exc:
         raise _key_error(exc) from None
-    request.app.state.authenticator.forget(old_digest)
+    resources(request).authenticator.forget(old_digest)
     return {**info.as_json(), "key": secret}
 
 
@@ -90,10 +91,10 @@ def usage_totals(request: Request, by: usage.GroupBy = "key", since: str = "1d")
     except ValueError as exc:
         raise GatewayError(400, str(exc), code="invalid_request", param="since") from None
     return {"object": "list", "by": by, "since": since,
-            "data": usage.totals(request.app.state.keys.engine, by, window)}
+            "data": usage.totals(resources(request).keys.engine, by, window)}
 
 
 @router.delete("/cache")
 async def purge_cache(request: Request) -> dict[str, int]:
     """Drop every cached answer, of every caller (with Redis: every key under the prefix)."""
-    return {"purged": await request.app.state.cache.purge()}
+    return {"purged": await resources(request).cache.purge()}

@@ -15,10 +15,9 @@ from typing import Any
 
 import jwt
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qwenstack.gateway.errors import GatewayError, error_response
 from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.gateway.errors import GatewayError
 from qwenstack.keys import SECRET_PREFIX, KeyInfo, KeyStore
 from qwenstack.settings import AuthSettings
 
@@ -176,27 +175,3 @@ def check_model(caller: Caller, model: str) -> None:
             code="model_not_allowed",
             param="model",
         )
-
-
-class Authentication:
-    """ASGI middleware: authenticates the protected paths and puts the caller in request.state."""
-
-    def __init__(self, app: ASGIApp, protected: tuple[str, ...]) -> None:
-        self.app = app
-        self.protected = protected
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.protected):
-            await self.app(scope, receive, send)
-            return
-        authenticator: Authenticator = scope["app"].state.authenticator
-        authorization = next(
-            (value for name, value in scope["headers"] if name == b"authorization"), None
-        )
-        try:
-            caller = await authenticator.authenticate(authorization)
-        except GatewayError as exc:
-            await error_response(exc)(scope, receive, send)
-            return
-        scope.setdefault("state", {})["caller"] = caller
-        await self.app(scope, receive, send)

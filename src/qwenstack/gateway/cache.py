@@ -39,10 +39,10 @@ import orjson
 from prometheus_client import Counter
 from starlette.responses import Response
 
-from qwenstack.gateway.cache_store import Store, open_store
 from qwenstack.callers import Caller
+from qwenstack.gateway.cache_store import Store, open_store
 from qwenstack.gateway.exchange import Exchange
-from qwenstack.gateway.proxy import SSE_HEADERS, take_usage
+from qwenstack.gateway.relay import SSE_HEADERS, take_usage
 from qwenstack.gateway.semantic_cache import SEMANTIC_HITS, SemanticIndex, split_question
 from qwenstack.settings import CacheSettings, RagSettings
 
@@ -60,16 +60,6 @@ NOT_IN_KEY = frozenset({"stream", "user", "request_id", "priority"})
 # Bumped when what an entry holds changes, so old entries (in Redis) are never replayed.
 ENTRY_FORMAT = 1
 STREAM_END = b"data: [DONE]\n\n"
-
-
-def is_deterministic(payload: dict[str, Any]) -> bool:
-    """The engine gives the same answer again: greedy decoding, or sampling from a fixed seed."""
-    temperature = payload.get("temperature")
-    seed = payload.get("seed")
-    number = isinstance(temperature, int | float) and not isinstance(temperature, bool)
-    greedy = number and temperature == 0
-    seeded = isinstance(seed, int) and not isinstance(seed, bool)
-    return greedy or seeded
 
 
 def cache_key(route: str, payload: dict[str, Any], caller: Caller | None) -> str:
@@ -128,17 +118,18 @@ class AnswerCache:
             return None
         directives = _directives(cache_control)
         caller = exchange.caller
-        if "no-store" in directives or not (caller.cache_all or is_deterministic(exchange.payload)):
+        request = exchange.request
+        if "no-store" in directives or not (caller.cache_all or request.deterministic):
             self._count(exchange, "bypass")
             return None
         owner = None if self.settings.shared_across_callers else caller
-        key = cache_key(exchange.route, exchange.payload, owner)
+        key = cache_key(request.route, request.as_dict(), owner)
         if "no-cache" not in directives:
             response = await self._serve(exchange, key)
             if response is not None:
                 return response
         similar = None  # (context key, question vector), to index the answer under
-        if self.semantic and (question := split_question(exchange.route, exchange.payload)):
+        if self.semantic and (question := split_question(request)):
             context_key = cache_key(exchange.route, question.context, owner)
             similar = context_key, await self.semantic.embed(question.text)
             match = self.semantic.nearest(*similar) if "no-cache" not in directives else None
@@ -149,8 +140,9 @@ class AnswerCache:
             if match:  # the store dropped that answer (TTL, eviction)
                 self.semantic.forget(match.key)
         self._count(exchange, "miss" if "no-cache" not in directives else "bypass")
-        exchange.capture = bytearray()
-        exchange.on_finish(lambda finished: self._store_answer(key, finished, similar))
+        answer = bytearray()  # the engine's answer, as relayed
+        exchange.answer.tap(answer.extend)
+        exchange.on_finish(lambda finished: self._store_answer(key, finished, answer, similar))
         return None
 
     async def _serve(self, exchange: Exchange, key: str) -> Response | None:
@@ -172,10 +164,10 @@ class AnswerCache:
         LOOKUPS[result].inc()
 
     async def _store_answer(
-        self, key: str, exchange: Exchange, similar: tuple[str, np.ndarray] | None
+        self, key: str, exchange: Exchange, answer: bytearray,
+        similar: tuple[str, np.ndarray] | None,
     ) -> None:
-        value = bytes(exchange.capture or b"")
-        exchange.capture = None
+        value = bytes(answer)
         if exchange.status != 200 or not value or len(value) > self.settings.max_entry_bytes:
             return
         # A stream that ended early or reported an error as an event (vLLM does, mid-stream).

@@ -11,8 +11,8 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, cast
 
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
@@ -118,7 +118,8 @@ class RedisStore:
         if self._paused():
             return None
         try:
-            return await asyncio.wait_for(self.client.get(self.prefix + key), self._timeout_s)
+            value = self.client.get(self.prefix + key)  # bytes: responses are not decoded
+            return await asyncio.wait_for(cast(Awaitable[bytes | None], value), self._timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("read", exc)
             return None
@@ -171,7 +172,7 @@ class RedisStore:
         while True:
             cursor, keys = await self.client.scan(cursor, match=pattern, count=1000)
             if keys:
-                yield keys
+                yield cast(list[bytes], keys)
             if not cursor:
                 return
 

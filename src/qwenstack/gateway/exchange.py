@@ -1,8 +1,12 @@
 """One inference request on its way through the gateway, and how it ended.
 
-Every step (auth, limits, cache, forwarding) reads and fills the same `Exchange`; the steps
-that account for a request afterwards (limit reconciliation, usage records, metrics) register
-a finisher, and `finish` runs them once, whether the request was answered, refused or dropped.
+The request itself is the `InferenceRequest` view (protocol.py), the one truth of what goes to
+the engine. The `Exchange` around it holds what the gateway learns on the way: the caller, the
+served model, the replica, timings and token counts. The steps that account for a request
+afterwards (limit reconciliation, usage records, metrics, the answer cache) register a
+finisher, and `finish` runs them once, whether the request was answered, refused or dropped.
+Concerns that add to the engine's answer (the cache's copy, grounded chat's citations) register
+`AnswerHooks`, so the relay does not know them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.gateway.protocol import InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +32,35 @@ CLIENT_CLOSED = 499
 
 
 
+@dataclass
+class AnswerHooks:
+    """What other concerns add to the relay of an engine's answer, without the relay knowing
+    them: the answer cache keeps a copy of the bytes, grounded chat adds its citations."""
+
+    taps: list[Callable[[bytes], None]] = field(default_factory=list)  # see the bytes relayed
+    trailer: bytes = b""  # SSE events a stream sends just before `data: [DONE]`
+    amendments: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+
+    def tap(self, see: Callable[[bytes], None]) -> None:
+        """`see` gets the engine's answer as it is relayed: a stream's bytes chunk by chunk, a
+        whole answer at once (answers from the cache are not relayed)."""
+        self.taps.append(see)
+
+    def add_trailer_event(self, event: dict[str, Any]) -> None:
+        self.trailer += b"data: " + orjson.dumps(event) + b"\n\n"
+
+    def amend(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """`change` edits a whole (not streamed) successful JSON answer before it goes out."""
+        self.amendments.append(change)
+
+
 @dataclass(eq=False)
 class Exchange:
     request_id: str
-    route: str  # "/v1/chat/completions" or "/v1/completions"
-    body: bytes  # as the client sent it
-    payload: dict[str, Any]  # the body, parsed
-    started_s: float = field(default_factory=time.perf_counter)
-    model: str = "-"
+    request: InferenceRequest
     caller: Caller = ANONYMOUS
+    started_s: float = field(default_factory=time.perf_counter)
+    model: str = "-"  # the served model, once resolved
     status: int = 0  # 0 until finished
     error_code: str | None = None  # the OpenAI error `code` of a refused or failed request
     first_chunk_s: float | None = None  # seconds from start to the first streamed bytes
@@ -41,23 +68,18 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache: str = "off"  # "hit", "miss", "bypass" or "off"
-    capture: bytearray | None = None  # the engine's answer as relayed, when the cache keeps it
-    citations: list[dict[str, Any]] | None = None  # a grounded chat's retrieved chunks
-    final_event: bytes = b""  # an SSE event a stream sends just before `data: [DONE]`
     session: str | None = None  # the client's x-session-id header, for session affinity
     replica: int | None = None  # index of the engine replica that answered
-    prefix_hashes: list[bytes] = field(default_factory=list)  # set by prefix-aware routing
+    answer: AnswerHooks = field(default_factory=AnswerHooks)
     _finishers: list[Finisher] = field(default_factory=list, repr=False)
 
     @property
-    def stream(self) -> bool:
-        return bool(self.payload.get("stream"))
+    def route(self) -> str:
+        return self.request.route
 
     @property
-    def client_wants_usage(self) -> bool:
-        """A streaming client that asked for the final usage chunk (otherwise we strip it)."""
-        options = self.payload.get("stream_options")
-        return isinstance(options, dict) and bool(options.get("include_usage"))
+    def stream(self) -> bool:
+        return self.request.stream
 
     def record_usage(self, usage: dict[str, Any]) -> None:
         self.prompt_tokens = int(usage.get("prompt_tokens") or 0)

@@ -1,9 +1,10 @@
 """The path of an inference request through the gateway, step by step.
 
-    authenticate (auth.Authentication, before this) -> read + parse -> validate -> route
-    (model scope) -> ground (when knowledge bases are named) -> limits reserve -> answer cache
-    lookup -> admission queue -> forward (or stream) -> finish (accounting, usage record, cache
-    store)
+    authenticate (middleware.Authentication, before this) -> read + parse (protocol) -> take
+    knowledge bases (grounding) -> validate -> resolve the model (replicas) -> check the
+    caller's scope -> ground -> limits reserve -> answer cache lookup -> admission queue ->
+    forward (upstream: route, send, retry) -> relay (relay: stream or whole answer) -> finish
+    (accounting, usage record, cache store)
 
 Each step raises a GatewayError to refuse; whatever happens, the exchange is finished once.
 """
@@ -13,51 +14,54 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from qwenstack.gateway import cache, knowledge, metrics, validation
+from qwenstack.gateway import cache, grounding, metrics, validation
 from qwenstack.gateway.auth import check_model
+from qwenstack.gateway.disconnect import ClientGone, until_disconnect
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
-from qwenstack.gateway.proxy import ClientGone, EngineStream, parse_body, until_disconnect
+from qwenstack.gateway.protocol import InferenceRequest, Route
+from qwenstack.gateway.relay import EngineStream
+from qwenstack.gateway.resources import resources
+from qwenstack.gateway.routing import SESSION_HEADER
 
 
-async def serve(request: Request, route: str) -> Response:
-    state = request.app.state
-    body = await validation.read_body(request, state.validation.max_body_bytes)
+async def serve(request: Request, route: Route) -> Response:
+    held = resources(request)
+    settings = held.settings
+    raw = await validation.read_body(request, settings.validation.max_body_bytes)
     exchange = Exchange(
-        request.state.request_id, route, body, {},
-        caller=request.state.caller,  # authenticated before routing, by auth.Authentication
+        request.state.request_id, InferenceRequest(route, {}, raw),  # until parsed, below
+        caller=request.state.caller,  # authenticated before routing, by the middleware
+        session=request.headers.get(SESSION_HEADER),
     )
     request.state.exchange = exchange
     metrics.track(exchange)
-    exchange.on_finish(state.usage.finisher)
+    exchange.on_finish(held.usage.finisher)
     try:
-        exchange.payload = parse_body(body)  # inside: a malformed request is counted too
-        knowledge_bases = knowledge.take_knowledge_bases(exchange)  # resolves a `+kb:` alias
-        cards = state.pool.model_cards()
-        validation.check(exchange, state.validation, cards)
-        # The engine is chosen again when forwarding (after any queueing); this resolves the
-        # model and finds an engine to count prompt tokens with.
-        exchange.model, replicas = state.pool.route(exchange.payload.get("model"))
+        exchange.request = InferenceRequest.parse(route, raw)  # a malformed one is counted too
+        knowledge_bases = grounding.take_knowledge_bases(exchange.request)  # a `+kb:` alias too
+        validation.check(exchange.request, settings.validation)
+        model = held.pool.resolve(exchange.request.model)
+        exchange.model = model.name
+        validation.check_fits(exchange.request, model)
         check_model(exchange.caller, exchange.model)
         if knowledge_bases:
             # After the checks (retrieval costs), before the limits (they count its context).
-            await knowledge.ground(request, exchange, knowledge_bases)
-        rate_headers = await state.limiter.reserve(
-            exchange, replicas[0], validation.context_window(exchange.model, cards)
+            await grounding.ground(exchange, knowledge_bases, held.knowledge)
+        rate_headers = await held.limiter.reserve(
+            exchange, lambda: held.upstream.count_prompt_tokens(exchange), model.max_model_len
         )
         # A grounded answer's citations are added after the engine answers, and a replay from
         # the cache would lack them: such requests skip the cache.
-        cache_control = "no-store" if exchange.citations is not None else request.headers.get(
-            "cache-control")
-        response = await state.cache.lookup(exchange, cache_control)
-        if response is None and not state.admission.admit_now(exchange):
+        cache_control = "no-store" if knowledge_bases else request.headers.get("cache-control")
+        response = await held.cache.lookup(exchange, cache_control)
+        if response is None and not held.admission.admit_now(exchange):
             try:
-                await until_disconnect(request.receive, state.admission.wait(exchange))
+                await until_disconnect(request.receive, held.admission.wait(exchange))
             except ClientGone:
                 response = Response(status_code=CLIENT_CLOSED)
         if response is None:
-            response = await state.upstream.forward(request, exchange)
-        response = knowledge.attach_citations(response, exchange)
+            response = await held.upstream.forward(request, exchange)
         cache.label(response, exchange)
     except GatewayError as exc:
         await exchange.finish(exc.status, exc.code)

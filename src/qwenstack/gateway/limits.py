@@ -15,25 +15,23 @@ all-or-nothing in one round trip.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-import aiohttp
-import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from qwenstack.gateway.errors import GatewayError
 from qwenstack.callers import Caller
+from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
-from qwenstack.gateway.replicas import Replica
+from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.settings import LimitSettings
 
 log = logging.getLogger(__name__)
@@ -265,9 +263,8 @@ REFUSALS = {
 
 
 class Limiter:
-    def __init__(self, settings: LimitSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: LimitSettings) -> None:
         self.settings = settings
-        self._session = session
         if settings.redis_url:
             self.store: Store = RedisStore(
                 settings.redis_url.get_secret_value(), settings.key_prefix,
@@ -287,18 +284,20 @@ class Limiter:
         )
 
     async def reserve(
-        self, exchange: Exchange, replica: Replica, max_model_len: int | None
+        self, exchange: Exchange, count_prompt_tokens: Callable[[], Awaitable[int]],
+        max_model_len: int | None,
     ) -> list[tuple[bytes, bytes]]:
         """Take the request's share of the caller's budgets, or refuse with a 429.
 
-        Returns the rate-limit headers for the response; registers the reconciliation."""
+        `count_prompt_tokens` is called only for a caller with a token limit. Returns the
+        rate-limit headers for the response; registers the reconciliation."""
         quota = self.quota(exchange.caller)
         if not (quota.rpm or quota.tpm or quota.concurrency):
             return []
         cost = 0
         if quota.tpm:
-            prompt = await count_prompt_tokens(self._session, replica, exchange)
-            cost = prompt + completion_budget(exchange.payload, prompt, max_model_len)
+            prompt = await count_prompt_tokens()
+            cost = prompt + completion_budget(exchange.request, prompt, max_model_len)
         key = exchange.caller.name
         try:
             decision = await self.store.acquire(key, quota, cost, exchange.request_id)
@@ -347,53 +346,10 @@ class Limiter:
         await self.store.close()
 
 
-def completion_budget(
-    payload: dict[str, Any], prompt_tokens: int, max_model_len: int | None
-) -> int:
-    """The most tokens the request may generate: n choices of max_tokens for each prompt, or the
-    rest of the context window when it gives no max_tokens."""
-    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+def completion_budget(request: InferenceRequest, prompt_tokens: int, max_model_len: int | None) -> int:
+    """The most tokens the request may generate: `n` answers of the output limit for each
+    prompt, or the rest of the context window when it sets no limit."""
+    _, max_tokens = request.output_limit
     if max_tokens is None:
         max_tokens = max(0, (max_model_len or 0) - prompt_tokens)
-    prompt = payload.get("prompt")
-    batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
-    return max_tokens * (payload.get("n") or 1) * (len(prompt) if batch else 1)
-
-
-async def count_prompt_tokens(
-    session: aiohttp.ClientSession, replica: Replica, exchange: Exchange
-) -> int:
-    """The exact prompt length, from the engine's tokenizer (its /tokenize applies the chat
-    template). A few ms, paid only by callers with a token limit."""
-    payload = exchange.payload
-    if exchange.route == "/v1/chat/completions":
-        keys = ("messages", "tools", "chat_template_kwargs", "add_generation_prompt")
-        bodies = [{"model": exchange.model, **{k: payload[k] for k in keys if k in payload}}]
-    else:
-        prompt = payload.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return len(prompt)  # token ids already
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        if all(isinstance(p, list) for p in prompts):
-            return sum(len(p) for p in prompts)
-        bodies = [{"model": exchange.model, "prompt": p} for p in prompts]
-    param = "messages" if exchange.route == "/v1/chat/completions" else "prompt"
-    counts = await asyncio.gather(*(_tokenize(session, replica, body, param) for body in bodies))
-    return sum(counts)
-
-
-async def _tokenize(
-    session: aiohttp.ClientSession, replica: Replica, body: dict[str, Any], param: str
-) -> int:
-    try:
-        async with session.post(f"{replica.url}/tokenize", data=orjson.dumps(body),
-                                headers={"content-type": "application/json"}) as response:
-            answer = orjson.loads(await response.read())
-    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-        raise GatewayError(503, f"Could not count the prompt's tokens: {exc}",
-                           code="engine_unavailable", retry_after_s=1) from None
-    if response.status != 200:
-        error = answer.get("error", answer) if isinstance(answer, dict) else {}
-        message = error.get("message") if isinstance(error, dict) else None
-        raise GatewayError(400, f"Invalid prompt: {message or answer}", param=param)
-    return int(answer["count"])
+    return max_tokens * request.choices * max(1, len(request.prompts))

@@ -97,10 +97,45 @@ class Replica:
     def serves(self, model: str) -> bool:
         return any(card.get("id") == model for card in self.models)
 
+    def lease(self) -> Lease:
+        """Count a request in `in_flight` until the lease is released (or its `with` ends)."""
+        return Lease(self)
+
     def mark_down(self, reason: str) -> None:
         if self.up:
             log.warning("Engine %s is down: %s", self.url, reason)
         self.up = False
+
+
+class Lease:
+    """One request's hold on a replica, in its `in_flight` count from taking to release; a
+    stream's lease outlives the call that took it, so release is explicit and idempotent."""
+
+    __slots__ = ("replica", "_held")
+
+    def __init__(self, replica: Replica) -> None:
+        replica.in_flight += 1
+        self.replica = replica
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.replica.in_flight -= 1
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model some engine serves, as its /v1/models card describes it."""
+
+    name: str
+    max_model_len: int | None  # the context window, prompt included (None: not reported)
 
 
 @dataclass(frozen=True)
@@ -116,7 +151,7 @@ class DnsDiscovery:
         infos = await asyncio.get_running_loop().getaddrinfo(
             self.name, self.port, type=socket.SOCK_STREAM
         )
-        hosts = {info[4][0] for info in infos}
+        hosts = {str(info[4][0]) for info in infos}
         return sorted(f"http://{f'[{h}]' if ':' in h else h}:{self.port}" for h in hosts)
 
 
@@ -131,6 +166,7 @@ class ReplicaPool:
         discovery: DnsDiscovery | None = None,
     ) -> None:
         self.replicas: list[Replica] = []
+        self._cards: dict[str, dict[str, Any]] | None = None  # built when first asked for
         self._failures_to_open = failures_to_open
         self._cooldown_s = cooldown_s
         self.set_urls(urls)
@@ -158,6 +194,7 @@ class ReplicaPool:
         if self.replicas:
             log.info("Engines now %s", urls)
         self.replicas = sorted(kept + added, key=lambda replica: replica.index)
+        self._cards = None
 
     async def start(self) -> None:
         if self._discovery:
@@ -195,27 +232,41 @@ class ReplicaPool:
 
     def model_cards(self) -> list[dict[str, Any]]:
         """Every model some engine has served, once each, as /v1/models lists them."""
-        cards: dict[str, dict[str, Any]] = {}
-        for replica in self.replicas:
-            for card in replica.models:
-                cards.setdefault(card["id"], card)
-        return list(cards.values())
+        if self._cards is None:
+            cards: dict[str, dict[str, Any]] = {}
+            for replica in self.replicas:
+                for card in replica.models:
+                    cards.setdefault(card["id"], card)
+            self._cards = cards
+        return list(self._cards.values())
 
-    def route(self, model: str | None) -> tuple[str, list[Replica]]:
-        """The model to serve and the replicas that can take it now (the routing policy orders
-        them)."""
-        cards = self.model_cards()
+    def resolve(self, model: str | None) -> ServedModel:
+        """The model a request names (none: the first served): 404 for one nobody serves, 503
+        while no replica of it can take a request (so a request that cannot be served now is
+        refused before it costs its caller any budget). Which replica takes it is decided when
+        it is sent (`candidates`, ordered by the routing policy)."""
+        self.model_cards()
+        assert self._cards is not None
         if model is None:
-            if not cards:
+            if not self._cards:
                 raise _unavailable()
-            model = cards[0]["id"]
-        elif cards and all(card["id"] != model for card in cards):
+            model = next(iter(self._cards))
+        card = self._cards.get(model)
+        if card is None:
+            if not self._cards:
+                raise _unavailable()
             raise GatewayError(
                 404,
-                f"The model `{model}` does not exist. Served: {', '.join(c['id'] for c in cards)}.",
+                f"The model `{model}` does not exist. Served: {', '.join(self._cards)}.",
                 code="model_not_found",
                 param="model",
             )
+        self.candidates(model)
+        return ServedModel(model, card.get("max_model_len"))
+
+    def candidates(self, model: str) -> list[Replica]:
+        """The replicas that can take a request for `model` now (the routing policy orders them),
+        or 503 with the wait until the first circuit's cool-down ends."""
         serving = [r for r in self.replicas if r.up and r.serves(model)]
         now = time.monotonic()
         candidates = [r for r in serving if r.admits(now)]
@@ -223,7 +274,7 @@ class ReplicaPool:
             if serving:  # all out of rotation: retry when the first cool-down ends
                 raise _unavailable(math.ceil(min(r.open_until for r in serving) - now))
             raise _unavailable()
-        return model, candidates
+        return candidates
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(r) for r in self.replicas))
@@ -243,6 +294,7 @@ class ReplicaPool:
                 async with self._session.get(f"{replica.url}/v1/models", timeout=HEALTH_TIMEOUT) as resp:
                     resp.raise_for_status()
                     replica.models = (await resp.json())["data"]
+                self._cards = None
                 log.info("Engine %s is up, serving %s", replica.url, [c["id"] for c in replica.models])
                 replica.up = True
             replica.health_timeouts = 0
@@ -266,6 +318,20 @@ class ReplicaPool:
                 replica.read_metrics(await page.read())
         except (aiohttp.ClientError, TimeoutError, ValueError, IndexError) as exc:
             log.debug("Load of engine %s not read: %r", replica.url, exc)
+
+
+def engine_failure(exc: BaseException, replica: Replica) -> GatewayError:
+    """A request that failed at `replica` (counted against its circuit), as the client's error."""
+    replica.record_outcome(False)
+    if isinstance(exc, TimeoutError):
+        return GatewayError(504, "The engine did not answer in time.", code="engine_timeout")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionError):
+        replica.mark_down(str(exc))
+        return GatewayError(
+            503, "The engine went away during the request.", code="engine_unavailable",
+            retry_after_s=RETRY_AFTER_S,
+        )
+    return GatewayError(502, f"Bad answer from the engine: {exc}", code="engine_error")
 
 
 def _unavailable(retry_after_s: int = RETRY_AFTER_S) -> GatewayError:

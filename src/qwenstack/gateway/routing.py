@@ -24,9 +24,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from typing import Any, Protocol
-
-import orjson
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.replicas import Replica
@@ -35,13 +35,22 @@ from qwenstack.settings import RoutingSettings
 SESSION_HEADER = "x-session-id"
 
 
-class RoutingPolicy(Protocol):
-    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
-        """`candidates` (non-empty) in the order to try them."""
-        ...
+def _forget(replica: Replica) -> None:
+    pass
 
-    def placed(self, exchange: Exchange, replica: Replica) -> None:
-        """The request went to `replica` (its engine answered)."""
+
+@dataclass(frozen=True)
+class Placement:
+    """A routing decision: the replicas to try, in order, and what the policy learns once one of
+    them took the request (its engine answered)."""
+
+    replicas: list[Replica]
+    placed: Callable[[Replica], None] = _forget
+
+
+class RoutingPolicy(Protocol):
+    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
+        """`candidates` (non-empty) in the order to try them."""
         ...
 
 
@@ -49,8 +58,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
-        return self.rotate(candidates)
+    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
+        return Placement(self.rotate(candidates))
 
     def rotate(self, candidates: list[Replica]) -> list[Replica]:
         start = next(self._turn) % len(candidates)
@@ -60,16 +69,10 @@ class RoundRobin:
         """Least loaded first; equal loads in turn, so an idle pool is not all replica 0's."""
         return sorted(self.rotate(candidates), key=Replica.load)
 
-    def placed(self, exchange: Exchange, replica: Replica) -> None:
-        pass
-
 
 class LeastOutstanding(RoundRobin):
-    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
-        return self.by_load(candidates)
-
-    def placed(self, exchange: Exchange, replica: Replica) -> None:
-        pass
+    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
+        return Placement(self.by_load(candidates))
 
 
 def _rendezvous(session: str, replica: Replica) -> bytes:
@@ -77,31 +80,12 @@ def _rendezvous(session: str, replica: Replica) -> bytes:
 
 
 class SessionAffinity(RoundRobin):
-    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
-        session = exchange.session or exchange.payload.get("user")
+    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
+        session = exchange.session or exchange.request.get("user")
         if not session or not isinstance(session, str):
-            return self.by_load(candidates)
-        return sorted(candidates, key=lambda replica: _rendezvous(session, replica), reverse=True)
-
-
-def canonical_prompt(payload: dict[str, Any]) -> bytes:
-    """The request's prompt as bytes whose prefixes are the prefixes of what the engine sees.
-
-    Chat messages are joined in order (role, then content), so a conversation's next turn starts
-    with exactly the bytes of its earlier turns, as its chat-templated prompt does."""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for message in messages:
-            if isinstance(message, dict):
-                content = message.get("content")
-                text = content if isinstance(content, str) else orjson.dumps(content).decode()
-                parts.append(f"{message.get('role')}\x1f{text}\x1e")
-        return "".join(parts).encode()
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str):
-        return prompt.encode()
-    return orjson.dumps(prompt) if prompt is not None else b""
+            return Placement(self.by_load(candidates))
+        return Placement(sorted(candidates, key=lambda replica: _rendezvous(session, replica),
+                                reverse=True))
 
 
 def block_hashes(prompt: bytes, block_bytes: int, max_blocks: int) -> list[bytes]:
@@ -127,11 +111,14 @@ class PrefixAware(RoundRobin):
         # least recently used first. URLs, not replicas: discovery may replace replica objects.
         self._where: OrderedDict[bytes, str] = OrderedDict()
 
-    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
+    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
         ranked = self.by_load(candidates)
-        prompt = canonical_prompt(exchange.payload)
+        prompt = exchange.request.canonical_prompt()
         hashes = block_hashes(prompt, self.block_bytes, self.max_blocks)
-        exchange.prefix_hashes = hashes
+
+        def placed(replica: Replica) -> None:
+            self._remember(hashes, replica)
+
         least = ranked[0].load()
         by_url = {replica.url: replica for replica in ranked}
         for block_hash in reversed(hashes):  # longest known prefix first
@@ -141,12 +128,12 @@ class PrefixAware(RoundRobin):
                 if holder.load() > least + self.load_slack:
                     break  # too busy: the prefill elsewhere costs less than the wait here
                 ranked.remove(holder)
-                return [holder, *ranked]
-        return ranked
+                return Placement([holder, *ranked], placed)
+        return Placement(ranked, placed)
 
-    def placed(self, exchange: Exchange, replica: Replica) -> None:
+    def _remember(self, hashes: list[bytes], replica: Replica) -> None:
         where = self._where
-        for block_hash in exchange.prefix_hashes:
+        for block_hash in hashes:
             where[block_hash] = replica.url
             where.move_to_end(block_hash)
         while len(where) > self.max_entries:

@@ -32,13 +32,13 @@ import numpy as np
 from prometheus_client import Counter
 
 from qwenstack.errors import SetupError
+from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.settings import CacheSettings, RagSettings
 
 SEMANTIC_HITS = Counter(
     "qwenstack_cache_semantic_hits",
     "Answer-cache hits found by question similarity (also counted as hits in lookups).",
 )
-CHAT_ROUTE = "/v1/chat/completions"
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,11 @@ class Question:
     text: str
 
 
-def split_question(route: str, payload: dict[str, Any]) -> Question | None:
-    """The chat request's last user message and the rest; None when it has no plain-text one."""
-    if route != CHAT_ROUTE:
-        return None
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
+def split_question(request: InferenceRequest) -> Question | None:
+    """The chat request's last message, when it is a plain-text user message, and the rest;
+    None otherwise."""
+    messages = request.messages
+    if not messages:
         return None
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "user":
@@ -60,7 +59,7 @@ def split_question(route: str, payload: dict[str, Any]) -> Question | None:
     text = last.get("content")
     if not isinstance(text, str) or not text.strip():
         return None
-    rest = {**payload, "messages": [*messages[:-1], {**last, "content": None}]}
+    rest = {**request.as_dict(), "messages": [*messages[:-1], {**last, "content": None}]}
     return Question(rest, text)
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qwenstack.gateway.errors import GatewayError, error_body
-from qwenstack.gateway.exchange import Exchange
+from qwenstack.gateway.protocol import InferenceRequest
+from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import ValidationSettings
 
 
@@ -96,60 +96,52 @@ REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
 CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
 
 
-def check(exchange: Exchange, settings: ValidationSettings, cards: list[dict[str, Any]]) -> None:
-    """Refuse what the engine should never see; `cards` are the served models (/v1/models)."""
-    payload = exchange.payload
-    name, accepts, expected = REQUIRED[exchange.route]
-    if not accepts(payload.get(name)):
+def check(request: InferenceRequest, settings: ValidationSettings) -> None:
+    """Refuse what the engine should never see (`fits` checks against the model's window)."""
+    name, accepts, expected = REQUIRED[request.route]
+    if not accepts(request.get(name)):
         raise GatewayError(400, f"`{name}` must be {expected}.", code="invalid_type", param=name)
     for field, (accepts, expected) in FIELDS.items():
-        value = payload.get(field)
+        value = request.get(field)
         if value is not None and not accepts(value):
             raise GatewayError(
                 400, f"`{field}` must be {expected}.", code="invalid_type", param=field
             )
     if not settings.allow_chat_template:
         for field in CHAT_TEMPLATE_FIELDS:
-            if field in payload:
+            if field in request:
                 raise GatewayError(
                     400, f"`{field}` is not allowed on this server.", code="invalid_request",
                     param=field,
                 )
     for field in ("n", "best_of"):
-        if (payload.get(field) or 1) > settings.max_n:
+        if (request.get(field) or 1) > settings.max_n:
             raise GatewayError(
                 400, f"`{field}` may be at most {settings.max_n}.", code="integer_above_max_value",
                 param=field,
             )
-    field = "max_completion_tokens" if payload.get("max_completion_tokens") else "max_tokens"
-    max_tokens = payload.get(field)
+    field, max_tokens = request.output_limit
     cap = settings.max_tokens_cap
     if cap is not None and max_tokens is not None and max_tokens > cap:
         raise GatewayError(
             400, f"`{field}` may be at most {cap}.", code="integer_above_max_value", param=field
         )
-    max_model_len = context_window(payload.get("model"), cards)
-    if max_tokens is not None and max_model_len is not None and max_tokens >= max_model_len:
+    if cap is not None and max_tokens is None:
+        # Without it, the engine would generate up to the end of the context window.
+        request.set(field, cap)
+
+
+def check_fits(request: InferenceRequest, model: ServedModel) -> None:
+    """Refuse an output limit that the model's context window cannot hold."""
+    field, max_tokens = request.output_limit
+    window = model.max_model_len
+    if max_tokens is not None and window is not None and max_tokens >= window:
         raise GatewayError(
             400,
-            f"`{field}` is {max_tokens}, but this model's context window is {max_model_len} "
+            f"`{field}` is {max_tokens}, but this model's context window is {window} "
             "tokens, prompt included.",
             code="context_length_exceeded", param=field,
         )
-    if cap is not None and max_tokens is None:
-        # Without it, the engine would generate up to the end of the context window.
-        exchange.payload = {**payload, "max_tokens": cap}
-        exchange.body = orjson.dumps(exchange.payload)
-
-
-def context_window(model: Any, cards: list[dict[str, Any]]) -> int | None:
-    """The model's max_model_len as its engine reports it (None: unknown model or not said)."""
-    if model is None and cards:
-        model = cards[0]["id"]
-    for card in cards:
-        if card.get("id") == model:
-            return card.get("max_model_len")
-    return None
 
 
 class _HeadTooLarge(Exception):

@@ -1,0 +1,201 @@
+"""The OpenAI inference request as the gateway reads it: one typed view over the JSON body.
+
+In the spirit of vLLM's `entrypoints/openai/protocol.py`, without its full parse: the gateway
+reads a handful of fields (to validate, limit, route, cache and ground a request) and forwards
+the rest as the client sent it. Every module that needs something of a request asks this view,
+so each rule is decided once: which field bounds the answer's length on each route, what the
+prompts are, what makes an answer deterministic. The body is serialised at most once, on the way
+out, and only when the gateway changed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Final, Literal, cast
+
+import orjson
+
+from qwenstack.gateway.errors import GatewayError
+
+Route = Literal["/v1/chat/completions", "/v1/completions"]
+CHAT: Final = "/v1/chat/completions"
+COMPLETIONS: Final = "/v1/completions"
+
+# The fields that bound the answer's length, in the order the engine reads them, and the bound
+# when none is given. vLLM's chat request takes `max_completion_tokens` and falls back to the
+# deprecated `max_tokens`, else generates to the end of the context window (None here); its
+# completion request has only `max_tokens` (a `max_completion_tokens` there is ignored),
+# 16 by default, as OpenAI's.
+OUTPUT_LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    CHAT: ("max_completion_tokens", "max_tokens"),
+    COMPLETIONS: ("max_tokens",),
+}
+DEFAULT_OUTPUT_LIMIT: Final[dict[str, int | None]] = {CHAT: None, COMPLETIONS: 16}
+
+Prompt = str | list[int]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class InferenceRequest:
+    """A chat or completion request: its route and JSON body, read through typed properties."""
+
+    __slots__ = ("route", "_body", "_raw")
+
+    def __init__(self, route: Route, body: dict[str, Any], raw: bytes | None = None) -> None:
+        self.route = route
+        self._body = body
+        self._raw = raw  # the client's bytes, while the body is as they say
+
+    @classmethod
+    def parse(cls, route: Route, raw: bytes) -> InferenceRequest:
+        """The body as a JSON object, with the fields the gateway itself relies on checked."""
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "The request body must be a JSON object.")
+        if not isinstance(body.get("model", ""), str):
+            raise GatewayError(400, "`model` must be a string.", param="model")
+        if not isinstance(body.get("stream", False), bool):
+            raise GatewayError(400, "`stream` must be true or false.", param="stream")
+        return cls(route, body, raw)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def get(self, field: str, default: Any = None) -> Any:
+        return self._body.get(field, default)
+
+    def __contains__(self, field: str) -> bool:
+        return field in self._body
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The fields present, null or not."""
+        return frozenset(self._body)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._body.items())
+
+    @property
+    def model(self) -> str | None:
+        return cast(str | None, self._body.get("model"))
+
+    @property
+    def stream(self) -> bool:
+        return bool(self._body.get("stream"))
+
+    @property
+    def wants_usage(self) -> bool:
+        """A streaming client that asked for the final usage chunk (the relay strips it else)."""
+        options = self._body.get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
+    @property
+    def output_limit(self) -> tuple[str, int | None]:
+        """The field that bounds the answer's length on this route as the engine reads it, and
+        its value: the one given, else the route's default (None: up to the context window)."""
+        names = OUTPUT_LIMIT_FIELDS[self.route]
+        for name in names:
+            value = self._body.get(name)
+            if value is not None:
+                return name, value
+        return names[-1], DEFAULT_OUTPUT_LIMIT[self.route]
+
+    @property
+    def choices(self) -> int:
+        """Answers asked for per prompt (`n`)."""
+        n = self._body.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+    @property
+    def messages(self) -> list[Any] | None:
+        """A chat request's messages (None on other routes, or when malformed)."""
+        messages = self._body.get("messages")
+        return messages if self.route == CHAT and isinstance(messages, list) else None
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """A completion request's prompts, one per answer set: a batch of strings or of token
+        lists, or a single prompt ([] on other routes)."""
+        if self.route != COMPLETIONS:
+            return []
+        prompt = self._body.get("prompt")
+        if isinstance(prompt, str):
+            return [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            return []
+        if all(_is_int(token) for token in prompt):
+            return [prompt]  # one prompt of token ids
+        return list(prompt)
+
+    @property
+    def question(self) -> str:
+        """The newest user message's text (text parts joined), or ''."""
+        for message in reversed(self.messages or []):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return content
+                if isinstance(content, list):
+                    return " ".join(part.get("text", "") for part in content
+                                    if isinstance(part, dict) and part.get("type") == "text")
+        return ""
+
+    @property
+    def deterministic(self) -> bool:
+        """The engine gives the same answer again: greedy decoding, or sampling from a seed."""
+        temperature = self._body.get("temperature")
+        greedy = isinstance(temperature, int | float) and not isinstance(temperature, bool) \
+            and temperature == 0
+        return greedy or _is_int(self._body.get("seed"))
+
+    def canonical_prompt(self) -> bytes:
+        """The prompt as bytes whose prefixes are the prefixes of what the engine sees.
+
+        Chat messages are joined in order (role, then content), so a conversation's next turn
+        starts with exactly the bytes of its earlier turns, as its chat-templated prompt does."""
+        messages = self.messages
+        if messages is not None:
+            parts = []
+            for message in messages:
+                if isinstance(message, dict):
+                    content = message.get("content")
+                    text = content if isinstance(content, str) else orjson.dumps(content).decode()
+                    parts.append(f"{message.get('role')}\x1f{text}\x1e")
+            return "".join(parts).encode()
+        prompt = self._body.get("prompt")
+        if isinstance(prompt, str):
+            return prompt.encode()
+        return orjson.dumps(prompt) if prompt is not None else b""
+
+    # --- changing (the gateway's own additions; every change is seen by every later reader) -
+
+    def set(self, field: str, value: Any) -> None:
+        self._body[field] = value
+        self._raw = None
+
+    def pop(self, field: str) -> Any:
+        if field not in self._body:
+            return None
+        self._raw = None
+        return self._body.pop(field)
+
+    def to_bytes(self, *, include_usage: bool = False) -> bytes:
+        """The body for the engine: the client's bytes while unchanged. `include_usage` asks a
+        stream for its final usage chunk (the gateway accounts tokens for every request)."""
+        if include_usage and self.stream and not self.wants_usage:
+            options = self._body.get("stream_options")
+            options = {**options} if isinstance(options, dict) else {}
+            return orjson.dumps({**self._body, "stream_options": {**options,
+                                                                  "include_usage": True}})
+        if self._raw is None:
+            self._raw = orjson.dumps(self._body)
+        return self._raw
+
+    def as_dict(self) -> dict[str, Any]:
+        """A shallow copy of the body (for keys and digests; changing it changes nothing)."""
+        return dict(self._body)
