@@ -351,5 +351,7 @@ def completion_budget(request: InferenceRequest, prompt_tokens: int, max_model_l
     prompt, or the rest of the context window when it sets no limit."""
     _, max_tokens = request.output_limit
     if max_tokens is None:
+        max_tokens = request.default_output_limit
+    if max_tokens is None:
         max_tokens = max(0, (max_model_len or 0) - prompt_tokens)
     return max_tokens * request.choices * max(1, len(request.prompts))

@@ -97,13 +97,18 @@ class InferenceRequest:
     @property
     def output_limit(self) -> tuple[str, int | None]:
         """The field that bounds the answer's length on this route as the engine reads it, and
-        its value: the one given, else the route's default (None: up to the context window)."""
+        the value the request gives it (None: not given; `default_output_limit` applies)."""
         names = OUTPUT_LIMIT_FIELDS[self.route]
         for name in names:
             value = self._body.get(name)
             if value is not None:
                 return name, value
-        return names[-1], DEFAULT_OUTPUT_LIMIT[self.route]
+        return names[-1], None
+
+    @property
+    def default_output_limit(self) -> int | None:
+        """The engine's bound when the request gives none (None: the rest of the context)."""
+        return DEFAULT_OUTPUT_LIMIT[self.route]
 
     @property
     def choices(self) -> int:

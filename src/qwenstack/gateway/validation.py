@@ -126,8 +126,10 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
         raise GatewayError(
             400, f"`{field}` may be at most {cap}.", code="integer_above_max_value", param=field
         )
-    if cap is not None and max_tokens is None:
-        # Without it, the engine would generate up to the end of the context window.
+    default = request.default_output_limit
+    if cap is not None and max_tokens is None and (default is None or default > cap):
+        # Without it, the engine would generate up to its default (on chat: the end of the
+        # context window).
         request.set(field, cap)
 
 
