@@ -613,16 +613,15 @@ def plan(
     gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
 ) -> None:
     """Size a deployment: weights, KV cache, context and concurrency that fit, decode bound, flags."""
-    from qwenstack.engine import gpus as gpu_table
-    from qwenstack.engine import planning
+    from qwenstack.engine import deployment_plan, gpu_catalog
     from qwenstack.engine.hardware import GIB
 
     # A bare config.json names no model vLLM could load: leave the flag for the user to fill.
     served = "MODEL_FOLDER_OR_HUB_ID" if Path(model).is_file() else model
     try:
-        chosen = gpu_table.lookup(gpu)
-        p = planning.plan(
-            served, planning.read_model_config(model, os.environ.get("HF_TOKEN")), chosen,
+        chosen = gpu_catalog.lookup(gpu)
+        p = deployment_plan.plan_deployment(
+            served, deployment_plan.read_model_config(model, os.environ.get("HF_TOKEN")), chosen,
             gpu_count=gpus, context=context, concurrency=concurrency, dtype=dtype,
             kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization,
         )

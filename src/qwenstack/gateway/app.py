@@ -28,7 +28,7 @@ from qwenstack.gateway.admission import Admission
 from qwenstack.gateway.cache import AnswerCache
 from qwenstack.gateway.errors import GatewayError, error_response
 from qwenstack.gateway.exchange import Exchange
-from qwenstack.gateway.gpu import GpuCollector
+from qwenstack.gateway.gpu_metrics import GpuCollector
 from qwenstack.gateway.limits import Limiter
 from qwenstack.gateway.auth import Authentication, Authenticator
 from qwenstack.keys import KeyStore

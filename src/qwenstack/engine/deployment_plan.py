@@ -1,7 +1,7 @@
 """Sizing a deployment on GPUs this machine does not have: `qwenstack plan`.
 
 The same arithmetic the engine manager uses to refuse impossible settings (capacity.py), run
-against GPUs from the table in gpus.py instead of the detected hardware.
+against GPUs from the table in gpu_catalog.py instead of the detected hardware.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenstack.engine import capacity, models
-from qwenstack.engine.gpus import Gpu
+from qwenstack.engine.gpu_catalog import Gpu
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.errors import SetupError
 
@@ -92,7 +92,7 @@ def advise_dtype(gpu: Gpu, requested: str) -> tuple[str, str]:
     )
 
 
-def plan(
+def plan_deployment(
     model: str,
     config: dict[str, Any],
     gpu: Gpu,
@@ -139,7 +139,7 @@ def plan(
         )
     else:
         try:
-            capacity.plan_max_model_len(shape, context, kv_bytes, budget)
+            capacity.max_model_len_to_serve(shape, context, kv_bytes, budget)
         except capacity.ContextDoesNotFit as exc:
             refusal = str(exc)
     blocks_per_sequence = -(-context // capacity.BLOCK_TOKENS)
