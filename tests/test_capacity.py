@@ -41,21 +41,21 @@ def _budget(hw: Hardware, **kw):
 
 
 def test_full_context_fits_on_a100():
-    assert capacity.plan_max_model_len(QWEN3_4B, 262_144, 2, _budget(A100)) == 262_144
-    assert capacity.plan_max_model_len(QWEN3_4B, None, 2, _budget(A100)) == 262_144
+    assert capacity.max_model_len_to_serve(QWEN3_4B, 262_144, 2, _budget(A100)) == 262_144
+    assert capacity.max_model_len_to_serve(QWEN3_4B, None, 2, _budget(A100)) == 262_144
 
 
 def test_full_context_refused_on_a10_with_what_fits():
     budget = _budget(A10)
     with pytest.raises(capacity.ContextDoesNotFit) as refused:
-        capacity.plan_max_model_len(QWEN3_4B, 262_144, 2, budget)
+        capacity.max_model_len_to_serve(QWEN3_4B, 262_144, 2, budget)
     message = str(refused.value)
     fits = budget.bytes // 147_456 // 16 * 16
     assert f"--max-model-len {fits:,}" in message
     assert "36.0 GiB" in message  # 262,144 x 147,456 bytes
     assert "--gpu-memory-utilization" in message
     # Unasked, the default context shrinks to what fits instead of failing.
-    assert capacity.plan_max_model_len(QWEN3_4B, None, 2, budget) == fits
+    assert capacity.max_model_len_to_serve(QWEN3_4B, None, 2, budget) == fits
     assert 60_000 < fits < 100_000
 
 
@@ -68,10 +68,10 @@ def test_cpu_budget_is_the_configured_kv_cache():
     budget = _budget(CPU, kv_cache_gib=4)
     assert budget.bytes == 4 * GIB
     with pytest.raises(capacity.ContextDoesNotFit, match="--kv-cache-gib"):
-        capacity.plan_max_model_len(QWEN3_4B, 262_144, 4, budget)
-    assert capacity.plan_max_model_len(QWEN3_4B, 8192, 4, budget) == 8192
+        capacity.max_model_len_to_serve(QWEN3_4B, 262_144, 4, budget)
+    assert capacity.max_model_len_to_serve(QWEN3_4B, 8192, 4, budget) == 8192
 
 
 def test_context_beyond_model_positions_refused():
     with pytest.raises(capacity.ContextDoesNotFit, match="262,144 positions"):
-        capacity.plan_max_model_len(QWEN3_4B, 300_000, 2, _budget(A100))
+        capacity.max_model_len_to_serve(QWEN3_4B, 300_000, 2, _budget(A100))

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_gateway
-from qwenstack.gateway import gpu
+from qwenstack.gateway import gpu_metrics
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "qwenstack.json"
@@ -32,7 +32,7 @@ ELSEWHERE: dict[str, set[str]] = {
     "qwenstack_cache_lookups_total": {"result"},
     "qwenstack_cache_bytes": set(),
     "qwenstack_cache_entries": set(),
-    **{name: {"gpu"} for name in gpu.METRICS},
+    **{name: {"gpu"} for name in gpu_metrics.METRICS},
     "up": {"job", "instance"},
 }
 

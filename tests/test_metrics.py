@@ -17,7 +17,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Gateway, free_port, request_log, start_gateway
-from qwenstack.gateway import gpu
+from qwenstack.gateway import gpu_metrics
 from qwenstack.gateway.metrics import relabel_engine_metrics
 
 MODEL = "tiny-qwen3"
@@ -192,7 +192,7 @@ def test_an_engine_whose_metrics_fail_is_counted_and_skipped(tmp_path: Path, eng
 def test_no_gpu_metrics_without_a_gpu(gateway: Gateway):
     # NVML is only reachable on a GPU machine, so the metrics' presence cannot be tested here.
     text, _ = scrape(gateway)
-    assert not any(name in text for name in gpu.METRICS)
+    assert not any(name in text for name in gpu_metrics.METRICS)
 
 
 def test_gpu_collector_reports_utilisation_as_a_ratio_and_memory_in_bytes():
@@ -201,10 +201,10 @@ def test_gpu_collector_reports_utilisation_as_a_ratio_and_memory_in_bytes():
         nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=37, memory=5),
         nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(used=12 * 2**30, total=80 * 2**30),
     )
-    samples = parse(generate_latest(gpu.GpuCollector(nvml, ["handle-0"])).decode())
-    assert value(samples, gpu.UTILIZATION, gpu="0") == 0.37
-    assert value(samples, gpu.MEMORY_USED, gpu="0") == 12 * 2**30
-    assert value(samples, gpu.MEMORY_TOTAL, gpu="0") == 80 * 2**30
+    samples = parse(generate_latest(gpu_metrics.GpuCollector(nvml, ["handle-0"])).decode())
+    assert value(samples, gpu_metrics.UTILIZATION, gpu="0") == 0.37
+    assert value(samples, gpu_metrics.MEMORY_USED, gpu="0") == 12 * 2**30
+    assert value(samples, gpu_metrics.MEMORY_TOTAL, gpu="0") == 80 * 2**30
 
 
 SECRET = "sk-do-not-log-4711"

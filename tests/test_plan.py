@@ -20,18 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from qwenstack.engine import gpus, planning
+from qwenstack.engine import deployment_plan, gpu_catalog
 from qwenstack.errors import SetupError
 
 CONFIG_FILE = Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json"
-CONFIG = planning.read_model_config(str(CONFIG_FILE))
+CONFIG = deployment_plan.read_model_config(str(CONFIG_FILE))
 MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 
 
 def _plan(gpu: str, **kw):
     kw.setdefault("context", 32_768)
     kw.setdefault("concurrency", 8)
-    return planning.plan(MODEL, CONFIG, gpus.lookup(gpu), **kw)
+    return deployment_plan.plan_deployment(MODEL, CONFIG, gpu_catalog.lookup(gpu), **kw)
 
 
 def test_qwen3_4b_on_a10():
@@ -118,9 +118,9 @@ def test_dtype_advice_follows_bf16_support():
 def test_gpu_by_memory_size_and_unknown_names():
     p = _plan("48GB")
     assert p.gpu.memory_bytes == 48 * 2**30 and p.decode_bound_single is None
-    assert gpus.lookup("a100 80gb").name == "A100-80GB"
+    assert gpu_catalog.lookup("a100 80gb").name == "A100-80GB"
     with pytest.raises(SetupError, match="not a GPU in the table"):
-        gpus.lookup("Z9")
+        gpu_catalog.lookup("Z9")
     weights_only = _plan("8GB")
     assert weights_only.kv_tokens == 0 and "leave no room" in weights_only.refusal
 

@@ -39,7 +39,7 @@ def test_secrets_masked(monkeypatch):
 
 def _plan(hardware, log_dir, **engine):
     settings = load_settings(**{f"engine.{k}": v for k, v in engine.items()})
-    return launch.plan(settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir)
+    return launch.build_launches(settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir)
 
 
 def test_cpu_launch_is_float32_on_loopback_with_sized_kv_cache(tmp_path):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from qwenstack.engine import plan_engines
+from qwenstack.engine import prepare_engines
 from qwenstack.engine.supervisor import Engine, Supervisor
 from qwenstack.errors import SetupError
 from qwenstack.gateway.app import create_app
@@ -87,7 +87,7 @@ async def run(
         ui_server.preflight(settings)
     try:
         if engines:
-            _, launches = await asyncio.to_thread(plan_engines, settings)
+            _, launches = await asyncio.to_thread(prepare_engines, settings)
             supervisor = Supervisor(
                 launches,
                 settings.run_dir / "engines.json",

@@ -14,9 +14,9 @@ def engine_venv(settings: Settings) -> EngineVenv:
     return EngineVenv(settings.home / "engine-venv", package, settings.log_dir / "engine-venv.log")
 
 
-def plan_engines(settings: Settings) -> tuple[ResolvedModel, list[EngineLaunch]]:
+def prepare_engines(settings: Settings) -> tuple[ResolvedModel, list[EngineLaunch]]:
     """Install the engine if needed, pick the model, and check that its context fits."""
     machine = hardware.detect()
     python = engine_venv(settings).ensure()
     model = models.resolve(settings, machine, python)
-    return model, launch.plan(settings.engine, model, machine, python, settings.log_dir)
+    return model, launch.build_launches(settings.engine, model, machine, python, settings.log_dir)

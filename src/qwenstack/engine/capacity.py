@@ -131,7 +131,7 @@ def kv_budget(
     return KvBudget(int(DEFAULT_CPU_KV_CACHE_GIB * GIB), "--kv-cache-gib")
 
 
-def plan_max_model_len(
+def max_model_len_to_serve(
     shape: ModelShape,
     requested: int | None,
     kv_dtype_bytes: int,

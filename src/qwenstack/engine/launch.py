@@ -47,7 +47,7 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def plan(
+def build_launches(
     engine: EngineSettings,
     model: ResolvedModel,
     hardware: Hardware,
@@ -78,7 +78,7 @@ def plan(
         gpu_memory_utilization=engine.gpu_memory_utilization,
         kv_cache_gib=engine.kv_cache_gib,
     )
-    max_model_len = capacity.plan_max_model_len(shape, engine.max_model_len, kv_bytes, budget)
+    max_model_len = capacity.max_model_len_to_serve(shape, engine.max_model_len, kv_bytes, budget)
     if engine.max_model_len is None and max_model_len < shape.max_positions:
         log.warning(
             "Serving a context of %d tokens: the model's %d do not fit in %.1f GiB of KV cache "

@@ -18,7 +18,7 @@ from qwenstack.gateway import metrics
 from qwenstack.gateway.admission import Admission
 from qwenstack.gateway.auth import Authenticator
 from qwenstack.gateway.cache import AnswerCache
-from qwenstack.gateway.gpu import GpuCollector
+from qwenstack.gateway.gpu_metrics import GpuCollector
 from qwenstack.gateway.knowledge_bases import Knowledge
 from qwenstack.gateway.limits import Limiter
 from qwenstack.gateway.replicas import DnsDiscovery, ReplicaPool

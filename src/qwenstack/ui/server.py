@@ -21,6 +21,7 @@ import httpx
 
 from qwenstack.errors import SetupError
 from qwenstack.keys import KeyStore, KeyStoreError
+from qwenstack.processes import SupervisedProcess
 from qwenstack.settings import Settings
 from qwenstack.ui import knowledge, store
 
@@ -31,8 +32,6 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 APP_MODULE = Path(__file__).with_name("app.py")
 UI_ADMIN_KEY = "ui"  # the admin key the UI makes for itself when none is configured
 STARTUP_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 15
-BACKOFF_INITIAL_S, BACKOFF_MAX_S = 1.0, 60.0
 STEADY_RUN_S = 60  # a process that ran this long starts its restart backoff afresh
 
 # Chainlit reads its configuration from <app root>/.chainlit/config.toml and writes a default
@@ -195,11 +194,25 @@ async def _wait_until_up(url: str, process: asyncio.subprocess.Process) -> bool:
     return False
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+class _ChatUi(SupervisedProcess):
+    """The Chainlit process; `on_up` hears once, the first time it answers."""
+
+    def __init__(
+        self, settings: Settings, env: dict[str, str], on_up: Callable[[str], None] | None
+    ) -> None:
+        super().__init__(
+            "The chat UI", command(settings), settings.log_dir / "ui.log", env=env,
+            cwd=app_root(settings), stable_after_s=STEADY_RUN_S,
+        )
+        self.url = ui_url(settings)
+        self._on_up = on_up
+
+    async def serving(self, process: asyncio.subprocess.Process) -> None:
+        if await _wait_until_up(self.url, process):
+            log.info("UI up at %s", self.url)
+            if self._on_up:
+                self._on_up(self.url)
+                self._on_up = None
 
 
 async def supervise(
@@ -208,45 +221,7 @@ async def supervise(
     """Run the UI until `stop` is set, restarting it with backoff when it exits."""
     preflight(settings)
     env = await asyncio.to_thread(prepare, settings)
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = settings.log_dir / "ui.log"
-    backoff_s = BACKOFF_INITIAL_S
-    while not stop.is_set():
-        started = time.monotonic()
-        with log_path.open("ab") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *command(settings), env=env, cwd=app_root(settings),
-                stdout=log_file, stderr=asyncio.subprocess.STDOUT,
-            )
-        try:
-            exited = asyncio.create_task(process.wait())
-            if await _wait_until_up(ui_url(settings), process):
-                log.info("UI up at %s", ui_url(settings))
-                if on_up:
-                    on_up(ui_url(settings))
-                    on_up = None
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait((exited, stopping), return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-        if stop.is_set():
-            return
-        if time.monotonic() - started > STEADY_RUN_S:
-            backoff_s = BACKOFF_INITIAL_S
-        log.warning(
-            "The UI exited (%s); restarting in %.0f s. Its log (%s) ends:\n%s",
-            process.returncode, backoff_s, log_path, _log_tail(log_path),
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), backoff_s)
-        backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+    await _ChatUi(settings, env, on_up).run(stop)
 
 
 async def serve(settings: Settings, on_up: Callable[[str], None]) -> None:

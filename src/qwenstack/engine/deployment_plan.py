@@ -1,7 +1,7 @@
 """Sizing a deployment on GPUs this machine does not have: `qwenstack plan`.
 
 The same arithmetic the engine manager uses to refuse impossible settings (capacity.py), run
-against GPUs from the table in gpus.py instead of the detected hardware.
+against GPUs from the table in gpu_catalog.py instead of the detected hardware.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenstack.engine import capacity, models
-from qwenstack.engine.gpus import Gpu
+from qwenstack.engine.gpu_catalog import Gpu
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.errors import SetupError
 
@@ -58,6 +58,33 @@ class DeploymentPlan:
             flags += ["--kv-cache-dtype", self.kv_cache_dtype]
         return flags
 
+    def figures(self) -> list[tuple[str, str]]:
+        """What `qwenstack plan` prints: one (label, value) row per figure."""
+        gpu = self.gpu
+        bandwidth = f", {gpu.bandwidth_gb_s:,.0f} GB/s" if gpu.bandwidth_gb_s else ""
+
+        def rate(tokens_s: float | None) -> str:
+            return "-" if tokens_s is None else f"{tokens_s:,.0f} tokens/s"
+
+        running = min(self.concurrency, self.sequences_at_context)
+        return [
+            ("model", self.model),
+            ("GPUs",
+             f"{self.gpu_count} x {gpu.name} ({gpu.memory_bytes / GIB:.1f} GiB{bandwidth})"),
+            ("dtype", f"{self.dtype}: {self.dtype_advice}"),
+            ("weights", f"{self.weights_bytes / GIB:.2f} GiB"),
+            ("KV cache per token", self.kv_formula),
+            ("KV cache", (f"{self.kv_cache_bytes / GIB:.2f} GiB (x {self.gpu_memory_utilization}"
+                          " of memory, less weights and 1 GiB per GPU for activations)")),
+            ("KV tokens that fit", f"{self.kv_tokens:,}"),
+            ("longest context", f"{self.longest_context:,} tokens"),
+            (f"sequences of {self.context:,} at once", f"{self.sequences_at_context:,}"
+             + ("" if self.sequences_at_context >= self.concurrency else
+                f" (fewer than {self.concurrency}: the rest wait or are preempted)")),
+            ("decode bound, 1 sequence", rate(self.decode_bound_single)),
+            (f"decode bound, {running} x {self.context:,}", rate(self.decode_bound_total)),
+        ]
+
 
 def read_model_config(model: str, hf_token: str | None = None) -> dict[str, Any]:
     """A model's config.json: from a config file, a model folder, or the Hugging Face hub."""
@@ -92,7 +119,7 @@ def advise_dtype(gpu: Gpu, requested: str) -> tuple[str, str]:
     )
 
 
-def plan(
+def plan_deployment(
     model: str,
     config: dict[str, Any],
     gpu: Gpu,
@@ -139,7 +166,7 @@ def plan(
         )
     else:
         try:
-            capacity.plan_max_model_len(shape, context, kv_bytes, budget)
+            capacity.max_model_len_to_serve(shape, context, kv_bytes, budget)
         except capacity.ContextDoesNotFit as exc:
             refusal = str(exc)
     blocks_per_sequence = -(-context // capacity.BLOCK_TOKENS)

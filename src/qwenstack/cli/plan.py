@@ -1,0 +1,49 @@
+"""`qwenstack plan`: size a deployment on GPUs this machine need not have."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qwenstack.cli.common import fail, print_table
+from qwenstack.errors import SetupError
+
+
+def plan(
+    model: Annotated[str, typer.Argument(
+        help="Hub id, local model folder, or a config.json file.")],
+    gpu: Annotated[str, typer.Option(
+        help="A GPU name (A10, L4, A100-80GB, H100 ...) or memory, e.g. 24GB.")],
+    gpus: Annotated[int, typer.Option(help="GPUs (tensor parallel).")] = 1,
+    context: Annotated[int | None, typer.Option(
+        help="Tokens per sequence. Default: the model's maximum.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Sequences at once.")] = 1,
+    dtype: Annotated[str, typer.Option(
+        help="auto: bfloat16 where the GPU has it, else float16.")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(
+        help="auto (the weights' dtype) or fp8.")] = "auto",
+    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+) -> None:
+    """Size a deployment: weights, KV cache, context and concurrency that fit, decode bound, flags."""
+    from qwenstack.engine import deployment_plan, gpu_catalog
+
+    # A bare config.json names no model vLLM could load: leave the flag for the user to fill.
+    served = "MODEL_FOLDER_OR_HUB_ID" if Path(model).is_file() else model
+    try:
+        chosen = gpu_catalog.lookup(gpu)
+        sized = deployment_plan.plan_deployment(
+            served, deployment_plan.read_model_config(model, os.environ.get("HF_TOKEN")),
+            chosen, gpu_count=gpus, context=context, concurrency=concurrency,
+            dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+    except SetupError as exc:
+        fail(exc)
+    print_table(sized.figures())
+    if sized.refusal:
+        typer.secho(f"\nDoes not fit: {sized.refusal}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.echo("\nvLLM flags:  " + " ".join(sized.vllm_flags()))

@@ -1,0 +1,131 @@
+"""A child process kept running: restarted with a doubling backoff, stopped with its group.
+
+Engines and the chat UI both run this way. Each child runs in its own session (process group):
+vLLM forks an EngineCore process, and a crash of the API server must not leave that child holding
+memory, so signals go to the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 15.0  # after SIGTERM, before SIGKILL
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last lines of a log file (each cut to 300 characters), read from its last 16 KiB."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(line[-300:] for line in tail[-lines:])
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+class SupervisedProcess:
+    """One command, run until a stop event; subclasses hook in at start, while up, and at exit."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        stable_after_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None  # None: this process's environment
+        self.cwd = cwd
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        # A process that ran this long is healthy again: its next crash restarts without delay.
+        self.stable_after_s = stable_after_s
+        self.restarts = 0
+        self.started_at = 0.0
+
+    def log_tail(self, lines: int = 1) -> str:
+        return log_tail(self.log_path, lines)
+
+    def started(self, process: asyncio.subprocess.Process) -> None:
+        """Called as each run starts."""
+
+    async def serving(self, process: asyncio.subprocess.Process) -> None:
+        """Runs beside each run (e.g. a readiness probe); cancelled when the process exits."""
+
+    def exited(self, code: int | None, restart_in_s: float) -> None:
+        """Called after a run ended on its own, before the backoff."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start the process, restart it whenever it exits, until `stop` is set."""
+        backoff = self.backoff_initial_s
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        while not stop.is_set():
+            with self.log_path.open("ab") as log_file:
+                process = await asyncio.create_subprocess_exec(
+                    *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                    start_new_session=True,
+                )
+            self.started_at = time.monotonic()
+            log.info("%s started (pid %d, log %s)", self.name, process.pid, self.log_path)
+            self.started(process)
+            watch = asyncio.create_task(self.serving(process))
+            exited = asyncio.create_task(process.wait())
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait((exited, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (watch, exited, stopping):
+                    task.cancel()
+                await self._stop(process)
+            if stop.is_set():
+                return
+            if time.monotonic() - self.started_at > self.stable_after_s:
+                backoff = self.backoff_initial_s
+            self.restarts += 1
+            log.error(
+                "%s (pid %d) exited with code %s; restart %d in %.0f s. Its log (%s) ends:\n%s",
+                self.name, process.pid, process.returncode, self.restarts, backoff,
+                self.log_path, self.log_tail(20),
+            )
+            self.exited(process.returncode, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    async def _stop(self, process: asyncio.subprocess.Process) -> None:
+        """SIGTERM to the group, SIGKILL after a grace period; the group is killed even when the
+        process itself has exited, since its children may not have."""
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %.0f s; killing",
+                    self.name, process.pid, STOP_GRACE_S,
+                )
+        _signal_group(process.pid, signal.SIGKILL)
+        await process.wait()
