@@ -39,7 +39,7 @@ user_keys = UserKeys(ui, gateway_url, accounts)
 MAX_FIT_ATTEMPTS = 8
 ANSWER = "answer"  # metadata kind of the model's answers, the only assistant messages replayed
 NO_MODEL = "-"  # the settings panel's model while the gateway lists none
-CITATIONS_EVENT = "qwenstack.citations"  # see qwenstack.gateway.knowledge
+CITATIONS_EVENT = "qwenstack.citations"  # the gateway sends it (its grounding.py)
 
 
 @cl.data_layer
