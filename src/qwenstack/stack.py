@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ def gateway_server(settings: Settings) -> uvicorn.Server:
         log_config=None,  # uvicorn's loggers go through qwenstack's handler and log format
         access_log=False,  # the gateway logs each request itself, with its request id
         # On stop: no new connections, requests in flight (streams too) finish within this.
-        timeout_graceful_shutdown=settings.gateway.drain_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.gateway.drain_timeout_s),
         http=BoundedHeadProtocol.limited_to(settings.validation.max_header_bytes),
     )
     return _GatewayServer(config)
@@ -49,7 +50,8 @@ def _listen(settings: Settings) -> socket.socket:
     try:
         sock = socket.create_server((host, port), reuse_port=False)
     except OSError as exc:
-        raise SetupError(f"The gateway cannot listen on {host}:{port} ({exc.strerror}); set --port.") from None
+        raise SetupError(
+            f"The gateway cannot listen on {host}:{port} ({exc.strerror}); set --port.") from None
     sock.set_inheritable(True)
     return sock
 
@@ -58,6 +60,32 @@ def _report_progress(engine: Engine, elapsed_s: float) -> None:
     log.info(
         "Waiting for engine %d (%.0f s): %s", engine.launch.index, elapsed_s, engine.log_tail()
     )
+
+
+async def _start_engines(settings: Settings) -> Supervisor:
+    _, launches = await asyncio.to_thread(prepare_engines, settings)
+    supervisor = Supervisor(
+        launches,
+        settings.run_dir / "engines.json",
+        startup_timeout_s=settings.engine.startup_timeout_s,
+        backoff_initial_s=settings.engine.restart_backoff_initial_s,
+        backoff_max_s=settings.engine.restart_backoff_max_s,
+    )
+    await supervisor.start()
+    return supervisor
+
+
+async def _ready_before_stop(supervisor: Supervisor, stop: asyncio.Event) -> bool:
+    """Wait for the engines to serve; False when a stop came first."""
+    ready = asyncio.create_task(supervisor.wait_ready(_report_progress))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not ready.done():
+        ready.cancel()
+        return False
+    ready.result()
+    return True
 
 
 async def run(
@@ -87,15 +115,7 @@ async def run(
         ui_server.preflight(settings)
     try:
         if engines:
-            _, launches = await asyncio.to_thread(prepare_engines, settings)
-            supervisor = Supervisor(
-                launches,
-                settings.run_dir / "engines.json",
-                startup_timeout_s=settings.engine.startup_timeout_s,
-                backoff_initial_s=settings.engine.restart_backoff_initial_s,
-                backoff_max_s=settings.engine.restart_backoff_max_s,
-            )
-            await supervisor.start()
+            supervisor = await _start_engines(settings)
         if listener:
             # Up before the engines are: /health answers and /ready says 503 while they load.
             server = gateway_server(settings)
@@ -103,17 +123,10 @@ async def run(
         if ui:
             # Up while the engines load too: it tells users the model is starting.
             ui_task = asyncio.create_task(ui_server.supervise(settings, stop))
-        if supervisor:
-            ready = asyncio.create_task(supervisor.wait_ready(_report_progress))
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not ready.done():
-                ready.cancel()
-                return
-            ready.result()
+        if supervisor and not await _ready_before_stop(supervisor, stop):
+            return
         on_ready(settings.engine.replica_urls())
-        waits = [asyncio.create_task(stop.wait())]
+        waits: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
         if server_task:
             waits.append(server_task)
         if ui_task:

@@ -96,7 +96,8 @@ def bench(
             typer.echo("\n" + report.ratio_table(ratios))
         if json_out:
             meta = {"model": options.model, "api": api, "dataset": dataset,
-                    "num_prompts": num_prompts, "rounds": rounds, "stream": stream, "slo": slo.__dict__,
+                    "num_prompts": num_prompts, "rounds": rounds, "stream": stream,
+                     "slo": slo.__dict__,
                     "targets": {t.name: t.base_url for t in run.targets}}
             report.write_json(json_out, meta, summaries, ratios)
         if plot:

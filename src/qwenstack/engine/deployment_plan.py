@@ -38,7 +38,8 @@ class DeploymentPlan:
     sequences_at_context: int
     concurrency: int
     decode_bound_single: float | None  # tokens/s: one sequence, empty context
-    decode_bound_total: float | None  # tokens/s: the sequences that fit (up to concurrency) at context
+    # tokens/s: the sequences that fit (up to concurrency) at context
+    decode_bound_total: float | None
     refusal: str | None  # why `context` cannot be served, and what fits
 
     @property
@@ -109,14 +110,42 @@ def advise_dtype(gpu: Gpu, requested: str) -> tuple[str, str]:
         if requested not in capacity.DTYPE_BYTES:
             raise SetupError(f"--dtype {requested}: use auto, {', '.join(capacity.DTYPE_BYTES)}")
         if requested == "bfloat16" and not gpu.bf16:
-            raise SetupError(f"{gpu.name} has no bfloat16 (it predates Ampere): use --dtype float16")
+            raise SetupError(
+                f"{gpu.name} has no bfloat16 (it predates Ampere): use --dtype float16")
         return requested, "as asked"
     if gpu.bf16:
-        return "bfloat16", f"{gpu.name} computes in bfloat16, the dtype Qwen3 and most models ship in"
+        return "bfloat16", (
+            f"{gpu.name} computes in bfloat16, the dtype Qwen3 and most models ship in")
     return "float16", (
         f"{gpu.name} predates Ampere and has no bfloat16; float16 is the same size, "
         "but its narrower range can overflow where bfloat16 would not"
     )
+
+
+def _check_options(
+    gpu_count: int, concurrency: int, gpu_memory_utilization: float, kv_cache_dtype: str
+) -> None:
+    if gpu_count < 1 or concurrency < 1:
+        raise SetupError("--gpus and --concurrency must be 1 or more")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise SetupError("--gpu-memory-utilization must be in (0, 1]")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise SetupError(
+            f"--kv-cache-dtype {kv_cache_dtype}: use one of {', '.join(KV_CACHE_DTYPES)}")
+
+
+def _decode_bounds(
+    gpu: Gpu, gpu_count: int, weights: int, running: int, kv_bytes_per_sequence: int
+) -> tuple[float | None, float | None]:
+    """Decode tokens/s bounds from memory bandwidth: one sequence alone, and `running` at once.
+
+    A decode step reads every weight once and each running sequence's KV cache; with tensor
+    parallelism the GPUs read their shares at once."""
+    if gpu.bandwidth_gb_s is None:
+        return None, None
+    bandwidth = gpu.bandwidth_gb_s * 1e9 * gpu_count
+    total = running * bandwidth / (weights + running * kv_bytes_per_sequence) if running else None
+    return bandwidth / weights, total
 
 
 def plan_deployment(
@@ -131,16 +160,12 @@ def plan_deployment(
     kv_cache_dtype: str = "auto",
     gpu_memory_utilization: float = 0.9,
 ) -> DeploymentPlan:
-    if gpu_count < 1 or concurrency < 1:
-        raise SetupError("--gpus and --concurrency must be 1 or more")
-    if not 0 < gpu_memory_utilization <= 1:
-        raise SetupError("--gpu-memory-utilization must be in (0, 1]")
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise SetupError(f"--kv-cache-dtype {kv_cache_dtype}: use one of {', '.join(KV_CACHE_DTYPES)}")
+    _check_options(gpu_count, concurrency, gpu_memory_utilization, kv_cache_dtype)
     try:
         shape = capacity.ModelShape.from_config(config)
     except (KeyError, TypeError) as exc:
-        raise SetupError(f"{model}: the config lacks {exc} (not a transformer LM config?)") from None
+        raise SetupError(
+            f"{model}: the config lacks {exc} (not a transformer LM config?)") from None
     context = context or shape.max_positions
     if context < 1:
         raise SetupError("--context must be 1 or more")
@@ -172,15 +197,8 @@ def plan_deployment(
     blocks_per_sequence = -(-context // capacity.BLOCK_TOKENS)
     sequences = kv_tokens // (blocks_per_sequence * capacity.BLOCK_TOKENS)
 
-    single = total = None
-    if gpu.bandwidth_gb_s is not None:
-        # A decode step reads every weight once and each running sequence's KV cache; with
-        # tensor parallelism the GPUs read their shares at once.
-        bandwidth = gpu.bandwidth_gb_s * 1e9 * gpu_count
-        single = bandwidth / weights
-        running = min(concurrency, sequences)
-        if running:
-            total = running * bandwidth / (weights + running * min(context, kv_tokens) * per_token)
+    single, total = _decode_bounds(gpu, gpu_count, weights, min(concurrency, sequences),
+                                   min(context, kv_tokens) * per_token)
     return DeploymentPlan(
         model=model, gpu=gpu, gpu_count=gpu_count, gpu_memory_utilization=gpu_memory_utilization,
         dtype=dtype, dtype_advice=advice, kv_cache_dtype=kv_cache_dtype,

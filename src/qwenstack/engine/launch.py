@@ -47,6 +47,37 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
+def _refuse_what_cannot_run(engine: EngineSettings, hardware: Hardware) -> None:
+    for arg in engine.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            raise SetupError(
+                f"{flag} in the extra vLLM flags: use qwenstack's {MANAGED_FLAGS[flag]}")
+    gpus_needed = engine.replicas * engine.tensor_parallel_size
+    if hardware.has_gpu and gpus_needed > len(hardware.gpu_memory_bytes):
+        raise SetupError(
+            f"{engine.replicas} replicas x tensor-parallel-size {engine.tensor_parallel_size} needs"
+            f" {gpus_needed} GPUs; this machine has {len(hardware.gpu_memory_bytes)}"
+        )
+
+
+def _tuning_flags(
+    engine: EngineSettings, hardware: Hardware, budget: capacity.KvBudget
+) -> list[str]:
+    flags = [
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+        "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+    ]
+    if engine.enable_chunked_prefill:
+        flags.append("--enable-chunked-prefill")
+    if engine.max_num_seqs is not None:
+        flags += ["--max-num-seqs", str(engine.max_num_seqs)]
+    if engine.kv_cache_gib is not None or not hardware.has_gpu:
+        # Sized by us, so that vLLM allocates exactly the budget checked above.
+        flags += ["--kv-cache-memory-bytes", str(budget.bytes)]
+    return flags
+
+
 def build_launches(
     engine: EngineSettings,
     model: ResolvedModel,
@@ -54,24 +85,13 @@ def build_launches(
     python: Path,
     log_dir: Path,
 ) -> list[EngineLaunch]:
-    for arg in engine.extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
-            raise SetupError(f"{flag} in the extra vLLM flags: use qwenstack's {MANAGED_FLAGS[flag]}")
-    if hardware.has_gpu and engine.replicas * engine.tensor_parallel_size > len(
-        hardware.gpu_memory_bytes
-    ):
-        raise SetupError(
-            f"{engine.replicas} replicas x tensor-parallel-size {engine.tensor_parallel_size} needs"
-            f" {engine.replicas * engine.tensor_parallel_size} GPUs; "
-            f"this machine has {len(hardware.gpu_memory_bytes)}"
-        )
-
+    _refuse_what_cannot_run(engine, hardware)
     shape = capacity.ModelShape.from_config(model.config)
     dtype = capacity.resolve_dtype(engine.dtype, shape, hardware)
     weight_bytes = capacity.dtype_bytes(dtype, shape, hardware)
     kv_cache_dtype = _flag_value(engine.extra_args, "--kv-cache-dtype") or "auto"
-    kv_bytes = weight_bytes if kv_cache_dtype == "auto" else capacity.DTYPE_BYTES.get(kv_cache_dtype, 2)
+    kv_bytes = (weight_bytes if kv_cache_dtype == "auto"
+                else capacity.DTYPE_BYTES.get(kv_cache_dtype, 2))
     budget = capacity.kv_budget(
         shape, weight_bytes, hardware,
         tensor_parallel_size=engine.tensor_parallel_size,
@@ -93,17 +113,8 @@ def build_launches(
         "--host", ENGINE_HOST,
         "--dtype", dtype,
         "--max-model-len", str(max_model_len),
-        "--tensor-parallel-size", str(engine.tensor_parallel_size),
-        "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+        *_tuning_flags(engine, hardware, budget),
     ]
-    if engine.enable_chunked_prefill:
-        common.append("--enable-chunked-prefill")
-    if engine.max_num_seqs is not None:
-        common += ["--max-num-seqs", str(engine.max_num_seqs)]
-    if engine.kv_cache_gib is not None or not hardware.has_gpu:
-        # Sized by us, so that vLLM allocates exactly the budget checked above.
-        common += ["--kv-cache-memory-bytes", str(budget.bytes)]
-
     base_env = {"PYTHONUNBUFFERED": "1"}
     if engine.hf_token:
         base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()

@@ -37,7 +37,8 @@ class NewKey(BaseModel):
 
 
 def _key_error(exc: KeyStoreError) -> GatewayError:
-    status, code = (404, "key_not_found") if isinstance(exc, UnknownKey) else (400, "invalid_key_request")
+    unknown = isinstance(exc, UnknownKey)
+    status, code = (404, "key_not_found") if unknown else (400, "invalid_key_request")
     return GatewayError(status, str(exc), code=code)
 
 

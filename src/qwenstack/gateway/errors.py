@@ -39,7 +39,9 @@ class GatewayError(Exception):
         self.headers = headers  # sent with the error, e.g. rate-limit state
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
+def error_body(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> bytes:
     return orjson.dumps({
         "error": {
             "message": message,

@@ -59,7 +59,8 @@ class Knowledge:
                 except SetupError as exc:
                     log.error("Knowledge bases are unavailable: %s", exc)
                     raise GatewayError(503, f"Knowledge bases are unavailable: {exc}",
-                                       code="knowledge_bases_unavailable", retry_after_s=5) from None
+                                       code="knowledge_bases_unavailable",
+                                       retry_after_s=5) from None
             return self._service
 
     def close(self) -> None:
@@ -161,7 +162,8 @@ async def upload_files(name: str, request: Request) -> dict[str, Any]:
         form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
     except (HTTPException, MultiPartException) as exc:  # malformed, or too many parts
         detail = exc.detail if isinstance(exc, HTTPException) else exc.message
-        raise GatewayError(400, f"The upload cannot be read: {detail}", code="invalid_upload") from None
+        raise GatewayError(400, f"The upload cannot be read: {detail}",
+                           code="invalid_upload") from None
     try:
         uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
         if not uploads:
@@ -191,7 +193,8 @@ async def query(name: str, body: Query, request: Request) -> dict[str, Any]:
     service = await _service(request)
     hits = await call(service.search, [name], body.query, _caller(request),
                        body.top_k, body.mode)
-    return {"object": "list", "data": [{**item.citation(), "score": item.hit.score} for item in hits]}
+    data = [{**item.citation(), "score": item.hit.score} for item in hits]
+    return {"object": "list", "data": data}
 
 
 @router.post("/embeddings")
@@ -209,6 +212,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
     tokens = sum(service.counter.count(texts))  # the chat model's tokens: an approximation
     return {
         "object": "list", "model": model.name,
-        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "data": [{"object": "embedding", "index": i, "embedding": v}
+                 for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

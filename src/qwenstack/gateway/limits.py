@@ -346,7 +346,9 @@ class Limiter:
         await self.store.close()
 
 
-def completion_budget(request: InferenceRequest, prompt_tokens: int, max_model_len: int | None) -> int:
+def completion_budget(
+    request: InferenceRequest, prompt_tokens: int, max_model_len: int | None
+) -> int:
     """The most tokens the request may generate: `n` answers of the output limit for each
     prompt, or the rest of the context window when it sets no limit."""
     _, max_tokens = request.output_limit

@@ -291,11 +291,13 @@ class ReplicaPool:
                     replica.mark_down(f"/health answered {health.status}")
                     return
             if not replica.up:
-                async with self._session.get(f"{replica.url}/v1/models", timeout=HEALTH_TIMEOUT) as resp:
+                models_url = f"{replica.url}/v1/models"
+                async with self._session.get(models_url, timeout=HEALTH_TIMEOUT) as resp:
                     resp.raise_for_status()
                     replica.models = (await resp.json())["data"]
                 self._cards = None
-                log.info("Engine %s is up, serving %s", replica.url, [c["id"] for c in replica.models])
+                log.info("Engine %s is up, serving %s", replica.url,
+                         [c["id"] for c in replica.models])
                 replica.up = True
             replica.health_timeouts = 0
         except TimeoutError:

@@ -77,7 +77,8 @@ class UsageRecorder:
             log.error("Usage records are piling up (database unreachable?); dropping the oldest")
 
     async def flush(self) -> None:
-        """Insert pending rows in batches; on a database error they stay pending for the next try."""
+        """Insert pending rows in batches; on a database error they stay pending for the next
+        try."""
         async with self._flushing:
             while self._pending:
                 batch = self._pending[:BATCH_ROWS]
