@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import held_stream, start_gateway
 
 SHORT = {"model": "tiny-qwen3", "prompt": "hello there", "max_tokens": 1}

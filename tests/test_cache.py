@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from conftest import Gateway, RedisServer, free_port, request_log, start_gateway
 from prometheus_client import REGISTRY
 
-from conftest import Gateway, RedisServer, free_port, request_log, start_gateway
+from qwenstack.callers import Caller
 from qwenstack.gateway.cache import AnswerCache, cache_key
 from qwenstack.gateway.cache_store import MemoryStore, RedisStore
-from qwenstack.callers import Caller
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.settings import CacheSettings

@@ -9,7 +9,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import Stack, request_log
 
 MODEL = "tiny-qwen3"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import Gateway, RedisServer, held_stream, start_gateway
 
 MODEL = "tiny-qwen3"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-
 from conftest import Gateway, start_gateway
+
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.gateway.semantic_cache import SemanticIndex, split_question
 

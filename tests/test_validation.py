@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from conftest import Gateway, start_gateway
 
 MODEL = "tiny-qwen3"  # max_model_len 1024

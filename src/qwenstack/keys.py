@@ -24,8 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qwenstack import database as db
-from qwenstack.database import ApiKey
 from qwenstack.callers import Caller
+from qwenstack.database import ApiKey
 from qwenstack.settings import Settings
 
 SECRET_PREFIX = "sk-qs-"

@@ -12,8 +12,8 @@ import re
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from qwenstack.database import Base, aware
 from qwenstack.callers import Caller
+from qwenstack.database import Base, aware
 from qwenstack.rag import RagError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

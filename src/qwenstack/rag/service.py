@@ -22,9 +22,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from qwenstack.errors import SetupError
-from qwenstack.database import now
 from qwenstack.callers import Caller
+from qwenstack.database import now
+from qwenstack.errors import SetupError
 from qwenstack.rag import RagError
 from qwenstack.rag.catalog import (
     KnowledgeBase,
