@@ -57,7 +57,7 @@ def main() -> None:
     print("threshold  hit rate  false-hit rate")
     for threshold in THRESHOLDS:
         print(f"{threshold:9.2f}  {np.mean(same >= threshold):8.0%}  {np.mean(different >= threshold):14.0%}")
-    for (a, b), value in zip(NEAR_MISSES, different):
+    for (a, b), value in zip(NEAR_MISSES, different, strict=True):
         print(f"  near miss {value:.3f}  {a} / {b}")
 
 

@@ -27,7 +27,7 @@ def completion(max_tokens: int, **extra: object) -> dict:
 async def _post_all(urls: list[str], bodies: list[dict]) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=300) as client:
         return await asyncio.gather(*(
-            client.post(f"{url}/v1/completions", json=body) for url, body in zip(urls, bodies)
+            client.post(f"{url}/v1/completions", json=body) for url, body in zip(urls, bodies, strict=True)
         ))
 
 

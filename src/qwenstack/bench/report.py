@@ -138,9 +138,13 @@ def ratio_table(all_ratios: Sequence[dict[str, Any]]) -> str:
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    # Every row has the header's columns; the first two are labels (left), the rest numbers.
     return "\n".join(
-        "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        .rstrip() for row in rows
+        "  ".join(
+            cell.rjust(w) if i > 1 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
     )
 
 
@@ -170,7 +174,7 @@ def plot(path: Path, summaries: Sequence[dict[str, Any]], x_label: str) -> None:
     xs = [s["load_value"] for s in summaries if s["load_value"]]
     # Sweeps like 1, 8, 32 read best on a log axis.
     log_x = bool(xs) and max(xs) / min(xs) >= 4
-    for ax, (title, value) in zip(axes.flat, panels):
+    for ax, (title, value) in zip(axes.flat, panels, strict=True):
         for target in targets:
             points = [(s["load_value"], value(s)) for s in summaries if s["target"] == target]
             points = [(x, y) for x, y in points if x is not None and y is not None]

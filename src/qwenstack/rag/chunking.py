@@ -109,7 +109,7 @@ def chunk_sections(
             sentences += _spans(text[para_start:para_end], SENTENCE_END, para_start)
         counts = counter.count([text[s:e] for s, e in sentences]) if sentences else []
         pieces: list[tuple[int, int, int]] = []  # (start, end, tokens)
-        for (start, end), tokens in zip(sentences, counts):
+        for (start, end), tokens in zip(sentences, counts, strict=True):
             if tokens <= size:
                 pieces.append((start, end, tokens))
                 continue

@@ -92,7 +92,7 @@ def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) 
             vectors = service.embedder.embed([question for question, _ in questions])
             for mode in MODES:
                 score = ModeScores()
-                for (question, pid), vector in zip(questions, vectors):
+                for (question, pid), vector in zip(questions, vectors, strict=True):
                     hits = service.search(["eval"], question, caller, CANDIDATE_CHUNKS, mode, vector)
                     ranked = list(dict.fromkeys(
                         item.hit.source.removesuffix(".txt") for item in hits))[:10]
