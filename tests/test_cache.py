@@ -236,7 +236,7 @@ def test_repeated_greedy_stream_is_replayed_as_the_engine_streamed_it(gateway: G
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] == 16
     # The same shape as the engine's own stream for this request.
     with httpx.stream("POST", engine_url + CHAT_PATH, json={**body, "stream": True}, timeout=60) as direct:
-        events = [l for l in direct.iter_lines() if l.startswith("data: ")]
+        events = [line for line in direct.iter_lines() if line.startswith("data: ")]
     assert len(events) - 1 == len(replayed)
 
 
