@@ -67,7 +67,9 @@ class RemoteEmbedder:
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start:start + self.batch_size])
             try:
-                response = self.client.post("/v1/embeddings", json={"model": self.name, "input": batch})
+                response = self.client.post(
+                    "/v1/embeddings", json={"model": self.name, "input": batch}
+                )
                 response.raise_for_status()
                 data = sorted(response.json()["data"], key=lambda item: item["index"])
             except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:

@@ -172,21 +172,28 @@ class KnowledgeService:
     def files(self, name: str, caller: Caller) -> list[dict[str, object]]:
         with Session(self.engine) as session:
             kb = self._readable(session, name, caller)
-            rows = session.scalars(sa.select(KnowledgeBaseFile).where(
-                KnowledgeBaseFile.knowledge_base_id == kb.id).order_by(KnowledgeBaseFile.name)).all()
+            rows = session.scalars(
+                sa.select(KnowledgeBaseFile)
+                .where(KnowledgeBaseFile.knowledge_base_id == kb.id)
+                .order_by(KnowledgeBaseFile.name)
+            ).all()
             return [{"name": f.name, "sha256": f.sha256, "bytes": f.bytes, "chunks": f.chunks,
                      "ingested_at": f.ingested_at.isoformat()} for f in rows]
 
     # --- ingest ----------------------------------------------------------------------------
 
-    def ingest(self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller) -> list[FileResult]:
+    def ingest(
+        self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller
+    ) -> list[FileResult]:
         """Each (file name, content) in turn; every file is parsed before any is written, so
         a bad file refuses the whole request. Per file, all or nothing."""
         with Session(self.engine) as session:
             kb = self._writable(session, name, caller)
             kb_id, kb_model = kb.id, kb.embedding_model
-            known = dict(session.execute(sa.select(KnowledgeBaseFile.name, KnowledgeBaseFile.sha256)
-                                         .where(KnowledgeBaseFile.knowledge_base_id == kb_id)).all())
+            known = dict(session.execute(
+                sa.select(KnowledgeBaseFile.name, KnowledgeBaseFile.sha256)
+                .where(KnowledgeBaseFile.knowledge_base_id == kb_id)
+            ).all())
         self._check_model(name, kb_model)
         prepared = [self._prepare(file_name, data) for file_name, data in files]
         changed = [item for item in prepared if known.get(item.name) != item.sha256]
@@ -304,7 +311,9 @@ class KnowledgeService:
                            code="knowledge_base_not_found")
         return kb
 
-    def _writable(self, session: Session, name: str, caller: Caller, owner_only: bool = False) -> KnowledgeBase:
+    def _writable(
+        self, session: Session, name: str, caller: Caller, owner_only: bool = False
+    ) -> KnowledgeBase:
         kb = self._readable(session, name, caller)
         allowed = (self.open_access or caller.admin or caller.name == kb.owner) if owner_only \
             else may_write(session, kb, caller, self.open_access)
