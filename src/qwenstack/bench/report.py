@@ -111,8 +111,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def table(summaries: Sequence[dict[str, Any]]) -> str:
-    header = ("load", "target", "ok", "err", "req/s", "out tok/s", "goodput", "TTFT med", "TTFT p99",
-              "TPOT med", "ITL med", "ITL p99", "E2E med")
+    header = ("load", "target", "ok", "err", "req/s", "out tok/s", "goodput", "TTFT med",
+              "TTFT p99", "TPOT med", "ITL med", "ITL p99", "E2E med")
     rows = [header] + [
         (s["load"], s["target"], str(s["completed"]), str(s["errors"]),
          _num(s["request_throughput"], 2), _num(s["output_throughput"]), _num(s["goodput"], 2),
@@ -124,7 +124,9 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         f"  {s['load']} {s['target']}: {count} x {kind}"
         for s in summaries for kind, count in s["error_kinds"].items()
     ]
-    return "\n".join([_columns(rows), "(latencies in ms)", *(["errors:"] + errors if errors else [])])
+    return "\n".join(
+        [_columns(rows), "(latencies in ms)", *(["errors:"] + errors if errors else [])]
+    )
 
 
 def ratio_table(all_ratios: Sequence[dict[str, Any]]) -> str:
@@ -148,8 +150,11 @@ def _columns(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def write_json(path: Path, meta: dict[str, Any], summaries: list[dict], all_ratios: list[dict]) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": summaries, "ratios": all_ratios}, indent=2))
+def write_json(
+    path: Path, meta: dict[str, Any], summaries: list[dict], all_ratios: list[dict]
+) -> None:
+    document = {"meta": meta, "results": summaries, "ratios": all_ratios}
+    path.write_text(json.dumps(document, indent=2))
 
 
 def plot(path: Path, summaries: Sequence[dict[str, Any]], x_label: str) -> None:
