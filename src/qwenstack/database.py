@@ -38,7 +38,8 @@ class ApiKey(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    # HMAC-SHA256(pepper, secret), hex: what a presented key is looked up by. The secret is not stored.
+    # HMAC-SHA256(pepper, secret), hex: what a presented key is looked up by. The secret is not
+    # stored.
     digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
     prefix: Mapped[str] = mapped_column(
         sa.String(16)
