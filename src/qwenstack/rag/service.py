@@ -10,6 +10,7 @@ what the new version wrote and leaves the previous version as it was.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import importlib
 import logging
@@ -139,6 +140,8 @@ class KnowledgeService:
             self.store.create(kb.id, embedder.dimension)
             return describe(session, kb)
 
+    # Named `list`, this method hides the builtin in the rest of the class body: the annotations
+    # below say `builtins.list`.
     def list(self, caller: Caller) -> list[dict[str, object]]:
         with Session(self.engine) as session:
             kbs = session.scalars(sa.select(KnowledgeBase).order_by(KnowledgeBase.name)).all()
@@ -169,7 +172,7 @@ class KnowledgeService:
             session.flush()
             return describe(session, kb)
 
-    def files(self, name: str, caller: Caller) -> list[dict[str, object]]:
+    def files(self, name: str, caller: Caller) -> builtins.list[dict[str, object]]:
         with Session(self.engine) as session:
             kb = self._readable(session, name, caller)
             rows = session.scalars(
@@ -184,7 +187,7 @@ class KnowledgeService:
 
     def ingest(
         self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller
-    ) -> list[FileResult]:
+    ) -> builtins.list[FileResult]:
         """Each (file name, content) in turn; every file is parsed before any is written, so
         a bad file refuses the whole request. Per file, all or nothing."""
         with Session(self.engine) as session:
@@ -214,7 +217,7 @@ class KnowledgeService:
         return PreparedFile(name, len(data), hashlib.sha256(data).hexdigest(), chunks)
 
     def _ingest_one(
-        self, kb_id: int, item: PreparedFile, vectors: list[list[float]] | None
+        self, kb_id: int, item: PreparedFile, vectors: builtins.list[builtins.list[float]] | None
     ) -> FileResult:
         with Session(self.engine) as session, session.begin():
             row = session.scalar(sa.select(KnowledgeBaseFile).where(
@@ -265,8 +268,8 @@ class KnowledgeService:
 
     def search(
         self, names: Sequence[str], query: str, caller: Caller, top_k: int | None = None,
-        mode: Mode | None = None, query_vector: list[float] | None = None,
-    ) -> list[Retrieved]:
+        mode: Mode | None = None, query_vector: builtins.list[float] | None = None,
+    ) -> builtins.list[Retrieved]:
         """The `top_k` best chunks of the named knowledge bases for `query` (embedded here
         unless its `query_vector` is given, as batch evaluations do)."""
         top_k = top_k or self.settings.top_k
