@@ -93,8 +93,12 @@ def main() -> None:
         processes: list[subprocess.Popen[bytes]] = []
         targets = [bench.Target("direct", args.engine)]
         try:
-            for name, home, enabled in (("auth off", off_home, "false"), ("auth on", on_home, "true")):
-                process, url = start_gateway(home, args.engine, {"QWENSTACK_AUTH__ENABLED": enabled})
+            for name, home, enabled in (
+                ("auth off", off_home, "false"), ("auth on", on_home, "true")
+            ):
+                process, url = start_gateway(
+                    home, args.engine, {"QWENSTACK_AUTH__ENABLED": enabled}
+                )
                 processes.append(process)
                 targets.append(bench.Target(name, url, auth))
             # Runs of 10 requests per target, the order reversing every round; the warm-up

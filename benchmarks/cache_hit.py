@@ -40,7 +40,8 @@ def benchmark(args: argparse.Namespace) -> None:
         bench.Target("miss", args.gateway, {**auth, "cache-control": "no-cache"}),
         bench.Target("hit", args.gateway, auth),
     ]
-    print(f"{'form':>6} {'tokens':>6} {'engine ms':>10} {'gw miss ms':>10} {'gw hit ms':>10} {'engine/hit':>10}")
+    print(f"{'form':>6} {'tokens':>6} {'engine ms':>10} {'gw miss ms':>10} {'gw hit ms':>10} "
+          f"{'engine/hit':>10}")
     for stream in (False, True):
         for max_tokens in args.max_tokens:
             options = bench.RequestOptions(model=args.model, api="completions", stream=stream,
@@ -56,11 +57,14 @@ def benchmark(args: argparse.Namespace) -> None:
                 raise SystemExit("the gateway did not answer from its cache: is cache.enabled on?")
             ms = {s["target"]: s["e2e_ms"]["median"] for s in summaries}
             print(f"{'stream' if stream else 'json':>6} {max_tokens:>6} {ms['engine']:>10.2f} "
-                  f"{ms['miss']:>10.2f} {ms['hit']:>10.2f} {ms['engine'] / ms['hit']:>9.0f}x", flush=True)
+                  f"{ms['miss']:>10.2f} {ms['hit']:>10.2f} {ms['engine'] / ms['hit']:>9.0f}x",
+                  flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gateway", help="gateway base URL; unset: start a tiny-Qwen3 stack")
     parser.add_argument("--engine", help="the engine's own base URL")
     parser.add_argument("--model", default="tiny-qwen3")

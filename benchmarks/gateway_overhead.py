@@ -43,14 +43,19 @@ def benchmark(args: argparse.Namespace) -> None:
     gateway_headers = {"cache-control": "no-cache"}
     if args.api_key:
         gateway_headers["authorization"] = f"Bearer {args.api_key}"
-    targets = [bench.Target("gateway", args.gateway, gateway_headers), bench.Target("direct", args.engine)]
+    targets = [
+        bench.Target("gateway", args.gateway, gateway_headers),
+        bench.Target("direct", args.engine),
+    ]
     all_summaries, all_ratios = [], []
     for concurrency in args.concurrency:  # each level interleaved on its own, sized to its load
         requests = max(args.min_requests, 2 * concurrency)
         count = bench.prompts_needed(len(targets), 1, args.rounds, requests, warmup=concurrency)
         summaries, ratios = bench.benchmark(
-            targets, datasets.random_prompts(count, args.input_len, args.max_tokens, seed=concurrency),
-            [bench.Load(concurrency=concurrency)], bench.RequestOptions(model=args.model, api="completions"),
+            targets,
+            datasets.random_prompts(count, args.input_len, args.max_tokens, seed=concurrency),
+            [bench.Load(concurrency=concurrency)],
+            bench.RequestOptions(model=args.model, api="completions"),
             requests_per_run=requests, rounds=args.rounds, warmup=concurrency,
         )
         all_summaries += summaries
@@ -82,7 +87,8 @@ def _ready(gateway: str) -> bool:
 def tiny_stack(args: argparse.Namespace) -> Iterator[None]:
     """`qwenstack up` on the tiny Qwen3 test model, with a home of its own, for the benchmark."""
     model = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "test-model"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "qwenstack", "test-model"],
+        capture_output=True, text=True, check=True,
     ).stdout.split()[-1]
     shared = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
     with tempfile.TemporaryDirectory(prefix="qwenstack-bench-") as home:
@@ -98,7 +104,8 @@ def tiny_stack(args: argparse.Namespace) -> Iterator[None]:
             f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", "tiny-qwen3"
         )
         process = subprocess.Popen(
-            [*qwenstack, "up", "--home", home, "--model", model, "--served-model-name", "tiny-qwen3",
+            [*qwenstack, "up", "--home", home, "--model", model,
+             "--served-model-name", "tiny-qwen3",
              "--port", str(gateway_port), "--engine-base-port", str(engine_port),
              "--max-model-len", "1024", "--kv-cache-gib", "1", "--enforce-eager"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -117,7 +124,9 @@ def tiny_stack(args: argparse.Namespace) -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gateway", help="gateway base URL; unset: start a tiny-Qwen3 stack")
     parser.add_argument("--engine", help="the engine's own base URL")
     parser.add_argument("--model", default="tiny-qwen3")

@@ -56,7 +56,9 @@ def serve(port: int, events_per_write: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=64, help="events per answer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--requests", type=int, default=2000, help="per level")
@@ -96,7 +98,8 @@ def main() -> None:
             cpu = time.process_time() - cpu
             events = sum(len(r.token_times) for r in run.records)
             errors = sum(r.error is not None for r in run.records)
-            print(f"{concurrency:>5} {len(run.records) / run.duration:>8.0f} {events / run.duration:>10.0f}"
+            print(f"{concurrency:>5} {len(run.records) / run.duration:>8.0f}"
+                  f" {events / run.duration:>10.0f}"
                   f" {cpu / max(events, 1) * 1e6:>17.1f} {errors:>6}", flush=True)
     finally:
         server.terminate()

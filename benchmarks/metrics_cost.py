@@ -17,8 +17,8 @@ from collections.abc import Coroutine
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import generate_latest
 
-from qwenstack.gateway import metrics
 from qwenstack.callers import Caller
+from qwenstack.gateway import metrics
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.protocol import InferenceRequest
 

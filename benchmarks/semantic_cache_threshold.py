@@ -53,11 +53,13 @@ def main() -> None:
     settings = RagSettings()
     embedder = make_embedder(settings)
     same, different = similarities(embedder, REWORDINGS), similarities(embedder, NEAR_MISSES)
-    print(f"embedder {settings.embedding_model}: {len(same)} rewordings, {len(different)} near misses")
+    print(f"embedder {settings.embedding_model}: {len(same)} rewordings, "
+          f"{len(different)} near misses")
     print("threshold  hit rate  false-hit rate")
     for threshold in THRESHOLDS:
-        print(f"{threshold:9.2f}  {np.mean(same >= threshold):8.0%}  {np.mean(different >= threshold):14.0%}")
-    for (a, b), value in zip(NEAR_MISSES, different):
+        hit_rate, false_hit_rate = np.mean(same >= threshold), np.mean(different >= threshold)
+        print(f"{threshold:9.2f}  {hit_rate:8.0%}  {false_hit_rate:14.0%}")
+    for (a, b), value in zip(NEAR_MISSES, different, strict=True):
         print(f"  near miss {value:.3f}  {a} / {b}")
 
 

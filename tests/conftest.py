@@ -112,11 +112,15 @@ def start_gateway(
     return gateway
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
+def _wait_until_ready(
+    process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited {process.returncode}:\n{log.read_text()[-5000:]}")
+            raise RuntimeError(
+                f"{process.args} exited {process.returncode}:\n{log.read_text()[-5000:]}"
+            )
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
@@ -151,7 +155,9 @@ def start_stack(tmp: Path, *args: str) -> Stack:
         # The chat UI has its own tests (test_ui.py); here it would only contend for port 8008.
         env={**os.environ, "QWENSTACK_UI__ENABLED": "false"},
     )
-    stack = Stack(process, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", home, log)
+    stack = Stack(
+        process, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", home, log
+    )
     try:
         stack.wait_ready()
         stack.key = _printed_admin_key(log)
@@ -184,7 +190,8 @@ def create_key(home: Path, *args: str, env: dict[str, str] | None = None) -> str
 @pytest.fixture(scope="session")
 def tiny_qwen3() -> Path:
     out = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "test-model"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "qwenstack", "test-model"],
+        capture_output=True, text=True, check=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -192,8 +199,8 @@ def tiny_qwen3() -> Path:
 @pytest.fixture(scope="session")
 def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = start_stack(
-        tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3), "--served-model-name", "tiny-qwen3",
-        "--max-model-len", "1024", "--kv-cache-gib", "1",
+        tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3),
+        "--served-model-name", "tiny-qwen3", "--max-model-len", "1024", "--kv-cache-gib", "1",
         "--enforce-eager",  # a vLLM flag, passed through: starts in about half the time on a CPU
     )
     yield stack
@@ -285,7 +292,8 @@ def _ensure_postgres_runs() -> None:
     if not versions:
         pytest.fail("PostgreSQL is neither running on 127.0.0.1:5432 nor installed")
     subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main", "start"], check=True
+        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main", "start"],
+        check=True,
     )
     psycopg.connect(POSTGRES_ADMIN, connect_timeout=10).close()
 
@@ -319,7 +327,9 @@ def held_stream(
             "stream": True, "logprobs": 20, "n": 16}
     small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
     with (
-        httpx.Client(transport=httpx.HTTPTransport(socket_options=small_buffer), timeout=60) as client,
+        httpx.Client(
+            transport=httpx.HTTPTransport(socket_options=small_buffer), timeout=60
+        ) as client,
         client.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response,
     ):
         assert response.status_code == 200, response.read()

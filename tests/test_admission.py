@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import held_stream, start_gateway
 
 SHORT = {"model": "tiny-qwen3", "prompt": "hello there", "max_tokens": 1}
@@ -60,7 +59,8 @@ def test_waiting_longer_than_max_wait_gets_503(tmp_path: Path, engine_url: str):
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert "no slot came free in 1 s" in refused.json()["error"]["message"]
         assert 1 <= waited < 5
-        assert httpx.post(f"{gateway.url}/v1/completions", json=SHORT, timeout=60).status_code == 200
+        after = httpx.post(f"{gateway.url}/v1/completions", json=SHORT, timeout=60)
+        assert after.status_code == 200
     finally:
         gateway.stop()
 
@@ -78,7 +78,9 @@ class FailingEngine(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         type(self).requests += 1
         self.rfile.read(int(self.headers["content-length"]))
-        self._answer(500, b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}')
+        self._answer(
+            500, b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'
+        )
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)

@@ -23,7 +23,9 @@ from qwenstack.bench import datasets, loadgen
 from qwenstack.bench.datasets import DatasetError
 
 CMRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmrc2018_trial.json"
-COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total")
+COUNTERS = (
+    "vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total"
+)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,8 +36,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _counters(engine_url: str) -> dict[str, float]:
     page = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    # Each counter summed over its label sets: `name{...} value` lines.
     return {
-        name: sum(float(m[1]) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", page, re.MULTILINE))
+        name: sum(
+            float(m[1])
+            for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", page, re.MULTILINE)
+        )
         for name in COUNTERS
     }
 
@@ -68,7 +74,10 @@ def test_bench_figures_agree_with_each_other_and_the_engine(engine_url: str, tmp
         assert run.returncode == 0, run.stderr
         result = json.loads(out_json.read_text())
         generated = sum(s["output_tokens"] for s in result["results"])
-        if after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == generated:
+        engine_generated = (
+            after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+        )
+        if engine_generated == generated:
             break  # a window in which only this benchmark used the engine
     summaries = result["results"]
     assert [s["load"] for s in summaries] == ["c=1", "c=4"]
@@ -96,7 +105,8 @@ def test_stream_timestamps_one_per_token(engine_url: str):
             assert record.error is None and record.output_tokens == 10
             assert len(record.token_times) == 10 and len(record.itls()) == 9
             assert record.tpot == pytest.approx(sum(record.itls()) / 9)
-            assert record.started < record.token_times[0] <= record.token_times[-1] <= record.finished
+            assert (record.started < record.token_times[0] <= record.token_times[-1]
+                    <= record.finished)
 
 
 def test_rate_sweep_and_unstreamed_answers(engine_url: str):
@@ -121,7 +131,8 @@ def test_compare_gateway_with_engine_interleaved(engine_url: str, tmp_path: Path
         out_json = tmp_path / "compare.json"
         run = _cli("bench", gateway.url, "--compare", engine_url, "--name", "gateway",
                    "--compare-name", "direct", "--concurrency", "1,2", "--rounds", "2",
-                   "--num-prompts", "4", "--output-len", "8", "--warmup", "1", "--json", str(out_json))
+                   "--num-prompts", "4", "--output-len", "8", "--warmup", "1",
+                   "--json", str(out_json))
     finally:
         gateway.stop()
     assert run.returncode == 0, run.stderr
@@ -134,8 +145,12 @@ def test_compare_gateway_with_engine_interleaved(engine_url: str, tmp_path: Path
     for r in result["ratios"]:
         gw, direct = by[(r["load"], "gateway")], by[(r["load"], "direct")]
         assert r["of"] == "gateway/direct"
-        assert r["output_throughput"] == pytest.approx(gw["output_throughput"] / direct["output_throughput"])
-        assert r["ttft_median"] == pytest.approx(gw["ttft_ms"]["median"] / direct["ttft_ms"]["median"])
+        assert r["output_throughput"] == pytest.approx(
+            gw["output_throughput"] / direct["output_throughput"]
+        )
+        assert r["ttft_median"] == pytest.approx(
+            gw["ttft_ms"]["median"] / direct["ttft_ms"]["median"]
+        )
     assert "gateway/direct" in run.stdout
 
 
@@ -168,7 +183,9 @@ def test_datasets(tmp_path: Path):
 
     random_prompts = datasets.random_prompts(50, 100, 20, range_ratio=0.5, seed=1)
     assert len({p.text.split()[0] for p in random_prompts}) == 50  # distinct first words
-    assert all(50 <= len(p.text.split()) <= 150 and 10 <= p.max_tokens <= 30 for p in random_prompts)
+    assert all(
+        50 <= len(p.text.split()) <= 150 and 10 <= p.max_tokens <= 30 for p in random_prompts
+    )
     assert datasets.random_prompts(5, 10, 5, seed=3) == datasets.random_prompts(5, 10, 5, seed=3)
 
     if CMRC.is_file():  # shared/ sits beside the repository, as in CI
@@ -184,7 +201,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path):
         (["bench", "http://127.0.0.1:9", "--api", "embeddings"], "chat or completions"),
         (["bench", "http://127.0.0.1:9", "--header", "nocolon"], "name: value"),
         (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "nope"], "use one of"),
-        (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "sharegpt"], "--dataset-path"),
+        (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "sharegpt"],
+         "--dataset-path"),
         (["bench", "http://127.0.0.1:9"], "is it up"),
         (["bench", "http://127.0.0.1:9", "--model", "m", "--dataset", "sharegpt",
           "--dataset-path", str(tmp_path / "missing.json")], "cannot read"),

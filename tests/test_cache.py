@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from conftest import Gateway, RedisServer, free_port, request_log, start_gateway
 from prometheus_client import REGISTRY
 
-from conftest import Gateway, RedisServer, free_port, request_log, start_gateway
+from qwenstack.callers import Caller
 from qwenstack.gateway.cache import AnswerCache, cache_key
 from qwenstack.gateway.cache_store import MemoryStore, RedisStore
-from qwenstack.callers import Caller
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.settings import CacheSettings
@@ -44,10 +44,15 @@ def _post(gateway: Gateway, body: dict, path: str = CHAT_PATH, **headers: str) -
 
 def _stream(gateway: Gateway, body: dict, path: str = CHAT_PATH) -> tuple[str, list[dict]]:
     """The cache header and the stream's events, parsed, with [DONE] checked and left off."""
-    with httpx.stream("POST", gateway.url + path, json={**body, "stream": True}, timeout=60) as response:
+    with httpx.stream(
+        "POST", gateway.url + path, json={**body, "stream": True}, timeout=60
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        events = [
+            line.removeprefix("data: ")
+            for line in response.iter_lines() if line.startswith("data: ")
+        ]
         header = response.headers[HEADER]
     assert events[-1] == "[DONE]"
     return header, [orjson.loads(event) for event in events[:-1]]
@@ -118,7 +123,8 @@ def test_callers_do_not_share_entries_unless_configured():
 
     hits_before = REGISTRY.get_sample_value("qwenstack_cache_lookups_total", {"result": "hit"}) or 0
     assert asyncio.run(lookups(shared=False)) == ["miss", "hit", "miss"]
-    assert REGISTRY.get_sample_value("qwenstack_cache_lookups_total", {"result": "hit"}) == hits_before + 1
+    hits = REGISTRY.get_sample_value("qwenstack_cache_lookups_total", {"result": "hit"})
+    assert hits == hits_before + 1
     assert asyncio.run(lookups(shared=True)) == ["miss", "hit", "hit"]
 
 
@@ -171,7 +177,9 @@ def test_memory_store_entries_expire():
     asyncio.run(run())
 
 
-def test_redis_store_keeps_entries_with_ttl_and_purges_its_prefix(redis_url: str, unique_prefix: str):
+def test_redis_store_keeps_entries_with_ttl_and_purges_its_prefix(
+    redis_url: str, unique_prefix: str
+):
     async def run() -> None:
         store = RedisStore(redis_url, unique_prefix, ttl_s=100, timeout_s=1)
         other = RedisStore(redis_url, unique_prefix + "other:", ttl_s=100, timeout_s=1)
@@ -220,7 +228,9 @@ def test_repeated_greedy_request_is_served_from_the_cache(gateway: Gateway, path
     assert (entry["status"], entry["completion_tokens"], entry["model"]) == (200, 16, MODEL)
 
 
-def test_repeated_greedy_stream_is_replayed_as_the_engine_streamed_it(gateway: Gateway, engine_url: str):
+def test_repeated_greedy_stream_is_replayed_as_the_engine_streamed_it(
+    gateway: Gateway, engine_url: str
+):
     body = {**CHAT, "messages": [{"role": "user", "content": "Stream it twice."}]}
     header, live = _stream(gateway, body)
     assert header == "miss"
@@ -235,8 +245,10 @@ def test_repeated_greedy_stream_is_replayed_as_the_engine_streamed_it(gateway: G
     assert [_without_ids(e) for e in with_usage[:-1]] == [_without_ids(e) for e in replayed]
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] == 16
     # The same shape as the engine's own stream for this request.
-    with httpx.stream("POST", engine_url + CHAT_PATH, json={**body, "stream": True}, timeout=60) as direct:
-        events = [l for l in direct.iter_lines() if l.startswith("data: ")]
+    with httpx.stream(
+        "POST", engine_url + CHAT_PATH, json={**body, "stream": True}, timeout=60
+    ) as direct:
+        events = [line for line in direct.iter_lines() if line.startswith("data: ")]
     assert len(events) - 1 == len(replayed)
 
 
@@ -292,7 +304,9 @@ async def _purge(url: str, prefix: str) -> None:
     await store.close()
 
 
-def test_requests_succeed_while_redis_is_down(engine_url: str, own_redis: RedisServer, tmp_path: Path):
+def test_requests_succeed_while_redis_is_down(
+    engine_url: str, own_redis: RedisServer, tmp_path: Path
+):
     gateway = _redis_gateway(tmp_path, engine_url, own_redis.url, "qwenstack:cache:")
     try:
         assert _post(gateway, CHAT).headers[HEADER] == "miss"

@@ -8,7 +8,9 @@ import pytest
 from qwenstack.engine import capacity
 from qwenstack.engine.hardware import GIB, Hardware
 
-QWEN3_4B = capacity.ModelShape.from_file(Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json")
+QWEN3_4B = capacity.ModelShape.from_file(
+    Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json"
+)
 CPU = Hardware(gpu_memory_bytes=(), cpu_flags=frozenset({"avx2"}), ram_available_bytes=24 * GIB)
 A10 = Hardware(gpu_memory_bytes=(24 * GIB,), cpu_flags=frozenset(), ram_available_bytes=64 * GIB)
 A100 = Hardware(gpu_memory_bytes=(80 * GIB,), cpu_flags=frozenset(), ram_available_bytes=64 * GIB)

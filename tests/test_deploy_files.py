@@ -13,9 +13,9 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_gateway
 from qwenstack.gateway import gpu_metrics
 
 DEPLOY = Path(__file__).parent.parent / "deploy"

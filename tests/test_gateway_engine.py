@@ -9,7 +9,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import Stack, request_log
 
 MODEL = "tiny-qwen3"
@@ -19,7 +18,9 @@ CHAT = {
     "temperature": 0,
     "max_tokens": 24,
 }
-COMPLETION = {"model": MODEL, "prompt": "The capital of France is", "temperature": 0, "max_tokens": 24}
+COMPLETION = {
+    "model": MODEL, "prompt": "The capital of France is", "temperature": 0, "max_tokens": 24
+}
 
 
 def _without_ids(answer: dict) -> dict:
@@ -27,7 +28,10 @@ def _without_ids(answer: dict) -> dict:
 
 
 def _sse_events(response: httpx.Response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [
+        line.removeprefix("data: ")
+        for line in response.iter_lines() if line.startswith("data: ")
+    ]
 
 
 def _engine_metric(stack: Stack, name: str) -> float:
@@ -45,7 +49,9 @@ def test_models_lists_served_name(stack: Stack):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
-@pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)])
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]
+)
 def test_greedy_output_equals_direct_engine(stack: Stack, path: str, body: dict):
     via_gateway = httpx.post(stack.gateway + path, json=body, headers=stack.auth, timeout=60)
     direct = httpx.post(stack.engine + path, json=body, timeout=60)
@@ -74,8 +80,12 @@ def test_stream_arrives_as_events_with_usage(stack: Stack):
     chunks = [httpx.Response(200, content=e).json() for e in events[:-1]]
     assert len(chunks) > 5
     assert chunks[-1]["usage"]["completion_tokens"] == 24
-    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    whole = httpx.post(f"{stack.gateway}/v1/chat/completions", json=CHAT, headers=stack.auth, timeout=60).json()
+    streamed = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    )
+    whole = httpx.post(
+        f"{stack.gateway}/v1/chat/completions", json=CHAT, headers=stack.auth, timeout=60
+    ).json()
     assert streamed == whole["choices"][0]["message"]["content"]
 
 
@@ -86,7 +96,9 @@ def test_stream_without_usage_option_is_the_engines_stream_but_still_counted(sta
     ) as response:
         via_gateway = _sse_events(response)
         request_id = response.headers["x-request-id"]
-    with httpx.stream("POST", f"{stack.engine}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{stack.engine}/v1/chat/completions", json=body, timeout=60
+    ) as response:
         direct = _sse_events(response)
     # The gateway asks the engine for usage to account tokens, and strips that chunk again.
     assert len(via_gateway) == len(direct)
@@ -115,14 +127,18 @@ def test_closing_a_stream_early_frees_the_engine(stack: Stack):
 
 def test_prompt_longer_than_context_is_400_naming_the_limit(stack: Stack):
     body = {**COMPLETION, "prompt": "hello " * 3000}
-    response = httpx.post(f"{stack.gateway}/v1/completions", json=body, headers=stack.auth, timeout=60)
+    response = httpx.post(
+        f"{stack.gateway}/v1/completions", json=body, headers=stack.auth, timeout=60
+    )
     assert response.status_code == 400
     assert "1024" in response.json()["error"]["message"]
 
 
 def test_bad_requests_get_openai_errors(stack: Stack):
     url = f"{stack.gateway}/v1/chat/completions"
-    not_json = httpx.post(url, content=b"{not json", headers={"content-type": "application/json", **stack.auth})
+    not_json = httpx.post(
+        url, content=b"{not json", headers={"content-type": "application/json", **stack.auth}
+    )
     assert not_json.status_code == 400
     assert not_json.json()["error"]["type"] == "invalid_request_error"
     unknown = httpx.post(url, json={**CHAT, "model": "gpt-9"}, headers=stack.auth)
@@ -138,7 +154,8 @@ def test_bad_requests_get_openai_errors(stack: Stack):
 
 def test_request_id_is_returned_and_logged(stack: Stack):
     mine = httpx.post(
-        f"{stack.gateway}/v1/completions", json=COMPLETION, headers={"x-request-id": "trace-123", **stack.auth}, timeout=60
+        f"{stack.gateway}/v1/completions", json=COMPLETION,
+        headers={"x-request-id": "trace-123", **stack.auth}, timeout=60,
     )
     assert mine.headers["x-request-id"] == "trace-123"
     fresh = httpx.get(f"{stack.gateway}/health")
@@ -154,8 +171,8 @@ def test_killed_engine_gives_503_then_restarts(stack: Stack):
     while True:
         # no-store: a cached answer would still come back while the engine is down.
         response = httpx.post(
-            f"{stack.gateway}/v1/chat/completions", json=CHAT, headers={**stack.auth, "cache-control": "no-store"},
-            timeout=30,
+            f"{stack.gateway}/v1/chat/completions", json=CHAT,
+            headers={**stack.auth, "cache-control": "no-store"}, timeout=30,
         )
         if response.status_code != 200:
             break
@@ -166,7 +183,10 @@ def test_killed_engine_gives_503_then_restarts(stack: Stack):
     assert time.monotonic() - killed_at < 5
 
     stack.wait_ready(timeout_s=600)
-    assert httpx.post(f"{stack.gateway}/v1/chat/completions", json=CHAT, headers=stack.auth, timeout=60).status_code == 200
+    after = httpx.post(
+        f"{stack.gateway}/v1/chat/completions", json=CHAT, headers=stack.auth, timeout=60
+    )
+    assert after.status_code == 200
     [restarted] = stack.engine_state()
     assert restarted["restarts"] == 1 and restarted["pid"] != engine["pid"]
     assert "exited with code" in stack.log.read_text()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import Gateway, RedisServer, held_stream, start_gateway
 
 MODEL = "tiny-qwen3"
@@ -28,7 +27,8 @@ def completion(max_tokens: int, **extra: object) -> dict:
 async def _post_all(urls: list[str], bodies: list[dict]) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=300) as client:
         return await asyncio.gather(*(
-            client.post(f"{url}/v1/completions", json=body) for url, body in zip(urls, bodies)
+            client.post(f"{url}/v1/completions", json=body)
+            for url, body in zip(urls, bodies, strict=True)
         ))
 
 
@@ -69,7 +69,9 @@ def test_rpm_shared_by_two_gateways_through_redis(tmp_path: Path, engine_url: st
 
 
 @pytest.fixture(params=["memory", "redis"])
-def tpm_30(request: pytest.FixtureRequest, tmp_path: Path, engine_url: str) -> Iterator[list[Gateway]]:
+def tpm_30(
+    request: pytest.FixtureRequest, tmp_path: Path, engine_url: str
+) -> Iterator[list[Gateway]]:
     """Gateways sharing a budget of 30 tokens per minute: one in-process, or two through Redis."""
     env = {"QWENSTACK_LIMITS__DEFAULT_TPM": "30"}
     names = ["a"]
@@ -122,7 +124,10 @@ def test_failed_request_releases_its_token_reservation(tpm_30: list[Gateway]):
 def test_stream_holds_a_concurrency_slot_until_the_client_leaves(tmp_path: Path, engine_url: str):
     gateway = start_gateway(
         tmp_path, engine_url,
-        env={"QWENSTACK_LIMITS__DEFAULT_MAX_CONCURRENCY": "1", "QWENSTACK_LIMITS__DEFAULT_TPM": "50000"},
+        env={
+            "QWENSTACK_LIMITS__DEFAULT_MAX_CONCURRENCY": "1",
+            "QWENSTACK_LIMITS__DEFAULT_TPM": "50000",
+        },
     )
     url = f"{gateway.url}/v1/completions"
     try:
@@ -141,15 +146,20 @@ def test_stream_holds_a_concurrency_slot_until_the_client_leaves(tmp_path: Path,
         gateway.stop()
 
 
-def test_redis_outage_fails_open_or_closed_as_configured(tmp_path: Path, engine_url: str,
-                                                         own_redis: RedisServer, unique_prefix: str):
-    env = {"QWENSTACK_LIMITS__REDIS_URL": own_redis.url, "QWENSTACK_LIMITS__KEY_PREFIX": unique_prefix,
-           "QWENSTACK_LIMITS__DEFAULT_RPM": "100"}
+def test_redis_outage_fails_open_or_closed_as_configured(
+    tmp_path: Path, engine_url: str, own_redis: RedisServer, unique_prefix: str
+):
+    env = {
+        "QWENSTACK_LIMITS__REDIS_URL": own_redis.url,
+        "QWENSTACK_LIMITS__KEY_PREFIX": unique_prefix,
+        "QWENSTACK_LIMITS__DEFAULT_RPM": "100",
+    }
     fail_open = start_gateway(tmp_path / "open", engine_url, env=env)
     fail_closed = start_gateway(tmp_path / "closed", engine_url,
                                 env={**env, "QWENSTACK_LIMITS__REDIS_FAIL_OPEN": "false"})
     try:
-        assert httpx.post(f"{fail_closed.url}/v1/completions", json=completion(1), timeout=60).status_code == 200
+        before = httpx.post(f"{fail_closed.url}/v1/completions", json=completion(1), timeout=60)
+        assert before.status_code == 200
         own_redis.stop()
         opened = httpx.post(f"{fail_open.url}/v1/completions", json=completion(1), timeout=60)
         assert opened.status_code == 200

@@ -23,9 +23,9 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from conftest import Gateway, create_key, held_stream, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Gateway, create_key, held_stream, start_gateway
 from qwenstack import database as db
 from qwenstack.gateway import usage
 from qwenstack.keys import KeyStore
@@ -293,7 +293,9 @@ def test_cache_all_through_the_admin_api_and_a_jwt_claim(keyed: KeyedGateways):
                              ({CACHE_ALL_CLAIM: "yes"}, ["bypass", "bypass"]),  # not `true`
                              ({"cache_all": True}, ["bypass", "bypass"])):  # not the mapped name
         results, _ = _sampled_twice(
-            lambda b: keyed.post(1, token(**claims), b, "/v1/chat/completions"), body)
+            # `claims` bound now, not looked up when the lambda runs
+            lambda b, claims=claims: keyed.post(1, token(**claims), b, "/v1/chat/completions"),
+            body)
         assert results == expected, claims
         body = {**body, "messages": [{"role": "user", "content": f"Again, {claims}"}]}
 

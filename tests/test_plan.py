@@ -126,11 +126,14 @@ def test_gpu_by_memory_size_and_unknown_names():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qwenstack", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "qwenstack", *args], capture_output=True, text=True
+    )
 
 
 def test_plan_command_prints_figures_and_refuses_clearly(tmp_path: Path):
-    ok = _cli("plan", str(CONFIG_FILE), "--gpu", "A100-80GB", "--context", "32768", "--concurrency", "8")
+    ok = _cli("plan", str(CONFIG_FILE), "--gpu", "A100-80GB", "--context", "32768",
+              "--concurrency", "8")
     assert ok.returncode == 0, ok.stderr
     assert "462,448" in ok.stdout and "147,456 bytes" in ok.stdout
     assert "--max-model-len 32768" in ok.stdout

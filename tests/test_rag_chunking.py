@@ -61,7 +61,8 @@ def test_paragraphs_and_ascii_sentence_ends() -> None:
 
 
 def test_chunks_keep_page_and_heading() -> None:
-    sections = parse("guide.md", "intro text。\n\n# 安装\n\n先安装依赖。\n\n## 运行\n\n再运行。".encode())
+    markdown = "intro text。\n\n# 安装\n\n先安装依赖。\n\n## 运行\n\n再运行。"
+    sections = parse("guide.md", markdown.encode())
     chunks = chunk_sections(sections, EstimatedCounter(), size=100, overlap=0)
     assert [(c.heading, c.text) for c in chunks] == [
         (None, "intro text。"), ("安装", "# 安装\n\n先安装依赖。"), ("运行", "## 运行\n\n再运行。")]
@@ -70,7 +71,8 @@ def test_chunks_keep_page_and_heading() -> None:
 def test_html_and_docx() -> None:
     import docx
 
-    html = b"<html><script>x()</script><h1>Title</h1><p>Para <b>one</b>.</p><h2>Sub</h2><p>Two.</p></html>"
+    html = (b"<html><script>x()</script><h1>Title</h1><p>Para <b>one</b>.</p>"
+            b"<h2>Sub</h2><p>Two.</p></html>")
     assert [(s.heading, s.text) for s in parse("a.html", html)] == [
         ("Title", "Para one ."), ("Sub", "Two.")]
     document = docx.Document()
@@ -78,7 +80,8 @@ def test_html_and_docx() -> None:
     document.add_paragraph("第一段。")
     buffer = io.BytesIO()
     document.save(buffer)
-    assert [(s.heading, s.text) for s in parse("a.docx", buffer.getvalue())] == [("章节一", "第一段。")]
+    sections = parse("a.docx", buffer.getvalue())
+    assert [(s.heading, s.text) for s in sections] == [("章节一", "第一段。")]
 
 
 def text_pdf(pages: list[str]) -> bytes:
@@ -101,7 +104,8 @@ def text_pdf(pages: list[str]) -> bytes:
     xref = len(out)
     out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
     out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    out += (f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\n"
+            f"startxref\n{xref}\n%%EOF\n").encode()
     return bytes(out)
 
 

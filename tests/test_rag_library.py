@@ -40,7 +40,9 @@ def service(home: Path) -> Iterator[KnowledgeService]:
 def test_ingest_query_and_dedup(service: KnowledgeService) -> None:
     service.create("docs", OWNER.name, readers=[READER.name])
     results = service.ingest("docs", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
-    assert [(r.name, r.status) for r in results] == [("pandas.txt", "ingested"), ("wall.txt", "ingested")]
+    assert [(r.name, r.status) for r in results] == [
+        ("pandas.txt", "ingested"), ("wall.txt", "ingested")
+    ]
     chunks = service.get("docs", OWNER)["chunks"]
     for mode in ("dense", "bm25", "hybrid"):
         hits = service.search(["docs"], "大熊猫吃什么？", READER, top_k=1, mode=mode)
@@ -51,7 +53,8 @@ def test_ingest_query_and_dedup(service: KnowledgeService) -> None:
     assert [(r.name, r.status) for r in again] == [("pandas.txt", "unchanged")]
     changed = "大熊猫也吃竹笋和水果。".encode()
     assert service.ingest("docs", [("pandas.txt", changed)], OWNER)[0].status == "replaced"
-    texts = [item.hit.text for item in service.search(["docs"], "大熊猫", OWNER, top_k=20, mode="bm25")]
+    hits = service.search(["docs"], "大熊猫", OWNER, top_k=20, mode="bm25")
+    texts = [item.hit.text for item in hits]
     assert "大熊猫也吃竹笋和水果。" in texts and not any("四川" in text for text in texts)
     info = service.get("docs", OWNER)
     assert info["files"] == 2 and info["chunks"] < chunks + 1
@@ -123,7 +126,8 @@ def test_a_reopened_store_serves_and_replaces(home: Path) -> None:
     try:
         assert service.search(["kept"], "竹子", OWNER, mode="hybrid")[0].hit.source == "a.txt"
         assert service.ingest("kept", [("a.txt", WALL)], OWNER)[0].status == "replaced"
-        assert [i.hit.text for i in service.search(["kept"], "长城", OWNER, mode="bm25")] == [WALL.decode()]
+        hits = service.search(["kept"], "长城", OWNER, mode="bm25")
+        assert [i.hit.text for i in hits] == [WALL.decode()]
         assert service.search(["kept"], "竹子", OWNER, mode="bm25") == []
     finally:
         service.close()
@@ -141,7 +145,8 @@ def test_reranker_hook(service: KnowledgeService) -> None:
     plain = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
     service.reranker = load_reranker("test_rag_library:reverse")
     try:
-        reranked = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
+        hits = service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")
+        reranked = [i.hit.source for i in hits]
     finally:
         service.reranker = None
     assert reranked == plain[::-1]

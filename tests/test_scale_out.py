@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import request_log, start_gateway, start_stack
 
 MODEL = "tiny-qwen3"

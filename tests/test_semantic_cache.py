@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-
 from conftest import Gateway, start_gateway
+
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.gateway.semantic_cache import SemanticIndex, split_question
 
@@ -38,7 +37,10 @@ def ask(gateway: Gateway, body: dict) -> httpx.Response:
 
 def semantic_hits(gateway: Gateway) -> float:
     page = httpx.get(f"{gateway.url}/metrics", timeout=30).text
-    [line] = [l for l in page.splitlines() if l.startswith("qwenstack_cache_semantic_hits_total ")]
+    [line] = [
+        row for row in page.splitlines()
+        if row.startswith("qwenstack_cache_semantic_hits_total ")
+    ]
     return float(line.split()[1])
 
 

@@ -11,7 +11,9 @@ from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
 from qwenstack.settings import load_settings
 
-QWEN3_CONFIG = json.loads((Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json").read_text())
+QWEN3_CONFIG = json.loads(
+    (Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json").read_text()
+)
 CPU = Hardware((), frozenset({"avx2"}), 24 * GIB)
 TWO_GPUS = Hardware((80 * GIB, 80 * GIB), frozenset(), 64 * GIB)
 MODEL = ResolvedModel("Qwen/Qwen3-4B-Instruct-2507", "qwen3", QWEN3_CONFIG)
@@ -39,7 +41,9 @@ def test_secrets_masked(monkeypatch):
 
 def _plan(hardware, log_dir, **engine):
     settings = load_settings(**{f"engine.{k}": v for k, v in engine.items()})
-    return launch.build_launches(settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir)
+    return launch.build_launches(
+        settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir
+    )
 
 
 def test_cpu_launch_is_float32_on_loopback_with_sized_kv_cache(tmp_path):

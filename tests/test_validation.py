@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from conftest import Gateway, start_gateway
 
 MODEL = "tiny-qwen3"  # max_model_len 1024
@@ -30,7 +29,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterat
     gateway.stop()
 
 
-def _assert_error(response: httpx.Response, status: int, code: str | None, param: str | None) -> None:
+def _assert_error(
+    response: httpx.Response, status: int, code: str | None, param: str | None
+) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]
@@ -43,17 +44,19 @@ CASES = [
     ("malformed JSON", CHAT_URL, b'{"model": "tiny-qwen3", "messages": [', 400, None, None),
     ("not an object", CHAT_URL, [1, 2], 400, None, None),
     ("messages not a list", CHAT_URL, {**CHAT, "messages": "Hi"}, 400, "invalid_type", "messages"),
-    ("message without role", CHAT_URL, {**CHAT, "messages": [{"content": "Hi"}]}, 400, "invalid_type",
-     "messages"),
+    ("message without role", CHAT_URL, {**CHAT, "messages": [{"content": "Hi"}]}, 400,
+     "invalid_type", "messages"),
     ("no prompt", COMPLETION_URL, {"model": MODEL}, 400, "invalid_type", "prompt"),
-    ("max_tokens a string", CHAT_URL, {**CHAT, "max_tokens": "10"}, 400, "invalid_type", "max_tokens"),
+    ("max_tokens a string", CHAT_URL, {**CHAT, "max_tokens": "10"}, 400, "invalid_type",
+     "max_tokens"),
     ("max_tokens zero", COMPLETION_URL, {**COMPLETION, "max_tokens": 0}, 400, "invalid_type",
      "max_tokens"),
     ("temperature a string", CHAT_URL, {**CHAT, "temperature": "hot"}, 400, "invalid_type",
      "temperature"),
     ("n a float", CHAT_URL, {**CHAT, "n": 1.5}, 400, "invalid_type", "n"),
     ("stream not a bool", CHAT_URL, {**CHAT, "stream": "yes"}, 400, None, "stream"),
-    ("n over the cap (CVE-2026-34756)", CHAT_URL, {**CHAT, "n": 5}, 400, "integer_above_max_value", "n"),
+    ("n over the cap (CVE-2026-34756)", CHAT_URL, {**CHAT, "n": 5}, 400,
+     "integer_above_max_value", "n"),
     ("best_of over the cap", COMPLETION_URL, {**COMPLETION, "best_of": 100}, 400,
      "integer_above_max_value", "best_of"),
     ("max_tokens over the cap", COMPLETION_URL, {**COMPLETION, "max_tokens": 2001}, 400,
@@ -61,7 +64,8 @@ CASES = [
     ("max_tokens beyond the context window", CHAT_URL, {**CHAT, "max_tokens": 1500}, 400,
      "context_length_exceeded", "max_tokens"),
     ("max_completion_tokens beyond the context window", CHAT_URL,
-     {**CHAT, "max_completion_tokens": 1024}, 400, "context_length_exceeded", "max_completion_tokens"),
+     {**CHAT, "max_completion_tokens": 1024}, 400, "context_length_exceeded",
+     "max_completion_tokens"),
     ("chat_template (CVE-2025-61620)", CHAT_URL, {**CHAT, "chat_template": "{{ 7 * 7 }}"}, 400,
      "invalid_request", "chat_template"),
     ("chat_template_kwargs", CHAT_URL, {**CHAT, "chat_template_kwargs": {"enable_thinking": True}},
@@ -97,7 +101,9 @@ def test_body_over_the_limit_without_length_is_cut_off_at_413(gateway: Gateway):
 
 
 def test_oversized_headers_get_431_before_the_app(gateway: Gateway):
-    response = httpx.post(gateway.url + CHAT_URL, json=CHAT, headers={"x-filler": "a" * 9000}, timeout=30)
+    response = httpx.post(
+        gateway.url + CHAT_URL, json=CHAT, headers={"x-filler": "a" * 9000}, timeout=30
+    )
     assert response.status_code == 431
     assert response.json()["error"]["code"] == "request_header_fields_too_large"
 
@@ -118,8 +124,9 @@ def test_headers_under_the_limit_and_valid_requests_pass(gateway: Gateway):
     ok = httpx.post(gateway.url + CHAT_URL, json={**CHAT, "n": 4}, headers={"x-filler": "a" * 4000},
                     timeout=60)
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
-    token_ids = httpx.post(gateway.url + COMPLETION_URL, json={**COMPLETION, "prompt": [9707, 1052]},
-                           timeout=60)
+    token_ids = httpx.post(
+        gateway.url + COMPLETION_URL, json={**COMPLETION, "prompt": [9707, 1052]}, timeout=60
+    )
     assert token_ids.status_code == 200
 
 

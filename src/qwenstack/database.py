@@ -38,7 +38,8 @@ class ApiKey(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    # HMAC-SHA256(pepper, secret), hex: what a presented key is looked up by. The secret is not stored.
+    # HMAC-SHA256(pepper, secret), hex: what a presented key is looked up by. The secret is not
+    # stored.
     digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
     prefix: Mapped[str] = mapped_column(
         sa.String(16)
@@ -129,7 +130,9 @@ def connect(url: str) -> sa.Engine:
     except sa.exc.SQLAlchemyError as exc:
         engine.dispose()
         shown = sa_url.render_as_string(hide_password=True)
-        raise SetupError(f"The database {shown} cannot be used: {exc.orig or exc}") from None
+        # The driver's own error says most, where there is one.
+        detail = exc.orig if isinstance(exc, sa.exc.StatementError) and exc.orig else exc
+        raise SetupError(f"The database {shown} cannot be used: {detail}") from None
     return engine
 
 

@@ -24,8 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qwenstack import database as db
-from qwenstack.database import ApiKey
 from qwenstack.callers import Caller
+from qwenstack.database import ApiKey
 from qwenstack.settings import Settings
 
 SECRET_PREFIX = "sk-qs-"
@@ -223,7 +223,8 @@ class KeyStore:
             return KeyInfo.of(row), secret, old_digest
 
     def find(self, digest: str) -> KeyInfo | None:
-        """The unrevoked key with this digest (expiry is for the caller to check: keys are cached)."""
+        """The unrevoked key with this digest (expiry is for the caller to check: keys are
+        cached)."""
         with Session(self.engine) as session:
             row = session.scalar(
                 sa.select(ApiKey).where(ApiKey.digest == digest, ApiKey.revoked_at.is_(None))

@@ -33,7 +33,9 @@ def served_model(target: Target) -> str:
     try:
         return uvloop.run(ask())
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
-        raise SetupError(f"cannot list the models of {target.base_url} ({exc}); is it up?") from None
+        raise SetupError(
+            f"cannot list the models of {target.base_url} ({exc}); is it up?"
+        ) from None
 
 
 def benchmark(

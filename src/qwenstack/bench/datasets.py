@@ -78,10 +78,15 @@ def random_prompts(
     rng = random.Random(seed)
 
     def draw(length: int) -> int:
-        return max(1, rng.randint(round(length * (1 - range_ratio)), round(length * (1 + range_ratio))))
+        low, high = round(length * (1 - range_ratio)), round(length * (1 + range_ratio))
+        return max(1, rng.randint(low, high))
 
     return [
-        Prompt(f"{i} " + " ".join(rng.choices(WORDS, k=max(0, draw(input_len) - 1))), draw(output_len))
+        # The prompt's length is drawn before the output's, so a seed gives the same prompts.
+        Prompt(
+            f"{i} " + " ".join(rng.choices(WORDS, k=max(0, draw(input_len) - 1))),
+            draw(output_len),
+        )
         for i in range(count)
     ]
 
@@ -127,7 +132,9 @@ def cmrc_prompts(path: Path, count: int, output_len: int, seed: int = 0) -> list
         for qa in paragraph.get("qas", [])
     ]
     if not questions:
-        raise DatasetError(f"{path}: no questions found; expected SQuAD-style JSON (data/paragraphs/qas)")
+        raise DatasetError(
+            f"{path}: no questions found; expected SQuAD-style JSON (data/paragraphs/qas)"
+        )
     rng = random.Random(seed)
     return [Prompt(questions[rng.randrange(len(questions))], output_len) for _ in range(count)]
 

@@ -220,7 +220,9 @@ def session(timeout_s: float) -> aiohttp.ClientSession:
     )
 
 
-def prompts_needed(targets: int, loads: int, rounds: int, requests_per_run: int, warmup: int) -> int:
+def prompts_needed(
+    targets: int, loads: int, rounds: int, requests_per_run: int, warmup: int
+) -> int:
     return targets * (warmup + loads * rounds * requests_per_run)
 
 

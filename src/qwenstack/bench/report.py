@@ -111,8 +111,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def table(summaries: Sequence[dict[str, Any]]) -> str:
-    header = ("load", "target", "ok", "err", "req/s", "out tok/s", "goodput", "TTFT med", "TTFT p99",
-              "TPOT med", "ITL med", "ITL p99", "E2E med")
+    header = ("load", "target", "ok", "err", "req/s", "out tok/s", "goodput", "TTFT med",
+              "TTFT p99", "TPOT med", "ITL med", "ITL p99", "E2E med")
     rows = [header] + [
         (s["load"], s["target"], str(s["completed"]), str(s["errors"]),
          _num(s["request_throughput"], 2), _num(s["output_throughput"]), _num(s["goodput"], 2),
@@ -124,7 +124,9 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         f"  {s['load']} {s['target']}: {count} x {kind}"
         for s in summaries for kind, count in s["error_kinds"].items()
     ]
-    return "\n".join([_columns(rows), "(latencies in ms)", *(["errors:"] + errors if errors else [])])
+    return "\n".join(
+        [_columns(rows), "(latencies in ms)", *(["errors:"] + errors if errors else [])]
+    )
 
 
 def ratio_table(all_ratios: Sequence[dict[str, Any]]) -> str:
@@ -138,14 +140,21 @@ def ratio_table(all_ratios: Sequence[dict[str, Any]]) -> str:
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    # Every row has the header's columns; the first two are labels (left), the rest numbers.
     return "\n".join(
-        "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        .rstrip() for row in rows
+        "  ".join(
+            cell.rjust(w) if i > 1 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
     )
 
 
-def write_json(path: Path, meta: dict[str, Any], summaries: list[dict], all_ratios: list[dict]) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": summaries, "ratios": all_ratios}, indent=2))
+def write_json(
+    path: Path, meta: dict[str, Any], summaries: list[dict], all_ratios: list[dict]
+) -> None:
+    document = {"meta": meta, "results": summaries, "ratios": all_ratios}
+    path.write_text(json.dumps(document, indent=2))
 
 
 def plot(path: Path, summaries: Sequence[dict[str, Any]], x_label: str) -> None:
@@ -170,7 +179,7 @@ def plot(path: Path, summaries: Sequence[dict[str, Any]], x_label: str) -> None:
     xs = [s["load_value"] for s in summaries if s["load_value"]]
     # Sweeps like 1, 8, 32 read best on a log axis.
     log_x = bool(xs) and max(xs) / min(xs) >= 4
-    for ax, (title, value) in zip(axes.flat, panels):
+    for ax, (title, value) in zip(axes.flat, panels, strict=True):
         for target in targets:
             points = [(s["load_value"], value(s)) for s in summaries if s["target"] == target]
             points = [(x, y) for x, y in points if x is not None and y is not None]

@@ -24,7 +24,7 @@ app.add_typer(keys.app, name="keys")
 app.command()(keys.usage)
 app.add_typer(kb.app, name="kb")
 app.command()(bench.bench)
-app.command()(plan.plan)
+app.command(help=plan.HELP)(plan.plan)
 app.command()(serve.ui)
 app.add_typer(users.app, name="users")
 

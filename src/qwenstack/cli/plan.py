@@ -11,6 +11,13 @@ import typer
 from qwenstack.cli.common import fail, print_table
 from qwenstack.errors import SetupError
 
+# `qwenstack plan --help`. Not the docstring: a docstring wrapped over two lines would print
+# over two lines.
+HELP = (
+    "Size a deployment: weights, KV cache, context and concurrency that fit, "
+    "decode bound, flags."
+)
+
 
 def plan(
     model: Annotated[str, typer.Argument(
@@ -27,7 +34,7 @@ def plan(
         help="auto (the weights' dtype) or fp8.")] = "auto",
     gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
 ) -> None:
-    """Size a deployment: weights, KV cache, context and concurrency that fit, decode bound, flags."""
+    # The help text is HELP, given where the command is registered.
     from qwenstack.engine import deployment_plan, gpu_catalog
 
     # A bare config.json names no model vLLM could load: leave the flag for the user to fill.

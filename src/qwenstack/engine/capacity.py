@@ -17,7 +17,8 @@ from qwenstack.errors import SetupError
 
 # vLLM allocates the KV cache in blocks of 16 tokens.
 BLOCK_TOKENS = 16
-# What a GPU needs beside weights and KV cache (activations, CUDA graphs), kept back from the budget.
+# What a GPU needs beside weights and KV cache (activations, CUDA graphs), kept back from the
+# budget.
 GPU_ACTIVATION_RESERVE_BYTES = 1 * GIB
 # On a CPU the KV-cache size is always given to vLLM, so that this check and vLLM agree.
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -88,7 +89,8 @@ def resolve_dtype(requested: str, shape: ModelShape, hardware: Hardware) -> str:
     """
     if requested != "auto" or hardware.has_gpu:
         return requested
-    if not hardware.cpu_has_bf16 or shape.config_dtype.removeprefix("torch.") in ("float32", "float"):
+    config_dtype = shape.config_dtype.removeprefix("torch.")
+    if not hardware.cpu_has_bf16 or config_dtype in ("float32", "float"):
         return "float32"
     return requested
 

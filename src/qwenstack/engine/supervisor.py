@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +30,7 @@ READY_POLL_S = 1.0
 STABLE_AFTER_S = 120.0
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     BACKOFF = "backoff"

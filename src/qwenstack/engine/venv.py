@@ -74,4 +74,6 @@ class EngineVenv:
                 env={**os.environ, "PIP_NO_INPUT": "1"},
             )
         if result.returncode != 0:
-            raise SetupError(f"pip {args[0]} failed in the engine venv {self.path}; see {self.log_file}")
+            raise SetupError(
+                f"pip {args[0]} failed in the engine venv {self.path}; see {self.log_file}"
+            )

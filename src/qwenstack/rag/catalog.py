@@ -12,8 +12,8 @@ import re
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from qwenstack.database import Base, aware
 from qwenstack.callers import Caller
+from qwenstack.database import Base, aware
 from qwenstack.rag import RagError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -24,7 +24,8 @@ class KnowledgeBase(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(64), unique=True)
-    owner: Mapped[str | None] = mapped_column(sa.String(256))  # a key name or jwt:<sub>; None: admins
+    # A key name or jwt:<sub>; None: admins.
+    owner: Mapped[str | None] = mapped_column(sa.String(256))
     # Queries must be embedded by the model the chunks were embedded by.
     embedding_model: Mapped[str] = mapped_column(sa.String(512))
     dimension: Mapped[int]
@@ -71,7 +72,9 @@ def may_read(session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_ac
     return _allowed(session, kb, caller, open_access, write=False)
 
 
-def may_write(session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool) -> bool:
+def may_write(
+    session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool
+) -> bool:
     return _allowed(session, kb, caller, open_access, write=True)
 
 

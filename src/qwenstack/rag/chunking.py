@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 # A sentence end, with any closing quotes or brackets that belong to the sentence.
 SENTENCE_END = re.compile(r"[。！？；!?;…]+[”’」』）)\"']*|\.(?=\s)[”’\"')]*")
 PARAGRAPH_BREAK = re.compile(r"\n\s*\n|\n(?=\s*[-*•·]|\s*\d+[.)、])")
-CJK = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]")
-WORD = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]")
+CJK_RANGES = r"\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef"
+CJK = re.compile(rf"[{CJK_RANGES}]")
+WORD = re.compile(rf"[A-Za-z0-9]+|[^\sA-Za-z0-9{CJK_RANGES}]")
 
 
 class TokenCounter(Protocol):
@@ -49,7 +50,9 @@ class EstimatedCounter:
     (close to Qwen3's BPE on Chinese and English prose)."""
 
     def count(self, texts: Sequence[str]) -> list[int]:
-        return [len(CJK.findall(text)) + math.ceil(len(WORD.findall(text)) * 4 / 3) for text in texts]
+        return [
+            len(CJK.findall(text)) + math.ceil(len(WORD.findall(text)) * 4 / 3) for text in texts
+        ]
 
 
 def token_counter(tokenizer: str | None, model: str | None) -> TokenCounter:
@@ -109,7 +112,7 @@ def chunk_sections(
             sentences += _spans(text[para_start:para_end], SENTENCE_END, para_start)
         counts = counter.count([text[s:e] for s, e in sentences]) if sentences else []
         pieces: list[tuple[int, int, int]] = []  # (start, end, tokens)
-        for (start, end), tokens in zip(sentences, counts):
+        for (start, end), tokens in zip(sentences, counts, strict=True):
             if tokens <= size:
                 pieces.append((start, end, tokens))
                 continue
@@ -127,7 +130,8 @@ def chunk_sections(
                 carried: list[tuple[int, int, int]] = []
                 carried_tokens = 0
                 for previous in reversed(current):
-                    if carried_tokens + previous[2] > overlap or carried_tokens + previous[2] + piece[2] > size:
+                    with_previous = carried_tokens + previous[2]
+                    if with_previous > overlap or with_previous + piece[2] > size:
                         break
                     carried.insert(0, previous)
                     carried_tokens += previous[2]
@@ -142,4 +146,6 @@ def chunk_sections(
 
 def _chunk(section: Section, pieces: list[tuple[int, int, int]], offset: int) -> Chunk:
     start, end = pieces[0][0], pieces[-1][1]
-    return Chunk(section.text[start:end], offset + start, offset + end, section.page, section.heading)
+    return Chunk(
+        section.text[start:end], offset + start, offset + end, section.page, section.heading
+    )

@@ -41,7 +41,10 @@ class LocalEmbedder:
             source = str(Path(model).expanduser())
         self.model = SentenceTransformer(source, device="cpu")
         self.name = model
-        self.dimension = int(self.model.get_embedding_dimension())
+        dimension = self.model.get_embedding_dimension()
+        if dimension is None:  # int(None) raised this TypeError here before, less plainly
+            raise TypeError(f"{model}: the embedding model reports no embedding dimension")
+        self.dimension = int(dimension)
         self.batch_size = batch_size
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
@@ -67,7 +70,9 @@ class RemoteEmbedder:
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start:start + self.batch_size])
             try:
-                response = self.client.post("/v1/embeddings", json={"model": self.name, "input": batch})
+                response = self.client.post(
+                    "/v1/embeddings", json={"model": self.name, "input": batch}
+                )
                 response.raise_for_status()
                 data = sorted(response.json()["data"], key=lambda item: item["index"])
             except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:

@@ -52,7 +52,9 @@ class EvalReport:
                 "modes": {mode: vars(score) for mode, score in self.scores.items()}}
 
 
-def load_squad(path: Path, max_paragraphs: int | None) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def load_squad(
+    path: Path, max_paragraphs: int | None
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Paragraphs by id, and (question, id of the paragraph answering it)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     paragraphs: dict[str, str] = {}
@@ -92,8 +94,10 @@ def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) 
             vectors = service.embedder.embed([question for question, _ in questions])
             for mode in MODES:
                 score = ModeScores()
-                for (question, pid), vector in zip(questions, vectors):
-                    hits = service.search(["eval"], question, caller, CANDIDATE_CHUNKS, mode, vector)
+                for (question, pid), vector in zip(questions, vectors, strict=True):
+                    hits = service.search(
+                        ["eval"], question, caller, CANDIDATE_CHUNKS, mode, vector
+                    )
                     ranked = list(dict.fromkeys(
                         item.hit.source.removesuffix(".txt") for item in hits))[:10]
                     if pid in ranked:

@@ -113,7 +113,9 @@ def _archive(data: bytes, name: str) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError) as exc:
-        raise RagError(f"{name}: the file cannot be read ({exc}).", code="unreadable_file") from None
+        raise RagError(
+            f"{name}: the file cannot be read ({exc}).", code="unreadable_file"
+        ) from None
     members = archive.infolist()
     if len(members) > MAX_ARCHIVE_MEMBERS:
         raise RagError(f"{name}: the archive holds {len(members)} parts, over the limit of "
@@ -139,7 +141,9 @@ def _docx(data: bytes, name: str) -> list[Section]:
         with archive.open("word/document.xml") as xml:
             return _under_headings(_docx_paragraphs(xml, heading_styles))
     except (KeyError, zipfile.BadZipFile, etree.XMLSyntaxError, OSError) as exc:
-        raise RagError(f"{name}: the DOCX cannot be read ({exc}).", code="unreadable_file") from None
+        raise RagError(
+            f"{name}: the DOCX cannot be read ({exc}).", code="unreadable_file"
+        ) from None
 
 
 def _docx_heading_styles(archive: zipfile.ZipFile) -> set[str]:

@@ -10,6 +10,7 @@ what the new version wrote and leaves the previous version as it was.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import importlib
 import logging
@@ -22,9 +23,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from qwenstack.errors import SetupError
-from qwenstack.database import now
 from qwenstack.callers import Caller
+from qwenstack.database import now
+from qwenstack.errors import SetupError
 from qwenstack.rag import RagError
 from qwenstack.rag.catalog import (
     KnowledgeBase,
@@ -139,6 +140,8 @@ class KnowledgeService:
             self.store.create(kb.id, embedder.dimension)
             return describe(session, kb)
 
+    # Named `list`, this method hides the builtin in the rest of the class body: the annotations
+    # below say `builtins.list`.
     def list(self, caller: Caller) -> list[dict[str, object]]:
         with Session(self.engine) as session:
             kbs = session.scalars(sa.select(KnowledgeBase).order_by(KnowledgeBase.name)).all()
@@ -169,24 +172,31 @@ class KnowledgeService:
             session.flush()
             return describe(session, kb)
 
-    def files(self, name: str, caller: Caller) -> list[dict[str, object]]:
+    def files(self, name: str, caller: Caller) -> builtins.list[dict[str, object]]:
         with Session(self.engine) as session:
             kb = self._readable(session, name, caller)
-            rows = session.scalars(sa.select(KnowledgeBaseFile).where(
-                KnowledgeBaseFile.knowledge_base_id == kb.id).order_by(KnowledgeBaseFile.name)).all()
+            rows = session.scalars(
+                sa.select(KnowledgeBaseFile)
+                .where(KnowledgeBaseFile.knowledge_base_id == kb.id)
+                .order_by(KnowledgeBaseFile.name)
+            ).all()
             return [{"name": f.name, "sha256": f.sha256, "bytes": f.bytes, "chunks": f.chunks,
                      "ingested_at": f.ingested_at.isoformat()} for f in rows]
 
     # --- ingest ----------------------------------------------------------------------------
 
-    def ingest(self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller) -> list[FileResult]:
+    def ingest(
+        self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller
+    ) -> builtins.list[FileResult]:
         """Each (file name, content) in turn; every file is parsed before any is written, so
         a bad file refuses the whole request. Per file, all or nothing."""
         with Session(self.engine) as session:
             kb = self._writable(session, name, caller)
             kb_id, kb_model = kb.id, kb.embedding_model
-            known = dict(session.execute(sa.select(KnowledgeBaseFile.name, KnowledgeBaseFile.sha256)
-                                         .where(KnowledgeBaseFile.knowledge_base_id == kb_id)).all())
+            known = dict(session.execute(
+                sa.select(KnowledgeBaseFile.name, KnowledgeBaseFile.sha256)
+                .where(KnowledgeBaseFile.knowledge_base_id == kb_id)
+            ).all())
         self._check_model(name, kb_model)
         prepared = [self._prepare(file_name, data) for file_name, data in files]
         changed = [item for item in prepared if known.get(item.name) != item.sha256]
@@ -207,7 +217,7 @@ class KnowledgeService:
         return PreparedFile(name, len(data), hashlib.sha256(data).hexdigest(), chunks)
 
     def _ingest_one(
-        self, kb_id: int, item: PreparedFile, vectors: list[list[float]] | None
+        self, kb_id: int, item: PreparedFile, vectors: builtins.list[builtins.list[float]] | None
     ) -> FileResult:
         with Session(self.engine) as session, session.begin():
             row = session.scalar(sa.select(KnowledgeBaseFile).where(
@@ -258,8 +268,8 @@ class KnowledgeService:
 
     def search(
         self, names: Sequence[str], query: str, caller: Caller, top_k: int | None = None,
-        mode: Mode | None = None, query_vector: list[float] | None = None,
-    ) -> list[Retrieved]:
+        mode: Mode | None = None, query_vector: builtins.list[float] | None = None,
+    ) -> builtins.list[Retrieved]:
         """The `top_k` best chunks of the named knowledge bases for `query` (embedded here
         unless its `query_vector` is given, as batch evaluations do)."""
         top_k = top_k or self.settings.top_k
@@ -304,7 +314,9 @@ class KnowledgeService:
                            code="knowledge_base_not_found")
         return kb
 
-    def _writable(self, session: Session, name: str, caller: Caller, owner_only: bool = False) -> KnowledgeBase:
+    def _writable(
+        self, session: Session, name: str, caller: Caller, owner_only: bool = False
+    ) -> KnowledgeBase:
         kb = self._readable(session, name, caller)
         allowed = (self.open_access or caller.admin or caller.name == kb.owner) if owner_only \
             else may_write(session, kb, caller, self.open_access)

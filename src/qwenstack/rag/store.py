@@ -186,7 +186,8 @@ class MilvusStore:
             name = self._loaded(kb_id)
             if len(requests) == 2:
                 results = self.client.hybrid_search(
-                    name, requests, ranker=RRFRanker(rrf_k), limit=limit, output_fields=OUTPUT_FIELDS,
+                    name, requests, ranker=RRFRanker(rrf_k), limit=limit,
+                    output_fields=OUTPUT_FIELDS,
                 )
             else:
                 (request,) = requests

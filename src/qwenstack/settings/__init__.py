@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     database_url: SecretStr | None = Field(
         None,
-        description="SQLAlchemy URL for keys and usage records (masked: it may hold a password), e.g. "
-        "postgresql+psycopg://user@host/db. Unset: SQLite at <home>/qwenstack.db.",
+        description="SQLAlchemy URL for keys and usage records (masked: it may hold a password), "
+        "e.g. postgresql+psycopg://user@host/db. Unset: SQLite at <home>/qwenstack.db.",
     )
     auth: AuthSettings = AuthSettings()
     rag: RagSettings = RagSettings()

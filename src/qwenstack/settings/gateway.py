@@ -127,14 +127,15 @@ class LimitSettings(BaseModel):
     )
     default_max_concurrency: int | None = Field(None, ge=1, description="None: unlimited.")
     redis_url: SecretStr | None = Field(
-        None, description="Shared budgets for several gateway replicas (redis://...). None: in-process."
+        None,
+        description="Shared budgets for several gateway replicas (redis://...). None: in-process.",
     )
     key_prefix: str = Field("qwenstack:", description="Prefix of every Redis key the limiter uses.")
     redis_timeout_s: float = Field(0.5, gt=0)
     redis_fail_open: bool = Field(
         True,
-        description="When Redis cannot be reached: True lets requests through unlimited (and logs), "
-        "False refuses them with 503.",
+        description="When Redis cannot be reached: True lets requests through unlimited "
+        "(and logs), False refuses them with 503.",
     )
     concurrency_lease_s: float = Field(
         3600, gt=0, description="A concurrency slot held in Redis expires after this (a crashed "
@@ -168,7 +169,8 @@ class ValidationSettings(BaseModel):
         "gives none. None: the context window is the only bound."
     )
     allow_chat_template: bool = Field(
-        False, description="Let clients send `chat_template`/`chat_template_kwargs` (CVE-2025-61620)."
+        False,
+        description="Let clients send `chat_template`/`chat_template_kwargs` (CVE-2025-61620).",
     )
 
 
@@ -179,7 +181,9 @@ class JWTClaimNames(BaseModel):
     rpm: str = "rpm"
     tpm: str = "tpm"
     max_concurrency: str = "max_concurrency"
-    models: str = Field("models", description="A list, or a string of names split on spaces/commas.")
+    models: str = Field(
+        "models", description="A list, or a string of names split on spaces/commas."
+    )
     admin: str = "admin"
     cache_all: str = Field("cache_all", description="true: sampled answers may be cached too.")
 
@@ -189,7 +193,8 @@ class JWTSettings(BaseModel):
 
     algorithms: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["HS256", "RS256", "ES256"],
-        description="Accepted `alg` values; HS* use `secret`, the others `public_key` or `jwks_url`.",
+        description="Accepted `alg` values; HS* use `secret`, "
+        "the others `public_key` or `jwks_url`.",
     )
     secret: SecretStr | None = Field(None, description="Shared secret for HS256.")
     public_key: str | None = Field(None, description="PEM public key for RS256/ES256.")
@@ -203,7 +208,9 @@ class JWTSettings(BaseModel):
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return json.loads(value) if value.lstrip().startswith("[") else value.replace(",", " ").split()
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return value.replace(",", " ").split()
         return value
 
     @property

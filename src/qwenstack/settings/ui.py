@@ -47,5 +47,7 @@ class UiSettings(BaseModel):
     @model_validator(mode="after")
     def _needs_a_sign_in(self) -> UiSettings:
         if not self.password_login and not self.header_login:
-            raise ValueError("ui: turn on password_login or set header_login, or nobody can sign in")
+            raise ValueError(
+                "ui: turn on password_login or set header_login, or nobody can sign in"
+            )
         return self

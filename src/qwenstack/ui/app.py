@@ -12,14 +12,16 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import chainlit as cl
 import httpx
 import openai
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
+from chainlit.session import WebsocketSession
 from chainlit.types import ThreadDict
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from qwenstack.settings import load_settings
 from qwenstack.ui import server, store
@@ -69,7 +71,9 @@ if ui.header_login:
 
 
 def _language() -> str:
-    return language_of(cl.context.session.language)
+    session = cl.context.session
+    # Chat handlers run in a websocket session, the one that knows the browser's language.
+    return language_of(session.language if isinstance(session, WebsocketSession) else None)
 
 
 def _say(key: str, **values: object) -> cl.Message:
@@ -93,7 +97,8 @@ async def _client(refused: str | None = None) -> openai.AsyncOpenAI:
             # Errors go straight to the user, who can try again: retrying here would only hide
             # a down gateway or a rate limit behind a long wait.
             max_retries=0,
-            timeout=httpx.Timeout(ui.request_timeout_s, connect=5),
+            # The SDK's own Timeout class (httpx2's): an httpx one is converted to it anyway.
+            timeout=openai.Timeout(ui.request_timeout_s, connect=5),
         )
         cl.user_session.set("client", client)
     return client
@@ -278,7 +283,13 @@ async def _answer(
     for _ in range(MAX_FIT_ATTEMPTS):
         messages, dropped = conversation.messages(sampling.system_prompt, budget, skip)
         try:
-            stream = await client.chat.completions.create(messages=messages, stream=True, **request)
+            # The turns are role/content dicts, which is what the SDK's message TypedDicts are;
+            # and stream=True gives a stream, which the SDK's overloads cannot tell past
+            # `**request`.
+            created = await client.chat.completions.create(
+                messages=cast(list[ChatCompletionMessageParam], messages), stream=True, **request
+            )
+            stream = cast(openai.AsyncStream[ChatCompletionChunk], created)
         except openai.AuthenticationError:
             if key_renewed:
                 raise

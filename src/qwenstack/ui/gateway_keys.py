@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 
@@ -40,7 +41,7 @@ class UserKeys:
         await asyncio.to_thread(self.accounts.set_gateway_key, identifier, key)
         return key
 
-    async def _admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    async def _admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         async with httpx.AsyncClient(base_url=self.gateway_url, timeout=30) as client:
             response = await client.request(
                 method, path, headers={"authorization": f"Bearer {self.admin_key}"}, **kwargs

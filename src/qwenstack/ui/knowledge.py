@@ -60,11 +60,14 @@ class KnowledgeBaseClient:
     def __init__(self, gateway_url: str, key: str, name: str, timeout_s: float) -> None:
         self.name = name
         self.key = key
-        self._http = dict(base_url=f"{gateway_url}/v1", timeout=httpx.Timeout(timeout_s, connect=5),
-                          headers={"authorization": f"Bearer {key}"})
+        self._base_url = f"{gateway_url}/v1"
+        self._timeout = httpx.Timeout(timeout_s, connect=5)
+        self._headers = {"authorization": f"Bearer {key}"}
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        async with httpx.AsyncClient(**self._http) as client:
+        async with httpx.AsyncClient(
+            base_url=self._base_url, timeout=self._timeout, headers=self._headers
+        ) as client:
             return await client.request(method, path, **kwargs)
 
     async def document_count(self) -> int:
