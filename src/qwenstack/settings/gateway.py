@@ -27,6 +27,17 @@ class GatewaySettings(BaseModel):
         30.0, gt=0, description="On SIGTERM the gateway stops accepting connections and lets "
         "requests in flight finish for at most this long, then exits.",
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request head must arrive within this of the connection (or "
+        "of its first byte, on a kept-alive connection); else 408 and the connection closed.",
+    )
+    body_timeout_s: float = Field(
+        15.0, gt=0, description="A request body must arrive within this of its head; else 408 "
+        "and the connection closed. Raise it for large uploads over slow links.",
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="Client connections held at once; more are answered 503.",
+    )
 
 
 class RoutingSettings(BaseModel):
