@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from qwenstack.gateway import admin, inference, knowledge_bases, metrics
 from qwenstack.gateway.errors import GatewayError, error_response
-from qwenstack.gateway.middleware import Authentication, RequestContext
+from qwenstack.gateway.exchange import CLIENT_CLOSED
+from qwenstack.gateway.middleware import Authentication, BodyLimit, RequestContext
 from qwenstack.gateway.protocol import CHAT, COMPLETIONS
 from qwenstack.gateway.resources import Resources, resources
 from qwenstack.settings import Settings
@@ -46,8 +48,11 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.resources.close()
 
     app = FastAPI(title="qwenstack gateway", version="0.1.0", lifespan=lifespan)
-    protected = ("/v1/", "/admin/", *(("/metrics",) if settings.auth.protect_metrics else ()))
-    app.add_middleware(Authentication, protected=protected)
+    # Innermost of the three: a body is judged only once its sender may send it at all.
+    app.add_middleware(BodyLimit, max_body_bytes=settings.validation.max_body_bytes,
+                       max_upload_bytes=settings.rag.max_upload_bytes)
+    protected = (*ADMIN_ONLY, "/v1/", *(("/metrics",) if settings.auth.protect_metrics else ()))
+    app.add_middleware(Authentication, protected=protected, admin_only=ADMIN_ONLY)
     # Outermost: refusals get a request id and a log line too.
     app.add_middleware(RequestContext, tracer=tracer)
     app.include_router(admin.router)
@@ -56,6 +61,10 @@ def create_app(settings: Settings) -> FastAPI:
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)
     return app
+
+
+# Refused to anyone but an admin before a body is read.
+ADMIN_ONLY = ("/admin/",)
 
 
 # --- errors, all in OpenAI's shape ----------------------------------------------------------
@@ -78,7 +87,15 @@ async def invalid_fields(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, GatewayError):  # FastAPI's body parsing wraps BodyLimit's 413
+        return error_response(exc.__cause__)
     return error_response(GatewayError(exc.status_code, str(exc.detail)))
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or was dropped as too slow) while sending its body: nobody reads this,
+    # and the request's log line says so.
+    return error_response(GatewayError(CLIENT_CLOSED, "The client left mid-body."))
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
@@ -92,6 +109,7 @@ ERROR_HANDLERS = {
     GatewayError: gateway_error,
     RequestValidationError: invalid_fields,
     HTTPException: http_error,
+    ClientDisconnect: client_gone,
     Exception: unexpected_error,
 }
 
