@@ -63,8 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-# Refused to anyone but an admin before a body is read.
-ADMIN_ONLY = ("/admin/",)
+# The API description names every route and field: admins only, like /admin itself.
+ADMIN_ONLY = ("/admin/", "/docs", "/redoc", "/openapi.json")
 
 
 # --- errors, all in OpenAI's shape ----------------------------------------------------------
@@ -154,16 +154,36 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    """An engine can serve."""
+    """An engine can serve. Counts for anyone; each engine's detail (its URL among it) only for
+    an admin key, or when auth is off."""
     held = resources(request)
-    engines = [
-        {"url": r.url, "up": r.up, "in_flight": r.in_flight, "load": r.load(),
-         "kv_cache_usage": r.kv_cache_usage, "circuit_open": bool(r.open_until)}
-        for r in held.pool.replicas
-    ]
     up = held.pool.any_up
-    return JSONResponse(
-        {"status": "ready" if up else "unavailable", "engines": engines,
-         "queued": held.admission.queued},
-        status_code=200 if up else 503,
-    )
+    body: dict[str, object] = {
+        "status": "ready" if up else "unavailable",
+        "engines_up": sum(r.up for r in held.pool.replicas),
+        "engines_total": len(held.pool.replicas),
+        "queued": held.admission.queued,
+    }
+    if await _admin_or_open(request):
+        body["engines"] = [
+            {"url": r.url, "up": r.up, "in_flight": r.in_flight, "load": r.load(),
+             "kv_cache_usage": r.kv_cache_usage, "circuit_open": bool(r.open_until)}
+            for r in held.pool.replicas
+        ]
+    return JSONResponse(body, status_code=200 if up else 503)
+
+
+async def _admin_or_open(request: Request) -> bool:
+    """True for an admin's credential, or any request when auth is off; /ready stays open to
+    probes that send none, so a bad credential only means less detail."""
+    held = resources(request)
+    if not held.settings.auth.enabled:
+        return True
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return False
+    try:
+        caller = await held.authenticator.authenticate(authorization.encode("latin-1"))
+    except GatewayError:
+        return False
+    return caller.admin

@@ -242,5 +242,8 @@ class AuthSettings(BaseModel):
         5.0, ge=0, description="How long a key lookup is cached: a revocation takes effect "
         "within this time on other gateway processes (at once on the one that revoked it).",
     )
-    protect_metrics: bool = Field(False, description="/metrics needs a valid key or JWT too.")
+    protect_metrics: bool = Field(
+        True, description="/metrics needs a valid key or JWT too: its labels name callers. "
+        "Give Prometheus a key of its own (deploy/prometheus/prometheus.yml).",
+    )
     jwt: JWTSettings = JWTSettings()
