@@ -208,14 +208,19 @@ def test_api_docs_are_for_admins_only(gateway, keys, path):
     assert httpx.get(gateway.url + path, headers=bearer(keys["admin"])).status_code == 200
 
 
-def test_metrics_need_a_key_by_default(gateway, keys):
+def test_metrics_name_callers_to_admins_and_prometheus_only(gateway, keys):
     httpx.post(f"{gateway.url}/v1/completions", json=COMPLETION, headers=bearer(keys["tenant"]),
                timeout=60)
-    refused = httpx.get(f"{gateway.url}/metrics")
-    assert refused.status_code == 401 and "tenant" not in refused.text
-    page = httpx.get(f"{gateway.url}/metrics", headers=bearer(keys["admin"]), timeout=30).text
-    samples = [s for f in text_string_to_metric_families(page) for s in f.samples]
-    assert any(s.labels.get("key") == "tenant" for s in samples)
+    unauthenticated = httpx.get(f"{gateway.url}/metrics")
+    assert unauthenticated.status_code == 401 and "tenant" not in unauthenticated.text
+    other_tenant = httpx.get(f"{gateway.url}/metrics", headers=bearer(keys["tenant"]))
+    assert other_tenant.status_code == 403 and "tenant" not in other_tenant.text
+    assert other_tenant.json()["error"]["code"] == "metrics_readers_only"
+    prometheus = create_key(gateway.home, "--name", "prometheus")  # observability.metrics_readers
+    for reader in (keys["admin"], prometheus):
+        page = httpx.get(f"{gateway.url}/metrics", headers=bearer(reader), timeout=30).text
+        samples = [s for f in text_string_to_metric_families(page) for s in f.samples]
+        assert any(s.labels.get("key") == "tenant" for s in samples)
 
 
 def test_ready_shows_engine_detail_to_admins_only(gateway, keys, engine_url):

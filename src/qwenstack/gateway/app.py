@@ -141,8 +141,18 @@ async def models(request: Request) -> dict[str, object]:
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
-    """The gateway's metrics and, labelled by replica, each up engine's vLLM metrics."""
-    page = await resources(request).exposition.render()
+    """The gateway's metrics and, labelled by replica, each up engine's vLLM metrics.
+
+    Protected (auth.protect_metrics), they are for admins and observability.metrics_readers
+    only: their labels name every caller."""
+    held = resources(request)
+    caller = getattr(request.state, "caller", None)  # set when protected
+    readers = held.settings.observability.metrics_readers
+    if (caller is not None and held.settings.auth.enabled
+            and not (caller.admin or caller.name in readers)):
+        raise GatewayError(403, "/metrics is for admin keys and the keys named in "
+                           "observability.metrics_readers.", code="metrics_readers_only")
+    page = await held.exposition.render()
     return Response(page, media_type=metrics.CONTENT_TYPE)
 
 

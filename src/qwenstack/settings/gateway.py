@@ -79,6 +79,16 @@ class ObservabilitySettings(BaseModel):
         "request is exported there. Needs the `otel` extra. Unset: no tracing.",
     )
     service_name: str = Field("qwenstack-gateway", description="`service.name` of exported spans.")
+    metrics_readers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["prometheus"],
+        description="Key names (JWT subjects) that may read /metrics, besides admin keys, when "
+        "auth.protect_metrics: its labels name every caller, which other tenants must not see.",
+    )
+
+    @field_validator("metrics_readers", mode="before")
+    @classmethod
+    def _split_readers(cls, value: Any) -> Any:
+        return value.replace(",", " ").split() if isinstance(value, str) else value
 
 
 class CacheSettings(BaseModel):
@@ -243,7 +253,7 @@ class AuthSettings(BaseModel):
         "within this time on other gateway processes (at once on the one that revoked it).",
     )
     protect_metrics: bool = Field(
-        True, description="/metrics needs a valid key or JWT too: its labels name callers. "
-        "Give Prometheus a key of its own (deploy/prometheus/prometheus.yml).",
+        True, description="/metrics needs an admin key or one named in "
+        "observability.metrics_readers (its labels name callers); false: open to anyone.",
     )
     jwt: JWTSettings = JWTSettings()
