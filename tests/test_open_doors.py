@@ -98,6 +98,8 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(gateway, keys):
         sock.sendall(head(
             "POST", "/v1/knowledge_bases/any/files", f"authorization: Bearer {keys['admin']}",
             "content-type: multipart/form-data; boundary=b", "transfer-encoding: chunked"))
+        part = b'--b\r\ncontent-disposition: form-data; name="file"; filename="big.txt"\r\n\r\n'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
         chunk = b"%x\r\n%s\r\n" % (2**16, b"x" * 2**16)
         with contextlib.suppress(OSError):  # the gateway closes the connection after its 413
             while sent < TWO_HUNDRED_MB and not select.select([sock], [], [], 0)[0]:
