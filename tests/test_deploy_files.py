@@ -113,6 +113,16 @@ def test_prometheus_config_scrapes_the_gateway_and_loads_the_rules():
     assert config["rule_files"] == ["alerts.yml"]
     [job] = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
+    # /metrics needs a key by default (auth.protect_metrics): Prometheus sends its own.
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"].startswith("/run/secrets/")
+
+
+def test_limiter_outage_is_alerted_whichever_way_it_fails():
+    rules = yaml.safe_load(ALERTS.read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert metric_names(alerts["QwenstackLimiterFailing"]["expr"]) == {
+        "qwenstack_limiter_errors_total"}
 
 
 def test_alert_rules_cover_what_the_issue_asks_for():
@@ -124,6 +134,7 @@ def test_alert_rules_cover_what_the_issue_asks_for():
         "QwenstackEngineDown",
         "QwenstackKvCacheNearFull",
         "QwenstackEngineQueueGrowing",
+        "QwenstackLimiterFailing",
     ):
         assert alerts[name]["annotations"]["summary"]
         assert alerts[name]["labels"]["severity"] in ("critical", "warning")
@@ -226,6 +237,30 @@ def test_compose_file_brings_up_the_whole_stack():
     assert target == "gateway:8000"  # the compose service
 
 
+def test_compose_keeps_limits_unevictable_and_monitoring_on_this_host():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    gateway = services["gateway"]["environment"]
+    # Limits in a Redis of their own that never evicts; cache pressure cannot reset them.
+    limits_host = gateway["QWENSTACK_LIMITS__REDIS_URL"].split("//")[1].split(":")[0]
+    cache_host = gateway["QWENSTACK_CACHE__REDIS_URL"].split("//")[1].split(":")[0]
+    assert limits_host != cache_host
+    command = services[limits_host]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert limits_host in services["gateway"]["depends_on"]
+    # Prometheus and Grafana: loopback only, Grafana with no default password.
+    for name in ("prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            assert port.startswith("127.0.0.1:"), (name, port)
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password)
+    # Prometheus reads its gateway key from the compose secret prometheus.yml names.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    key_file = prometheus["scrape_configs"][0]["authorization"]["credentials_file"]
+    [secret] = services["prometheus"]["secrets"]
+    assert key_file == f"/run/secrets/{secret}" and secret in compose["secrets"]
+
+
 CHART = DEPLOY / "helm" / "qwenstack"
 CHART_SECRETS = {"secrets": {"pepper": "pepper", "uiAuthSecret": "ui"},
                  "postgresql": {"password": "pw"}}
@@ -245,6 +280,18 @@ def render_chart(values: dict) -> list[dict]:
 
 def by_kind(manifests: list[dict]) -> dict[tuple[str, str], dict]:
     return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+def admitted(policy: dict, labels: dict[str, str], port: int) -> bool:
+    """Whether a NetworkPolicy lets a pod of the same namespace with these labels in on `port`
+    (the rule forms the chart uses: podSelector.matchLabels and TCP ports)."""
+    for rule in policy["spec"]["ingress"]:
+        sources = rule.get("from", [])
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if (not sources or any(s["podSelector"]["matchLabels"].items() <= labels.items()
+                               for s in sources)) and (not ports or port in ports):
+            return True
+    return False
 
 
 def test_helm_chart_renders_valid_manifests_that_fit_together():
@@ -277,18 +324,41 @@ def test_helm_chart_renders_valid_manifests_that_fit_together():
     assert secret["database-url"] == (
         "postgresql+psycopg://qwenstack:pw@qs-postgresql:5432/qwenstack")
     assert secret["redis-url"] == "redis://qs-redis:6379/0"
+    # The limiter's Redis is its own, and never evicts.
+    limits_env = next(e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+                      if e["name"] == "QWENSTACK_LIMITS__REDIS_URL")
+    assert limits_env["valueFrom"]["secretKeyRef"]["key"] == "limiter-redis-url"
+    assert secret["limiter-redis-url"] == "redis://qs-limiter-redis:6379/0"
+    for name, policy in (("qs-limiter-redis", "noeviction"), ("qs-redis", "allkeys-lru")):
+        args = manifests["Deployment", name]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--maxmemory-policy") + 1] == policy
+    # Prometheus's scrape job sends the key from the Secret.
+    [job] = yaml.safe_load(manifests["ConfigMap", "qs-prometheus-scrape"]["data"][
+        "scrape-configs.yaml"])
+    key_file = job["authorization"]["credentials_file"]
+    assert key_file == "/etc/prometheus/secrets/qs-secrets/metrics-key" and "metrics-key" in secret
     # Every Service selects pods some workload makes.
     pod_labels = [m["spec"]["template"]["metadata"]["labels"] for m in manifests.values()
                   if m["kind"] in ("Deployment", "StatefulSet")]
     for service in (m for m in manifests.values() if m["kind"] == "Service"):
         selector = service["spec"]["selector"].items()
         assert any(selector <= labels.items() for labels in pod_labels), service["metadata"]
+    # Only gateway pods reach the engines (and the Redis pods); every other pod is kept out.
+    for component, port in (("engine", 8000), ("redis", 6379), ("limiter-redis", 6379)):
+        policy = manifests["NetworkPolicy", f"qs-{component}"]
+        [target] = [labels for labels in pod_labels
+                    if policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert target["app.kubernetes.io/component"] == component
+        for labels in pod_labels:
+            expected = labels["app.kubernetes.io/component"] == "gateway"
+            assert admitted(policy, labels, port) == expected, (component, labels)
 
 
 def test_helm_chart_with_external_services_and_fixed_gateways():
     manifests = by_kind(render_chart({
         "secrets": {"pepper": "pepper"},
         "redis": {"deploy": False, "url": "redis://r.example:6379/0"},
+        "limiterRedis": {"deploy": False, "url": "redis://limits.example:6379/0"},
         "postgresql": {"deploy": False, "url": "postgresql+psycopg://u:p@pg.example/q"},
         "milvus": {"uri": "http://milvus.example:19530"},
         "gateway": {"autoscaling": {"enabled": False}, "replicas": 3},
@@ -297,10 +367,14 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
     kinds = {kind for kind, _ in manifests}
     assert "StatefulSet" not in kinds and "HorizontalPodAutoscaler" not in kinds
     assert ("Deployment", "qs-redis") not in manifests
+    assert ("Deployment", "qs-limiter-redis") not in manifests
+    # External Redis: no policy for pods that are not here; the engines keep theirs.
+    assert {name for kind, name in manifests if kind == "NetworkPolicy"} == {"qs-engine"}
     assert ("Deployment", "qs-ui") not in manifests
     assert manifests["Deployment", "qs-gateway"]["spec"]["replicas"] == 3
     secret = manifests["Secret", "qs-secrets"]["stringData"]
     assert secret["redis-url"] == "redis://r.example:6379/0"
+    assert secret["limiter-redis-url"] == "redis://limits.example:6379/0"
     config = manifests["ConfigMap", "qs-gateway"]["data"]
     assert config["QWENSTACK_RAG__MILVUS_URI"] == "http://milvus.example:19530"
 
@@ -309,6 +383,8 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
     ({"postgresql": {"password": "pw"}}, "secrets.pepper is required"),
     ({"secrets": {"pepper": "p"}}, "postgresql.password is required"),
     ({**CHART_SECRETS, "redis": {"deploy": False}}, "redis.url, or redis.deploy, is required"),
+    ({**CHART_SECRETS, "limiterRedis": {"deploy": False}},
+     "limiterRedis.url, or limiterRedis.deploy, is required"),
 ])
 def test_helm_chart_refuses_to_render_without_what_replicas_must_share(values, message):
     with helm.Chart.load(CHART) as chart, pytest.raises(Exception, match=message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import subprocess
 import sys
@@ -67,11 +68,17 @@ class KeyedGateways:
         return httpx.post(self.gateways[gateway].url + path, json=body, headers=bearer(secret),
                           timeout=120)
 
+    @functools.cached_property
+    def metrics_key(self) -> str:
+        """A key of its own, as Prometheus has one: /metrics needs a key (auth.protect_metrics)."""
+        return self.key("prometheus")
+
     def metric(self, name: str, **labels: str) -> float:
         """A sample's value summed over both gateways' /metrics (0 when there is none)."""
         total = 0.0
         for gateway in self.gateways:
-            page = httpx.get(f"{gateway.url}/metrics", timeout=30).text
+            page = httpx.get(f"{gateway.url}/metrics", headers=bearer(self.metrics_key),
+                             timeout=30).text
             for family in text_string_to_metric_families(page):
                 for sample in family.samples:
                     if sample.name == name and labels.items() <= sample.labels.items():

@@ -16,7 +16,7 @@ from qwenstack.engine import prepare_engines
 from qwenstack.engine.supervisor import Engine, Supervisor
 from qwenstack.errors import SetupError
 from qwenstack.gateway.app import create_app
-from qwenstack.gateway.validation import BoundedHeadProtocol
+from qwenstack.gateway.http_limits import BoundedHeadProtocol
 from qwenstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def gateway_server(settings: Settings) -> uvicorn.Server:
         access_log=False,  # the gateway logs each request itself, with its request id
         # On stop: no new connections, requests in flight (streams too) finish within this.
         timeout_graceful_shutdown=math.ceil(settings.gateway.drain_timeout_s),
-        http=BoundedHeadProtocol.limited_to(settings.validation.max_header_bytes),
+        # Header size, read deadlines and the connection cap (http_limits.py).
+        http=BoundedHeadProtocol.configured(settings),
     )
     return _GatewayServer(config)
 

@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from qwenstack.gateway import admin, inference, knowledge_bases, metrics
 from qwenstack.gateway.errors import GatewayError, error_response
-from qwenstack.gateway.middleware import Authentication, RequestContext
+from qwenstack.gateway.exchange import CLIENT_CLOSED
+from qwenstack.gateway.middleware import Authentication, BodyLimit, RequestContext
 from qwenstack.gateway.protocol import CHAT, COMPLETIONS
 from qwenstack.gateway.resources import Resources, resources
 from qwenstack.settings import Settings
@@ -46,8 +48,11 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.resources.close()
 
     app = FastAPI(title="qwenstack gateway", version="0.1.0", lifespan=lifespan)
-    protected = ("/v1/", "/admin/", *(("/metrics",) if settings.auth.protect_metrics else ()))
-    app.add_middleware(Authentication, protected=protected)
+    # Innermost of the three: a body is judged only once its sender may send it at all.
+    app.add_middleware(BodyLimit, max_body_bytes=settings.validation.max_body_bytes,
+                       max_upload_bytes=settings.rag.max_upload_bytes)
+    protected = (*ADMIN_ONLY, "/v1/", *(("/metrics",) if settings.auth.protect_metrics else ()))
+    app.add_middleware(Authentication, protected=protected, admin_only=ADMIN_ONLY)
     # Outermost: refusals get a request id and a log line too.
     app.add_middleware(RequestContext, tracer=tracer)
     app.include_router(admin.router)
@@ -56,6 +61,10 @@ def create_app(settings: Settings) -> FastAPI:
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)
     return app
+
+
+# The API description names every route and field: admins only, like /admin itself.
+ADMIN_ONLY = ("/admin/", "/docs", "/redoc", "/openapi.json")
 
 
 # --- errors, all in OpenAI's shape ----------------------------------------------------------
@@ -78,7 +87,15 @@ async def invalid_fields(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, GatewayError):  # FastAPI's body parsing wraps BodyLimit's 413
+        return error_response(exc.__cause__)
     return error_response(GatewayError(exc.status_code, str(exc.detail)))
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or was dropped as too slow) while sending its body: nobody reads this,
+    # and the request's log line says so.
+    return error_response(GatewayError(CLIENT_CLOSED, "The client left mid-body."))
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
@@ -92,6 +109,7 @@ ERROR_HANDLERS = {
     GatewayError: gateway_error,
     RequestValidationError: invalid_fields,
     HTTPException: http_error,
+    ClientDisconnect: client_gone,
     Exception: unexpected_error,
 }
 
@@ -123,8 +141,18 @@ async def models(request: Request) -> dict[str, object]:
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
-    """The gateway's metrics and, labelled by replica, each up engine's vLLM metrics."""
-    page = await resources(request).exposition.render()
+    """The gateway's metrics and, labelled by replica, each up engine's vLLM metrics.
+
+    Protected (auth.protect_metrics), they are for admins and observability.metrics_readers
+    only: their labels name every caller."""
+    held = resources(request)
+    caller = getattr(request.state, "caller", None)  # set when protected
+    readers = held.settings.observability.metrics_readers
+    if (caller is not None and held.settings.auth.enabled
+            and not (caller.admin or caller.name in readers)):
+        raise GatewayError(403, "/metrics is for admin keys and the keys named in "
+                           "observability.metrics_readers.", code="metrics_readers_only")
+    page = await held.exposition.render()
     return Response(page, media_type=metrics.CONTENT_TYPE)
 
 
@@ -136,16 +164,36 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    """An engine can serve."""
+    """An engine can serve. Counts for anyone; each engine's detail (its URL among it) only for
+    an admin key, or when auth is off."""
     held = resources(request)
-    engines = [
-        {"url": r.url, "up": r.up, "in_flight": r.in_flight, "load": r.load(),
-         "kv_cache_usage": r.kv_cache_usage, "circuit_open": bool(r.open_until)}
-        for r in held.pool.replicas
-    ]
     up = held.pool.any_up
-    return JSONResponse(
-        {"status": "ready" if up else "unavailable", "engines": engines,
-         "queued": held.admission.queued},
-        status_code=200 if up else 503,
-    )
+    body: dict[str, object] = {
+        "status": "ready" if up else "unavailable",
+        "engines_up": sum(r.up for r in held.pool.replicas),
+        "engines_total": len(held.pool.replicas),
+        "queued": held.admission.queued,
+    }
+    if await _admin_or_open(request):
+        body["engines"] = [
+            {"url": r.url, "up": r.up, "in_flight": r.in_flight, "load": r.load(),
+             "kv_cache_usage": r.kv_cache_usage, "circuit_open": bool(r.open_until)}
+            for r in held.pool.replicas
+        ]
+    return JSONResponse(body, status_code=200 if up else 503)
+
+
+async def _admin_or_open(request: Request) -> bool:
+    """True for an admin's credential, or any request when auth is off; /ready stays open to
+    probes that send none, so a bad credential only means less detail."""
+    held = resources(request)
+    if not held.settings.auth.enabled:
+        return True
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return False
+    try:
+        caller = await held.authenticator.authenticate(authorization.encode("latin-1"))
+    except GatewayError:
+        return False
+    return caller.admin

@@ -189,8 +189,20 @@ return 1
 """
 
 
+LIMITER_ERRORS = Counter(
+    "qwenstack_limiter_errors_total",
+    "Calls to the limiter's Redis that failed: each let its request through unlimited, or "
+    "refused it with a 503 (limits.redis_fail_open).",
+)
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+
 class RedisStore:
-    """Budgets shared by every gateway using the same Redis and key prefix."""
+    """Budgets shared by every gateway using the same Redis and key prefix.
+
+    That Redis must not evict: an evicted bucket comes back full, so cache pressure (or any
+    other tenant of an evicting Redis) would reset limits. `warn_if_evicting` says so at start.
+    """
 
     def __init__(self, url: str, prefix: str, timeout_s: float, lease_s: float) -> None:
         self._redis = aioredis.Redis.from_url(
@@ -208,21 +220,45 @@ class RedisStore:
         # The braces keep both keys of a caller in one Redis Cluster slot, as scripts need.
         return [f"{self._prefix}limits:{{{key}}}:buckets", f"{self._prefix}limits:{{{key}}}:leases"]
 
+    async def warn_if_evicting(self) -> None:
+        """Log a warning when this Redis may evict keys; CONFIG may be disabled or denied."""
+        try:
+            config = await self._redis.config_get("maxmemory-policy")
+        except REDIS_FAILURES as exc:
+            log.info("Could not read the limiter Redis's maxmemory-policy (%s); it must be "
+                     "noeviction, or rate-limit buckets may be evicted and reset to full.", exc)
+            return
+        policy = next(iter(config.values()), b"")
+        policy = policy.decode() if isinstance(policy, bytes) else policy
+        if policy != "noeviction":
+            log.warning("The limiter's Redis has maxmemory-policy %s: under memory pressure it "
+                        "evicts rate-limit buckets, which then reset to full. Give the limiter a "
+                        "Redis of its own with maxmemory-policy noeviction.", policy)
+
     async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision:
-        refused, requests, tokens, wait = await self._acquire(
-            self._keys(key),
-            [quota.rpm or 0, quota.tpm or 0, quota.concurrency or 0, cost, lease, self._lease_ms],
-        )
+        try:
+            refused, requests, tokens, wait = await self._acquire(
+                self._keys(key),
+                [quota.rpm or 0, quota.tpm or 0, quota.concurrency or 0, cost, lease,
+                 self._lease_ms],
+            )
+        except REDIS_FAILURES:
+            LIMITER_ERRORS.inc()
+            raise
         return Decision(refused.decode() or None, float(requests), float(tokens), float(wait))
 
     async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
         if not quota.tpm and not quota.concurrency:
             return  # requests alone: nothing to correct, so no second round trip
-        await self._settle(
-            self._keys(key),
-            [quota.rpm or 0, quota.tpm or 0, refund if quota.tpm else 0,
-             lease if quota.concurrency else ""],
-        )
+        try:
+            await self._settle(
+                self._keys(key),
+                [quota.rpm or 0, quota.tpm or 0, refund if quota.tpm else 0,
+                 lease if quota.concurrency else ""],
+            )
+        except REDIS_FAILURES:
+            LIMITER_ERRORS.inc()
+            raise
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -2,7 +2,8 @@
 
 `RequestContext` (outermost) gives each request an id, returns it, and logs one line per
 request (and makes its span, when tracing); `Authentication` turns the bearer credential of a
-protected path into a `Caller` before any handler, and so before any body is read.
+protected path into a `Caller`, and refuses non-admins on admin paths, before any handler, and so
+before any body is read; `BodyLimit` then refuses a body over its route's limit as it arrives.
 """
 
 from __future__ import annotations
@@ -97,11 +98,15 @@ class RequestContext:
 
 
 class Authentication:
-    """ASGI middleware: authenticates the protected paths and puts the caller in request.state."""
+    """ASGI middleware: authenticates the protected paths and puts the caller in request.state;
+    on `admin_only` paths (all protected too) anyone but an admin gets a 403."""
 
-    def __init__(self, app: ASGIApp, protected: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: ASGIApp, protected: tuple[str, ...], admin_only: tuple[str, ...]
+    ) -> None:
         self.app = app
         self.protected = protected
+        self.admin_only = admin_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.protected):
@@ -113,8 +118,60 @@ class Authentication:
         )
         try:
             caller = await authenticator.authenticate(authorization)
+            scope.setdefault("state", {})["caller"] = caller
+            if not caller.admin and scope["path"].startswith(self.admin_only):
+                raise GatewayError(403, "This route needs an admin key.", code="admin_only")
         except GatewayError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        scope.setdefault("state", {})["caller"] = caller
         await self.app(scope, receive, send)
+
+
+# The one route whose limit is rag.max_upload_bytes (all its files) instead of
+# validation.max_body_bytes.
+UPLOAD_PATH = re.compile(r"/v1/knowledge_bases/[^/]+/files")
+
+
+class BodyLimit:
+    """Refuses a request body over its route's limit without reading it: a Content-Length over
+    the limit at once, any other body (chunked) as soon as the bytes received pass it.
+
+    Every refusal is a 413 that closes the connection, so the rest of the body is never read.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["method"] == "POST" and UPLOAD_PATH.fullmatch(scope["path"])
+        limit = self.max_upload_bytes if upload else self.max_body_bytes
+        length = next((value for name, value in scope["headers"] if name == b"content-length"),
+                      b"")
+        if length.isdigit() and int(length) > limit:
+            await error_response(body_too_large(limit))(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                # Raised into the handler reading the body; app.py answers it (FastAPI's body
+                # parsing wraps it in an HTTPException whose cause it is).
+                raise body_too_large(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def body_too_large(max_bytes: int) -> GatewayError:
+    return GatewayError(
+        413, f"The request body is over {max_bytes} bytes.", code="request_too_large",
+        headers={"connection": "close"},
+    )

@@ -20,7 +20,7 @@ from qwenstack.gateway.auth import Authenticator
 from qwenstack.gateway.cache import AnswerCache
 from qwenstack.gateway.gpu_metrics import GpuCollector
 from qwenstack.gateway.knowledge_bases import Knowledge
-from qwenstack.gateway.limits import Limiter
+from qwenstack.gateway.limits import Limiter, RedisStore
 from qwenstack.gateway.replicas import DnsDiscovery, ReplicaPool
 from qwenstack.gateway.routing import make_policy
 from qwenstack.gateway.upstream import Upstream
@@ -61,6 +61,8 @@ class Resources:
             session = await stack.enter_async_context(engine_session(gateway))
             limiter = Limiter(settings.limits)
             stack.push_async_callback(limiter.close)
+            if isinstance(limiter.store, RedisStore):
+                await limiter.store.warn_if_evicting()
             pool = ReplicaPool(
                 engine.replica_urls(), session, gateway.health_interval_s,
                 settings.admission.circuit_failures, settings.admission.circuit_cooldown_s,

@@ -3,8 +3,8 @@
 Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field of the wrong type, a
 value over a configured cap or beyond the context window, or a client-supplied chat template
 (CVE-2025-61620: templates run inside the engine); 413 for an oversized body, read in bounded
-pieces; 431 for oversized request headers, refused while they arrive. An unknown model is
-ReplicaPool.route's 404.
+pieces (middleware.BodyLimit refuses it as it arrives; http_limits.py bounds request heads and
+slow clients). An unknown model is ReplicaPool.route's 404.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from qwenstack.gateway.errors import GatewayError, error_body
+from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import ValidationSettings
@@ -144,71 +143,3 @@ def check_fits(request: InferenceRequest, model: ServedModel) -> None:
             "tokens, prompt included.",
             code="context_length_exceeded", param=field,
         )
-
-
-class _HeadTooLarge(Exception):
-    pass
-
-
-class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing request heads over `max_header_bytes` with a 431.
-
-    httptools sets no limit of its own: it would buffer megabytes of header and pass them on.
-    Bytes are counted as they arrive (so at most one read beyond the limit is buffered), and the
-    complete head is measured exactly.
-    """
-
-    max_header_bytes = 32 * 1024
-
-    @classmethod
-    def limited_to(cls, max_header_bytes: int) -> type[BoundedHeadProtocol]:
-        return type(cls.__name__, (cls,), {"max_header_bytes": max_header_bytes})
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._in_head = True
-        self._head_bytes = 0
-        self._head_too_large = False
-
-    def data_received(self, data: bytes) -> None:
-        if self._in_head:
-            self._head_bytes += len(data)
-        super().data_received(data)
-        if self._in_head and self._head_bytes > self.max_header_bytes and not self._head_too_large:
-            self._refuse()
-
-    def on_headers_complete(self) -> None:
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self.max_header_bytes:
-            # Raised in a parser callback, it ends parsing; data_received then calls
-            # send_400_response, which answers 431 instead.
-            self._head_too_large = True
-            raise _HeadTooLarge
-        self._in_head = False
-        self._head_bytes = 0
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._in_head = True  # the next request on this connection starts with its head
-        super().on_message_complete()
-
-    def send_400_response(self, msg: str) -> None:
-        if self._head_too_large:
-            self._refuse()
-        else:
-            super().send_400_response(msg)
-
-    def _refuse(self) -> None:
-        self._head_too_large = True
-        body = error_body(
-            431, f"The request headers are over {self.max_header_bytes} bytes.",
-            "request_header_fields_too_large",
-        )
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + body
-        )
-        self.transport.close()
-

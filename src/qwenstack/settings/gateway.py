@@ -27,6 +27,17 @@ class GatewaySettings(BaseModel):
         30.0, gt=0, description="On SIGTERM the gateway stops accepting connections and lets "
         "requests in flight finish for at most this long, then exits.",
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request head must arrive within this of the connection (or "
+        "of its first byte, on a kept-alive connection); else 408 and the connection closed.",
+    )
+    body_timeout_s: float = Field(
+        15.0, gt=0, description="A request body must arrive within this of its head; else 408 "
+        "and the connection closed. Raise it for large uploads over slow links.",
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="Client connections held at once; more are answered 503.",
+    )
 
 
 class RoutingSettings(BaseModel):
@@ -68,6 +79,16 @@ class ObservabilitySettings(BaseModel):
         "request is exported there. Needs the `otel` extra. Unset: no tracing.",
     )
     service_name: str = Field("qwenstack-gateway", description="`service.name` of exported spans.")
+    metrics_readers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["prometheus"],
+        description="Key names (JWT subjects) that may read /metrics, besides admin keys, when "
+        "auth.protect_metrics: its labels name every caller, which other tenants must not see.",
+    )
+
+    @field_validator("metrics_readers", mode="before")
+    @classmethod
+    def _split_readers(cls, value: Any) -> Any:
+        return value.replace(",", " ").split() if isinstance(value, str) else value
 
 
 class CacheSettings(BaseModel):
@@ -231,5 +252,8 @@ class AuthSettings(BaseModel):
         5.0, ge=0, description="How long a key lookup is cached: a revocation takes effect "
         "within this time on other gateway processes (at once on the one that revoked it).",
     )
-    protect_metrics: bool = Field(False, description="/metrics needs a valid key or JWT too.")
+    protect_metrics: bool = Field(
+        True, description="/metrics needs an admin key or one named in "
+        "observability.metrics_readers (its labels name callers); false: open to anyone.",
+    )
     jwt: JWTSettings = JWTSettings()

@@ -3,7 +3,7 @@ app.kubernetes.io/name: qwenstack
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* Labels of one component: engine, gateway, ui, redis, postgresql. */}}
+{{/* Labels of one component: engine, gateway, ui, redis, limiter-redis, postgresql. */}}
 {{- define "qwenstack.selector" -}}
 {{ include "qwenstack.labels" .root }}
 app.kubernetes.io/component: {{ .component }}
@@ -27,4 +27,55 @@ postgresql+psycopg://qwenstack:{{ required "postgresql.password is required with
 {{- else if .Values.redis.deploy -}}
 redis://{{ .Release.Name }}-redis:6379/0
 {{- end }}
+{{- end }}
+
+{{- define "qwenstack.limiterRedisUrl" -}}
+{{- if .Values.limiterRedis.url -}}
+{{ .Values.limiterRedis.url }}
+{{- else if .Values.limiterRedis.deploy -}}
+redis://{{ .Release.Name }}-limiter-redis:6379/0
+{{- end }}
+{{- end }}
+
+{{/* A single-pod Redis (Service and Deployment): root, component, values (image, maxmemory),
+     policy (its maxmemory-policy). Reachable from gateway pods only (networkpolicy.yaml). */}}
+{{- define "qwenstack.redis" -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ .root.Release.Name }}-{{ .component }}
+  labels:
+    {{- include "qwenstack.selector" (dict "root" .root "component" .component) | nindent 4 }}
+spec:
+  selector:
+    {{- include "qwenstack.selector" (dict "root" .root "component" .component) | nindent 4 }}
+  ports:
+    - {name: redis, port: 6379, targetPort: 6379}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .root.Release.Name }}-{{ .component }}
+  labels:
+    {{- include "qwenstack.selector" (dict "root" .root "component" .component) | nindent 4 }}
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      {{- include "qwenstack.selector" (dict "root" .root "component" .component) | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "qwenstack.selector" (dict "root" .root "component" .component) | nindent 8 }}
+    spec:
+      containers:
+        - name: redis
+          image: {{ .values.image }}
+          args: ["--save", "", "--appendonly", "no", "--maxmemory", {{ .values.maxmemory | quote }},
+                 "--maxmemory-policy", {{ .policy | quote }}]
+          ports:
+            - containerPort: 6379
+          readinessProbe:
+            exec: {command: ["redis-cli", "ping"]}
+            periodSeconds: 5
 {{- end }}
