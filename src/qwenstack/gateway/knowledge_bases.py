@@ -212,7 +212,7 @@ async def accounted(
     await exchange.finish(200)
 
 
-async def reserve(
+async def reserve_texts(
     exchange: Exchange, held: Resources, service: KnowledgeService, texts: Sequence[str],
     response: Response,
 ) -> None:
@@ -249,7 +249,7 @@ async def query(name: str, body: Query, request: Request, response: Response) ->
     async with accounted(request, KNOWLEDGE_QUERY, body.model_dump()) as (exchange, held):
         check_texts([body.query], held.settings.rag, "query")
         service = await _service(request)
-        await reserve(exchange, held, service, [body.query], response)
+        await reserve_texts(exchange, held, service, [body.query], response)
         hits = await call(service.search, [name], body.query, exchange.caller,
                           body.top_k, body.mode)
     data = [{**item.citation(), "score": item.hit.score} for item in hits]
@@ -275,7 +275,7 @@ async def embeddings(
                                f"{body.model!r}.", param="model", code="model_not_found")
         exchange.model = model.name
         check_model(exchange.caller, model.name)
-        await reserve(exchange, held, service, texts, response)
+        await reserve_texts(exchange, held, service, texts, response)
         vectors = await call(model.embed, texts)
     tokens = exchange.prompt_tokens
     return {
