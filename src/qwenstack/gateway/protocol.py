@@ -1,12 +1,12 @@
 """The OpenAI inference request as the gateway reads it: one typed view over the JSON body.
 
 In the spirit of vLLM's `entrypoints/openai/protocol.py`, without its full parse: the gateway
-reads a handful of fields (to validate, limit, route, cache and ground a request) and forwards
-the rest as the client sent it. Every module that needs something of a request asks this view,
-so each rule is decided once: which field bounds the answer's length on each route, what the
-prompts are, what makes an answer deterministic. The body is serialised at most once, on the way
-out, and only when the gateway changed it.
-"""
+reads a handful of fields (to validate, limit, route, cache and ground a request), knows which
+fields each route takes from a client (ALLOWED_FIELDS; validation refuses the others) and
+forwards those as the client sent them. Every module that needs something of a request asks this
+view, so each rule is decided once: which field bounds the answer's length on each route, what
+the prompts are, what makes an answer deterministic. The body is serialised at most once, on the
+way out, and only when the gateway changed it."""
 
 from __future__ import annotations
 

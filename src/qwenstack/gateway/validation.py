@@ -1,11 +1,11 @@
 """Checks on an inference request at the gateway, before any engine sees it.
 
-Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field of the wrong type, a
-value over a configured cap or beyond the context window, or a client-supplied chat template
-(CVE-2025-61620: templates run inside the engine); 413 for an oversized body, read in bounded
-pieces; 431 for oversized request headers, refused while they arrive. An unknown model is
-ReplicaPool.route's 404.
-"""
+Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field the route does not
+take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a configured cap or
+beyond the context window, too many messages or prompts, a media URL outside the allowed
+domains, or a client-supplied chat template (CVE-2025-61620: templates run inside the engine);
+413 for an oversized body, read in bounded pieces; 431 for oversized request headers, refused
+while they arrive. An unknown model is ReplicaPool.route's 404."""
 
 from __future__ import annotations
 
