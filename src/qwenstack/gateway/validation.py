@@ -5,7 +5,8 @@ take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a config
 beyond the context window, too many messages or prompts, a media URL outside the allowed
 domains, or a client-supplied chat template (CVE-2025-61620: templates run inside the engine);
 413 for an oversized body, read in bounded pieces; 431 for oversized request headers, refused
-while they arrive. An unknown model is ReplicaPool.route's 404."""
+while they arrive. An unknown model is ReplicaPool.route's 404.
+"""
 
 from __future__ import annotations
 
