@@ -185,3 +185,22 @@ def test_max_tokens_cap_applies_when_the_request_sets_none(tmp_path: Path, engin
     finally:
         gateway.stop()
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+def test_media_from_an_allowed_domain_passes_the_gateway(tmp_path: Path, engine_url: str):
+    gateway = start_gateway(tmp_path, engine_url, env={
+        "QWENSTACK_VALIDATION__ALLOWED_MEDIA_DOMAINS": "img.example.com",
+    })
+    image = {"type": "image_url", "image_url": {"url": "https://img.example.com/panda.png"}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [image]}]}
+    other = {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://img.example.com.evil.test/x.png"}}]}]}
+    try:
+        allowed = httpx.post(gateway.url + CHAT_URL, json=body, timeout=60)
+        refused = httpx.post(gateway.url + CHAT_URL, json=other, timeout=60)
+    finally:
+        gateway.stop()
+    # The engine has the last word (the tiny model reads no images): the gateway let it through.
+    assert "allowed media domains" not in allowed.text
+    _assert_error(refused, 400, "invalid_request", "messages")
+    assert "allowed media domains" in refused.text
