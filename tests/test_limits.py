@@ -7,12 +7,16 @@ by the `limits.default_*` settings.
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
-from conftest import Gateway, RedisServer, held_stream, start_gateway
+from aiohttp import web
+from conftest import Gateway, RedisServer, free_port, held_stream, start_gateway
 
 MODEL = "tiny-qwen3"
 
@@ -173,3 +177,106 @@ def test_redis_outage_fails_open_or_closed_as_configured(
     finally:
         fail_open.stop()
         fail_closed.stop()
+
+
+class EngineTap:
+    """A pass-through proxy in front of the real engine that counts the calls to each path.
+
+    Not a fake (every call reaches the engine and its answer comes back as it is): the engine
+    itself keeps no count of /tokenize calls that a test could read."""
+
+    def __init__(self, engine_url: str) -> None:
+        self.engine_url = engine_url
+        self.calls: Counter[str] = Counter()
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _relay(self, request: web.Request) -> web.Response:
+        self.calls[request.path] += 1
+        async with aiohttp.ClientSession() as session, session.request(
+            request.method, self.engine_url + request.path_qs, data=await request.read(),
+            headers={"content-type": request.content_type},
+        ) as answer:
+            return web.Response(body=await answer.read(), status=answer.status,
+                                content_type=answer.content_type)
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_route("*", "/{path:.*}", self._relay)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", int(self.url.rsplit(":", 1)[1])).start()
+
+    def __enter__(self) -> EngineTap:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def engine_tap(engine_url: str) -> Iterator[EngineTap]:
+    with EngineTap(engine_url) as tap:
+        yield tap
+
+
+def test_a_caller_over_its_request_rate_is_refused_before_any_token_counting(
+    tmp_path: Path, engine_tap: EngineTap
+):
+    gateway = start_gateway(tmp_path, engine_tap.url, env={
+        "QWENSTACK_LIMITS__DEFAULT_RPM": "1", "QWENSTACK_LIMITS__DEFAULT_TPM": "100000",
+    })
+    url = f"{gateway.url}/v1/completions"
+    try:
+        assert httpx.post(url, json=completion(1), timeout=60).status_code == 200
+        assert engine_tap.calls["/tokenize"] == 1
+        for _ in range(3):
+            refused = httpx.post(url, json=completion(1, prompt=["hello"] * 50), timeout=60)
+            _assert_openai_error(refused, 429, "rate_limit_exceeded")
+            assert "requests per minute" in refused.json()["error"]["message"]
+        assert engine_tap.calls["/tokenize"] == 1  # no counting for a refused caller
+    finally:
+        gateway.stop()
+
+
+def test_batches_are_capped_and_counted_in_one_tokenize_call(
+    tmp_path: Path, engine_tap: EngineTap
+):
+    gateway = start_gateway(tmp_path, engine_tap.url, env={
+        "QWENSTACK_LIMITS__DEFAULT_TPM": "2000", "QWENSTACK_VALIDATION__MAX_PROMPTS": "3000",
+        "QWENSTACK_VALIDATION__MAX_MESSAGES": "8",
+    })
+    url = f"{gateway.url}/v1/completions"
+    try:
+        # The issue's attack: 3,000 prompts from a 2,000-TPM key made 3,000 /tokenize calls.
+        # Counted in one call (and one more, once per model, for its per-prompt special
+        # tokens), then refused as larger than the whole budget.
+        attack = httpx.post(url, json=completion(1, prompt=["hello there"] * 3000), timeout=60)
+        _assert_openai_error(attack, 429, "rate_limit_exceeded")
+        assert "Request too large" in attack.json()["error"]["message"]
+        assert engine_tap.calls["/tokenize"] <= 2
+        over_cap = httpx.post(url, json=completion(1, prompt=["hello there"] * 3001), timeout=60)
+        _assert_openai_error(over_cap, 400, "array_above_max_length")
+        assert over_cap.json()["error"]["param"] == "prompt" and "3000" in over_cap.text
+        chat = {"model": MODEL, "max_tokens": 1,
+                "messages": [{"role": "user", "content": "hi"}] * 9}
+        too_long = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat, timeout=60)
+        _assert_openai_error(too_long, 400, "array_above_max_length")
+        assert too_long.json()["error"]["param"] == "messages" and "8" in too_long.text
+        counted_before = engine_tap.calls["/tokenize"]
+        # A batch that fits: one /tokenize call, and the reservation close to the engine's
+        # own count of the prompts (within a token per prompt, where joined texts meet).
+        prompts = [f"hello there {i}" for i in range(20)]
+        answer = httpx.post(url, json=completion(1, prompt=prompts), timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert engine_tap.calls["/tokenize"] == counted_before + 1
+        reserved = 2000 - int(answer.headers["x-ratelimit-remaining-tokens"])
+        reserved_prompt = reserved - len(prompts)  # one completion token per prompt
+        assert abs(reserved_prompt - answer.json()["usage"]["prompt_tokens"]) <= len(prompts)
+    finally:
+        gateway.stop()

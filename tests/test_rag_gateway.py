@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Gateway, create_key, start_gateway
+from prometheus_client.parser import text_string_to_metric_families
 from test_rag_chunking import docx_bomb
 
 PANDAS = "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。".encode()
@@ -149,6 +151,74 @@ def test_embeddings_route(gateway: Gateway) -> None:
         assert vector == pytest.approx(item["embedding"], abs=1e-5)  # moves the last digits
     bad = httpx.post(f"{gateway.url}/v1/embeddings", headers=_bearer(key), json={"input": []})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+
+
+def _usage(gateway: Gateway, admin: str, key_name: str) -> dict:
+    """The key's usage totals over the last hour, once its rows are written (in batches)."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = httpx.get(f"{gateway.url}/admin/usage?by=key&since=1h", headers=_bearer(admin),
+                         timeout=30).json()["data"]
+        found = [row for row in rows if row["key"] == key_name]
+        if found or time.monotonic() > deadline:
+            assert found, rows
+            return found[0]
+        time.sleep(0.2)
+
+
+def _requests_counted(gateway: Gateway, admin: str, route: str, key_name: str) -> dict[str, float]:
+    """qwenstack_requests_total by status, for one route and key."""
+    page = httpx.get(f"{gateway.url}/metrics", headers=_bearer(admin), timeout=30).text
+    return {sample.labels["status"]: sample.value
+            for family in text_string_to_metric_families(page) for sample in family.samples
+            if sample.name == "qwenstack_requests_total"
+            and sample.labels.get("route") == route and sample.labels.get("key") == key_name}
+
+
+def test_embeddings_and_queries_are_limited_and_accounted(gateway: Gateway) -> None:
+    admin = create_key(gateway.home, "--name", "accountant", "--admin")
+    key = create_key(gateway.home, "--name", "bulk-embedder", "--tpm", "2000")
+    url = f"{gateway.url}/v1/embeddings"
+    # The issue's attack: 5,000 inputs from a 2,000-TPM key, embedded free of charge.
+    attack = httpx.post(url, headers=_bearer(key), json={"input": ["giant panda"] * 5000},
+                        timeout=120)
+    assert attack.status_code == 400, attack.text
+    assert attack.json()["error"]["param"] == "input" and "256" in attack.text
+    huge = httpx.post(url, headers=_bearer(key), json={"input": "x" * 200_001}, timeout=120)
+    assert huge.status_code == 400 and "200000 characters" in huge.text
+    # Within the caps but over the budget: refused before any embedding.
+    pricey = httpx.post(url, headers=_bearer(key), timeout=120,
+                        json={"input": ["大熊猫生活在四川的山区，主要吃竹子。" * 3] * 200})
+    assert pricey.status_code == 429, pricey.text
+    assert "Request too large" in pricey.json()["error"]["message"]
+    ok = httpx.post(url, headers=_bearer(key), json={"input": ["大熊猫", "竹子"]}, timeout=120)
+    assert ok.status_code == 200, ok.text
+    tokens = ok.json()["usage"]["prompt_tokens"]
+    assert int(ok.headers["x-ratelimit-remaining-tokens"]) <= 2000 - tokens
+    usage = _usage(gateway, admin, "bulk-embedder")
+    assert usage["requests"] == 4 and usage["errors"] == 3
+    assert usage["prompt_tokens"] == tokens
+    assert _requests_counted(gateway, admin, "/v1/embeddings", "bulk-embedder") == {
+        "400": 2.0, "429": 1.0, "200": 1.0}
+
+    # A key scoped to the chat model may not use the embedding model.
+    scoped = create_key(gateway.home, "--name", "chat-only", "--models", "tiny-qwen3")
+    denied = httpx.post(url, headers=_bearer(scoped), json={"input": "大熊猫"}, timeout=120)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+
+    # Knowledge-base queries take the caller's request budget too.
+    searcher = create_key(gateway.home, "--name", "searcher", "--rpm", "1")
+    created = httpx.post(f"{gateway.url}/v1/knowledge_bases", headers=_bearer(searcher),
+                         json={"name": "searched"}, timeout=300)
+    assert created.status_code == 201, created.text
+    query = f"{gateway.url}/v1/knowledge_bases/searched/query"
+    first = httpx.post(query, headers=_bearer(searcher), json={"query": "大熊猫"}, timeout=120)
+    assert first.status_code == 200, first.text
+    second = httpx.post(query, headers=_bearer(searcher), json={"query": "大熊猫"}, timeout=120)
+    assert second.status_code == 429 and "requests per minute" in second.text
+    assert _usage(gateway, admin, "searcher")["requests"] == 2
+    assert _requests_counted(gateway, admin, "/v1/knowledge_bases/{name}/query", "searcher") == {
+        "200": 1.0, "429": 1.0}
 
 
 def test_documents_are_delimited_data() -> None:

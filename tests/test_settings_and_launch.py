@@ -39,11 +39,21 @@ def test_secrets_masked(monkeypatch):
     assert '"hf_token": "**********"' in shown
 
 
-def _plan(hardware, log_dir, **engine):
+def _plan(hardware, log_dir, media_domains=(), **engine):
     settings = load_settings(**{f"engine.{k}": v for k, v in engine.items()})
     return launch.build_launches(
-        settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir
+        settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir, list(media_domains)
     )
+
+
+def test_engines_fetch_media_only_from_the_gateways_allowed_domains(tmp_path):
+    [closed] = _plan(CPU, tmp_path)
+    [open_to_two] = _plan(CPU, tmp_path, media_domains=["img.example.com", "cdn.example.org"])
+    # With no domain allowed the engine gets one that never resolves (vLLM: empty = any host).
+    assert closed.argv[closed.argv.index("--allowed-media-domains") + 1:][:1] == [
+        launch.NO_MEDIA_DOMAIN]
+    at = open_to_two.argv.index("--allowed-media-domains")
+    assert open_to_two.argv[at + 1:at + 3] == ["img.example.com", "cdn.example.org"]
 
 
 def test_cpu_launch_is_float32_on_loopback_with_sized_kv_cache(tmp_path):

@@ -24,6 +24,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterat
         "QWENSTACK_VALIDATION__MAX_TOKENS_CAP": "2000",
         "QWENSTACK_VALIDATION__MAX_BODY_BYTES": "65536",
         "QWENSTACK_VALIDATION__MAX_HEADER_BYTES": "8192",
+        "QWENSTACK_VALIDATION__MAX_MESSAGES": "8",
+        "QWENSTACK_VALIDATION__MAX_PROMPTS": "8",
     })
     yield gateway
     gateway.stop()
@@ -73,6 +75,42 @@ CASES = [
     ("unknown model", CHAT_URL, {**CHAT, "model": "gpt-9"}, 404, "model_not_found", "model"),
     ("oversized body", COMPLETION_URL, {**COMPLETION, "prompt": "x" * 70_000}, 413,
      "request_too_large", None),
+    ("too many messages", CHAT_URL, {**CHAT, "messages": CHAT["messages"] * 9}, 400,
+     "array_above_max_length", "messages"),
+    ("too many prompts", COMPLETION_URL, {**COMPLETION, "prompt": ["Hi"] * 9}, 400,
+     "array_above_max_length", "prompt"),
+    # Fields of vLLM's that no client may set; and one the gateway sets itself (cache_salt).
+    *((f"{field} on {route}", route, {**(CHAT if route == CHAT_URL else COMPLETION),
+                                      field: value}, 400, "unsupported_parameter", field)
+      for field, value in (("kv_transfer_params", {"do_remote_prefill": True}),
+                           ("priority", -100), ("prompt_embeds", "AAAA"),
+                           ("logits_processors", ["os.system"]), ("vllm_xargs", {"a": 1}),
+                           ("mm_processor_kwargs", {"a": 1}), ("media_io_kwargs", {"a": 1}),
+                           ("cache_salt", "another-tenant"), ("request_id", "x"))
+      for route in (CHAT_URL, COMPLETION_URL)),
+    ("an unknown field", CHAT_URL, {**CHAT, "temprature": 0}, 400, "unsupported_parameter",
+     "temprature"),
+    # vLLM's completions read only max_tokens: a second name there would pass a cap unread.
+    ("max_completion_tokens on completions", COMPLETION_URL,
+     {**COMPLETION, "max_completion_tokens": 1, "max_tokens": 700}, 400,
+     "unsupported_parameter", "max_completion_tokens"),
+    ("max_tokens over the cap beside a small max_completion_tokens", CHAT_URL,
+     {**CHAT, "max_completion_tokens": 1, "max_tokens": 2001}, 400, "integer_above_max_value",
+     "max_tokens"),
+    ("max_tokens beyond the window beside a small max_completion_tokens", CHAT_URL,
+     {**CHAT, "max_completion_tokens": 1, "max_tokens": 1500}, 400, "context_length_exceeded",
+     "max_tokens"),
+    # Media the engine would fetch (SSRF): only from allowed domains (none here).
+    *((f"{kind} at {url}", CHAT_URL,
+       {**CHAT, "messages": [{"role": "user", "content": [
+           {"type": "text", "text": "What is this?"}, {"type": kind, kind: {"url": url}}]}]},
+       400, "invalid_request", "messages")
+      for kind, url in (("image_url", "http://169.254.169.254/latest/meta-data/"),
+                        ("audio_url", "https://attacker.example/a.wav"),
+                        ("video_url", "file:///etc/passwd"))),
+    ("an image given as embeddings", CHAT_URL,
+     {**CHAT, "messages": [{"role": "user", "content": [
+         {"type": "image_embeds", "image_embeds": "AAAA"}]}]}, 400, "invalid_request", "messages"),
 ]
 
 
@@ -130,6 +168,15 @@ def test_headers_under_the_limit_and_valid_requests_pass(gateway: Gateway):
     assert token_ids.status_code == 200
 
 
+def test_vllm_sampling_extras_pass(gateway: Gateway):
+    extras = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "min_tokens": 2,
+              "ignore_eos": True, "stop_token_ids": [151643], "skip_special_tokens": True}
+    for route, body in ((CHAT_URL, CHAT), (COMPLETION_URL, COMPLETION)):
+        answer = httpx.post(gateway.url + route, json={**body, **extras}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 4
+
+
 def test_max_tokens_cap_applies_when_the_request_sets_none(tmp_path: Path, engine_url: str):
     gateway = start_gateway(tmp_path, engine_url, env={"QWENSTACK_VALIDATION__MAX_TOKENS_CAP": "3"})
     try:
@@ -138,3 +185,22 @@ def test_max_tokens_cap_applies_when_the_request_sets_none(tmp_path: Path, engin
     finally:
         gateway.stop()
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+def test_media_from_an_allowed_domain_passes_the_gateway(tmp_path: Path, engine_url: str):
+    gateway = start_gateway(tmp_path, engine_url, env={
+        "QWENSTACK_VALIDATION__ALLOWED_MEDIA_DOMAINS": "img.example.com",
+    })
+    image = {"type": "image_url", "image_url": {"url": "https://img.example.com/panda.png"}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [image]}]}
+    other = {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://img.example.com.evil.test/x.png"}}]}]}
+    try:
+        allowed = httpx.post(gateway.url + CHAT_URL, json=body, timeout=60)
+        refused = httpx.post(gateway.url + CHAT_URL, json=other, timeout=60)
+    finally:
+        gateway.stop()
+    # The engine has the last word (the tiny model reads no images): the gateway let it through.
+    assert "allowed media domains" not in allowed.text
+    _assert_error(refused, 400, "invalid_request", "messages")
+    assert "allowed media domains" in refused.text

@@ -19,4 +19,7 @@ def prepare_engines(settings: Settings) -> tuple[ResolvedModel, list[EngineLaunc
     machine = hardware.detect()
     python = engine_venv(settings).ensure()
     model = models.resolve(settings, machine, python)
-    return model, launch.build_launches(settings.engine, model, machine, python, settings.log_dir)
+    return model, launch.build_launches(
+        settings.engine, model, machine, python, settings.log_dir,
+        settings.validation.allowed_media_domains,
+    )

@@ -25,7 +25,11 @@ MANAGED_FLAGS = {
     "--enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
     "--no-enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
     "--kv-cache-memory-bytes": "--kv-cache-gib",
+    "--allowed-media-domains": "validation.allowed_media_domains",
 }
+# vLLM fetches media URLs from any host unless given --allowed-media-domains; with no domain
+# allowed, this reserved name (RFC 2606: never resolves) is the only one, so it fetches none.
+NO_MEDIA_DOMAIN = "media.invalid"
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,10 @@ def build_launches(
     hardware: Hardware,
     python: Path,
     log_dir: Path,
+    allowed_media_domains: list[str],
 ) -> list[EngineLaunch]:
+    """The replicas' launches. `allowed_media_domains`: hosts the engines may fetch media URLs
+    from, the gateway's own allowlist (a request naming another is refused before either)."""
     _refuse_what_cannot_run(engine, hardware)
     shape = capacity.ModelShape.from_config(model.config)
     dtype = capacity.resolve_dtype(engine.dtype, shape, hardware)
@@ -113,6 +120,7 @@ def build_launches(
         "--host", ENGINE_HOST,
         "--dtype", dtype,
         "--max-model-len", str(max_model_len),
+        "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
         *_tuning_flags(engine, hardware, budget),
     ]
     base_env = {"PYTHONUNBUFFERED": "1"}

@@ -11,15 +11,17 @@ Concerns that add to the engine's answer (the cache's copy, grounded chat's cita
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.protocol import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,6 @@ Finisher = Callable[["Exchange"], Awaitable[None]]
 
 # Status for a request whose client went away before the answer was complete (nginx's code).
 CLIENT_CLOSED = 499
-
 
 
 
@@ -100,3 +101,17 @@ class Exchange:
                 await finisher(self)
             except Exception:
                 log.exception("Finishing request %s failed in %r", self.request_id, finisher)
+
+
+@contextlib.asynccontextmanager
+async def finished_on_error(exchange: Exchange) -> AsyncIterator[Exchange]:
+    """Finish the exchange with the status of an error that leaves the block (a refusal's,
+    else 500), and let the error go on; a block that succeeds finishes it itself."""
+    try:
+        yield exchange
+    except GatewayError as exc:
+        await exchange.finish(exc.status, exc.code)
+        raise
+    except BaseException:
+        await exchange.finish(500, "internal_error")
+        raise

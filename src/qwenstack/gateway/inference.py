@@ -14,14 +14,14 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from qwenstack.callers import Caller
 from qwenstack.gateway import cache, grounding, metrics, validation
 from qwenstack.gateway.auth import check_model
 from qwenstack.gateway.disconnect import ClientGone, until_disconnect
-from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
+from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange, finished_on_error
 from qwenstack.gateway.protocol import InferenceRequest, Route
 from qwenstack.gateway.relay import EngineStream
-from qwenstack.gateway.resources import resources
+from qwenstack.gateway.resources import Resources, resources
 from qwenstack.gateway.routing import SESSION_HEADER
 
 
@@ -37,7 +37,7 @@ async def serve(request: Request, route: Route) -> Response:
     request.state.exchange = exchange
     metrics.track(exchange)
     exchange.on_finish(held.usage.finisher)
-    try:
+    async with finished_on_error(exchange):
         exchange.request = InferenceRequest.parse(route, raw)  # a malformed one is counted too
         knowledge_bases = grounding.take_knowledge_bases(exchange.request)  # a `+kb:` alias too
         validation.check(exchange.request, settings.validation)
@@ -61,15 +61,20 @@ async def serve(request: Request, route: Route) -> Response:
             except ClientGone:
                 response = Response(status_code=CLIENT_CLOSED)
         if response is None:
+            if settings.validation.prefix_cache_per_caller:
+                exchange.request.set("cache_salt", cache_salt(held, exchange.caller))
             response = await held.upstream.forward(request, exchange)
         cache.label(response, exchange)
-    except GatewayError as exc:
-        await exchange.finish(exc.status, exc.code)
-        raise
-    except BaseException:
-        await exchange.finish(500, "internal_error")
-        raise
     response.raw_headers.extend(rate_headers)
     if not isinstance(response, EngineStream):  # a stream finishes when its last byte is out
         await exchange.finish(response.status_code)
     return response
+
+
+def cache_salt(held: Resources, caller: Caller) -> str:
+    """vLLM's `cache_salt` for the caller: its prefix-cache blocks match only requests with the
+    same salt, so one tenant cannot learn from timing whether another sent a prompt. An HMAC
+    under the server's pepper: stable per caller (or per configured group), not guessable."""
+    group = held.settings.validation.prefix_cache_groups.get(caller.name)
+    scope = f"group\0{group}" if group is not None else f"caller\0{caller.name}"
+    return held.keys.digest(f"cache_salt\0{scope}".encode())[:32]

@@ -9,11 +9,13 @@ retrieves from them for a chat request, is grounding.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -21,10 +23,15 @@ from starlette.formparsers import MultiPartException
 
 from qwenstack.callers import ANONYMOUS, Caller
 from qwenstack.errors import SetupError
+from qwenstack.gateway import metrics
+from qwenstack.gateway.auth import check_model
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.settings import Settings
+from qwenstack.gateway.exchange import Exchange, finished_on_error
+from qwenstack.gateway.protocol import EMBEDDINGS, KNOWLEDGE_QUERY, InferenceRequest, Route
+from qwenstack.settings import RagSettings, Settings
 
 if TYPE_CHECKING:
+    from qwenstack.gateway.resources import Resources
     from qwenstack.rag.service import KnowledgeService
 
 log = logging.getLogger(__name__)
@@ -181,28 +188,89 @@ async def delete_file(name: str, file_name: str, request: Request) -> dict[str, 
     return {"object": "file.deleted", "name": file_name, "deleted": True}
 
 
+@contextlib.asynccontextmanager
+async def accounted(
+    request: Request, route: Route, body: dict[str, Any]
+) -> AsyncIterator[tuple[Exchange, Resources]]:
+    """A request the gateway answers itself, accounted as inference is: an Exchange whose
+    finishers write its usage row and metrics (and settle its limits) once, however it ends."""
+    held: Resources = request.app.state.resources
+    exchange = Exchange(request.state.request_id, InferenceRequest(route, body),
+                        caller=_caller(request))
+    request.state.exchange = exchange  # the request's log line names its model and tokens
+    metrics.track(exchange)
+    exchange.on_finish(held.usage.finisher)
+    async with finished_on_error(exchange):
+        yield exchange, held
+    await exchange.finish(200)
+
+
+async def reserve_texts(
+    exchange: Exchange, held: Resources, service: KnowledgeService, texts: Sequence[str],
+    response: Response,
+) -> None:
+    """Take the caller's budgets for embedding `texts` (429 past them), counting their tokens
+    only once the request rate allows; the count is the exchange's prompt tokens."""
+    tokens: list[int] = []  # counted at most once, by the limiter or after it
+
+    async def count() -> int:
+        if not tokens:
+            # The chat model's tokens: one measure for every route a budget covers.
+            tokens.append(sum(await asyncio.to_thread(service.counter.count, texts)))
+        return tokens[0]
+
+    headers = await held.limiter.reserve(exchange, count, None)
+    exchange.prompt_tokens = await count()
+    response.headers.update({name.decode(): value.decode() for name, value in headers})
+
+
+def check_texts(texts: Sequence[str], settings: RagSettings, param: str) -> None:
+    """Bound one request's embedding work: how many texts, how many characters in all."""
+    if len(texts) > settings.max_embedding_inputs:
+        raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_inputs} "
+                           f"texts; it has {len(texts)}.", param=param,
+                           code="array_above_max_length")
+    characters = sum(map(len, texts))
+    if characters > settings.max_embedding_chars:
+        raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_chars} "
+                           f"characters in all; it has {characters}.", param=param,
+                           code="string_above_max_length")
+
+
 @router.post("/knowledge_bases/{name}/query")
-async def query(name: str, body: Query, request: Request) -> dict[str, Any]:
-    service = await _service(request)
-    hits = await call(service.search, [name], body.query, _caller(request),
-                       body.top_k, body.mode)
+async def query(name: str, body: Query, request: Request, response: Response) -> dict[str, Any]:
+    async with accounted(request, KNOWLEDGE_QUERY, body.model_dump()) as (exchange, held):
+        check_texts([body.query], held.settings.rag, "query")
+        service = await _service(request)
+        await reserve_texts(exchange, held, service, [body.query], response)
+        hits = await call(service.search, [name], body.query, exchange.caller,
+                          body.top_k, body.mode)
     data = [{**item.citation(), "score": item.hit.score} for item in hits]
     return {"object": "list", "data": data}
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    service = await _service(request)
+async def embeddings(
+    body: EmbeddingRequest, request: Request, response: Response
+) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or not all(texts):
-        raise GatewayError(400, "`input` must be a non-empty string or list of them.",
-                           param="input", code="invalid_input")
-    model = await call(lambda: service.embedder)
-    if body.model not in (None, model.name):
-        raise GatewayError(404, f"The embedding model is {model.name!r}, not {body.model!r}.",
-                           param="model", code="model_not_found")
-    vectors = await call(model.embed, texts)
-    tokens = sum(service.counter.count(texts))  # the chat model's tokens: an approximation
+    async with accounted(request, EMBEDDINGS, {"model": body.model, "input": texts}) as (
+        exchange, held
+    ):
+        if not texts or not all(texts):
+            raise GatewayError(400, "`input` must be a non-empty string or list of them.",
+                               param="input", code="invalid_input")
+        check_texts(texts, held.settings.rag, "input")
+        service = await _service(request)
+        model = await call(lambda: service.embedder)
+        if body.model not in (None, model.name):
+            raise GatewayError(404, f"The embedding model is {model.name!r}, not "
+                               f"{body.model!r}.", param="model", code="model_not_found")
+        exchange.model = model.name
+        check_model(exchange.caller, model.name)
+        await reserve_texts(exchange, held, service, texts, response)
+        vectors = await call(model.embed, texts)
+    tokens = exchange.prompt_tokens
     return {
         "object": "list", "model": model.name,
         "data": [{"object": "embedding", "index": i, "embedding": v}

@@ -55,14 +55,18 @@ class Quota:
 
 @dataclass(frozen=True)
 class Decision:
-    refused: str | None  # None, "requests", "tokens", "concurrency" or "too_large"
+    refused: str | None  # None, "requests", "tokens" or "concurrency"
     requests_left: float  # bucket levels after this request
     tokens_left: float
     retry_after_ms: float = 0.0
 
 
 class Store(Protocol):
-    async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision: ...
+    async def acquire(
+        self, key: str, quota: Quota, cost: int, lease: str, requests: int = 1
+    ) -> Decision:
+        """Take `requests` (0 or 1) requests, `cost` tokens and, with a concurrency limit, a
+        slot for `lease`, all or nothing."""
 
     async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
         """Give back `refund` tokens (negative: take more) and release the lease's slot."""
@@ -76,18 +80,19 @@ def _level(capacity: int, level: float | None, at_ms: float, now_ms: float) -> f
     return min(capacity, level + (now_ms - at_ms) * capacity / MINUTE_MS)
 
 
-def _decide(quota: Quota, requests: float, tokens: float, held: int, cost: int) -> Decision:
-    """The one decision both stores make (the Lua script below mirrors it)."""
-    if quota.tpm and cost > quota.tpm:
-        return Decision("too_large", requests, tokens)
-    if quota.rpm and requests < 1:
+def _decide(
+    quota: Quota, requests: float, tokens: float, held: int, cost: int, taken: int
+) -> Decision:
+    """The one decision both stores make (the Lua script below mirrors it); `taken`: requests
+    to take (0 or 1)."""
+    if quota.rpm and requests < taken:
         return Decision("requests", requests, tokens, (1 - requests) * MINUTE_MS / quota.rpm)
     if quota.tpm and tokens < cost:
         return Decision("tokens", requests, tokens, (cost - tokens) * MINUTE_MS / quota.tpm)
     if quota.concurrency and held >= quota.concurrency:
         return Decision("concurrency", requests, tokens, CONCURRENCY_RETRY_S * 1000)
     return Decision(
-        None, requests - 1 if quota.rpm else requests, tokens - cost if quota.tpm else tokens
+        None, requests - taken if quota.rpm else requests, tokens - cost if quota.tpm else tokens
     )
 
 
@@ -109,9 +114,11 @@ class MemoryStore:
             bucket[2] = now_ms
         return bucket
 
-    async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision:
+    async def acquire(
+        self, key: str, quota: Quota, cost: int, lease: str, requests: int = 1
+    ) -> Decision:
         bucket = self._refill(key, quota, time.monotonic() * 1000)
-        decision = _decide(quota, bucket[0], bucket[1], self._held.get(key, 0), cost)
+        decision = _decide(quota, bucket[0], bucket[1], self._held.get(key, 0), cost, requests)
         if decision.refused is None:
             bucket[0], bucket[1] = decision.requests_left, decision.tokens_left
             if quota.concurrency:
@@ -130,9 +137,9 @@ class MemoryStore:
 
 
 # KEYS: bucket hash, concurrency lease set. ARGV: rpm, tpm, concurrency (0: none), cost,
-# lease id, lease ms. The hash holds r (requests), t (tokens), at (ms); it expires once both
-# buckets would be full again, so an idle caller costs nothing. Leases are a sorted set scored by
-# expiry, so slots of a crashed gateway free themselves.
+# lease id, lease ms, requests to take (0 or 1). The hash holds r (requests), t (tokens), at
+# (ms); it expires once both buckets would be full again, so an idle caller costs nothing.
+# Leases are a sorted set scored by expiry, so slots of a crashed gateway free themselves.
 _LEVELS = """
 local now_t = redis.call('TIME')
 local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
@@ -153,20 +160,19 @@ end
 """
 
 ACQUIRE = _LEVELS + """
-local conc, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local conc, cost, taken = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
 local held = 0
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   held = redis.call('ZCARD', KEYS[2])
 end
 local refused, wait = '', 0
-if tpm > 0 and cost > tpm then refused = 'too_large'
-elseif rpm > 0 and r < 1 then refused = 'requests'; wait = (1 - r) * 60000 / rpm
+if rpm > 0 and r < taken then refused = 'requests'; wait = (1 - r) * 60000 / rpm
 elseif tpm > 0 and t < cost then refused = 'tokens'; wait = (cost - t) * 60000 / tpm
 elseif conc > 0 and held >= conc then refused = 'concurrency'; wait = 1000
 end
 if refused == '' then
-  if rpm > 0 then r = r - 1 end
+  if rpm > 0 then r = r - taken end
   if tpm > 0 then t = t - cost end
   save()
   if conc > 0 then
@@ -235,17 +241,19 @@ class RedisStore:
                         "evicts rate-limit buckets, which then reset to full. Give the limiter a "
                         "Redis of its own with maxmemory-policy noeviction.", policy)
 
-    async def acquire(self, key: str, quota: Quota, cost: int, lease: str) -> Decision:
+    async def acquire(
+        self, key: str, quota: Quota, cost: int, lease: str, requests: int = 1
+    ) -> Decision:
         try:
-            refused, requests, tokens, wait = await self._acquire(
+            refused, found, tokens, wait = await self._acquire(
                 self._keys(key),
                 [quota.rpm or 0, quota.tpm or 0, quota.concurrency or 0, cost, lease,
-                 self._lease_ms],
+                 self._lease_ms, requests],
             )
         except REDIS_FAILURES:
             LIMITER_ERRORS.inc()
             raise
-        return Decision(refused.decode() or None, float(requests), float(tokens), float(wait))
+        return Decision(refused.decode() or None, float(found), float(tokens), float(wait))
 
     async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
         if not quota.tpm and not quota.concurrency:
@@ -325,45 +333,36 @@ class Limiter:
     ) -> list[tuple[bytes, bytes]]:
         """Take the request's share of the caller's budgets, or refuse with a 429.
 
-        `count_prompt_tokens` is called only for a caller with a token limit. Returns the
+        Limits come before work: for a caller with a token limit, a first step takes the
+        request and one token (every request costs at least one), and only then is
+        `count_prompt_tokens` called; so a caller over its request rate or out of tokens is
+        refused without any counting, and every request counted costs its caller a request.
+        A second step takes the rest of the reservation and the concurrency slot. Returns the
         rate-limit headers for the response; registers the reconciliation."""
         quota = self.quota(exchange.caller)
         if not (quota.rpm or quota.tpm or quota.concurrency):
             return []
+        key = exchange.caller.name
         cost = 0
         if quota.tpm:
-            prompt = await count_prompt_tokens()
-            cost = prompt + completion_budget(exchange.request, prompt, max_model_len)
-        key = exchange.caller.name
-        try:
-            decision = await self.store.acquire(key, quota, cost, exchange.request_id)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if self.settings.redis_fail_open:
-                log.warning("Rate limiter unavailable, letting request %s through: %r",
-                            exchange.request_id, exc)
+            first = Quota(quota.rpm, quota.tpm, None)  # no slot held while counting
+            if await self._take(exchange, first, quota, cost=1, requests=1) is None:
                 return []
-            raise GatewayError(
-                503, "The rate limiter is unavailable; try again shortly.",
-                code="rate_limiter_unavailable", retry_after_s=1,
-            ) from None
+            prompt = await count_prompt_tokens()
+            cost = max(1, prompt + completion_budget(exchange.request, prompt, max_model_len))
+            if cost > quota.tpm:
+                RATE_LIMITED.labels(key, "tokens").inc()
+                raise GatewayError(
+                    429, f"Request too large: it may use {cost} tokens (prompt + max_tokens), "
+                    f"over the limit of {quota.tpm} tokens per minute. Lower max_tokens.",
+                    code="rate_limit_exceeded",
+                )
+            decision = await self._take(exchange, quota, quota, cost=cost - 1, requests=0)
+        else:
+            decision = await self._take(exchange, quota, quota, cost=0, requests=1)
+        if decision is None:
+            return []
         headers = rate_headers(quota, decision)
-        if decision.refused:
-            limit = "tokens" if decision.refused == "too_large" else decision.refused
-            RATE_LIMITED.labels(key, limit).inc()
-            if decision.refused == "too_large":
-                message = (f"Request too large: it may use {cost} tokens (prompt + max_tokens), "
-                           f"over the limit of {quota.tpm} tokens per minute. Lower max_tokens.")
-                retry_after_s = None
-            else:
-                message = (f"Rate limit reached for {REFUSALS[decision.refused]}; "
-                           f"retry in {format_duration(decision.retry_after_ms)}.")
-                retry_after_s = max(1, math.ceil(decision.retry_after_ms / 1000))
-                retry_after_ms = str(math.ceil(decision.retry_after_ms)).encode()
-                headers.append((b"retry-after-ms", retry_after_ms))
-            raise GatewayError(
-                429, message, code="rate_limit_exceeded", retry_after_s=retry_after_s,
-                headers={name.decode(): value.decode() for name, value in headers},
-            )
 
         async def reconcile(exchange: Exchange) -> None:
             used = exchange.prompt_tokens + exchange.completion_tokens
@@ -377,6 +376,36 @@ class Limiter:
 
         exchange.on_finish(reconcile)
         return headers
+
+    async def _take(
+        self, exchange: Exchange, step: Quota, quota: Quota, *, cost: int, requests: int
+    ) -> Decision | None:
+        """One step of `reserve` on the store: its decision, or a 429; None when the store is
+        unreachable and the limiter fails open."""
+        key = exchange.caller.name
+        try:
+            decision = await self.store.acquire(key, step, cost, exchange.request_id, requests)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self.settings.redis_fail_open:
+                log.warning("Rate limiter unavailable, letting request %s through: %r",
+                            exchange.request_id, exc)
+                return None
+            raise GatewayError(
+                503, "The rate limiter is unavailable; try again shortly.",
+                code="rate_limiter_unavailable", retry_after_s=1,
+            ) from None
+        if decision.refused:
+            RATE_LIMITED.labels(key, decision.refused).inc()
+            headers = rate_headers(quota, decision)
+            headers.append((b"retry-after-ms", str(math.ceil(decision.retry_after_ms)).encode()))
+            raise GatewayError(
+                429, f"Rate limit reached for {REFUSALS[decision.refused]}; "
+                f"retry in {format_duration(decision.retry_after_ms)}.",
+                code="rate_limit_exceeded",
+                retry_after_s=max(1, math.ceil(decision.retry_after_ms / 1000)),
+                headers={name.decode(): value.decode() for name, value in headers},
+            )
+        return decision
 
     async def close(self) -> None:
         await self.store.close()

@@ -1,11 +1,12 @@
 """The OpenAI inference request as the gateway reads it: one typed view over the JSON body.
 
 In the spirit of vLLM's `entrypoints/openai/protocol.py`, without its full parse: the gateway
-reads a handful of fields (to validate, limit, route, cache and ground a request) and forwards
-the rest as the client sent it. Every module that needs something of a request asks this view,
-so each rule is decided once: which field bounds the answer's length on each route, what the
-prompts are, what makes an answer deterministic. The body is serialised at most once, on the way
-out, and only when the gateway changed it.
+reads a handful of fields (to validate, limit, route, cache and ground a request), knows which
+fields each route takes from a client (ALLOWED_FIELDS; validation refuses the others) and
+forwards those as the client sent them. Every module that needs something of a request asks this
+view, so each rule is decided once: which field bounds the answer's length on each route, what
+the prompts are, what makes an answer deterministic. The body is serialised at most once, on the
+way out, and only when the gateway changed it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,53 @@ import orjson
 
 from qwenstack.gateway.errors import GatewayError
 
-Route = Literal["/v1/chat/completions", "/v1/completions"]
+Route = Literal[
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/knowledge_bases/{name}/query"
+]
 CHAT: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
+# Accounted like inference (limits, usage, metrics) but answered by the gateway itself.
+EMBEDDINGS: Final = "/v1/embeddings"
+KNOWLEDGE_QUERY: Final = "/v1/knowledge_bases/{name}/query"
+
+# What a client may send, per route: OpenAI's fields that vLLM reads, then vLLM's sampling
+# extras (its SamplingParams; README "Request fields"). Everything else is refused with a 400
+# naming the field, so nothing reaches the engine unseen: not vLLM's internal or dangerous
+# fields (kv_transfer_params, priority, prompt_embeds, logits_processors, vllm_xargs,
+# mm_processor_kwargs, media_io_kwargs, request_id), nor `cache_salt`, which the gateway sets.
+# The gateway's own `knowledge_bases` is taken out before this check.
+OPENAI_FIELDS: Final[dict[str, frozenset[str]]] = {
+    CHAT: frozenset({
+        "model", "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+        "max_tokens", "max_completion_tokens", "n", "presence_penalty", "response_format",
+        "seed", "stop", "stream", "stream_options", "temperature", "top_p", "tools",
+        "tool_choice", "parallel_tool_calls", "user", "reasoning_effort",
+    }),
+    COMPLETIONS: frozenset({
+        "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+        "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
+        "suffix", "temperature", "top_p", "user",
+    }),
+}
+VLLM_SAMPLING_EXTRAS: Final = frozenset({
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "use_beam_search",
+    "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
+    "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+    "prompt_logprobs", "allowed_token_ids", "bad_words", "structured_outputs",
+})
+# Fields that feed the chat template (which runs inside the engine: CVE-2025-61620), allowed
+# only with `validation.allow_chat_template`.
+CHAT_TEMPLATE_FIELDS: Final = ("chat_template", "chat_template_kwargs")
+# Keys of `chat_template_kwargs` any client may set (with or without allow_chat_template).
+SAFE_CHAT_TEMPLATE_KWARGS: Final[frozenset[str]] = frozenset()
+ALLOWED_FIELDS: Final[dict[str, frozenset[str]]] = {
+    CHAT: OPENAI_FIELDS[CHAT] | VLLM_SAMPLING_EXTRAS | set(CHAT_TEMPLATE_FIELDS),
+    COMPLETIONS: OPENAI_FIELDS[COMPLETIONS] | VLLM_SAMPLING_EXTRAS,
+}
+# Chat content parts a client may send; the rest (image_embeds, audio_embeds: tensors the
+# engine deserialises, like prompt_embeds) are refused. Media parts carry a URL.
+MEDIA_PARTS: Final = ("image_url", "audio_url", "video_url")
+CONTENT_PARTS: Final = frozenset({"text", "refusal", "input_audio", *MEDIA_PARTS})
 
 # The fields that bound the answer's length, in the order the engine reads them, and the bound
 # when none is given. vLLM's chat request takes `max_completion_tokens` and falls back to the
@@ -29,8 +74,12 @@ COMPLETIONS: Final = "/v1/completions"
 OUTPUT_LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     CHAT: ("max_completion_tokens", "max_tokens"),
     COMPLETIONS: ("max_tokens",),
+    EMBEDDINGS: (),
+    KNOWLEDGE_QUERY: (),
 }
-DEFAULT_OUTPUT_LIMIT: Final[dict[str, int | None]] = {CHAT: None, COMPLETIONS: 16}
+DEFAULT_OUTPUT_LIMIT: Final[dict[str, int | None]] = {
+    CHAT: None, COMPLETIONS: 16, EMBEDDINGS: 0, KNOWLEDGE_QUERY: 0,
+}
 
 Prompt = str | list[int]
 
@@ -103,7 +152,35 @@ class InferenceRequest:
             value = self._body.get(name)
             if value is not None:
                 return name, value
-        return names[-1], None
+        return (names[-1] if names else ""), None
+
+    @property
+    def output_limits(self) -> list[tuple[str, int]]:
+        """Every output-limit field the request sets: a cap holds for each, whichever the
+        engine reads."""
+        return [(name, self._body[name]) for name in OUTPUT_LIMIT_FIELDS[self.route]
+                if self._body.get(name) is not None]
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        """The fields this route does not take from a client (ALLOWED_FIELDS)."""
+        allowed = ALLOWED_FIELDS[self.route]
+        return [name for name in self._body if name not in allowed]
+
+    def media_urls(self) -> Iterator[tuple[str, str]]:
+        """(part type, URL) of each media part of a chat request's messages; a part of a type
+        outside CONTENT_PARTS raises a 400 naming it."""
+        for message in self.messages or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in CONTENT_PARTS:
+                    raise GatewayError(400, f"Content parts of type {kind!r} are not allowed.",
+                                       code="invalid_request", param="messages")
+                if kind in MEDIA_PARTS:
+                    media = part.get(kind)
+                    url = media.get("url") if isinstance(media, dict) else media
+                    yield kind, url if isinstance(url, str) else ""
 
     @property
     def default_output_limit(self) -> int | None:

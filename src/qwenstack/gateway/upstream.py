@@ -9,7 +9,6 @@ request and free its KV cache.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -40,6 +39,7 @@ class Upstream:
         self.pool = pool
         self.session = session
         self.policy = policy
+        self._specials: dict[str, int] = {}  # served model -> special tokens per prompt
 
     async def forward(self, request: Request, exchange: Exchange) -> Response:
         """Send the exchange to an engine; a stream's response finishes the exchange itself."""
@@ -74,8 +74,15 @@ class Upstream:
         return whole_answer(exchange, upstream.status, content, upstream.content_type)
 
     async def count_prompt_tokens(self, exchange: Exchange) -> int:
-        """The exact prompt length, from the engine's tokenizer (its /tokenize applies the chat
-        template). A few ms, paid only by callers with a token limit."""
+        """The prompt length, from the engine's tokenizer (its /tokenize applies the chat
+        template), in one /tokenize call per request. A few ms, paid only by callers with a
+        token limit.
+
+        vLLM's /tokenize takes one prompt, so a batch of texts is counted as one text, joined
+        by newlines, plus the special tokens (a BOS) each further prompt would add, learnt once
+        per model. A merge across a joint can shift the count by a token or so per prompt;
+        the newline's own token is left in as a margin, and the reservation is replaced by the
+        engine's real usage when the request ends."""
         request = exchange.request
         if request.route == CHAT:
             body = {"model": exchange.model,
@@ -84,11 +91,23 @@ class Upstream:
         prompts = request.prompts
         counted = sum(len(p) for p in prompts if isinstance(p, list))  # token ids already
         texts = [p for p in prompts if isinstance(p, str)]
-        counts = await asyncio.gather(*(
-            self._tokenize(exchange, {"model": exchange.model, "prompt": text}, "prompt")
-            for text in texts
-        ))
-        return counted + sum(counts)
+        if not texts:
+            return counted
+        joined = await self._tokenize(
+            exchange, {"model": exchange.model, "prompt": "\n".join(texts)}, "prompt"
+        )
+        if len(texts) > 1:
+            joined += (len(texts) - 1) * await self._special_tokens(exchange)
+        return counted + joined
+
+    async def _special_tokens(self, exchange: Exchange) -> int:
+        """Tokens the model's tokenizer adds to every prompt (its BOS), asked once per model."""
+        known = self._specials.get(exchange.model)
+        if known is None:
+            known = self._specials[exchange.model] = await self._tokenize(
+                exchange, {"model": exchange.model, "prompt": ""}, "prompt"
+            )
+        return known
 
     async def _tokenize(self, exchange: Exchange, body: dict[str, Any], param: str) -> int:
         replica = min(self.pool.candidates(exchange.model), key=Replica.load)

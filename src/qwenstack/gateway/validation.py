@@ -1,21 +1,28 @@
 """Checks on an inference request at the gateway, before any engine sees it.
 
-Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field of the wrong type, a
-value over a configured cap or beyond the context window, or a client-supplied chat template
-(CVE-2025-61620: templates run inside the engine); 413 for an oversized body, read in bounded
-pieces (middleware.BodyLimit refuses it as it arrives; http_limits.py bounds request heads and
-slow clients). An unknown model is ReplicaPool.route's 404.
+Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field the route does not
+take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a configured cap or
+beyond the context window, too many messages or prompts, a media URL outside the allowed
+domains, or a client-supplied chat template (CVE-2025-61620: templates run inside the engine);
+413 for an oversized body, read in bounded pieces (middleware.BodyLimit refuses it as it
+arrives; http_limits.py bounds request heads and slow clients). An unknown model is
+ReplicaPool.resolve's 404.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.protocol import InferenceRequest
+from qwenstack.gateway.protocol import (
+    CHAT_TEMPLATE_FIELDS,
+    SAFE_CHAT_TEMPLATE_KWARGS,
+    InferenceRequest,
+)
 from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import ValidationSettings
 
@@ -92,14 +99,18 @@ REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "/v1/chat/completions": ("messages", _messages, "a non-empty list of messages with a `role`"),
     "/v1/completions": ("prompt", _prompt, "a string, a list of strings or a list of token ids"),
 }
-CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
 
 
 def check(request: InferenceRequest, settings: ValidationSettings) -> None:
     """Refuse what the engine should never see (`fits` checks against the model's window)."""
+    unknown = request.unknown_fields
+    if unknown:
+        raise GatewayError(400, f"`{unknown[0]}` is not accepted on {request.route}.",
+                           code="unsupported_parameter", param=unknown[0])
     name, accepts, expected = REQUIRED[request.route]
     if not accepts(request.get(name)):
         raise GatewayError(400, f"`{name}` must be {expected}.", code="invalid_type", param=name)
+    _check_counts(request, settings)
     for field, (accepts, expected) in FIELDS.items():
         value = request.get(field)
         if value is not None and not accepts(value):
@@ -108,23 +119,24 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
             )
     if not settings.allow_chat_template:
         for field in CHAT_TEMPLATE_FIELDS:
-            if field in request:
+            if field in request and not _safe_template_kwargs(field, request.get(field)):
                 raise GatewayError(
                     400, f"`{field}` is not allowed on this server.", code="invalid_request",
                     param=field,
                 )
+    _check_media(request, settings.allowed_media_domains)
     for field in ("n", "best_of"):
         if (request.get(field) or 1) > settings.max_n:
             raise GatewayError(
                 400, f"`{field}` may be at most {settings.max_n}.", code="integer_above_max_value",
                 param=field,
             )
-    field, max_tokens = request.output_limit
     cap = settings.max_tokens_cap
-    if cap is not None and max_tokens is not None and max_tokens > cap:
-        raise GatewayError(
-            400, f"`{field}` may be at most {cap}.", code="integer_above_max_value", param=field
-        )
+    for field, limit in request.output_limits:  # each field set, whichever the engine reads
+        if cap is not None and limit > cap:
+            raise GatewayError(400, f"`{field}` may be at most {cap}.",
+                               code="integer_above_max_value", param=field)
+    field, max_tokens = request.output_limit
     default = request.default_output_limit
     if cap is not None and max_tokens is None and (default is None or default > cap):
         # Without it, the engine would generate up to its default (on chat: the end of the
@@ -132,14 +144,44 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
         request.set(field, cap)
 
 
+def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> None:
+    """Bound the work one request may ask for before anything counts its tokens."""
+    for name, items, cap in (("messages", request.messages, settings.max_messages),
+                             ("prompt", request.prompts, settings.max_prompts)):
+        if items is not None and len(items) > cap:
+            raise GatewayError(400, f"`{name}` may hold at most {cap} items; it has {len(items)}.",
+                               code="array_above_max_length", param=name)
+
+
+def _safe_template_kwargs(field: str, value: Any) -> bool:
+    """`chat_template_kwargs` naming only SAFE_CHAT_TEMPLATE_KWARGS needs no permission."""
+    return (field == "chat_template_kwargs" and isinstance(value, dict)
+            and set(value) <= SAFE_CHAT_TEMPLATE_KWARGS)
+
+
+def _check_media(request: InferenceRequest, allowed_domains: list[str]) -> None:
+    """Refuse media the engine would fetch from elsewhere (SSRF), unless its host is allowed
+    (the engines are started with the same --allowed-media-domains). Inline data: URLs pass."""
+    for kind, url in request.media_urls():
+        address = urlsplit(url)
+        if address.scheme == "data":
+            continue
+        if address.scheme not in ("http", "https") or address.hostname not in allowed_domains:
+            raise GatewayError(
+                400, f"`{kind}` URL {url[:100]!r}: only data: URLs and http(s) URLs of the "
+                "allowed media domains are accepted.", code="invalid_request", param="messages",
+            )
+
+
 def check_fits(request: InferenceRequest, model: ServedModel) -> None:
     """Refuse an output limit that the model's context window cannot hold."""
-    field, max_tokens = request.output_limit
     window = model.max_model_len
-    if max_tokens is not None and window is not None and max_tokens >= window:
-        raise GatewayError(
-            400,
-            f"`{field}` is {max_tokens}, but this model's context window is {window} "
-            "tokens, prompt included.",
-            code="context_length_exceeded", param=field,
-        )
+    for field, max_tokens in request.output_limits:
+        if window is not None and max_tokens >= window:
+            raise GatewayError(
+                400,
+                f"`{field}` is {max_tokens}, but this model's context window is {window} "
+                "tokens, prompt included.",
+                code="context_length_exceeded", param=field,
+            )
+

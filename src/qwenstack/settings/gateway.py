@@ -193,6 +193,36 @@ class ValidationSettings(BaseModel):
         False,
         description="Let clients send `chat_template`/`chat_template_kwargs` (CVE-2025-61620).",
     )
+    max_messages: int = Field(
+        256, ge=1, description="Most messages in one chat request; more: 400."
+    )
+    max_prompts: int = Field(
+        64, ge=1, description="Most prompts in one /v1/completions batch; more: 400."
+    )
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image/audio/video URLs chat messages may name (the "
+        "engines fetch them; they are started with the same --allowed-media-domains). Empty: "
+        "remote media refused, only inline data: URLs.",
+    )
+    prefix_cache_per_caller: bool = Field(
+        True,
+        description="Each caller's requests carry a cache_salt of their own (HMAC of its name), "
+        "so the engines' prefix cache hits only within a caller and no tenant can time "
+        "another's prompts. False: one prefix cache for all.",
+    )
+    prefix_cache_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="Caller name -> group name: callers of one group share a prefix cache "
+        "(e.g. teams with one long system prompt), salted by the group's name.",
+    )
+
+    @field_validator("allowed_media_domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return value.replace(",", " ").split()
+        return json.loads(value) if isinstance(value, str) else value
 
 
 class JWTClaimNames(BaseModel):

@@ -49,6 +49,13 @@ class RagSettings(BaseModel):
     max_upload_bytes: int = Field(
         20 * 2**20, ge=1, description="Largest upload (all its files), in bytes."
     )
+    max_embedding_inputs: int = Field(
+        256, ge=1, description="Most texts one /v1/embeddings request may embed; more: 400."
+    )
+    max_embedding_chars: int = Field(
+        200_000, ge=1, description="Most characters (all texts together) one /v1/embeddings "
+        "request, or a knowledge-base query, may embed; more: 400.",
+    )
 
     @field_validator("milvus_uri")
     @classmethod
