@@ -75,15 +75,14 @@ def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Sectio
             f"{name}: parsing took more than {limits.parse_cpu_seconds} s of CPU time "
             "(rag.parse_cpu_seconds).", status=413, code="parse_limit",
         )
-    if worker.exitcode is not None and worker.exitcode < 0:
-        # A C library (lxml, zlib) refused memory by the limit may abort rather than raise.
-        raise RagError(
-            f"{name}: the parser was stopped by signal {-worker.exitcode}, as when it needs more "
-            f"than {limits.parse_memory_bytes} bytes of memory (rag.parse_memory_bytes).",
-            status=413, code="parse_limit",
-        )
-    # An exit code of its own: the worker failed before parsing (a fault here, not the file's).
-    raise RuntimeError(f"The parse worker for {name} exited with code {worker.exitcode}.")
+    # Out of memory, a worker may not even manage to report it: Python exits with 1 when it
+    # cannot handle a MemoryError, a C library (lxml, zlib) may abort on a signal.
+    raise _memory_limit(name, limits)
+
+
+def _memory_limit(name: str, limits: RagSettings) -> RagError:
+    return RagError(f"{name}: parsing needs more than {limits.parse_memory_bytes} bytes of "
+                    "memory (rag.parse_memory_bytes).", status=413, code="parse_limit")
 
 
 def _work(sender: Connection, name: str, data: bytes, limits: RagSettings) -> None:
@@ -93,16 +92,18 @@ def _work(sender: Connection, name: str, data: bytes, limits: RagSettings) -> No
     # ends it should anything catch SIGXCPU.
     cpu_s = limits.parse_cpu_seconds
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-    outcome: _Outcome
+    outcome: _Outcome | None = None
     try:
         outcome = parse(name, data, limits)
     except RagError as exc:
         outcome = (str(exc), exc.status, exc.code)
     except MemoryError:
-        outcome = (f"{name}: parsing needs more than {limits.parse_memory_bytes} bytes of memory "
-                   "(rag.parse_memory_bytes).", 413, "parse_limit")
+        pass  # answered below, once the traceback and the parser's memory are let go
     except Exception as exc:  # a parser library failing on a malformed file
         outcome = (f"{name}: the file cannot be read ({type(exc).__name__}: {exc}).", 400,
                    "unreadable_file")
+    if outcome is None:
+        error = _memory_limit(name, limits)
+        outcome = (str(error), error.status, error.code)
     sender.send(outcome)
     sender.close()
