@@ -53,12 +53,12 @@ def _socket_inodes(pid: int) -> set[str]:
 
 
 @contextlib.contextmanager
-def _load(base_url: str, clients: int = 4) -> Iterator[None]:
+def _load(base_url: str, headers: dict[str, str], clients: int = 4) -> Iterator[None]:
     """Completions sent back to back from a few threads, errors ignored (the stack dies)."""
     stop = threading.Event()
 
     def send() -> None:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=headers) as client:
             while not stop.is_set():
                 try:
                     client.post(f"{base_url}/v1/completions", json={
@@ -106,7 +106,7 @@ def test_sigkilled_up_leaves_no_engine_and_no_listener(tiny_qwen3: Path, tmp_pat
         for pid in engine_processes:
             assert not _socket_inodes(pid) & gateway_listener, pid
 
-        with _load(stack.gateway):
+        with _load(stack.gateway, stack.auth):
             _wait_for_running_requests(stack.engine)
             stack.process.send_signal(signal.SIGKILL)
             deadline = time.monotonic() + GONE_WITHIN_S
