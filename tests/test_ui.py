@@ -518,7 +518,7 @@ uvloop.run(stack.run(settings, engines=False, gateway=True, ui=True,
 """
 
 
-@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_the_stack_runs_the_ui_beside_the_gateway_and_its_end_stops_both(
     engine_url: str, tmp_path: Path, ending: signal.Signals
 ) -> None:
