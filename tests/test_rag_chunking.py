@@ -11,7 +11,9 @@ import pytest
 
 from qwenstack.rag import RagError
 from qwenstack.rag.chunking import EstimatedCounter, TokenizerCounter, chunk_sections
+from qwenstack.rag.parse_worker import ParseWorkers
 from qwenstack.rag.parsers import Section, parse
+from qwenstack.settings import RagSettings
 
 # No spaces anywhere: sentence ends are the only places to cut.
 CHINESE = (
@@ -172,3 +174,57 @@ def test_bad_files_are_refused_clearly(tmp_path: Path) -> None:
             parse(name, data)
         assert caught.value.code == code, name
         assert name in str(caught.value)
+
+
+# Files that made the old parsers work for seconds to minutes (issue 12): a Markdown heading
+# line with a long run of spaces (the heading regex backtracked cubically) and deeply nested
+# HTML blocks (each block's ancestors were searched: quadratic).
+HOSTILE_MARKDOWN = ("# x" + " " * 3_000 + "y\n\nbody\n").encode()
+HOSTILE_HTML = ("<div><dd>" * 8_888 + "x").encode()  # 80 KB, 17,776 elements deep
+
+
+def test_hostile_files_parse_within_a_cpu_second() -> None:
+    """In a worker limited to one CPU second (the old parsers took 5 s to minutes), with the
+    structure they hold."""
+    workers = ParseWorkers(RagSettings(parse_cpu_seconds=1))
+    markdown = workers.parse("hostile.md", HOSTILE_MARKDOWN)
+    assert [s.heading for s in markdown] == ["x" + " " * 3_000 + "y"]
+    html = workers.parse("hostile.html", HOSTILE_HTML)
+    assert [s.text for s in html] == ["x"]  # one block: the outermost <dd>
+
+
+def test_markdown_headings() -> None:
+    text = "# One #\n#NotAHeading\n## C# ##\n####### seven\n### Three\r\nbody"
+    # "#NotAHeading" and seven #s are text; a closing run of #s is not part of the title.
+    assert [s.heading for s in parse("h.md", text.encode())] == ["One", "C#", "Three"]
+
+
+def test_caps_are_refused_naming_their_setting() -> None:
+    cases = [
+        ("two.pdf", text_pdf(["one", "two"]), RagSettings(max_pdf_pages=1), "too_many_pages",
+         "rag.max_pdf_pages"),
+        ("long.txt", b"x" * 11, RagSettings(max_extracted_chars=10), "too_much_text",
+         "rag.max_extracted_chars"),
+        ("bomb.docx", docx_bomb(2 * 2**20), RagSettings(max_inflated_bytes=2**20),
+         "archive_too_large", "rag.max_inflated_bytes"),
+    ]
+    for name, data, limits, code, setting in cases:
+        with pytest.raises(RagError) as caught:
+            parse(name, data, limits)
+        assert (caught.value.status, caught.value.code) == (413, code)
+        assert setting in str(caught.value) and name in str(caught.value)
+
+
+def test_worker_limits_refuse_the_file_not_the_service() -> None:
+    """A parse past the worker's CPU time or memory ends the worker, and the upload is refused
+    with a 413 naming the limit; the next file parses as before."""
+    busy = b"<p>" + b"<b>x</b>" * 1_000_000  # a few seconds of bs4's CPU time, 1 GB of objects
+    for limits, setting in [(RagSettings(parse_cpu_seconds=1), "rag.parse_cpu_seconds"),
+                            (RagSettings(parse_memory_bytes=256 * 2**20),
+                             "rag.parse_memory_bytes")]:
+        workers = ParseWorkers(limits)
+        with pytest.raises(RagError) as caught:
+            workers.parse("busy.html", busy)
+        assert (caught.value.status, caught.value.code) == (413, "parse_limit")
+        assert setting in str(caught.value) and "busy.html" in str(caught.value)
+        assert workers.parse("fine.md", b"# ok\n\nfine")[0].heading == "ok"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -517,10 +518,13 @@ uvloop.run(stack.run(settings, engines=False, gateway=True, ui=True,
 """
 
 
-def test_the_stack_runs_the_ui_beside_the_gateway_and_sigterm_stops_both(
-    engine_url: str, tmp_path: Path
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_the_stack_runs_the_ui_beside_the_gateway_and_its_end_stops_both(
+    engine_url: str, tmp_path: Path, ending: signal.Signals
 ) -> None:
-    """What `qwenstack up` does once its engines are up (those are tested elsewhere)."""
+    """What `qwenstack up` does once its engines are up (those are tested elsewhere). Killed
+    (SIGKILL, as the OOM killer does), the stack takes the UI with it within 5 s: the UI's
+    lifeline sees the stack's end."""
     gateway_port, ui_port = free_port(), free_port()
     log = tmp_path / "stack.log"
     env = {**os.environ, "QWENSTACK_HOME": str(tmp_path / "home"),
@@ -543,12 +547,18 @@ def test_the_stack_runs_the_ui_beside_the_gateway_and_sigterm_stops_both(
         # No admin key was configured: the UI made its own in the stack's key store.
         assert (tmp_path / "home" / "secrets" / "ui-admin-key").stat().st_mode & 0o777 == 0o600
     finally:
-        process.terminate()
+        process.send_signal(ending)
         code = process.wait(60)
-    assert code == 0, log.read_text()[-3000:]
+    assert code == (0 if ending == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-3000:]
+    deadline = time.monotonic() + 5
     for url in (ui_url, f"http://127.0.0.1:{gateway_port}/health"):
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url, timeout=5)
+        while True:
+            try:
+                httpx.get(url, timeout=5)
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < deadline, f"{url} still answers"
+            time.sleep(0.1)
 
 
 def test_sso_header_sign_in(chat_ui: ChatUI, browser: object) -> None:

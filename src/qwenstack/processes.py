@@ -2,7 +2,9 @@
 
 Engines and the chat UI both run this way. Each child runs in its own session (process group):
 vLLM forks an EngineCore process, and a crash of the API server must not leave that child holding
-memory, so signals go to the group.
+memory, so signals go to the group. Each is started through lifeline.py, which kills its group
+when this process ends without stopping it (SIGKILL, the OOM killer): no engine or UI outlives
+the process that started it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +22,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0  # after SIGTERM, before SIGKILL
+LIFELINE_SCRIPT = Path(__file__).with_name("lifeline.py")
+_lifeline_read_end: int | None = None
+
+
+def _lifeline() -> int:
+    """The read end of this process's lifeline pipe, which every child's lifeline.py watches.
+
+    Nothing writes to it, and the write end is never closed nor inherited (os.pipe's ends are
+    not inheritable and children are started with close_fds): it closes when this process ends.
+    """
+    global _lifeline_read_end
+    if _lifeline_read_end is None:
+        _lifeline_read_end, _ = os.pipe()
+    return _lifeline_read_end
 
 
 def log_tail(path: Path, lines: int) -> str:
@@ -82,11 +99,14 @@ class SupervisedProcess:
         backoff = self.backoff_initial_s
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         while not stop.is_set():
+            lifeline = _lifeline()
             with self.log_path.open("ab") as log_file:
+                # -I: the lifeline's Python ignores the command's PYTHON* variables.
                 process = await asyncio.create_subprocess_exec(
-                    *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                    sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), *self.argv,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                    start_new_session=True,
+                    start_new_session=True, pass_fds=(lifeline,),
                 )
             self.started_at = time.monotonic()
             log.info("%s started (pid %d, log %s)", self.name, process.pid, self.log_path)

@@ -46,14 +46,16 @@ def gateway_server(settings: Settings) -> uvicorn.Server:
 
 
 def _listen(settings: Settings) -> socket.socket:
-    """Bind here rather than in uvicorn, which exits the process when the port is taken."""
+    """Bind here rather than in uvicorn, which exits the process when the port is taken.
+
+    Not inheritable (socket's default): a child holding it would keep the port taken, and
+    accept connections it never answers, after the gateway is gone."""
     host, port = settings.gateway.host, settings.gateway.port
     try:
         sock = socket.create_server((host, port), reuse_port=False)
     except OSError as exc:
         raise SetupError(
             f"The gateway cannot listen on {host}:{port} ({exc.strerror}); set --port.") from None
-    sock.set_inheritable(True)
     return sock
 
 

@@ -7,18 +7,23 @@ citation can point back into the document as it was extracted.
 from __future__ import annotations
 
 import io
-import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from lxml import etree
 
 from qwenstack.rag import RagError
+from qwenstack.settings import RagSettings
 
-MARKDOWN_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.MULTILINE)
+if TYPE_CHECKING:
+    from bs4 import BeautifulSoup, Tag
+
+# Parsers read their caps (the rag.max_* settings) from a RagSettings; these when none is given.
+DEFAULT_LIMITS = RagSettings()
+
 
 
 @dataclass(frozen=True)
@@ -37,33 +42,52 @@ def _decode(data: bytes, name: str) -> str:
     raise RagError(f"{name}: not UTF-8 or GB18030 text.", code="unreadable_file")
 
 
-def _text(data: bytes, name: str) -> list[Section]:
+def _text(data: bytes, name: str, limits: RagSettings) -> list[Section]:
     return [Section(_decode(data, name))]
 
 
-def _markdown(data: bytes, name: str) -> list[Section]:
+def _markdown(data: bytes, name: str, limits: RagSettings) -> list[Section]:
+    """One section per ATX heading (`# Title`), split in one pass over the lines."""
     text = _decode(data, name)
-    sections, heading, start = [], None, 0
-    for match in MARKDOWN_HEADING.finditer(text):
-        sections.append(Section(text[start:match.start()], heading=heading))
-        heading, start = match[2], match.start()
+    sections, heading, start, offset = [], None, 0, 0
+    for line in text.split("\n"):
+        title = _markdown_heading(line)
+        if title is not None:
+            sections.append(Section(text[start:offset], heading=heading))
+            heading, start = title, offset
+        offset += len(line) + 1
     sections.append(Section(text[start:], heading=heading))
     return [s for s in sections if s.text.strip()]
 
 
-def _html(data: bytes, name: str) -> list[Section]:
+def _markdown_heading(line: str) -> str | None:
+    """The title of a heading line, without its optional closing #s; None for other lines.
+
+    String methods rather than a regular expression: the pattern this replaced backtracked
+    cubically on a heading line with a long run of spaces (3 KB took seconds)."""
+    level = len(line) - len(line.lstrip("#"))
+    if not 1 <= level <= 6 or line[level:level + 1] not in (" ", "\t"):
+        return None
+    title = line[level:].strip()
+    unclosed = title.rstrip("#")
+    if unclosed != title and (not unclosed or unclosed[-1] in " \t"):
+        title = unclosed.rstrip()
+    return title or None
+
+
+HTML_HEADINGS = frozenset(("h1", "h2", "h3", "h4", "h5", "h6"))
+HTML_BLOCKS = HTML_HEADINGS | {"p", "li", "pre", "td", "th", "blockquote", "dd", "dt"}
+
+
+def _html(data: bytes, name: str, limits: RagSettings) -> list[Section]:
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(data, "html.parser")
     for hidden in soup(["script", "style", "noscript", "template"]):
         hidden.decompose()
-    blocks = soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "th",
-                            "blockquote", "dd", "dt"])
     sections = _under_headings(
-        (block.get_text(" ", strip=True), block.name[0] == "h" and block.name[1:].isdigit())
-        for block in blocks
-        # A block inside another: its text is part of the enclosing block's.
-        if not block.find_parent(["p", "li", "pre", "td", "th", "blockquote"])
+        (block.get_text(" ", strip=True), block.name in HTML_HEADINGS)
+        for block in _outermost_blocks(soup)
     )
     if not sections:  # no block structure: the page's plain text
         text = soup.get_text("\n", strip=True)
@@ -71,7 +95,23 @@ def _html(data: bytes, name: str) -> list[Section]:
     return sections
 
 
-def _pdf(data: bytes, name: str) -> list[Section]:
+def _outermost_blocks(soup: BeautifulSoup) -> Iterator[Tag]:
+    """Block elements in document order, those inside another block left out (their text is
+    part of the enclosing block's). One depth-first pass that does not enter a block, so each
+    element is visited once, by this walk or by its block's get_text: linear however deep the
+    nesting (asking each block for its ancestors was quadratic), and without recursion."""
+    from bs4 import Tag
+
+    pending: list[Tag] = [soup]
+    while pending:
+        element = pending.pop()
+        if element.name in HTML_BLOCKS:
+            yield element
+            continue
+        pending.extend(child for child in reversed(element.contents) if isinstance(child, Tag))
+
+
+def _pdf(data: bytes, name: str, limits: RagSettings) -> list[Section]:
     from pypdf import PdfReader
     from pypdf.errors import FileNotDecryptedError, PdfReadError
 
@@ -87,6 +127,10 @@ def _pdf(data: bytes, name: str) -> list[Section]:
                     f"{name}: the PDF is encrypted with a password; upload an unencrypted copy.",
                     code="encrypted_pdf",
                 ) from None
+        pages = len(reader.pages)
+        if pages > limits.max_pdf_pages:
+            raise RagError(f"{name}: {pages} pages, over the limit of {limits.max_pdf_pages} "
+                           "(rag.max_pdf_pages).", status=413, code="too_many_pages")
         return [Section(page.extract_text() or "", page=number)
                 for number, page in enumerate(reader.pages, 1)]
     except RagError:
@@ -95,16 +139,12 @@ def _pdf(data: bytes, name: str) -> list[Section]:
         raise RagError(f"{name}: the PDF cannot be read ({exc}).", code="unreadable_file") from None
 
 
-# A DOCX is a zip of XML. These bound what one upload can make the parser inflate and hold:
-# a 300 KiB "zip bomb" can declare 300 MiB of XML. Real documents stay far below each cap
-# (text compresses about 5-20x; images are stored already compressed).
-MAX_ARCHIVE_MEMBERS = 2_000
-MAX_INFLATED_BYTES = 64 * 2**20
-MAX_COMPRESSION_RATIO = 200  # checked for members over 1 MiB inflated
+# A DOCX is a zip of XML: its caps (rag.max_archive_members, max_inflated_bytes,
+# max_compression_ratio) bound what one upload can make the parser inflate and hold.
 WORD_NAMESPACE = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
 
 
-def _archive(data: bytes, name: str) -> zipfile.ZipFile:
+def _archive(data: bytes, name: str, limits: RagSettings) -> zipfile.ZipFile:
     """The zip in `data`, refused before anything is inflated when it would inflate too far.
 
     The limits hold because zipfile never inflates a member past the size the archive declares
@@ -117,25 +157,27 @@ def _archive(data: bytes, name: str) -> zipfile.ZipFile:
             f"{name}: the file cannot be read ({exc}).", code="unreadable_file"
         ) from None
     members = archive.infolist()
-    if len(members) > MAX_ARCHIVE_MEMBERS:
+    if len(members) > limits.max_archive_members:
         raise RagError(f"{name}: the archive holds {len(members)} parts, over the limit of "
-                       f"{MAX_ARCHIVE_MEMBERS}.", status=413, code="archive_too_large")
+                       f"{limits.max_archive_members} (rag.max_archive_members).",
+                       status=413, code="archive_too_large")
     inflated = sum(member.file_size for member in members)
-    if inflated > MAX_INFLATED_BYTES:
+    if inflated > limits.max_inflated_bytes:
         raise RagError(f"{name}: the archive inflates to {inflated} bytes, over the limit of "
-                       f"{MAX_INFLATED_BYTES}.", status=413, code="archive_too_large")
+                       f"{limits.max_inflated_bytes} (rag.max_inflated_bytes).",
+                       status=413, code="archive_too_large")
+    ratio = limits.max_compression_ratio
     for member in members:
-        if (member.file_size > 2**20
-                and member.file_size > MAX_COMPRESSION_RATIO * max(member.compress_size, 1)):
-            raise RagError(f"{name}: part {member.filename} is compressed more than "
-                           f"{MAX_COMPRESSION_RATIO}:1, as only a zip bomb is.",
+        if member.file_size > 2**20 and member.file_size > ratio * max(member.compress_size, 1):
+            raise RagError(f"{name}: part {member.filename} is compressed more than {ratio}:1 "
+                           "(rag.max_compression_ratio), as only a zip bomb is.",
                            status=413, code="archive_too_large")
     return archive
 
 
-def _docx(data: bytes, name: str) -> list[Section]:
+def _docx(data: bytes, name: str, limits: RagSettings) -> list[Section]:
     """Paragraphs of the document body in order (tables included), in one streaming pass."""
-    archive = _archive(data, name)
+    archive = _archive(data, name, limits)
     try:
         heading_styles = _docx_heading_styles(archive)
         with archive.open("word/document.xml") as xml:
@@ -202,7 +244,7 @@ def _under_headings(blocks: Iterable[tuple[str, bool]]) -> list[Section]:
     return sections
 
 
-PARSERS: dict[str, Callable[[bytes, str], list[Section]]] = {
+PARSERS: dict[str, Callable[[bytes, str, RagSettings], list[Section]]] = {
     ".txt": _text,
     ".text": _text,
     ".md": _markdown,
@@ -214,8 +256,10 @@ PARSERS: dict[str, Callable[[bytes, str], list[Section]]] = {
 }
 
 
-def parse(name: str, data: bytes) -> list[Section]:
-    """The sections of file `name`; a RagError for an unsupported type or an unreadable file."""
+def parse(name: str, data: bytes, limits: RagSettings = DEFAULT_LIMITS) -> list[Section]:
+    """The sections of file `name`; a RagError for an unsupported type, an unreadable file or
+    one over a cap of `limits`. In this process: the knowledge service parses uploads through
+    parse_worker.parse_isolated, which bounds CPU time and memory too."""
     suffix = PurePath(name).suffix.lower()
     parser = PARSERS.get(suffix)
     if parser is None:
@@ -223,7 +267,12 @@ def parse(name: str, data: bytes) -> list[Section]:
             f"{name}: unsupported file type {suffix or '(none)'}; use one of "
             f"{', '.join(sorted(PARSERS))}.", code="unsupported_file_type",
         )
-    sections = [s for s in parser(data, name) if s.text.strip()]
+    sections = [s for s in parser(data, name, limits) if s.text.strip()]
     if not sections:
         raise RagError(f"{name}: no text could be extracted.", code="empty_file")
+    extracted = sum(len(s.text) for s in sections)
+    if extracted > limits.max_extracted_chars:
+        raise RagError(f"{name}: {extracted} characters of text, over the limit of "
+                       f"{limits.max_extracted_chars} (rag.max_extracted_chars).",
+                       status=413, code="too_much_text")
     return sections

@@ -2,9 +2,10 @@
 search, delete, with the access rules applied. Calls block; the gateway makes them from
 worker threads.
 
-An ingest is all or nothing per file: the file is parsed, chunked and embedded before anything
-is written; its new chunks go into Milvus under a new version, then its metadata row is
-committed, and only then are the old version's chunks deleted. A failure at any step removes
+An ingest is all or nothing per file: the file is parsed (in a worker process with CPU and
+memory limits, parse_worker.py), chunked and embedded before anything is written; its new
+chunks go into Milvus under a new version, then its metadata row is committed, and only then
+are the old version's chunks deleted. A failure at any step removes
 what the new version wrote and leaves the previous version as it was.
 """
 
@@ -38,7 +39,7 @@ from qwenstack.rag.catalog import (
 )
 from qwenstack.rag.chunking import Chunk, TokenCounter, chunk_sections
 from qwenstack.rag.embeddings import Embedder
-from qwenstack.rag.parsers import parse
+from qwenstack.rag.parse_worker import ParseWorkers
 from qwenstack.rag.store import Hit, MilvusException, MilvusStore, Mode, StoredChunk
 from qwenstack.settings import RagSettings, Settings
 
@@ -104,6 +105,7 @@ class KnowledgeService:
         self.settings = settings
         self.open_access = open_access  # auth off: every caller may do everything
         self.reranker = load_reranker(settings.reranker)
+        self.parse_workers = ParseWorkers(settings)
         self._embedder_factory = embedder_factory
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
@@ -212,7 +214,8 @@ class KnowledgeService:
         if len(data) > self.settings.max_upload_bytes:
             raise RagError(f"{name}: {len(data)} bytes, over the limit of "
                            f"{self.settings.max_upload_bytes}.", status=413, code="file_too_large")
-        chunks = chunk_sections(parse(name, data), self.counter, self.settings.chunk_tokens,
+        sections = self.parse_workers.parse(name, data)
+        chunks = chunk_sections(sections, self.counter, self.settings.chunk_tokens,
                                 self.settings.chunk_overlap_tokens)
         return PreparedFile(name, len(data), hashlib.sha256(data).hexdigest(), chunks)
 

@@ -56,6 +56,34 @@ class RagSettings(BaseModel):
         200_000, ge=1, description="Most characters (all texts together) one /v1/embeddings "
         "request, or a knowledge-base query, may embed; more: 400.",
     )
+    # What parsing one uploaded file may inflate, produce and use (README "Knowledge bases").
+    # Real documents stay far below each cap: text compresses about 5-20x, images are stored
+    # already compressed; a 300 KiB DOCX "zip bomb" can declare 300 MiB of XML.
+    max_archive_members: int = Field(
+        2_000, ge=1, description="Most parts in a DOCX (a zip), checked before inflating any."
+    )
+    max_inflated_bytes: int = Field(
+        64 * 2**20, ge=1, description="Most bytes a DOCX's parts may inflate to, together."
+    )
+    max_compression_ratio: int = Field(
+        200, ge=1, description="Highest inflated:compressed ratio of a DOCX part over 1 MiB "
+        "inflated (only a zip bomb compresses further).",
+    )
+    max_pdf_pages: int = Field(2_000, ge=1, description="Most pages in a PDF.")
+    max_extracted_chars: int = Field(
+        10_000_000, ge=1, description="Most characters of text extracted from one file."
+    )
+    parse_cpu_seconds: int = Field(
+        30, ge=1, description="CPU seconds the worker process parsing one file may use "
+        "(RLIMIT_CPU); past it the upload is refused with 413.",
+    )
+    parse_memory_bytes: int = Field(
+        1 * 2**30, ge=256 * 2**20, description="Address space of the worker process parsing "
+        "one file (RLIMIT_AS); past it the upload is refused with 413.",
+    )
+    parse_workers: int = Field(
+        2, ge=1, description="Files parsed at once (one worker process each); more wait.",
+    )
 
     @field_validator("milvus_uri")
     @classmethod

@@ -1,0 +1,38 @@
+"""Runs a command, and kills its process group once the qwenstack process that started it ends.
+
+`python -I lifeline.py FD COMMAND...`: processes.py starts engines and the chat UI this way,
+each in a session (process group) of its own. FD is the read end of a pipe whose write end
+only the qwenstack process holds, and never writes to: when that process ends, however it ends
+(Ctrl-C, SIGKILL, the OOM killer), the kernel closes the write end and a read here returns end
+of file. This process forks a watcher for that, then becomes the command (exec: same pid, exit
+code and signals, as if started directly); the watcher kills the group, which holds every
+process the command started too (vLLM's engine core and workers), so none outlives qwenstack.
+
+Run as a file, standard library only, so that it starts in milliseconds whatever environment
+the command is given.
+"""
+
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    lifeline, command = int(sys.argv[1]), sys.argv[2:]
+    if os.fork() == 0:
+        _watch(lifeline)
+    os.close(lifeline)
+    os.execvp(command[0], command)
+
+
+def _watch(lifeline: int) -> None:
+    # Only the end of the pipe stops the group here: a SIGINT or SIGTERM (the supervisor stops
+    # the group with SIGTERM, giving the command time to shut down) just ends this watcher.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    while os.read(lifeline, 1):  # nothing is ever written: this returns at end of file
+        pass
+    os.killpg(0, signal.SIGKILL)  # the command's group, this watcher with it
+
+
+if __name__ == "__main__":
+    main()

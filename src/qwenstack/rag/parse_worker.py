@@ -1,0 +1,109 @@
+"""Each uploaded file parsed in a worker process of its own, under CPU-time and memory limits.
+
+A hostile file (a zip bomb, input that keeps a parser busy for minutes) then costs that worker,
+not the gateway: the gateway's event loop keeps answering (a parser holds the GIL, so a thread
+is not enough) and its memory stays its own. A worker killed by a limit refuses the upload with
+a 413 naming the limit.
+
+Workers fork from multiprocessing's fork server, a small process that has the parsers imported
+already and none of the gateway's threads or memory: a worker starts in milliseconds. The fork
+server ends by itself when the process that started it does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import signal
+import threading
+from multiprocessing.connection import Connection
+
+from qwenstack.rag import RagError
+from qwenstack.rag.parsers import Section, parse
+from qwenstack.settings import RagSettings
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+# "__main__" too: imported once in the fork server, rather than by every worker.
+_CONTEXT.set_forkserver_preload(["__main__", "qwenstack.rag.parsers", "bs4", "pypdf"])
+
+# A worker's outcome: its sections, or a RagError's (message, status, code).
+_Outcome = list[Section] | tuple[str, int, str]
+
+
+class ParseWorkers:
+    """Parses files in worker processes, at most `limits.parse_workers` at once."""
+
+    def __init__(self, limits: RagSettings) -> None:
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.parse_workers)
+
+    def parse(self, name: str, data: bytes) -> list[Section]:
+        """parsers.parse in a worker; blocks, so the gateway calls it from a thread."""
+        with self._slots:
+            return _parse_in_worker(name, data, self.limits)
+
+
+def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Section]:
+    receiver, sender = _CONTEXT.Pipe(duplex=False)
+    worker = _CONTEXT.Process(
+        target=_work, args=(sender, name, data, limits), name="qwenstack-parse", daemon=True
+    )
+    worker.start()
+    sender.close()  # the worker holds the only write end: its death reads as end of file
+    # Wall time as a backstop (CPU time is what the limit counts): room for a busy machine,
+    # whose other processes share the cores.
+    wall_s = 2 * limits.parse_cpu_seconds + 10
+    outcome: _Outcome | None = None
+    try:
+        if receiver.poll(wall_s):
+            try:
+                outcome = receiver.recv()
+            except EOFError:  # ended without an answer: killed by a limit, or crashed
+                pass
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+        receiver.close()
+    if isinstance(outcome, list):
+        return outcome
+    if outcome is not None:
+        message, status, code = outcome
+        raise RagError(message, status=status, code=code)
+    if worker.exitcode in (-signal.SIGXCPU, -signal.SIGKILL):
+        raise RagError(
+            f"{name}: parsing took more than {limits.parse_cpu_seconds} s of CPU time "
+            "(rag.parse_cpu_seconds).", status=413, code="parse_limit",
+        )
+    # Out of memory, a worker may not even manage to report it: Python exits with 1 when it
+    # cannot handle a MemoryError, a C library (lxml, zlib) may abort on a signal.
+    raise _memory_limit(name, limits)
+
+
+def _memory_limit(name: str, limits: RagSettings) -> RagError:
+    return RagError(f"{name}: parsing needs more than {limits.parse_memory_bytes} bytes of "
+                    "memory (rag.parse_memory_bytes).", status=413, code="parse_limit")
+
+
+def _work(sender: Connection, name: str, data: bytes, limits: RagSettings) -> None:
+    """In the worker: limits first, then the parse; the outcome goes back through `sender`."""
+    resource.setrlimit(resource.RLIMIT_AS, (limits.parse_memory_bytes, limits.parse_memory_bytes))
+    # SIGXCPU at the soft limit ends the process; the hard limit's SIGKILL, a second later,
+    # ends it should anything catch SIGXCPU.
+    cpu_s = limits.parse_cpu_seconds
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    outcome: _Outcome | None = None
+    try:
+        outcome = parse(name, data, limits)
+    except RagError as exc:
+        outcome = (str(exc), exc.status, exc.code)
+    except MemoryError:
+        pass  # answered below, once the traceback and the parser's memory are let go
+    except Exception as exc:  # a parser library failing on a malformed file
+        outcome = (f"{name}: the file cannot be read ({type(exc).__name__}: {exc}).", 400,
+                   "unreadable_file")
+    if outcome is None:
+        error = _memory_limit(name, limits)
+        outcome = (str(error), error.status, error.code)
+    sender.send(outcome)
+    sender.close()

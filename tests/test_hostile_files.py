@@ -1,0 +1,106 @@
+"""Hostile uploads against a real gateway (issue 12): parsing can neither stall nor kill it.
+
+The three files of the issue, built here, each uploaded while /health is polled: a Markdown
+heading line the old regex backtracked on, 80 KB of nested HTML the old parser took 13 s over,
+and a DOCX zip bomb. /health answers in under 100 ms throughout (the bound the issue sets), and
+the gateway's own memory stays where it was.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Gateway, start_gateway
+from test_rag_chunking import HOSTILE_HTML, HOSTILE_MARKDOWN, docx_bomb
+
+HEALTH_BOUND_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("hostile"), engine_url)
+    yield gateway
+    assert gateway.stop() == 0
+
+
+class HealthProbe:
+    """Polls /health from a thread of its own: the slowest answer while it ran, and any that
+    was not a 200 (or no answer)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.worst_s = 0.0
+        self.polls = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while True:  # once at least, however short the upload
+                started = time.perf_counter()
+                try:
+                    status = client.get(f"{self.url}/health").status_code
+                except httpx.HTTPError as exc:
+                    status = repr(exc)
+                if status != 200:
+                    self.failures.append(str(status))
+                self.worst_s = max(self.worst_s, time.perf_counter() - started)
+                self.polls += 1
+                if self._stop.wait(0.01):
+                    return
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(pid)
+
+
+def test_hostile_uploads_leave_the_gateway_answering(gateway: Gateway) -> None:
+    kb = f"{gateway.url}/v1/knowledge_bases"
+    # Created first, with a first file: that loads the embedding model and opens the Milvus
+    # collection, which are no part of parsing.
+    assert httpx.post(kb, json={"name": "hostile"}, timeout=300).status_code == 201
+    warm_up = httpx.post(f"{kb}/hostile/files", files=[("file", ("a.txt", b"Warm up."))],
+                         timeout=300)
+    assert warm_up.status_code == 200, warm_up.text
+    # The issue's bomb: a 300 KiB DOCX declaring 300 MiB of XML (it took `up` to 11.9 GB).
+    bomb = docx_bomb(300 * 2**20)
+    cases = [("hostile.md", HOSTILE_MARKDOWN, 200, None),
+             ("hostile.html", HOSTILE_HTML, 200, None),
+             ("bomb.docx", bomb, 413, "archive_too_large")]
+    rss_before = _rss_bytes(gateway.process.pid)
+    for name, data, status, code in cases:
+        with HealthProbe(gateway.url) as health:
+            started = time.perf_counter()
+            response = httpx.post(f"{kb}/hostile/files", files=[("file", (name, data))],
+                                  timeout=120)
+            took_s = time.perf_counter() - started
+        print(f"{name}: {len(data)} bytes, upload answered in {took_s:.2f} s, "
+              f"worst /health {health.worst_s * 1000:.1f} ms over {health.polls} polls")
+        assert response.status_code == status, response.text
+        if code:
+            error = response.json()["error"]
+            assert error["code"] == code and "rag.max_" in error["message"], error
+        assert health.polls > 0 and not health.failures, (name, health.failures)
+        assert health.worst_s < HEALTH_BOUND_S, (name, health.worst_s)
+    growth = _rss_bytes(gateway.process.pid) - rss_before
+    print(f"gateway RSS growth over the three uploads: {growth / 2**20:.1f} MiB")
+    assert growth < 100 * 2**20
+    listed = httpx.get(f"{kb}/hostile/files", timeout=60).json()["data"]
+    assert sorted(f["name"] for f in listed) == ["a.txt", "hostile.html", "hostile.md"]
