@@ -11,8 +11,9 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -99,6 +100,50 @@ def parse_duration(text: str) -> dt.timedelta:
     if not match or int(match[1]) == 0:
         raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m or 45s")
     return dt.timedelta(seconds=int(match[1]) * UNIT_SECONDS[match[2]])
+
+
+PRIVATE_UMASK = 0o077
+SECRETS_FOLDER = "secrets"
+# Folders of the home whose files hold what others must not read: key secrets, chat logs with
+# prompts, request logs with key names. The home's own files are its databases (qwenstack.db,
+# ui.db, milvus.db and their journals).
+PRIVATE_FOLDERS = (SECRETS_FOLDER, "logs")
+
+
+def make_private(home: Path) -> None:
+    """The home 0700 and its databases, secrets and logs 0600, from this process on.
+
+    The umask makes every file this process and its children (engines, the UI) create private
+    to their user, whoever creates it (SQLite, Milvus Lite, Chainlit); the chmods bring files
+    an older version made readable to others in line."""
+    os.umask(PRIVATE_UMASK)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)
+    for folder in (home, *(home / name for name in PRIVATE_FOLDERS)):
+        if folder.is_dir():
+            folder.chmod(0o700)
+            for path in folder.iterdir():
+                if path.is_file() and not path.is_symlink():
+                    path.chmod(0o600)
+
+
+def secret_file(home: Path, name: str, make: Callable[[], str]) -> str:
+    """A secret kept in <home>/secrets/<name> (mode 0600), made by `make` on first use."""
+    folder = home / SECRETS_FOLDER
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / name
+    if path.exists():
+        return path.read_text().strip()
+    value = make()
+    write_secret(path, value)
+    return value
+
+
+def write_secret(path: Path, value: str) -> None:
+    """`value` into a new file only its owner may read, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(value + "\n")
 
 
 def _normalised(url: str) -> str:
