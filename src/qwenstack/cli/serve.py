@@ -17,7 +17,6 @@ from qwenstack.errors import SetupError
 from qwenstack.keys import KeyStore
 from qwenstack.settings import Settings
 
-
 FIRST_ADMIN_KEY_FILE = "admin-key"
 
 
