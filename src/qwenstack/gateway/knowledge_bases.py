@@ -125,7 +125,7 @@ async def create_knowledge_base(body: NewKnowledgeBase, request: Request) -> dic
     service = await _service(request)
     caller = _caller(request)
     owner = None if caller is ANONYMOUS else caller.name
-    return await call(service.create, body.name, owner, body.readers, body.writers)
+    return await call(service.create, body.name, owner, caller, body.readers, body.writers)
 
 
 @router.get("/knowledge_bases/{name}")

@@ -233,3 +233,8 @@ class AuthSettings(BaseModel):
     )
     protect_metrics: bool = Field(False, description="/metrics needs a valid key or JWT too.")
     jwt: JWTSettings = JWTSettings()
+    ui_service_key: str = Field(
+        "ui", description="Name of the chat UI's own admin key (the one it makes, or the one "
+        "ui.gateway_admin_key holds): the only caller that may create knowledge bases named "
+        "`ui-...`, which the UI makes for its users.",
+    )
