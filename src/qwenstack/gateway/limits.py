@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -94,16 +95,22 @@ def _decide(quota: Quota, requests: float, tokens: float, held: int, cost: int) 
 class MemoryStore:
     """One gateway process's budgets. Steps never await, so they are atomic on the event loop."""
 
-    def __init__(self) -> None:
-        # key -> [request level, token level, last update ms]; only for callers with limits
-        self._buckets: dict[str, list[float]] = {}
-        self._held: dict[str, int] = {}
+    def __init__(self, max_buckets: int) -> None:
+        # key -> [request level, token level, last update ms]; only for callers with limits,
+        # least recently used first. JWT subjects are unbounded: past `max_buckets` the least
+        # recently used bucket goes (and would start full again).
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._max_buckets = max_buckets
+        self._held: dict[str, int] = {}  # only callers with requests in flight
 
     def _refill(self, key: str, quota: Quota, now_ms: float) -> list[float]:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = [float(quota.rpm or 0), float(quota.tpm or 0), now_ms]
+            if len(self._buckets) > self._max_buckets:
+                self._buckets.popitem(last=False)
         else:
+            self._buckets.move_to_end(key)
             bucket[0] = _level(quota.rpm or 0, bucket[0], bucket[2], now_ms)
             bucket[1] = _level(quota.tpm or 0, bucket[1], bucket[2], now_ms)
             bucket[2] = now_ms
@@ -124,6 +131,8 @@ class MemoryStore:
             bucket[1] = min(quota.tpm, bucket[1] + refund)
         if quota.concurrency:
             self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
 
     async def close(self) -> None:
         pass
@@ -263,7 +272,7 @@ REFUSALS = {
 
 
 class Limiter:
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(self, settings: LimitSettings, max_buckets: int) -> None:
         self.settings = settings
         if settings.redis_url:
             self.store: Store = RedisStore(
@@ -271,7 +280,7 @@ class Limiter:
                 settings.redis_timeout_s, settings.concurrency_lease_s,
             )
         else:
-            self.store = MemoryStore()
+            self.store = MemoryStore(max_buckets)
 
     def quota(self, caller: Caller) -> Quota:
         """The caller's own limits; the configured defaults where it has none."""
@@ -313,7 +322,7 @@ class Limiter:
         headers = rate_headers(quota, decision)
         if decision.refused:
             limit = "tokens" if decision.refused == "too_large" else decision.refused
-            RATE_LIMITED.labels(key, limit).inc()
+            RATE_LIMITED.labels(exchange.caller.metric_label, limit).inc()
             if decision.refused == "too_large":
                 message = (f"Request too large: it may use {cost} tokens (prompt + max_tokens), "
                            f"over the limit of {quota.tpm} tokens per minute. Lower max_tokens.")

@@ -13,14 +13,13 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from qwenstack.callers import Caller
+from qwenstack.callers import JWT_PREFIX, Caller
 from qwenstack.database import ApiKey, Base, aware
 from qwenstack.rag import RagError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The chat UI's per-user bases: only the UI's own service key may make one (auth.ui_service_key).
 UI_PREFIX = "ui-"
-JWT_PREFIX = "jwt:"  # JWT callers are named jwt:<subject> and have no key row to check
 
 
 class KnowledgeBase(Base):
@@ -85,6 +84,7 @@ def check_creator(name: str, creator: Caller, ui_service_key: str) -> None:
 def check_grantees(session: sa.orm.Session, callers: Iterable[str]) -> None:
     """400 unless each key named exists: a grant to a name nobody holds yet would pass the base
     to whoever is later given that name."""
+    # JWT callers (jwt:<subject>) have no key row to check.
     keys = {name for name in callers if not name.startswith(JWT_PREFIX)}
     known = set(session.scalars(sa.select(ApiKey.name).where(ApiKey.name.in_(keys))))
     if unknown := sorted(keys - known):
