@@ -120,6 +120,26 @@ def test_key_names_come_from_account_ids_and_keys_are_encrypted_at_rest(tmp_path
     assert (tmp_path / "secrets" / "ui-database-key").stat().st_mode & 0o777 == 0o600
 
 
+def test_an_older_accounts_table_loses_its_plain_text_keys(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    old = sa.create_engine(f"sqlite:///{tmp_path / 'ui.db'}")
+    with old.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE qwenstack_ui_accounts (identifier VARCHAR(256) PRIMARY KEY, "
+            "password_hash VARCHAR(256), gateway_key VARCHAR(128), created_at DATETIME)")
+        connection.exec_driver_sql("INSERT INTO qwenstack_ui_accounts VALUES "
+                                   "('alice', NULL, 'sk-qs-plain', '2026-01-01 00:00:00')")
+    old.dispose()
+    accounts = store.accounts(load_settings(home=tmp_path))
+    name, secret = accounts.gateway_key("alice")
+    assert secret is None and name.startswith("ui-") and name != "ui-alice"
+    with accounts.engine.connect() as connection:
+        assert "sk-qs-plain" not in str(connection.exec_driver_sql(
+            "SELECT * FROM qwenstack_ui_accounts").all())
+    accounts.engine.dispose()
+
+
 def test_citations_become_literal_sources_and_answers_load_no_images() -> None:
     shown = sources([
         {"source": "a.pdf", "page": 3, "heading": None, "text": "word " * 100},

@@ -59,7 +59,7 @@ class Account(Base):
 class AccountInfo:
     identifier: str
     has_password: bool
-    has_gateway_key: bool
+    gateway_key: str | None  # the name of the key the UI made the user, once it has
     created_at: dt.datetime
 
 
@@ -119,19 +119,21 @@ class Accounts:
                 session.add(row)
             row.password_hash = hash_password(password)
 
-    def remove(self, identifier: str) -> None:
+    def remove(self, identifier: str) -> str | None:
+        """Remove the account; the name of the gateway key the UI made it, to be revoked."""
         with Session(self.engine) as session, session.begin():
             row = session.get(Account, identifier)
             if row is None:
                 raise AccountError(f"No user named {identifier!r}.")
+            key = _made_key(row)
             session.delete(row)
+            return key
 
     def list(self) -> list[AccountInfo]:
         with Session(self.engine) as session:
             rows = session.scalars(sa.select(Account).order_by(Account.identifier))
             return [
-                AccountInfo(r.identifier, r.password_hash is not None, r.gateway_key is not None,
-                            r.created_at)
+                AccountInfo(r.identifier, r.password_hash is not None, _made_key(r), r.created_at)
                 for r in rows
             ]
 
@@ -193,6 +195,10 @@ class Accounts:
         if row is None:
             raise AccountError(f"No user named {identifier!r}.")
         return row
+
+
+def _made_key(row: Account) -> str | None:
+    return gateway_key_name(row.account_id) if row.account_id and row.gateway_key else None
 
 
 def _new_account(identifier: str) -> Account:
