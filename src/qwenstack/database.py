@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from qwenstack.errors import SetupError
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Serialises migrations of gateway replicas starting together against one PostgreSQL database.
 MIGRATION_LOCK_ID = 0x717765_6E737461  # "qwensta"
@@ -118,13 +119,19 @@ def make_private(home: Path) -> None:
     an older version made readable to others in line."""
     os.umask(PRIVATE_UMASK)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    home.chmod(0o700)
     for folder in (home, *(home / name for name in PRIVATE_FOLDERS)):
         if folder.is_dir():
-            folder.chmod(0o700)
+            _restrict(folder, 0o700)
             for path in folder.iterdir():
                 if path.is_file() and not path.is_symlink():
-                    path.chmod(0o600)
+                    _restrict(path, 0o600)
+
+
+def _restrict(path: Path, mode: int) -> None:
+    try:
+        path.chmod(mode)
+    except PermissionError:  # not ours, e.g. a volume's root a container runtime made
+        log.warning("Cannot make %s private (mode %o): it belongs to another user", path, mode)
 
 
 def secret_file(home: Path, name: str, make: Callable[[], str]) -> str:

@@ -332,7 +332,7 @@ async def _answer(
                     # The gateway's last event of a grounded stream: the SDK parses it as a
                     # chunk without choices, its extra field kept in model_extra.
                     citations = (chunk.model_extra or {}).get("citations") or []
-        await answer.stream_token(shown.flush())
+        await answer.stream_token(shown.flush())  # a `!` that ended the answer; "" is ignored
         return citations
     raise MessageTooLong(context_len)
 
