@@ -13,10 +13,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -505,8 +507,21 @@ def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
 ) -> None:
     from pypdf import PdfWriter
 
+    # A document with a Markdown image pointing at a server that counts its visitors: the
+    # sources quote it, and the browser must not fetch it.
+    fetched: list[str] = []
+
+    class Pixel(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            fetched.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+    pixel_server = ThreadingHTTPServer(("127.0.0.1", 0), Pixel)
+    threading.Thread(target=pixel_server.serve_forever, daemon=True).start()
+    pixel = f"http://127.0.0.1:{pixel_server.server_port}/p.png"
     notes = tmp_path / "kestrel-notes.txt"
-    notes.write_bytes(NOTES)
+    notes.write_bytes(NOTES + f"![p]({pixel}?leak=1)\n".encode())
     writer = PdfWriter()
     writer.add_blank_page(100, 100)
     writer.encrypt("secret")
@@ -525,6 +540,12 @@ def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
     cited = erin.page.locator("[data-step-type=assistant_message]", has_text="Sources:").last
     cited.wait_for()
     assert "kestrel-notes.txt" in cited.inner_text() and "amber-falcon" in cited.inner_text()
+    # The image is quoted as text: no <img>, no request to its server.
+    assert f"![p]({pixel}" in cited.inner_text()
+    erin.page.wait_for_timeout(1000)  # time for an image load, were there one
+    assert erin.page.locator(f"img[src*='{pixel_server.server_port}']").count() == 0
+    assert fetched == []
+    pixel_server.shutdown()
     erin.page.screenshot(path=str(screenshots / "erin-grounded-answer.png"))
     grounded = chat_ui.requests(key)[0]
     assert grounded["status"] == 200
