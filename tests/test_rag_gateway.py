@@ -200,3 +200,20 @@ def test_passages_reach_the_engine_as_delimited_user_data(gateway: Gateway) -> N
     assert documents.count(f"</document-{tag}>") == 1 and 'source="x&quot; evil' in documents
     again = _prompt_seen_by_engine(gateway, key, body)
     assert f"document-{tag}" not in again  # a new tag for every request
+
+
+def test_a_key_cannot_claim_a_ui_name_or_grant_to_a_key_not_yet_made(gateway: Gateway) -> None:
+    """Issue 12's attack, at the gateway: an ordinary key made `ui-alice` with itself and
+    `ui-alice` as writers, to be handed the chat user's documents."""
+    attacker = _bearer(create_key(gateway.home, "--name", "squatter"))
+    url = f"{gateway.url}/v1/knowledge_bases"
+    claimed = httpx.post(url, headers=attacker, timeout=300,
+                         json={"name": "ui-alice", "writers": ["squatter", "ui-alice"]})
+    assert claimed.status_code == 400, claimed.text
+    assert claimed.json()["error"]["code"] == "reserved_knowledge_base_name"
+    # Nor a base of its own, waiting for a key of that name to be made.
+    trap = httpx.post(url, headers=attacker, timeout=300,
+                      json={"name": "trap", "writers": ["ui-alice"]})
+    assert trap.status_code == 400 and trap.json()["error"]["code"] == "unknown_grantee"
+    assert "ui-alice" in trap.json()["error"]["message"]
+    assert httpx.get(url, headers=attacker, timeout=60).json()["data"] == []
