@@ -211,9 +211,11 @@ def test_a_key_cannot_claim_a_ui_name_or_grant_to_a_key_not_yet_made(gateway: Ga
                          json={"name": "ui-alice", "writers": ["squatter", "ui-alice"]})
     assert claimed.status_code == 400, claimed.text
     assert claimed.json()["error"]["code"] == "reserved_knowledge_base_name"
+    assert claimed.json()["error"]["param"] == "name"
     # Nor a base of its own, waiting for a key of that name to be made.
     trap = httpx.post(url, headers=attacker, timeout=300,
                       json={"name": "trap", "writers": ["ui-alice"]})
     assert trap.status_code == 400 and trap.json()["error"]["code"] == "unknown_grantee"
+    assert trap.json()["error"]["param"] == "writers"
     assert "ui-alice" in trap.json()["error"]["message"]
     assert httpx.get(url, headers=attacker, timeout=60).json()["data"] == []

@@ -77,11 +77,11 @@ def check_creator(name: str, creator: Caller, ui_service_key: str) -> None:
     if name.startswith(UI_PREFIX) and creator.name != ui_service_key:
         raise RagError(
             f"Knowledge base names starting {UI_PREFIX!r} are reserved for the chat UI.",
-            code="reserved_knowledge_base_name",
+            code="reserved_knowledge_base_name", param="name",
         )
 
 
-def check_grantees(session: sa.orm.Session, callers: Iterable[str]) -> None:
+def check_grantees(session: sa.orm.Session, callers: Iterable[str], param: str) -> None:
     """400 unless each key named exists: a grant to a name nobody holds yet would pass the base
     to whoever is later given that name."""
     # JWT callers (jwt:<subject>) have no key row to check.
@@ -90,7 +90,7 @@ def check_grantees(session: sa.orm.Session, callers: Iterable[str]) -> None:
     if unknown := sorted(keys - known):
         raise RagError(f"No API key named {', '.join(map(repr, unknown))}: grant existing keys "
                        f"(or {JWT_PREFIX}<subject> for a JWT caller).",
-                       code="unknown_grantee")
+                       code="unknown_grantee", param=param)
 
 
 def may_read(session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool) -> bool:

@@ -132,7 +132,8 @@ class KnowledgeService:
             check_creator(name, creator, self.ui_service_key)
         embedder = self.embedder
         with Session(self.engine) as session, session.begin():
-            check_grantees(session, [*readers, *writers])
+            check_grantees(session, readers, "readers")
+            check_grantees(session, writers, "writers")
             if session.scalar(sa.select(KnowledgeBase).where(KnowledgeBase.name == name)):
                 raise RagError(f"The knowledge base {name!r} exists already.", status=409,
                                code="knowledge_base_exists")
@@ -169,7 +170,7 @@ class KnowledgeService:
     def grant(self, name: str, caller_name: str, write: bool, caller: Caller) -> dict[str, object]:
         with Session(self.engine) as session, session.begin():
             kb = self._writable(session, name, caller, owner_only=True)
-            check_grantees(session, [caller_name])
+            check_grantees(session, [caller_name], "caller")
             grant = session.scalar(sa.select(KnowledgeBaseGrant).where(
                 KnowledgeBaseGrant.knowledge_base_id == kb.id,
                 KnowledgeBaseGrant.caller == caller_name))
