@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -135,15 +136,21 @@ def _restrict(path: Path, mode: int) -> None:
 
 
 def secret_file(home: Path, name: str, make: Callable[[], str]) -> str:
-    """A secret kept in <home>/secrets/<name> (mode 0600), made by `make` on first use."""
+    """A secret kept in <home>/secrets/<name> (mode 0600), made by `make` on first use. Processes
+    starting together agree on one: the first to link its draft into place wins."""
     folder = home / SECRETS_FOLDER
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / name
-    if path.exists():
-        return path.read_text().strip()
-    value = make()
-    write_secret(path, value)
-    return value
+    if not path.exists():
+        draft = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
+        write_secret(draft, make())
+        try:
+            os.link(draft, path)  # atomic, and fails when another process got there first
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
 
 
 def write_secret(path: Path, value: str) -> None:
