@@ -287,9 +287,10 @@ async def _answer(
     the citations of a grounded answer."""
     context_len = cl.user_session.get("context_lens", {}).get(sampling.model)
     request = sampling.request(context_len)
-    if cl.user_session.get("use_documents") and cl.user_session.get("documents"):
+    # Counted afresh each turn: counting checks the base is still the user's own (knowledge.py).
+    if cl.user_session.get("use_documents") and cl.user_session.get("documents") \
+            and await _document_count():
         # The gateway retrieves from it with the newest message and answers with citations.
-        # (The documents count is of a base checked to be the user's own: knowledge.py.)
         request["extra_body"]["knowledge_bases"] = [cl.user_session.get("key").name]
     budget = context_len - request["max_tokens"] if context_len else None
     client = await _client()
