@@ -116,7 +116,7 @@ def main() -> None:
 async def store_costs(rounds: int = 2000) -> None:
     """acquire + settle of one request with all three limits, without HTTP around them."""
     quota = Quota(10**9, 10**9, 10**9)
-    stores = {"memory": MemoryStore(),
+    stores = {"memory": MemoryStore(max_buckets=10_000),
               "redis": RedisStore("redis://127.0.0.1:6379/0", f"bench-{os.getpid()}:", 1, 60)}
     for name, store in stores.items():
         started = time.perf_counter()

@@ -168,13 +168,14 @@ def start_stack(tmp: Path, *args: str) -> Stack:
 
 
 def _printed_admin_key(log: Path, timeout_s: float = 10) -> str:
-    """The admin key in the ready banner (printed just after /ready turns 200)."""
+    """The admin key in the file the ready banner names (printed just after /ready turns 200);
+    not a terminal, `up` does not print the key itself."""
     deadline = time.monotonic() + timeout_s
-    while not (match := re.search(r"admin key +(sk-qs-[A-Za-z0-9_-]+)", log.read_text())):
+    while not (match := re.search(r"admin key file +(\S+)", log.read_text())):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no admin key in {log}:\n{log.read_text()[-5000:]}")
+            raise RuntimeError(f"no admin key file in {log}:\n{log.read_text()[-5000:]}")
         time.sleep(0.2)
-    return match[1]
+    return Path(match[1]).read_text().strip()
 
 
 def create_key(home: Path, *args: str, env: dict[str, str] | None = None) -> str:

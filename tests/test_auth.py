@@ -30,6 +30,7 @@ MODEL = "tiny-qwen3"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 JWT_SECRET = "test-shared-secret-of-at-least-32-bytes!"
 ISSUER, AUDIENCE = "https://id.example.test", "qwenstack"
+ADMIN_CLAIM = "qwenstack_admin"  # what the identity provider sets for admins only
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_PUBLIC_PEM = (
     RSA_KEY.public_key()
@@ -92,6 +93,7 @@ def auth(
         "QWENSTACK_AUTH__JWT__PUBLIC_KEY": RSA_PUBLIC_PEM,
         "QWENSTACK_AUTH__JWT__ISSUER": ISSUER,
         "QWENSTACK_AUTH__JWT__AUDIENCE": AUDIENCE,
+        "QWENSTACK_AUTH__JWT__CLAIMS__ADMIN": ADMIN_CLAIM,
     }
     suffix = request.param  # one PostgreSQL database serves the whole session: names must differ
     admin = create_key(home, "--name", f"auth-admin-{suffix}", "--admin", env=env)
@@ -241,7 +243,10 @@ def test_jwt_hs256_and_rs256_are_accepted_with_their_claims(auth: AuthGateway):
     scoped = token({"models": ["some-other-model"]})
     assert auth.post(scoped).status_code == 403
     assert auth.post(token({"models": f"{MODEL} x"})).status_code == 200
-    admin = {"authorization": f"Bearer {token({'admin': True})}"}
+    # Admin rights come from the configured claim only: a self-styled `admin` is not one.
+    pretender = {"authorization": f"Bearer {token({'admin': True})}"}
+    assert httpx.get(f"{auth.gateway.url}/admin/keys", headers=pretender).status_code == 403
+    admin = {"authorization": f"Bearer {token({ADMIN_CLAIM: True})}"}
     assert httpx.get(f"{auth.gateway.url}/admin/keys", headers=admin).status_code == 200
     # Usage is recorded under the token's subject (written every 0.5 s).
     time.sleep(1)
@@ -364,6 +369,7 @@ def test_es256_through_a_jwks_url(engine_url: str, tmp_path: Path):
         env={
             "QWENSTACK_AUTH__JWT__JWKS_URL": f"http://127.0.0.1:{server.server_port}/jwks.json",
             "QWENSTACK_AUTH__JWT__ALGORITHMS": "ES256",
+            "QWENSTACK_AUTH__JWT__ISSUER": ISSUER,
             "QWENSTACK_AUTH__JWT__AUDIENCE": AUDIENCE,
         },
         auth=True,
@@ -415,16 +421,31 @@ def test_admin_api_bad_input_gets_openai_errors(auth: AuthGateway):
     assert taken.status_code == 400 and "exists" in taken.json()["error"]["message"]
 
 
-def test_first_start_creates_an_admin_key_and_prints_it_once(engine_url: str, tmp_path: Path):
+def test_first_start_saves_an_admin_key_in_a_private_file_and_keeps_the_home_private(
+    engine_url: str, tmp_path: Path
+):
+    # A log an older version left readable to all: made private too.
+    old_log = tmp_path / "first" / "home" / "logs" / "engine-0.log"
+    old_log.parent.mkdir(parents=True)
+    old_log.write_text("old\n")
+    old_log.chmod(0o644)
     first = start_gateway(tmp_path / "first", engine_url, auth=True)
     try:
-        [secret] = re.findall(r"admin key +(sk-qs-[A-Za-z0-9_-]+)", first.log.read_text())
+        printed = first.log.read_text()
+        [path] = re.findall(r"admin key file +(\S+)", printed)
+        secret = Path(path).read_text().strip()
+        # Not a terminal (a container's log, here a file): the key itself is not printed.
+        assert secret.startswith("sk-qs-") and secret not in printed
         listed = httpx.get(f"{first.url}/admin/keys", headers={"authorization": f"Bearer {secret}"})
         assert [key["name"] for key in listed.json()["data"]] == ["admin"]
+        # Home, databases, secrets and logs: nobody but their owner may read them.
+        home = first.home
+        assert home.stat().st_mode & 0o777 == 0o700
+        private = [home / "qwenstack.db", Path(path), old_log, home / "secrets" / "pepper"]
+        assert {p.name: p.stat().st_mode & 0o777 for p in private} == {
+            p.name: 0o600 for p in private}
     finally:
         assert first.stop() == 0
-    pepper = first.home / "secrets" / "pepper"
-    assert pepper.stat().st_mode & 0o777 == 0o600
     # The same home again: the key store is not empty, so no new key.
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "home").symlink_to(first.home)
@@ -435,3 +456,30 @@ def test_first_start_creates_an_admin_key_and_prints_it_once(engine_url: str, tm
         assert models.status_code == 200
     finally:
         assert again.stop() == 0
+
+
+def test_text_logs_escape_control_characters(engine_url: str, tmp_path: Path):
+    gateway = start_gateway(tmp_path, engine_url, auth=True,
+                            env={"QWENSTACK_OBSERVABILITY__LOG_FORMAT": "text"})
+    try:
+        forged = "2026-01-01 00:00:00,000 INFO qwenstack.gateway: key=admin status=200"
+        response = httpx.get(f"{gateway.url}/v1/models%0A{forged.replace(' ', '%20')}")
+        assert response.status_code == 401
+    finally:
+        assert gateway.stop() == 0
+    lines = gateway.log.read_text().splitlines()
+    # The path is in the log, on the request's own line: the forged line never starts one.
+    assert any("/v1/models\\n2026-01-01" in line for line in lines), lines[-5:]
+    assert not any(line.startswith("2026-01-01 00:00:00,000") for line in lines)
+
+
+@pytest.mark.parametrize("unset", ["ISSUER", "AUDIENCE"])
+def test_jwt_without_issuer_or_audience_refuses_to_start(tmp_path: Path, unset: str):
+    env = {**os.environ, "QWENSTACK_HOME": str(tmp_path), "QWENSTACK_AUTH__JWT__SECRET": JWT_SECRET,
+           "QWENSTACK_AUTH__JWT__ISSUER": ISSUER, "QWENSTACK_AUTH__JWT__AUDIENCE": AUDIENCE}
+    del env[f"QWENSTACK_AUTH__JWT__{unset}"]
+    started = subprocess.run([sys.executable, "-m", "qwenstack", "gateway"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode != 0
+    # One clear sentence naming the setting, not a traceback.
+    assert f"auth.jwt.{unset.lower()}" in started.stderr and "Traceback" not in started.stderr

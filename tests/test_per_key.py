@@ -29,11 +29,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qwenstack import database as db
 from qwenstack.gateway import usage
+from qwenstack.gateway.limits import MemoryStore, Quota
 from qwenstack.keys import KeyStore
 
 MODEL = "tiny-qwen3"
 CACHE_HEADER = "x-qwenstack-cache"
 JWT_SECRET = "per-key-test-secret-of-at-least-32-bytes"
+JWT_ISSUER, JWT_AUDIENCE = "https://id.example.test", "qwenstack"
 CACHE_ALL_CLAIM = "qs_cache_all"  # a mapped claim name, as an identity provider might use
 
 
@@ -96,6 +98,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, engine_url: str, postgres_ur
         "QWENSTACK_LIMITS__REDIS_URL": redis_url,
         "QWENSTACK_LIMITS__KEY_PREFIX": f"qwenstack-test-{os.getpid()}-{time.monotonic_ns()}:",
         "QWENSTACK_AUTH__JWT__SECRET": JWT_SECRET,
+        "QWENSTACK_AUTH__JWT__ISSUER": JWT_ISSUER,
+        "QWENSTACK_AUTH__JWT__AUDIENCE": JWT_AUDIENCE,
         "QWENSTACK_AUTH__JWT__CLAIMS__CACHE_ALL": CACHE_ALL_CLAIM,
     }
     gateways: list[Gateway] = []
@@ -292,8 +296,7 @@ def test_cache_all_through_the_admin_api_and_a_jwt_claim(keyed: KeyedGateways):
     assert results == ["miss", "hit"]
 
     def token(**claims: object) -> str:
-        return jwt.encode({"sub": "sampler", "exp": int(time.time()) + 300, **claims},
-                          JWT_SECRET, algorithm="HS256")
+        return jwt_token(sub="sampler", **claims)
 
     body = chat("Sample this, token holder.", temperature=0.8)
     for claims, expected in (({CACHE_ALL_CLAIM: True}, ["miss", "hit"]),
@@ -353,14 +356,41 @@ def test_requests_and_tokens_are_counted_per_key(keyed: KeyedGateways):
     assert keyed.metric("qwenstack_rate_limited_total", key="metered", limit="requests") == 1
 
 
+def jwt_token(**claims: object) -> str:
+    return jwt.encode({"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": int(time.time()) + 300,
+                       **claims}, JWT_SECRET, algorithm="HS256")
+
+
 def test_limits_and_metrics_of_a_jwt_caller(keyed: KeyedGateways):
-    now = int(time.time())
-    token = jwt.encode({"sub": "svc-batch", "rpm": 2, "exp": now + 300}, JWT_SECRET,
-                       algorithm="HS256")
+    token = jwt_token(sub="svc-batch", rpm=2)
     assert [keyed.post(g, token, completion(1)).status_code for g in (0, 1)] == [200, 200]
     _assert_rate_limited(keyed.post(0, token, completion(1)), "requests per minute")
-    assert keyed.metric("qwenstack_requests_total", key="jwt:svc-batch", status="200") == 2
-    assert keyed.metric("qwenstack_rate_limited_total", key="jwt:svc-batch", limit="requests") == 1
+    # Metrics name every JWT caller `jwt`: subjects are unbounded, label values are kept for
+    # the life of the process.
+    assert keyed.metric("qwenstack_requests_total", key="jwt", status="200") >= 2
+    assert keyed.metric("qwenstack_rate_limited_total", key="jwt", limit="requests") >= 1
+    for gateway in keyed.gateways:
+        assert "svc-batch" not in httpx.get(f"{gateway.url}/metrics", timeout=30).text
+
+
+def test_rate_limit_buckets_are_bounded_for_jwt_subjects():
+    """One gateway process keeps at most `auth.jwt.max_subjects` buckets, least recently used
+    dropped; a bucket in use is kept. (The store alone: a million signed subjects through
+    HTTP would only measure the machine.)"""
+    store = MemoryStore(max_buckets=100)
+    one_a_minute, one_at_a_time = Quota(rpm=1, tpm=None, concurrency=None), Quota(1, None, 1)
+
+    async def scenario() -> None:
+        assert (await store.acquire("jwt:busy", one_a_minute, 0, "lease")).refused is None
+        for i in range(1000):
+            await store.acquire(f"jwt:{i}", one_at_a_time, 0, "lease")
+            await store.settle(f"jwt:{i}", one_at_a_time, 0, "lease")
+            if i % 50 == 0:  # the busy subject keeps using its bucket: never dropped, so spent
+                assert (await store.acquire("jwt:busy", one_a_minute, 0, "l")).refused
+        assert len(store._buckets) == 100 and "jwt:busy" in store._buckets
+        assert not store._held  # nothing in flight: nothing held
+
+    asyncio.run(scenario())
 
 
 def test_usage_report_counts_cache_hits_of_a_key(keyed: KeyedGateways):

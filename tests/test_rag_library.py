@@ -3,12 +3,14 @@ query, re-ingest dedup, rollback of a failed ingest, access rules."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qwenstack.callers import Caller
+from qwenstack.keys import KeyStore, KeyStoreError
 from qwenstack.rag import RagError
 from qwenstack.rag.service import KnowledgeService, open_service
 from qwenstack.settings import load_settings
@@ -22,6 +24,12 @@ WALL = "长城是中国古代的军事防御工程，东起山海关，西至嘉
 
 def _open(home: Path) -> KnowledgeService:
     settings = load_settings(home=home, **{"rag.chunk_tokens": 32, "rag.chunk_overlap_tokens": 4})
+    # Grants name existing keys: the callers here have theirs.
+    keys = KeyStore.open(settings)
+    for caller in (OWNER, READER, STRANGER):
+        with contextlib.suppress(KeyStoreError):  # made by an earlier _open of this home
+            keys.create(caller.name)
+    keys.engine.dispose()
     return open_service(settings, open_access=False)
 
 
@@ -38,7 +46,7 @@ def service(home: Path) -> Iterator[KnowledgeService]:
 
 
 def test_ingest_query_and_dedup(service: KnowledgeService) -> None:
-    service.create("docs", OWNER.name, readers=[READER.name])
+    service.create("docs", OWNER.name, OWNER, readers=[READER.name])
     results = service.ingest("docs", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
     assert [(r.name, r.status) for r in results] == [
         ("pandas.txt", "ingested"), ("wall.txt", "ingested")
@@ -63,7 +71,7 @@ def test_ingest_query_and_dedup(service: KnowledgeService) -> None:
 def test_failed_ingest_leaves_the_previous_version(
     service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service.create("rollback", OWNER.name)
+    service.create("rollback", OWNER.name, OWNER)
     service.ingest("rollback", [("a.txt", PANDAS)], OWNER)
     before = service.store.count(_kb_id(service, "rollback"))
 
@@ -87,7 +95,7 @@ def test_failed_ingest_leaves_the_previous_version(
 
 
 def test_access_rules(service: KnowledgeService) -> None:
-    service.create("private", OWNER.name, readers=[READER.name])
+    service.create("private", OWNER.name, OWNER, readers=[READER.name])
     service.ingest("private", [("pandas.txt", PANDAS)], OWNER)
     assert service.search(["private"], "竹子", READER, mode="bm25")
     for attempt in (lambda: service.search(["private"], "竹子", STRANGER),
@@ -119,7 +127,7 @@ def _kb_id(service: KnowledgeService, name: str) -> int:
 def test_a_reopened_store_serves_and_replaces(home: Path) -> None:
     """Another process's view: collections on disk must be loaded before use."""
     service = _open(home / "reopened")
-    service.create("kept", OWNER.name)
+    service.create("kept", OWNER.name, OWNER)
     service.ingest("kept", [("a.txt", PANDAS)], OWNER)
     service.close()
     service = _open(home / "reopened")
@@ -140,7 +148,7 @@ def reverse(query: str, hits: list) -> list:
 def test_reranker_hook(service: KnowledgeService) -> None:
     from qwenstack.rag.service import load_reranker
 
-    service.create("reranked", OWNER.name)
+    service.create("reranked", OWNER.name, OWNER)
     service.ingest("reranked", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
     plain = [i.hit.source for i in service.search(["reranked"], "大熊猫", OWNER, 2, "hybrid")]
     service.reranker = load_reranker("test_rag_library:reverse")
@@ -150,3 +158,24 @@ def test_reranker_hook(service: KnowledgeService) -> None:
     finally:
         service.reranker = None
     assert reranked == plain[::-1]
+
+
+def test_ui_names_are_reserved_and_grants_name_existing_keys(service: KnowledgeService) -> None:
+    ui_service = Caller(service.ui_service_key, admin=True)
+    refusals = [
+        (lambda: service.create("ui-alice", OWNER.name, OWNER), "reserved_knowledge_base_name"),
+        # Not even an admin other than the UI's own key.
+        (lambda: service.create("ui-bob", None, Caller("ops", admin=True)),
+         "reserved_knowledge_base_name"),
+        (lambda: service.create("shared", OWNER.name, OWNER, writers=["ui-alice"]),
+         "unknown_grantee"),
+        (lambda: service.grant("docs", "nobody-yet", True, OWNER), "unknown_grantee"),
+    ]
+    for attempt, code in refusals:
+        with pytest.raises(RagError) as caught:
+            attempt()
+        assert (caught.value.status, caught.value.code) == (400, code)
+    assert "shared" not in [kb["name"] for kb in service.list(ui_service)]
+    made = service.create("ui-carol", ui_service.name, ui_service, writers=[OWNER.name,
+                                                                             "jwt:carol"])
+    assert made["owner"] == ui_service.name and made["writers"] == ["jwt:carol", OWNER.name]

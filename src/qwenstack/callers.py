@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+JWT_PREFIX = "jwt:"  # a JWT caller's name: jwt:<subject>
+JWT_LABEL = "jwt"
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -16,6 +19,13 @@ class Caller:
     models: frozenset[str] | None = None  # None: every served model
     admin: bool = False
     cache_all: bool = False  # the answer cache may serve this caller sampled answers too
+
+    @property
+    def metric_label(self) -> str:
+        """The caller in metric labels: a key's name, or `jwt` for every JWT caller. Subjects
+        are unbounded (any the identity provider signs), and each label value is kept in
+        memory for the life of the process."""
+        return JWT_LABEL if self.name.startswith(JWT_PREFIX) else self.name
 
 
 ANONYMOUS = Caller("anonymous")

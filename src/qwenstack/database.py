@@ -11,8 +11,10 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
+import os
 import re
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -22,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from qwenstack.errors import SetupError
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Serialises migrations of gateway replicas starting together against one PostgreSQL database.
 MIGRATION_LOCK_ID = 0x717765_6E737461  # "qwensta"
@@ -99,6 +102,62 @@ def parse_duration(text: str) -> dt.timedelta:
     if not match or int(match[1]) == 0:
         raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m or 45s")
     return dt.timedelta(seconds=int(match[1]) * UNIT_SECONDS[match[2]])
+
+
+PRIVATE_UMASK = 0o077
+SECRETS_FOLDER = "secrets"
+# Folders of the home whose files hold what others must not read: key secrets, chat logs with
+# prompts, request logs with key names. The home's own files are its databases (qwenstack.db,
+# ui.db, milvus.db and their journals).
+PRIVATE_FOLDERS = (SECRETS_FOLDER, "logs")
+
+
+def make_private(home: Path) -> None:
+    """The home 0700 and its databases, secrets and logs 0600, from this process on.
+
+    The umask makes every file this process and its children (engines, the UI) create private
+    to their user, whoever creates it (SQLite, Milvus Lite, Chainlit); the chmods bring files
+    an older version made readable to others in line."""
+    os.umask(PRIVATE_UMASK)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in (home, *(home / name for name in PRIVATE_FOLDERS)):
+        if folder.is_dir():
+            _restrict(folder, 0o700)
+            for path in folder.iterdir():
+                if path.is_file() and not path.is_symlink():
+                    _restrict(path, 0o600)
+
+
+def _restrict(path: Path, mode: int) -> None:
+    try:
+        path.chmod(mode)
+    except PermissionError:  # not ours, e.g. a volume's root a container runtime made
+        log.warning("Cannot make %s private (mode %o): it belongs to another user", path, mode)
+
+
+def secret_file(home: Path, name: str, make: Callable[[], str]) -> str:
+    """A secret kept in <home>/secrets/<name> (mode 0600), made by `make` on first use. Processes
+    starting together agree on one: the first to link its draft into place wins."""
+    folder = home / SECRETS_FOLDER
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / name
+    if not path.exists():
+        draft = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
+        write_secret(draft, make())
+        try:
+            os.link(draft, path)  # atomic, and fails when another process got there first
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+def write_secret(path: Path, value: str) -> None:
+    """`value` into a new file only its owner may read, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(value + "\n")
 
 
 def _normalised(url: str) -> str:

@@ -13,7 +13,6 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -116,20 +115,7 @@ def load_pepper(settings: Settings) -> bytes:
     """The configured pepper, or the one generated into <home>/secrets/pepper on first use."""
     if settings.auth.pepper:
         return settings.auth.pepper.get_secret_value().encode()
-    path = settings.home / "secrets" / "pepper"
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        draft = path.with_name(f"pepper.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
-        try:
-            os.link(draft, path)  # atomic, and fails when another process got there first
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
-    return path.read_bytes().strip()
+    return db.secret_file(settings.home, "pepper", lambda: secrets.token_hex(32)).encode()
 
 
 class KeyStore:

@@ -9,6 +9,7 @@ caller's choice: the gateway never puts secrets, prompts or completions there.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -37,6 +38,17 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# Line breaks and other control characters (C0, DEL, C1, Unicode's line and paragraph
+# separators) a client can put in a path or header.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(text: str) -> str:
+    """Control characters as \\n, \\x1b, ...: a `%0A` in a request path cannot start a line
+    of its own that reads as the gateway's."""
+    return CONTROL.sub(lambda match: repr(match[0])[1:-1], text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -46,7 +58,8 @@ class TextFormatter(logging.Formatter):
         fields = _fields(record)
         if fields:
             line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
-        return line
+        # The record's own line; a traceback, added after this by format(), keeps its lines.
+        return _escaped(line)
 
 
 def configure(level: str, log_format: Literal["json", "text"]) -> None:

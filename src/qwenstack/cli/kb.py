@@ -49,7 +49,7 @@ def kb_create(
 ) -> None:
     """Create an empty knowledge base."""
     with _knowledge(config, home) as service:
-        info = service.create(name, owner, reader or [], writer or [])
+        info = service.create(name, owner, KB_ADMIN, reader or [], writer or [])
     typer.echo(f"created {info['name']} (embeddings: {info['embedding_model']})")
 
 

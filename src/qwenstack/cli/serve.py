@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,20 +12,43 @@ import uvloop
 
 from qwenstack import stack
 from qwenstack.cli.common import ConfigOpt, HomeOpt, fail, settings_for
+from qwenstack.database import SECRETS_FOLDER, write_secret
 from qwenstack.errors import SetupError
 from qwenstack.keys import KeyStore
 from qwenstack.settings import Settings
 
+FIRST_ADMIN_KEY_FILE = "admin-key"
 
-def _first_admin_key(settings: Settings) -> str | None:
-    """On the first start with an empty key store, an admin key, so a newcomer can call the API."""
+
+def _first_admin_key(settings: Settings) -> tuple[str, Path] | None:
+    """On the first start with an empty key store, an admin key, so a newcomer can call the API;
+    with the 0600 file it is saved in. Container logs and terminals' scrollback are read by
+    more people than the key's owner: the banner shows the key itself only on a terminal."""
     if not settings.auth.enabled:
         return None
     store = KeyStore.open(settings)
     try:
-        return store.create_first_admin()
+        key = store.create_first_admin()
     finally:
         store.engine.dispose()
+    if key is None:
+        return None
+    path = settings.home / SECRETS_FOLDER / FIRST_ADMIN_KEY_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a key store made afresh: its old key is void
+    write_secret(path, key)
+    return key, path
+
+
+def _first_key_lines(key: str, path: Path) -> list[str]:
+    lines = [""]
+    if sys.stdout.isatty():
+        lines.append(f"  admin key  {key}")
+    return lines + [
+        f"  admin key file  {path}",
+        ("  (made on this first start, readable only by this user: keep it;"
+         " `qwenstack keys` makes more)"),
+    ]
 
 
 def _with_ui(settings: Settings, *, engines: bool, gateway: bool) -> bool:
@@ -60,11 +84,7 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         where = "loopback only" if engines else "remote"
         lines += [f"  engine   {u}   ({where})" for u in engine_urls]
         if first_key:
-            lines += [
-                "", f"  admin key  {first_key}",
-                ("  (made on this first start, shown only now: keep it;"
-                 " `qwenstack keys` makes more)"),
-            ]
+            lines += _first_key_lines(*first_key)
         if gateway:
             lines += [
                 "", "Try:",
@@ -84,7 +104,7 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
         ))
     except SetupError as exc:
         if first_key:  # created, but the banner will not show it
-            typer.echo(f"An admin key was created: {first_key}")
+            typer.echo(f"An admin key was created, in {first_key[1]}")
         fail(exc)
 
 

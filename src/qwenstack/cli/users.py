@@ -48,13 +48,11 @@ def users_add(
 @app.command("list")
 def users_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
     """Every UI user: how they sign in and whether they have a gateway key yet."""
-    from qwenstack.ui.accounts import gateway_key_name
-
     with _accounts(config, home) as accounts:
         users = accounts.list()
     print_table([("NAME", "SIGN_IN", "GATEWAY_KEY", "CREATED")] + [
         (u.identifier, "password" if u.has_password else "header",
-         gateway_key_name(u.identifier) if u.has_gateway_key else "-",
+         u.gateway_key or "-",
          u.created_at.strftime("%Y-%m-%d %H:%M"))
         for u in users
     ])
@@ -63,12 +61,10 @@ def users_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
 @app.command("remove")
 def users_remove(name: str, config: ConfigOpt = None, home: HomeOpt = None) -> None:
     """Remove a user and revoke their gateway key (their chat history stays in the database)."""
-    from qwenstack.ui.accounts import gateway_key_name
-
     with _accounts(config, home) as accounts:
-        accounts.remove(name)
+        key = accounts.remove(name)
     settings = settings_for(config, home=home)
-    if settings.auth.enabled:
+    if key and settings.auth.enabled:
         with key_store(config, home) as store, contextlib.suppress(KeyStoreError):
-            store.revoke(gateway_key_name(name))
+            store.revoke(key)
     typer.echo(f"removed {name}")

@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 from sqlalchemy.exc import SQLAlchemyError
 
-from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.callers import ANONYMOUS, JWT_PREFIX, Caller
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.keys import SECRET_PREFIX, KeyInfo, KeyStore
 from qwenstack.settings import AuthSettings
@@ -158,10 +158,10 @@ class Authenticator:
                 f"The `{names.models}` claim must be a list of model names."
             )
         return Caller(
-            f"jwt:{subject}",
+            f"{JWT_PREFIX}{subject}",
             **limits,
             models=frozenset(models) if models is not None else None,
-            admin=claims.get(names.admin) is True,
+            admin=names.admin is not None and claims.get(names.admin) is True,
             cache_all=claims.get(names.cache_all) is True,
         )
 

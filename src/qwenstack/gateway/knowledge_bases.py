@@ -96,7 +96,7 @@ async def call(function: Any, *args: Any) -> Any:
     try:
         return await asyncio.to_thread(function, *args)
     except RagError as exc:
-        raise GatewayError(exc.status, str(exc), code=exc.code) from None
+        raise GatewayError(exc.status, str(exc), code=exc.code, param=exc.param) from None
     except MilvusException as exc:
         log.error("Milvus failed: %s", exc)
         raise GatewayError(503, f"The vector store failed: {exc.message}",
@@ -132,7 +132,7 @@ async def create_knowledge_base(body: NewKnowledgeBase, request: Request) -> dic
     service = await _service(request)
     caller = _caller(request)
     owner = None if caller is ANONYMOUS else caller.name
-    return await call(service.create, body.name, owner, body.readers, body.writers)
+    return await call(service.create, body.name, owner, caller, body.readers, body.writers)
 
 
 @router.get("/knowledge_bases/{name}")

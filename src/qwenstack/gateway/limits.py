@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -99,16 +100,22 @@ def _decide(
 class MemoryStore:
     """One gateway process's budgets. Steps never await, so they are atomic on the event loop."""
 
-    def __init__(self) -> None:
-        # key -> [request level, token level, last update ms]; only for callers with limits
-        self._buckets: dict[str, list[float]] = {}
-        self._held: dict[str, int] = {}
+    def __init__(self, max_buckets: int) -> None:
+        # key -> [request level, token level, last update ms]; only for callers with limits,
+        # least recently used first. JWT subjects are unbounded: past `max_buckets` the least
+        # recently used bucket goes (and would start full again).
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._max_buckets = max_buckets
+        self._held: dict[str, int] = {}  # only callers with requests in flight
 
     def _refill(self, key: str, quota: Quota, now_ms: float) -> list[float]:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = [float(quota.rpm or 0), float(quota.tpm or 0), now_ms]
+            if len(self._buckets) > self._max_buckets:
+                self._buckets.popitem(last=False)
         else:
+            self._buckets.move_to_end(key)
             bucket[0] = _level(quota.rpm or 0, bucket[0], bucket[2], now_ms)
             bucket[1] = _level(quota.tpm or 0, bucket[1], bucket[2], now_ms)
             bucket[2] = now_ms
@@ -131,6 +138,8 @@ class MemoryStore:
             bucket[1] = min(quota.tpm, bucket[1] + refund)
         if quota.concurrency:
             self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
 
     async def close(self) -> None:
         pass
@@ -307,7 +316,7 @@ REFUSALS = {
 
 
 class Limiter:
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(self, settings: LimitSettings, max_buckets: int) -> None:
         self.settings = settings
         if settings.redis_url:
             self.store: Store = RedisStore(
@@ -315,7 +324,7 @@ class Limiter:
                 settings.redis_timeout_s, settings.concurrency_lease_s,
             )
         else:
-            self.store = MemoryStore()
+            self.store = MemoryStore(max_buckets)
 
     def quota(self, caller: Caller) -> Quota:
         """The caller's own limits; the configured defaults where it has none."""
@@ -351,7 +360,7 @@ class Limiter:
             prompt = await count_prompt_tokens()
             cost = max(1, prompt + completion_budget(exchange.request, prompt, max_model_len))
             if cost > quota.tpm:
-                RATE_LIMITED.labels(key, "tokens").inc()
+                RATE_LIMITED.labels(exchange.caller.metric_label, "tokens").inc()
                 raise GatewayError(
                     429, f"Request too large: it may use {cost} tokens (prompt + max_tokens), "
                     f"over the limit of {quota.tpm} tokens per minute. Lower max_tokens.",
@@ -395,7 +404,7 @@ class Limiter:
                 code="rate_limiter_unavailable", retry_after_s=1,
             ) from None
         if decision.refused:
-            RATE_LIMITED.labels(key, decision.refused).inc()
+            RATE_LIMITED.labels(exchange.caller.metric_label, decision.refused).inc()
             headers = rate_headers(quota, decision)
             headers.append((b"retry-after-ms", str(math.ceil(decision.retry_after_ms)).encode()))
             raise GatewayError(

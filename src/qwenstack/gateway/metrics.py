@@ -71,7 +71,7 @@ ENGINE_SCRAPE_ERRORS = Counter(
 
 
 async def _record(exchange: Exchange) -> None:
-    model, key, status = exchange.model, exchange.caller.name, exchange.status
+    model, key, status = exchange.model, exchange.caller.metric_label, exchange.status
     REQUESTS.labels(exchange.route, model, str(status), key).inc()
     if exchange.cache != "hit":  # an answer from the cache cost the engines no tokens
         if exchange.prompt_tokens:

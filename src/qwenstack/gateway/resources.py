@@ -59,7 +59,7 @@ class Resources:
             await usage.start()
             stack.push_async_callback(usage.stop)  # after the last request: none unrecorded
             session = await stack.enter_async_context(engine_session(gateway))
-            limiter = Limiter(settings.limits)
+            limiter = Limiter(settings.limits, max_buckets=settings.auth.jwt.max_subjects)
             stack.push_async_callback(limiter.close)
             if isinstance(limiter.store, RedisStore):
                 await limiter.store.warn_if_evicting()

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from qwenstack.callers import Caller
-from qwenstack.database import Base, aware
+from qwenstack.callers import JWT_PREFIX, Caller
+from qwenstack.database import ApiKey, Base, aware
 from qwenstack.rag import RagError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The chat UI's per-user bases: only the UI's own service key may make one (auth.ui_service_key).
+UI_PREFIX = "ui-"
 
 
 class KnowledgeBase(Base):
@@ -66,6 +69,28 @@ def check_name(name: str) -> str:
             "(starting with a letter or digit).", code="invalid_knowledge_base_name",
         )
     return name
+
+
+def check_creator(name: str, creator: Caller, ui_service_key: str) -> None:
+    """400 unless `creator` may make a base of this name: `ui-...` is the UI's alone, so no key
+    can make a base the UI would later take for one of its users'."""
+    if name.startswith(UI_PREFIX) and creator.name != ui_service_key:
+        raise RagError(
+            f"Knowledge base names starting {UI_PREFIX!r} are reserved for the chat UI.",
+            code="reserved_knowledge_base_name", param="name",
+        )
+
+
+def check_grantees(session: sa.orm.Session, callers: Iterable[str], param: str) -> None:
+    """400 unless each key named exists: a grant to a name nobody holds yet would pass the base
+    to whoever is later given that name."""
+    # JWT callers (jwt:<subject>) have no key row to check.
+    keys = {name for name in callers if not name.startswith(JWT_PREFIX)}
+    known = set(session.scalars(sa.select(ApiKey.name).where(ApiKey.name.in_(keys))))
+    if unknown := sorted(keys - known):
+        raise RagError(f"No API key named {', '.join(map(repr, unknown))}: grant existing keys "
+                       f"(or {JWT_PREFIX}<subject> for a JWT caller).",
+                       code="unknown_grantee", param=param)
 
 
 def may_read(session: sa.orm.Session, kb: KnowledgeBase, caller: Caller, open_access: bool) -> bool:

@@ -81,7 +81,7 @@ def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) 
         service = open_service(scratch, open_access=True)
         try:
             caller = Caller("eval")
-            service.create("eval", owner=None)
+            service.create("eval", None, caller)
             service.embedder.embed(["warm-up"])  # loading the model is not ingest time
             started = time.perf_counter()
             results = service.ingest("eval", [(f"{pid}.txt", text.encode()) for pid, text in

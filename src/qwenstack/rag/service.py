@@ -32,6 +32,8 @@ from qwenstack.rag.catalog import (
     KnowledgeBase,
     KnowledgeBaseFile,
     KnowledgeBaseGrant,
+    check_creator,
+    check_grantees,
     check_name,
     describe,
     may_read,
@@ -98,12 +100,14 @@ class KnowledgeService:
         counter: TokenCounter,
         settings: RagSettings,
         open_access: bool,
+        ui_service_key: str,
     ) -> None:
         self.engine = engine
         self.store = store
         self.counter = counter
         self.settings = settings
         self.open_access = open_access  # auth off: every caller may do everything
+        self.ui_service_key = ui_service_key  # the only caller that makes `ui-...` bases
         self.reranker = load_reranker(settings.reranker)
         self.parse_workers = ParseWorkers(settings)
         self._embedder_factory = embedder_factory
@@ -122,11 +126,16 @@ class KnowledgeService:
     # --- knowledge bases -------------------------------------------------------------------
 
     def create(
-        self, name: str, owner: str | None, readers: Sequence[str] = (), writers: Sequence[str] = ()
+        self, name: str, owner: str | None, creator: Caller, readers: Sequence[str] = (),
+        writers: Sequence[str] = (),
     ) -> dict[str, object]:
         check_name(name)
+        if not self.open_access:
+            check_creator(name, creator, self.ui_service_key)
         embedder = self.embedder
         with Session(self.engine) as session, session.begin():
+            check_grantees(session, readers, "readers")
+            check_grantees(session, writers, "writers")
             if session.scalar(sa.select(KnowledgeBase).where(KnowledgeBase.name == name)):
                 raise RagError(f"The knowledge base {name!r} exists already.", status=409,
                                code="knowledge_base_exists")
@@ -163,6 +172,7 @@ class KnowledgeService:
     def grant(self, name: str, caller_name: str, write: bool, caller: Caller) -> dict[str, object]:
         with Session(self.engine) as session, session.begin():
             kb = self._writable(session, name, caller, owner_only=True)
+            check_grantees(session, [caller_name], "caller")
             grant = session.scalar(sa.select(KnowledgeBaseGrant).where(
                 KnowledgeBaseGrant.knowledge_base_id == kb.id,
                 KnowledgeBaseGrant.caller == caller_name))
@@ -373,4 +383,5 @@ def open_service(settings: Settings, *, open_access: bool | None = None) -> Know
     return KnowledgeService(
         engine, store, lambda: make_embedder(rag), counter, rag,
         open_access=not settings.auth.enabled if open_access is None else open_access,
+        ui_service_key=settings.auth.ui_service_key,
     )

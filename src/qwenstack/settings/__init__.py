@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import (
@@ -117,8 +118,33 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def masked_json(self) -> str:
-        """The effective settings for display: secrets show as '**********'."""
-        return json.dumps(self.model_dump(mode="json"), indent=2)
+        """The effective settings for display: secrets show as '**********', and URLs (secret
+        or not: a Milvus URI, an engine URL) with their user-info as `user:***@`."""
+        return json.dumps(_masked(self.model_dump()), indent=2, default=str)
+
+
+def mask_url(text: str) -> str:
+    """`scheme://user:***@host/...` for a URL with user-info; other text as it is."""
+    parts = urlsplit(text)
+    if not parts.scheme or "@" not in parts.netloc:
+        return text
+    user, _, host = parts.netloc.rpartition("@")
+    shown = f"{user.partition(':')[0]}:***@{host}"
+    return urlunsplit(parts._replace(netloc=shown))
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        # A URL's host and database are no secret; its password is.
+        return mask_url(secret) if "://" in secret else str(value)
+    if isinstance(value, str):
+        return mask_url(value)
+    return value
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -235,7 +235,11 @@ class JWTClaimNames(BaseModel):
     models: str = Field(
         "models", description="A list, or a string of names split on spaces/commas."
     )
-    admin: str = "admin"
+    admin: str | None = Field(
+        None, description="Claim that, when it is `true`, makes the caller an admin (e.g. "
+        "`qwenstack_admin`, set by your identity provider for admins only). Unset: no JWT "
+        "caller is an admin.",
+    )
     cache_all: str = Field("cache_all", description="true: sampled answers may be cached too.")
 
 
@@ -250,8 +254,13 @@ class JWTSettings(BaseModel):
     secret: SecretStr | None = Field(None, description="Shared secret for HS256.")
     public_key: str | None = Field(None, description="PEM public key for RS256/ES256.")
     jwks_url: str | None = Field(None, description="JWKS endpoint, for RS256/ES256 by `kid`.")
-    issuer: str | None = Field(None, description="Required `iss`, when set.")
-    audience: str | None = Field(None, description="Required `aud`, when set.")
+    issuer: str | None = Field(
+        None, description="Required `iss`; must be set when JWTs are on, so a token your "
+        "identity provider issued for another service (or another provider's) is refused.",
+    )
+    audience: str | None = Field(
+        None, description="Required `aud`; must be set when JWTs are on.",
+    )
     leeway_s: float = Field(30, ge=0, description="Clock skew allowed on `exp` and `nbf`.")
     claims: JWTClaimNames = JWTClaimNames()
 
@@ -264,9 +273,26 @@ class JWTSettings(BaseModel):
             return value.replace(",", " ").split()
         return value
 
+    max_subjects: int = Field(
+        10_000, ge=1, description="Distinct JWT subjects one gateway process keeps rate-limit "
+        "state for in memory; the least recently seen is dropped beyond it (its budget starts "
+        "full again). Metrics label every JWT caller `jwt`; usage rows keep the subject.",
+    )
+
     @property
     def enabled(self) -> bool:
         return bool(self.secret or self.public_key or self.jwks_url)
+
+    @model_validator(mode="after")
+    def _needs_issuer_and_audience(self) -> JWTSettings:
+        missing = [name for name in ("issuer", "audience") if not getattr(self, name)]
+        if self.enabled and missing:
+            raise ValueError(
+                f"auth.jwt: set {' and '.join('auth.jwt.' + m for m in missing)} (e.g. "
+                "QWENSTACK_AUTH__JWT__ISSUER, QWENSTACK_AUTH__JWT__AUDIENCE): without them any "
+                "token the key signs, for whatever service, would be accepted"
+            )
+        return self
 
 
 class AuthSettings(BaseModel):
@@ -287,3 +313,8 @@ class AuthSettings(BaseModel):
         "observability.metrics_readers (its labels name callers); false: open to anyone.",
     )
     jwt: JWTSettings = JWTSettings()
+    ui_service_key: str = Field(
+        "ui", description="Name of the chat UI's own admin key (the one it makes, or the one "
+        "ui.gateway_admin_key holds): the only caller that may create knowledge bases named "
+        "`ui-...`, which the UI makes for its users.",
+    )

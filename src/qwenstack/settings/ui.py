@@ -34,7 +34,8 @@ class UiSettings(BaseModel):
     header_login: str | None = Field(
         None,
         description="Header an SSO proxy sets to the signed-in user's name (e.g. "
-        "X-Forwarded-User); unset: off. Only safe when the proxy is the sole way in.",
+        "X-Forwarded-User); unset: off. Needs header_login_secret. Never signs in a user who "
+        "has a password.",
     )
     system_prompt: str = Field("", description="Default system prompt; users may change theirs.")
     temperature: float = Field(0.7, ge=0, le=2, description="Qwen3-4B-Instruct-2507's model card.")
@@ -43,11 +44,30 @@ class UiSettings(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     max_tokens: int = Field(1024, ge=1, description="Longest answer.")
     request_timeout_s: float = Field(600, gt=0, description="Longest wait for the gateway.")
+    database_key: SecretStr | None = Field(
+        None, description="Fernet key (32 url-safe base64 bytes) that encrypts users' gateway "
+        "keys in the UI database. Unset: generated once into <home>/secrets/ui-database-key; "
+        "UI replicas must share it.",
+    )
+    header_login_secret: SecretStr | None = Field(
+        None, description="With header_login: the secret the SSO proxy sends in "
+        "header_login_secret_header on every request; a header sign-in without it (a client "
+        "that reached the UI past the proxy) is refused. Required with header_login.",
+    )
+    header_login_secret_header: str = Field(
+        "X-Proxy-Secret", description="Header that carries header_login_secret.",
+    )
 
     @model_validator(mode="after")
     def _needs_a_sign_in(self) -> UiSettings:
         if not self.password_login and not self.header_login:
             raise ValueError(
                 "ui: turn on password_login or set header_login, or nobody can sign in"
+            )
+        if self.header_login and not self.header_login_secret:
+            raise ValueError(
+                "ui.header_login needs ui.header_login_secret, a secret your SSO proxy sends in "
+                f"the {self.header_login_secret_header} header (ui.header_login_secret_header): "
+                "without it, any client that reaches the UI could sign in as anyone"
             )
         return self

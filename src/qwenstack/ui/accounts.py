@@ -1,10 +1,13 @@
 """UI users: password hashes and each user's own gateway API key, in the UI's database.
 
-Every user gets a gateway key of their own (named `ui-<user>`), so the gateway's limits, usage
-rows and metrics are per user. The UI makes it on the user's first chat through the gateway's
-admin API, with an admin key of its own, and keeps the secret here: the gateway stores only
-digests, so this table is the one place it can be read again. Guard the UI database like the
-key secrets it holds.
+Every user gets a gateway key of their own, so the gateway's limits, usage rows and metrics are
+per user. It is named `ui-<account id>` after a random id the account gets when it is made, not
+after the sign-in name: two identities (an SSO header may carry any text) never share a key or
+a knowledge base, a removed user's successor under the same name gets new ones, and the names in
+metrics and logs say nothing of who the user is. The UI makes the key on the user's first chat
+through the gateway's admin API, with an admin key of its own, and keeps the secret here,
+encrypted (Fernet) with the UI's database key: the gateway stores only digests, so this table is
+the one place it can be read again, and a copy of the database alone does not give it away.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import secrets
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 # User names as `qwenstack users add` accepts them; SSO headers may carry more (e-mail addresses).
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 MIN_PASSWORD_CHARS = 8
+UI_NAME_PREFIX = "ui-"  # the gateway reserves knowledge-base names so made for the UI's key
+ACCOUNT_ID_BYTES = 8  # 16 hex digits: unguessable, and the names stay short
 # scrypt with OWASP's recommended minimum (N=2^17, r=8, p=1): 128 MiB and up to a second per check.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 SCRYPT_MAXMEM = 256 * 2**20
@@ -39,9 +45,13 @@ class Account(Base):
     __tablename__ = "qwenstack_ui_accounts"
 
     identifier: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    # Names the user's gateway key and knowledge base; None in rows made before it existed,
+    # given one on first use.
+    account_id: Mapped[str | None] = mapped_column(sa.String(32), unique=True)
     # None: the user signs in through an SSO proxy's header.
     password_hash: Mapped[str | None] = mapped_column(sa.String(256))
-    gateway_key: Mapped[str | None] = mapped_column(sa.String(128))
+    # The key's secret, Fernet-encrypted.
+    gateway_key: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
 
 
@@ -49,7 +59,7 @@ class Account(Base):
 class AccountInfo:
     identifier: str
     has_password: bool
-    has_gateway_key: bool
+    gateway_key: str | None  # the name of the key the UI made the user, once it has
     created_at: dt.datetime
 
 
@@ -75,22 +85,22 @@ def password_matches(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate.hex(), digest)
 
 
-def gateway_key_name(identifier: str) -> str:
-    """The gateway key name for a user: readable, within the gateway's name rules, unique.
+def new_account_id() -> str:
+    return secrets.token_hex(ACCOUNT_ID_BYTES)
 
-    Names outside those rules (an e-mail address from an SSO proxy) get a hash suffix, so two
-    users whose names differ only in such characters never share a key."""
-    plain = re.sub(r"[^A-Za-z0-9._-]", "_", identifier)
-    if plain == identifier and len(identifier) <= 61:
-        return f"ui-{identifier}"
-    return f"ui-{plain[:50]}-{hashlib.sha256(identifier.encode()).hexdigest()[:10]}"
+
+def gateway_key_name(account_id: str) -> str:
+    """The gateway key, and knowledge base, of the account with this id."""
+    return f"{UI_NAME_PREFIX}{account_id}"
 
 
 class Accounts:
-    """Blocking calls: the UI makes them from worker threads."""
+    """Blocking calls: the UI makes them from worker threads. `cipher` encrypts the users'
+    gateway keys; commands that never read or write one (`qwenstack users`) go without."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, cipher: Fernet | None = None) -> None:
         self.engine = engine
+        self.cipher = cipher
 
     def add(self, identifier: str, password: str) -> None:
         if not USER_NAME.fullmatch(identifier):
@@ -105,23 +115,25 @@ class Accounts:
             if row is not None and row.password_hash is not None:
                 raise AccountError(f"A user named {identifier!r} exists already.")
             if row is None:
-                row = Account(identifier=identifier, created_at=dt.datetime.now(dt.UTC))
+                row = _new_account(identifier)
                 session.add(row)
             row.password_hash = hash_password(password)
 
-    def remove(self, identifier: str) -> None:
+    def remove(self, identifier: str) -> str | None:
+        """Remove the account; the name of the gateway key the UI made it, to be revoked."""
         with Session(self.engine) as session, session.begin():
             row = session.get(Account, identifier)
             if row is None:
                 raise AccountError(f"No user named {identifier!r}.")
+            key = _made_key(row)
             session.delete(row)
+            return key
 
     def list(self) -> list[AccountInfo]:
         with Session(self.engine) as session:
             rows = session.scalars(sa.select(Account).order_by(Account.identifier))
             return [
-                AccountInfo(r.identifier, r.password_hash is not None, r.gateway_key is not None,
-                            r.created_at)
+                AccountInfo(r.identifier, r.password_hash is not None, _made_key(r), r.created_at)
                 for r in rows
             ]
 
@@ -135,20 +147,60 @@ class Accounts:
             return False
         return password_matches(password, stored)
 
+    def has_password(self, identifier: str) -> bool:
+        with Session(self.engine) as session:
+            row = session.get(Account, identifier)
+            return row is not None and row.password_hash is not None
+
     def ensure(self, identifier: str) -> None:
         """The account of a user signed in by an SSO header, made on first sign-in."""
         with Session(self.engine) as session, session.begin():
             if session.get(Account, identifier) is None:
-                session.add(Account(identifier=identifier, created_at=dt.datetime.now(dt.UTC)))
+                session.add(_new_account(identifier))
 
-    def gateway_key(self, identifier: str) -> str | None:
-        with Session(self.engine) as session:
-            row = session.get(Account, identifier)
-            return row.gateway_key if row else None
-
-    def set_gateway_key(self, identifier: str, key: str | None) -> None:
+    def gateway_key(self, identifier: str) -> tuple[str, str | None]:
+        """The name of the user's gateway key, and its secret when the UI has one."""
         with Session(self.engine) as session, session.begin():
-            row = session.get(Account, identifier)
-            if row is None:
-                raise AccountError(f"No user named {identifier!r}.")
-            row.gateway_key = key
+            row = self._row(session, identifier)
+            if row.account_id is None:
+                row.account_id = new_account_id()
+            name, stored = gateway_key_name(row.account_id), row.gateway_key
+        if stored is None:
+            return name, None
+        try:
+            return name, self._cipher().decrypt(stored.encode()).decode()
+        except InvalidToken:  # encrypted with another database key: as good as lost
+            return name, None
+
+    def set_gateway_key(self, identifier: str, key: str) -> None:
+        encrypted = self._cipher().encrypt(key.encode()).decode()
+        with Session(self.engine) as session, session.begin():
+            self._row(session, identifier).gateway_key = encrypted
+
+    def renew_account_id(self, identifier: str) -> None:
+        """A new id, so new key and base names, for an account whose key name turned out to be
+        held by a key this UI has no secret of: the UI never adopts a key it did not make."""
+        with Session(self.engine) as session, session.begin():
+            row = self._row(session, identifier)
+            row.account_id, row.gateway_key = new_account_id(), None
+
+    def _cipher(self) -> Fernet:
+        if self.cipher is None:
+            raise AccountError("The UI database key is needed for users' gateway keys.")
+        return self.cipher
+
+    @staticmethod
+    def _row(session: Session, identifier: str) -> Account:
+        row = session.get(Account, identifier)
+        if row is None:
+            raise AccountError(f"No user named {identifier!r}.")
+        return row
+
+
+def _made_key(row: Account) -> str | None:
+    return gateway_key_name(row.account_id) if row.account_id and row.gateway_key else None
+
+
+def _new_account(identifier: str) -> Account:
+    return Account(identifier=identifier, account_id=new_account_id(),
+                   created_at=dt.datetime.now(dt.UTC))

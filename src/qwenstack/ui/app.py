@@ -9,6 +9,7 @@ on it and its citations are shown as sources. Nothing here talks to an engine.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from pathlib import Path
@@ -28,7 +29,8 @@ from qwenstack.ui import server, store
 from qwenstack.ui.conversation import Conversation, Sampling
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
 from qwenstack.ui.gateway_keys import KeyUnavailable, UserKeys
-from qwenstack.ui.knowledge import KnowledgeBaseClient, UploadRefused, knowledge_base_name, sources
+from qwenstack.ui.knowledge import KnowledgeBaseClient, ServiceKey, UploadRefused, sources
+from qwenstack.ui.markdown import ImageGuard
 from qwenstack.ui.texts import language_of, starters, text
 
 log = logging.getLogger("qwenstack.ui")
@@ -38,6 +40,7 @@ ui = settings.ui
 gateway_url = server.gateway_url(settings)
 accounts = store.accounts(settings)
 user_keys = UserKeys(ui, gateway_url, accounts)
+service_key = ServiceKey(settings.auth.ui_service_key, user_keys.admin_key)
 MAX_FIT_ATTEMPTS = 8
 ANSWER = "answer"  # metadata kind of the model's answers, the only assistant messages replayed
 NO_MODEL = "-"  # the settings panel's model while the gateway lists none
@@ -58,13 +61,24 @@ if ui.password_login:
         return None
 
 
-if ui.header_login:
+if ui.header_login and ui.header_login_secret:  # the settings refuse one without the other
     header = ui.header_login
+    proxy_secret = ui.header_login_secret.get_secret_value().encode()
 
     @cl.header_auth_callback
     async def header_sign_in(headers: Any) -> cl.User | None:
+        # Only requests the SSO proxy made carry its secret: a client that reached the UI
+        # another way cannot name itself anyone. Compared in constant time.
+        presented = (headers.get(ui.header_login_secret_header) or "").encode()
+        if not hmac.compare_digest(presented, proxy_secret):
+            return None
         identifier = (headers.get(header) or "").strip()
         if not identifier or len(identifier) > 256:
+            return None
+        # A password user signs in with the password: a header naming them is refused, should
+        # the proxy's users and the UI's password users share a name.
+        if await asyncio.to_thread(accounts.has_password, identifier):
+            log.warning("Header sign-in refused for %r: that user has a password", identifier)
             return None
         await asyncio.to_thread(accounts.ensure, identifier)
         return cl.User(identifier=identifier, metadata={"sign_in": "header"})
@@ -90,10 +104,11 @@ async def set_starters(user: cl.User | None, language: str | None = None) -> lis
 async def _client(refused: str | None = None) -> openai.AsyncOpenAI:
     user: cl.User = cl.user_session.get("user")
     key = await user_keys.key(user.identifier, refused)
+    cl.user_session.set("key", key)
     client = cl.user_session.get("client")
-    if client is None or client.api_key != key:
+    if client is None or client.api_key != key.secret:
         client = openai.AsyncOpenAI(
-            base_url=f"{gateway_url}/v1", api_key=key,
+            base_url=f"{gateway_url}/v1", api_key=key.secret,
             # Errors go straight to the user, who can try again: retrying here would only hide
             # a down gateway or a rate limit behind a long wait.
             max_retries=0,
@@ -105,9 +120,8 @@ async def _client(refused: str | None = None) -> openai.AsyncOpenAI:
 
 
 async def _knowledge_base(refused: str | None = None) -> KnowledgeBaseClient:
-    client = await _client(refused)
-    user: cl.User = cl.user_session.get("user")
-    return KnowledgeBaseClient(gateway_url, client.api_key, knowledge_base_name(user.identifier),
+    await _client(refused)
+    return KnowledgeBaseClient(gateway_url, cl.user_session.get("key"), service_key,
                                ui.request_timeout_s)
 
 
@@ -240,7 +254,7 @@ async def on_message(message: cl.Message) -> None:
     await answer.send()
     if citations:
         # A notice, not part of the answer: the model never sees it in later turns.
-        await _say("sources", sources="\n".join(sources(citations))).send()
+        await _say("sources", sources=sources(citations)).send()
 
 
 async def _ingest(uploads: list[cl.Element]) -> bool:
@@ -255,7 +269,8 @@ async def _ingest(uploads: list[cl.Element]) -> bool:
             if exc.status != 401:
                 raise
             # The key was rotated meanwhile (see _client): once more with the current one.
-            results = await (await _knowledge_base(refused=knowledge_base.key)).upload(files)
+            refused = knowledge_base.key.secret
+            results = await (await _knowledge_base(refused=refused)).upload(files)
     except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
         await _report(exc)
         return False
@@ -272,10 +287,11 @@ async def _answer(
     the citations of a grounded answer."""
     context_len = cl.user_session.get("context_lens", {}).get(sampling.model)
     request = sampling.request(context_len)
-    if cl.user_session.get("use_documents") and cl.user_session.get("documents"):
-        user: cl.User = cl.user_session.get("user")
+    # Counted afresh each turn: counting checks the base is still the user's own (knowledge.py).
+    if cl.user_session.get("use_documents") and cl.user_session.get("documents") \
+            and await _document_count():
         # The gateway retrieves from it with the newest message and answers with citations.
-        request["extra_body"]["knowledge_bases"] = [knowledge_base_name(user.identifier)]
+        request["extra_body"]["knowledge_bases"] = [cl.user_session.get("key").name]
     budget = context_len - request["max_tokens"] if context_len else None
     client = await _client()
     key_renewed = False
@@ -307,14 +323,17 @@ async def _answer(
         if dropped:
             await _say("trimmed", context=context_len, turns=dropped).send()
         citations: list[dict[str, Any]] = []
+        # Shown, kept and replayed with its Markdown images inert (markdown.py).
+        shown = ImageGuard()
         async with stream:
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
-                    await answer.stream_token(chunk.choices[0].delta.content)
+                    await answer.stream_token(shown.feed(chunk.choices[0].delta.content))
                 elif chunk.object == CITATIONS_EVENT:
                     # The gateway's last event of a grounded stream: the SDK parses it as a
                     # chunk without choices, its extra field kept in model_extra.
                     citations = (chunk.model_extra or {}).get("citations") or []
+        await answer.stream_token(shown.flush())  # a `!` that ended the answer; "" is ignored
         return citations
     raise MessageTooLong(context_len)
 

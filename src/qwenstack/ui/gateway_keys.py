@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from qwenstack.settings import UiSettings
-from qwenstack.ui.accounts import Accounts, gateway_key_name
+from qwenstack.ui.accounts import Accounts
 
 NO_AUTH = "no-key"  # the OpenAI SDK needs some key; a gateway with auth off ignores it
+
+
+@dataclass(frozen=True)
+class UserKey:
+    name: str  # the key's name at the gateway: its knowledge base is named alike
+    secret: str
 
 
 class KeyUnavailable(Exception):
@@ -25,21 +32,28 @@ class UserKeys:
         admin_key = settings.gateway_admin_key
         self.admin_key = admin_key.get_secret_value() if admin_key else None
 
-    async def key(self, identifier: str, refused: str | None = None) -> str:
+    async def key(self, identifier: str, refused: str | None = None) -> UserKey:
         """The user's key. `refused`: a key the gateway just rejected, to be replaced.
 
         Raises KeyUnavailable, or httpx.TransportError when the gateway cannot be reached."""
+        name, stored = await asyncio.to_thread(self.accounts.gateway_key, identifier)
         if self.admin_key is None:
-            return NO_AUTH
-        stored = await asyncio.to_thread(self.accounts.gateway_key, identifier)
+            return UserKey(name, NO_AUTH)
         if stored and stored != refused:
-            return stored
-        name = gateway_key_name(identifier)
-        # A rejected key was rotated (by another session of the same user, or an admin), or the
-        # UI database lost it: a new secret for the same key keeps its usage history and limits.
-        key = await self._rotate(name) if stored else await self._create(name)
-        await asyncio.to_thread(self.accounts.set_gateway_key, identifier, key)
-        return key
+            return UserKey(name, stored)
+        # Rotated by another session of the same user, or by an admin: a new secret for the
+        # same key keeps its usage history and limits. The UI made this key: it had its secret.
+        secret = await self._rotate(name) if stored else await self._create(name)
+        if secret is None:
+            # A key of that name exists and the UI has no secret of it: someone else's (or one
+            # whose secret the UI lost). Never adopted: the user gets a new name.
+            await asyncio.to_thread(self.accounts.renew_account_id, identifier)
+            name, _ = await asyncio.to_thread(self.accounts.gateway_key, identifier)
+            secret = await self._create(name)
+            if secret is None:
+                raise KeyUnavailable(f"the gateway has a key named {name!r} already.")
+        await asyncio.to_thread(self.accounts.set_gateway_key, identifier, secret)
+        return UserKey(name, secret)
 
     async def _admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         async with httpx.AsyncClient(base_url=self.gateway_url, timeout=30) as client:
@@ -50,21 +64,24 @@ class UserKeys:
             raise KeyUnavailable("the gateway refused the UI's admin key (ui.gateway_admin_key).")
         return response
 
-    async def _create(self, name: str) -> str:
+    async def _create(self, name: str) -> str | None:
+        """The new key's secret; None when a key of that name exists."""
         body = {"name": name, "rpm": self.settings.user_key_rpm, "tpm": self.settings.user_key_tpm}
         response = await self._admin("POST", "/admin/keys", json=body)
         if response.status_code == 201:
-            return response.json()["key"]
+            return str(response.json()["key"])
         if response.status_code == 400 and "exists already" in _message(response):
-            return await self._rotate(name)
+            return None
         raise KeyUnavailable(_message(response))
 
     async def _rotate(self, name: str) -> str:
         response = await self._admin("POST", f"/admin/keys/{name}/rotate")
         if response.status_code == 200:
-            return response.json()["key"]
-        if response.status_code == 404:
-            return await self._create(name)
+            return str(response.json()["key"])
+        if response.status_code == 404:  # deleted by an admin: made again
+            secret = await self._create(name)
+            if secret is not None:
+                return secret
         raise KeyUnavailable(_message(response))
 
 

@@ -1,8 +1,10 @@
 """Each UI user's own knowledge base: files uploaded in the chat go there, through the gateway's
 knowledge-base API with the user's own key, so the gateway's access rules keep it theirs.
 
-The base is named after the user's gateway key (`ui-<user>`) and made on the first upload; the
-user's key creates it and so owns it. Answers grounded on it carry citations, shown as sources.
+The base is named after the user's gateway key (`ui-<account id>`) and made on the first upload
+by the UI's own service key, the only one the gateway lets make `ui-...` bases, with the user's key
+as its one writer. Before uploading to it or grounding on it the UI checks it is so: owned by the
+service key, shared with nobody else. Answers grounded on it carry citations, shown as sources.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from qwenstack.ui.accounts import gateway_key_name
+from qwenstack.ui.gateway_keys import UserKey
+from qwenstack.ui.markdown import literal_block
 
 # The types the gateway's parsers read, by the MIME type a browser may give each: Chainlit
 # checks both. Browsers take Markdown's type from the system's MIME table, which varies.
@@ -38,10 +41,6 @@ class UploadRefused(Exception):
         self.message = message
 
 
-def knowledge_base_name(identifier: str) -> str:
-    return gateway_key_name(identifier)
-
-
 def max_upload_mb(max_upload_bytes: int) -> int:
     """Chainlit's per-file limit is in whole MiB; the gateway enforces the exact byte limit."""
     return max(1, math.ceil(max_upload_bytes / 2**20))
@@ -54,48 +53,75 @@ class Ingested:
     chunks: int
 
 
-class KnowledgeBaseClient:
-    """One user's calls to the gateway's /v1/knowledge_bases routes."""
+@dataclass(frozen=True)
+class ServiceKey:
+    """The UI's own admin key, which makes users' bases; None secret: the gateway has auth off."""
 
-    def __init__(self, gateway_url: str, key: str, name: str, timeout_s: float) -> None:
-        self.name = name
+    name: str
+    secret: str | None
+
+
+class KnowledgeBaseClient:
+    """One user's calls to the gateway's /v1/knowledge_bases routes, on the base named after
+    their key."""
+
+    def __init__(self, gateway_url: str, key: UserKey, service: ServiceKey,
+                 timeout_s: float) -> None:
+        self.name = key.name
         self.key = key
+        self.service = service
         self._base_url = f"{gateway_url}/v1"
         self._timeout = httpx.Timeout(timeout_s, connect=5)
-        self._headers = {"authorization": f"Bearer {key}"}
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, secret: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {"authorization": f"Bearer {secret or self.key.secret}"}
         async with httpx.AsyncClient(
-            base_url=self._base_url, timeout=self._timeout, headers=self._headers
+            base_url=self._base_url, timeout=self._timeout, headers=headers
         ) as client:
             return await client.request(method, path, **kwargs)
 
     async def document_count(self) -> int:
         """Files in the user's base; 0 when it does not exist yet. Raises UploadRefused when
-        the gateway has no knowledge bases (no `rag` extra) or refuses the key."""
-        response = await self._request("GET", f"/knowledge_bases/{self.name}")
-        if response.status_code == 404 and _code(response) == "knowledge_base_not_found":
-            return 0
-        _check(response)
-        return int(response.json().get("files") or 0)
+        the gateway has no knowledge bases (no `rag` extra), refuses the key, or the base is not
+        the one the UI made for this user."""
+        base = await self._base()
+        return int(base.get("files") or 0) if base else 0
 
     async def upload(self, files: list[tuple[str, bytes]]) -> list[Ingested]:
         """Ingest the files into the user's base, making it on the first upload."""
-        response = await self._post_files(files)
-        if response.status_code == 404 and _code(response) == "knowledge_base_not_found":
-            created = await self._request("POST", "/knowledge_bases", json={"name": self.name})
-            # 409: another session of this user made it meanwhile. Should someone else hold the
-            # name, the upload below is refused with 404 and the user is told.
+        if await self._base() is None:
+            created = await self._request(
+                "POST", "/knowledge_bases", self.service.secret,
+                json={"name": self.name, "writers": [self.name] if self.service.secret else []})
+            # 409: another session of this user made it meanwhile; checked below as any.
             if created.status_code != 409:
                 _check(created)
-            response = await self._post_files(files)
+            await self._base()
+        response = await self._request("POST", f"/knowledge_bases/{self.name}/files",
+                                       files=[("file", (name, data)) for name, data in files])
         _check(response)
         return [Ingested(item["name"], item["status"], int(item["chunks"]))
                 for item in response.json()["data"]]
 
-    async def _post_files(self, files: list[tuple[str, bytes]]) -> httpx.Response:
-        return await self._request("POST", f"/knowledge_bases/{self.name}/files",
-                                   files=[("file", (name, data)) for name, data in files])
+    async def _base(self) -> dict[str, Any] | None:
+        """The user's base as the gateway describes it, None when there is none; UploadRefused
+        when it is not the UI's own for this user (made by another key before the gateway
+        reserved `ui-` names, or shared since), so the user's files never go to, and their
+        answers never come from, a base anyone else can write or read."""
+        response = await self._request("GET", f"/knowledge_bases/{self.name}")
+        if response.status_code == 404 and _code(response) == "knowledge_base_not_found":
+            return None
+        _check(response)
+        base: dict[str, Any] = response.json()
+        if self.service.secret is None:  # auth off: every caller may use every base anyway
+            return base
+        grantees = {*base.get("readers", ()), *base.get("writers", ())}
+        if base.get("owner") != self.service.name or grantees != {self.name}:
+            raise UploadRefused(409, f"The knowledge base {self.name!r} was not made by this "
+                                     "chat UI for you; it is not used. Tell an administrator.")
+        return base
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:
@@ -118,8 +144,10 @@ def _check(response: httpx.Response) -> None:
                         message if isinstance(message, str) else f"HTTP {response.status_code}")
 
 
-def sources(citations: list[dict[str, Any]]) -> list[str]:
-    """One Markdown line per citation: number, file, page or section, and a snippet."""
+def sources(citations: list[dict[str, Any]]) -> str:
+    """The citations as a literal block, one line each: number, file, page or section, and a
+    snippet. Literal: file names, headings and snippets come from whoever wrote the documents,
+    and must not become links or images in the chat."""
     lines = []
     for number, citation in enumerate(citations, 1):
         where = str(citation.get("source") or "?")
@@ -130,5 +158,5 @@ def sources(citations: list[dict[str, Any]]) -> list[str]:
         snippet = " ".join(str(citation.get("text") or "").split())
         if len(snippet) > SNIPPET_CHARS:
             snippet = snippet[:SNIPPET_CHARS] + "…"
-        lines.append(f"{number}. **{where}**: {snippet}")
-    return lines
+        lines.append(" ".join(f"{number}. {where}: {snippet}".split()))
+    return literal_block(lines)

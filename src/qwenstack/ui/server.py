@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from qwenstack.database import secret_file
 from qwenstack.errors import SetupError
 from qwenstack.keys import KeyStore, KeyStoreError
 from qwenstack.processes import SupervisedProcess
@@ -87,24 +88,10 @@ def ui_url(settings: Settings) -> str:
     return f"http://{host}:{settings.ui.port}"
 
 
-def _secret_file(settings: Settings, name: str, make: Callable[[], str]) -> str:
-    """A secret kept in <home>/secrets (mode 0600), made on first use."""
-    folder = settings.home / "secrets"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / name
-    if path.exists():
-        return path.read_text().strip()
-    value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(value + "\n")
-    return value
-
-
 def auth_secret(settings: Settings) -> str:
     if settings.ui.auth_secret:
         return settings.ui.auth_secret.get_secret_value()
-    return _secret_file(settings, "ui-auth-secret", lambda: secrets.token_urlsafe(48))
+    return secret_file(settings.home, "ui-auth-secret", lambda: secrets.token_urlsafe(48))
 
 
 def gateway_admin_key(settings: Settings) -> str | None:
@@ -129,7 +116,7 @@ def gateway_admin_key(settings: Settings) -> str | None:
         finally:
             keys.engine.dispose()
 
-    return _secret_file(settings, "ui-admin-key", make)
+    return secret_file(settings.home, "ui-admin-key", make)
 
 
 def prepare(settings: Settings) -> dict[str, str]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 from sqlalchemy.dialects import postgresql
 
+from qwenstack.database import secret_file
 from qwenstack.errors import SetupError
 from qwenstack.settings import Settings
-from qwenstack.ui.accounts import Accounts
+from qwenstack.ui.accounts import Account, Accounts
 from qwenstack.ui.accounts import Base as AccountTables
 
 ID = sa.Uuid(as_uuid=False)
@@ -131,11 +133,35 @@ def connect(settings: Settings) -> sa.Engine:
         engine = sa.create_engine(url, pool_pre_ping=True)
         chainlit_tables.create_all(engine)
         AccountTables.metadata.create_all(engine)
+        _upgrade_accounts(engine)
     except (sa.exc.SQLAlchemyError, ImportError) as exc:
         shown = url.render_as_string(hide_password=True)
         raise SetupError(f"The UI database {shown} cannot be used: {exc}") from None
     return engine
 
 
+def _upgrade_accounts(engine: sa.Engine) -> None:
+    """An accounts table of an earlier version: no account ids, gateway keys in plain text."""
+    table = Account.__tablename__
+    if "account_id" in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+        return
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN account_id VARCHAR(32)"))
+        if engine.dialect.name == "postgresql":  # room for an encrypted key
+            connection.execute(sa.text(f"ALTER TABLE {table} ALTER COLUMN gateway_key TYPE TEXT"))
+        # The plain-text secrets go; each user gets a new key, named by a new account id, on
+        # their next chat (an admin may revoke the old `ui-<name>` keys).
+        connection.execute(sa.text(f"UPDATE {table} SET gateway_key = NULL"))
+
+
+def cipher(settings: Settings) -> Fernet:
+    """What encrypts users' gateway keys in the UI database: ui.database_key, or a key made
+    once into <home>/secrets/ui-database-key."""
+    if settings.ui.database_key:
+        return Fernet(settings.ui.database_key.get_secret_value())
+    return Fernet(secret_file(settings.home, "ui-database-key",
+                              lambda: Fernet.generate_key().decode()))
+
+
 def accounts(settings: Settings) -> Accounts:
-    return Accounts(connect(settings))
+    return Accounts(connect(settings), cipher(settings))
