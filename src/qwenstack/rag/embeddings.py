@@ -28,6 +28,7 @@ class Embedder(Protocol):
 
 class LocalEmbedder:
     def __init__(self, model: str, batch_size: int) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
         source = model
@@ -40,6 +41,9 @@ class LocalEmbedder:
         elif Path(model).expanduser().is_dir():
             source = str(Path(model).expanduser())
         self.model = SentenceTransformer(source, device="cpu")
+        # In the gateway the model shares its process with the event loop: leaving one core to
+        # the loop keeps /health and streams answering while documents are embedded.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
         self.name = model
         dimension = self.model.get_embedding_dimension()
         if dimension is None:  # int(None) raised this TypeError here before, less plainly
