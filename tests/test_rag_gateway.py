@@ -221,6 +221,31 @@ def test_embeddings_and_queries_are_limited_and_accounted(gateway: Gateway) -> N
         "200": 1.0, "429": 1.0}
 
 
+def test_uploads_take_the_request_budget_before_the_files_are_read(gateway: Gateway) -> None:
+    admin = create_key(gateway.home, "--name", "upload-accountant", "--admin")
+    uploader = create_key(gateway.home, "--name", "one-upload-a-minute", "--rpm", "1")
+    created = httpx.post(f"{gateway.url}/v1/knowledge_bases", headers=_bearer(uploader),
+                         json={"name": "budgeted"}, timeout=300)
+    assert created.status_code == 201, created.text
+    url = f"{gateway.url}/v1/knowledge_bases/budgeted/files"
+    first = httpx.post(url, headers=_bearer(uploader), files=[("file", ("wall.txt", WALL))],
+                       timeout=300)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    # The second is refused before its body is read: a body that is not even multipart gets
+    # the 429, not the 400 reading it would give.
+    second = httpx.post(url, headers={**_bearer(uploader), "content-type":
+                                      "multipart/form-data; boundary=x"}, content=b"not a form",
+                        timeout=60)
+    assert second.status_code == 429 and "requests per minute" in second.text
+    deadline = time.monotonic() + 10  # usage rows are written in batches
+    while _usage(gateway, admin, "one-upload-a-minute")["requests"] < 2:
+        assert time.monotonic() < deadline, "the refused upload has no usage row"
+        time.sleep(0.2)
+    assert _requests_counted(gateway, admin, "/v1/knowledge_bases/{name}/files",
+                             "one-upload-a-minute") == {"200": 1.0, "429": 1.0}
+
+
 def test_documents_are_delimited_data() -> None:
     from qwenstack.gateway.grounding import documents_message
     from qwenstack.rag.service import Retrieved

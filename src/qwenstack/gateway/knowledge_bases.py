@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -27,7 +27,13 @@ from qwenstack.gateway import metrics
 from qwenstack.gateway.auth import check_model
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import Exchange, finished_on_error
-from qwenstack.gateway.protocol import EMBEDDINGS, KNOWLEDGE_QUERY, InferenceRequest, Route
+from qwenstack.gateway.protocol import (
+    EMBEDDINGS,
+    KNOWLEDGE_QUERY,
+    KNOWLEDGE_UPLOAD,
+    InferenceRequest,
+    Route,
+)
 from qwenstack.settings import RagSettings, Settings
 
 if TYPE_CHECKING:
@@ -155,29 +161,33 @@ async def list_files(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.post("/knowledge_bases/{name}/files")
-async def upload_files(name: str, request: Request) -> dict[str, Any]:
+async def upload_files(name: str, request: Request, response: Response) -> dict[str, Any]:
     """multipart/form-data with one or more `file` parts, rag.max_upload_bytes in all (the
-    whole request: middleware.BodyLimit refuses more as it arrives)."""
+    whole request: middleware.BodyLimit refuses more as it arrives). Accounted as a request
+    (usage row, metrics), and its budgets taken before a byte of the files is read."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise GatewayError(400, "Upload files as multipart/form-data, in `file` parts.",
                            code="invalid_upload")
-    try:
-        form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
-    except (HTTPException, MultiPartException) as exc:  # malformed, or too many parts
-        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
-        raise GatewayError(400, f"The upload cannot be read: {detail}",
-                           code="invalid_upload") from None
-    try:
-        uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
-        if not uploads:
-            raise GatewayError(400, "No `file` part in the upload.", code="invalid_upload",
-                               param="file")
-        files = [(upload.filename or "", await upload.read()) for upload in uploads]
-    finally:
-        await form.close()
-    # Opened after the body is read: a first use can take longer than gateway.body_timeout_s.
-    service = await _service(request)
-    results = await call(service.ingest, name, files, _caller(request))
+    async with accounted(request, KNOWLEDGE_UPLOAD, {}) as (exchange, held):
+        await reserve(exchange, held, response, count_tokens=None)
+        try:
+            form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FILES)
+        except (HTTPException, MultiPartException) as exc:  # malformed, or too many parts
+            detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+            raise GatewayError(400, f"The upload cannot be read: {detail}",
+                               code="invalid_upload") from None
+        try:
+            uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
+            if not uploads:
+                raise GatewayError(400, "No `file` part in the upload.", code="invalid_upload",
+                                   param="file")
+            files = [(upload.filename or "", await upload.read()) for upload in uploads]
+        finally:
+            await form.close()
+        # Opened after the body is read: a first use can take longer than
+        # gateway.body_timeout_s.
+        service = await _service(request)
+        results = await call(service.ingest, name, files, exchange.caller)
     return {"object": "list", "data": [result.as_json() for result in results]}
 
 
@@ -219,9 +229,22 @@ async def reserve_texts(
             tokens.append(sum(await asyncio.to_thread(service.counter.count, texts)))
         return tokens[0]
 
-    headers = await held.limiter.reserve(exchange, count, None)
+    await reserve(exchange, held, response, count)
     exchange.prompt_tokens = await count()
+
+
+async def reserve(
+    exchange: Exchange, held: Resources, response: Response,
+    count_tokens: Callable[[], Awaitable[int]] | None,
+) -> None:
+    """Take the caller's budgets (429 past them); without `count_tokens`, the request and the
+    one token every request costs."""
+    headers = await held.limiter.reserve(exchange, count_tokens or _no_tokens, None)
     response.headers.update({name.decode(): value.decode() for name, value in headers})
+
+
+async def _no_tokens() -> int:
+    return 0
 
 
 def check_texts(texts: Sequence[str], settings: RagSettings, param: str) -> None:

@@ -19,13 +19,15 @@ import orjson
 from qwenstack.gateway.errors import GatewayError
 
 Route = Literal[
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/knowledge_bases/{name}/query"
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/knowledge_bases/{name}/query", "/v1/knowledge_bases/{name}/files",
 ]
 CHAT: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
 # Accounted like inference (limits, usage, metrics) but answered by the gateway itself.
 EMBEDDINGS: Final = "/v1/embeddings"
 KNOWLEDGE_QUERY: Final = "/v1/knowledge_bases/{name}/query"
+KNOWLEDGE_UPLOAD: Final = "/v1/knowledge_bases/{name}/files"
 
 # What a client may send, per route: OpenAI's fields that vLLM reads, then vLLM's sampling
 # extras (its SamplingParams; README "Request fields"). Everything else is refused with a 400
@@ -76,9 +78,10 @@ OUTPUT_LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     COMPLETIONS: ("max_tokens",),
     EMBEDDINGS: (),
     KNOWLEDGE_QUERY: (),
+    KNOWLEDGE_UPLOAD: (),
 }
 DEFAULT_OUTPUT_LIMIT: Final[dict[str, int | None]] = {
-    CHAT: None, COMPLETIONS: 16, EMBEDDINGS: 0, KNOWLEDGE_QUERY: 0,
+    CHAT: None, COMPLETIONS: 16, EMBEDDINGS: 0, KNOWLEDGE_QUERY: 0, KNOWLEDGE_UPLOAD: 0,
 }
 
 Prompt = str | list[int]
