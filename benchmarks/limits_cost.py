@@ -26,7 +26,7 @@ import httpx
 from qwenstack import bench
 from qwenstack.bench.datasets import Prompt
 from qwenstack.bench.report import distribution_ms
-from qwenstack.gateway.limits import MemoryStore, Quota, RedisStore
+from qwenstack.gateway.limit_stores import MemoryStore, Quota, RedisStore
 
 HIGH = "1000000000"  # limits that never refuse: the cost of checking them, not of refusals
 CONFIGS = {

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qwenstack import database as db
 from qwenstack.gateway import usage
-from qwenstack.gateway.limits import MemoryStore, Quota
+from qwenstack.gateway.limit_stores import MemoryStore, Quota
 from qwenstack.keys import KeyStore
 
 MODEL = "tiny-qwen3"

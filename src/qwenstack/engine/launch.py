@@ -82,17 +82,11 @@ def _tuning_flags(
     return flags
 
 
-def build_launches(
-    engine: EngineSettings,
-    model: ResolvedModel,
-    hardware: Hardware,
-    python: Path,
-    log_dir: Path,
-    allowed_media_domains: list[str],
-) -> list[EngineLaunch]:
-    """The replicas' launches. `allowed_media_domains`: hosts the engines may fetch media URLs
-    from, the gateway's own allowlist (a request naming another is refused before either)."""
-    _refuse_what_cannot_run(engine, hardware)
+def _sizing(
+    engine: EngineSettings, model: ResolvedModel, hardware: Hardware
+) -> tuple[str, int, capacity.KvBudget]:
+    """The dtype, the context to serve and the KV-cache budget; a context shorter than the
+    model's is said in the log."""
     shape = capacity.ModelShape.from_config(model.config)
     dtype = capacity.resolve_dtype(engine.dtype, shape, hardware)
     weight_bytes = capacity.dtype_bytes(dtype, shape, hardware)
@@ -112,7 +106,21 @@ def build_launches(
             "(raise it with %s).",
             max_model_len, shape.max_positions, budget.bytes / capacity.GIB, budget.how_to_raise,
         )
+    return dtype, max_model_len, budget
 
+
+def build_launches(
+    engine: EngineSettings,
+    model: ResolvedModel,
+    hardware: Hardware,
+    python: Path,
+    log_dir: Path,
+    allowed_media_domains: list[str],
+) -> list[EngineLaunch]:
+    """The replicas' launches. `allowed_media_domains`: hosts the engines may fetch media URLs
+    from, the gateway's own allowlist (a request naming another is refused before either)."""
+    _refuse_what_cannot_run(engine, hardware)
+    dtype, max_model_len, budget = _sizing(engine, model, hardware)
     common = [
         str(python), "-m", VLLM_SERVER,
         "--model", model.source,

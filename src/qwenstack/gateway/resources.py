@@ -20,7 +20,8 @@ from qwenstack.gateway.auth import Authenticator
 from qwenstack.gateway.cache import AnswerCache
 from qwenstack.gateway.gpu_metrics import GpuCollector
 from qwenstack.gateway.knowledge_bases import Knowledge
-from qwenstack.gateway.limits import Limiter, RedisStore
+from qwenstack.gateway.limit_stores import RedisStore
+from qwenstack.gateway.limits import Limiter
 from qwenstack.gateway.replicas import DnsDiscovery, ReplicaPool
 from qwenstack.gateway.routing import make_policy
 from qwenstack.gateway.upstream import Upstream
