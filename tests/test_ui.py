@@ -630,7 +630,18 @@ def test_the_stack_runs_the_ui_beside_the_gateway_and_its_end_stops_both(
                 pass
             time.sleep(0.5)
         # No admin key was configured: the UI made its own in the stack's key store.
-        assert (tmp_path / "home" / "secrets" / "ui-admin-key").stat().st_mode & 0o777 == 0o600
+        secrets = tmp_path / "home" / "secrets"
+        assert (secrets / "ui-admin-key").stat().st_mode & 0o777 == 0o600
+        # No account existed: a first one signs in at once, its password in a private file.
+        password_file = secrets / "ui-admin-password"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        password = password_file.read_text().strip()
+        signed_in = httpx.post(f"{ui_url}/login", timeout=30,
+                               data={"username": "admin", "password": password})
+        assert signed_in.status_code == 200, signed_in.text
+        wrong = httpx.post(f"{ui_url}/login", timeout=30,
+                           data={"username": "admin", "password": password + "x"})
+        assert wrong.status_code == 401, wrong.text
     finally:
         process.send_signal(ending)
         code = process.wait(60)

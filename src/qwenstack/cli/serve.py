@@ -78,9 +78,9 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
             url = f"http://{settings.gateway.host}:{settings.gateway.port}"
             lines.append(f"  gateway  {url}/v1   (OpenAI-compatible; /health, /ready)")
         if ui:
-            from qwenstack.ui.server import ui_url
+            from qwenstack.ui.server import sign_in_hint, ui_url
 
-            lines.append(f"  chat UI  {ui_url(settings)}   (sign-in: `qwenstack users add NAME`)")
+            lines.append(f"  chat UI  {ui_url(settings)}   ({sign_in_hint(settings)})")
         where = "loopback only" if engines else "remote"
         lines += [f"  engine   {u}   ({where})" for u in engine_urls]
         if first_key:
@@ -221,7 +221,8 @@ def ui(
     )
 
     def on_up(url: str) -> None:
-        typer.echo(f"\nqwenstack chat UI is ready: {url}\nStop with Ctrl-C.")
+        typer.echo(f"\nqwenstack chat UI is ready: {url}   ({server.sign_in_hint(settings)})"
+                   "\nStop with Ctrl-C.")
 
     try:
         uvloop.run(server.serve(settings, on_up))

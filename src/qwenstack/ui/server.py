@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from qwenstack.database import secret_file
+from qwenstack.database import SECRETS_FOLDER, secret_file, write_secret
 from qwenstack.errors import SetupError
 from qwenstack.keys import KeyStore, KeyStoreError
 from qwenstack.processes import SupervisedProcess
@@ -32,6 +32,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 APP_MODULE = Path(__file__).with_name("app.py")
 UI_ADMIN_KEY = "ui"  # the admin key the UI makes for itself when none is configured
+FIRST_USER = "admin"  # the account made on a first start, so the UI can be used at once
+FIRST_USER_PASSWORD_FILE = "ui-admin-password"
 STARTUP_TIMEOUT_S = 120
 STEADY_RUN_S = 60  # a process that ran this long starts its restart backoff afresh
 
@@ -119,9 +121,42 @@ def gateway_admin_key(settings: Settings) -> str | None:
     return secret_file(settings.home, "ui-admin-key", make)
 
 
+def first_user_password_file(settings: Settings) -> Path:
+    return settings.home / SECRETS_FOLDER / FIRST_USER_PASSWORD_FILE
+
+
+def ensure_first_user(settings: Settings) -> None:
+    """On a first start with password sign-in and no account yet, the account `admin` with a
+    random password, saved in a 0600 file, so the UI can be used at once (its file's path is
+    shown by `up` and `qwenstack ui`; `qwenstack users` manages accounts from then on)."""
+    if not settings.ui.password_login:
+        return
+    accounts = store.accounts(settings)
+    try:
+        if accounts.list():
+            return
+        path = first_user_password_file(settings)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # a UI database made afresh: its old password is void
+        password = secrets.token_urlsafe(12)
+        accounts.add(FIRST_USER, password)
+        write_secret(path, password)
+    finally:
+        accounts.engine.dispose()
+
+
+def sign_in_hint(settings: Settings) -> str:
+    """How to sign in, for the ready banner."""
+    path = first_user_password_file(settings)
+    if settings.ui.password_login and path.exists():
+        return f"sign in as {FIRST_USER}, password in {path}"
+    return "sign-in: `qwenstack users add NAME`"
+
+
 def prepare(settings: Settings) -> dict[str, str]:
     """Database, config files and secrets in place; the environment of the Chainlit process."""
     store.connect(settings).dispose()
+    ensure_first_user(settings)
     root = app_root(settings)
     (root / ".chainlit").mkdir(parents=True, exist_ok=True)
     version = importlib.metadata.version("chainlit")
