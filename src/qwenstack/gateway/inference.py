@@ -28,7 +28,7 @@ from qwenstack.gateway.routing import SESSION_HEADER
 async def serve(request: Request, route: Route) -> Response:
     held = resources(request)
     settings = held.settings
-    raw = await validation.read_body(request, settings.validation.max_body_bytes)
+    raw = await request.body()  # bounded as it arrives, by middleware.BodyLimit
     exchange = Exchange(
         request.state.request_id, InferenceRequest(route, {}, raw),  # until parsed, below
         caller=request.state.caller,  # authenticated before routing, by the middleware

@@ -4,9 +4,8 @@ Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field the ro
 take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a configured cap or
 beyond the context window, too many messages or prompts, a media URL outside the allowed
 domains, or a client-supplied chat template (CVE-2025-61620: templates run inside the engine);
-413 for an oversized body, read in bounded pieces (middleware.BodyLimit refuses it as it
-arrives; http_limits.py bounds request heads and slow clients). An unknown model is
-ReplicaPool.resolve's 404.
+413 for an oversized body comes from middleware.BodyLimit as it arrives; http_limits.py bounds
+request heads and slow clients. An unknown model is ReplicaPool.resolve's 404.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
-
-from starlette.requests import Request
 
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.protocol import (
@@ -25,26 +22,6 @@ from qwenstack.gateway.protocol import (
 )
 from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import ValidationSettings
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with a 413 as soon as it exceeds `max_bytes`."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise _too_large(max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(max_bytes: int) -> GatewayError:
-    return GatewayError(
-        413, f"The request body is over {max_bytes} bytes.", code="request_too_large"
-    )
 
 
 def _int(value: Any) -> bool:
