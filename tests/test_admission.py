@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import held_stream, start_gateway
+from helpers import held_stream, start_gateway, wait_for
 
 SHORT = {"model": "tiny-qwen3", "prompt": "hello there", "max_tokens": 1}
 
@@ -122,10 +122,16 @@ def test_failing_engine_is_taken_out_of_rotation_then_probed(
         assert FailingEngine.requests == 2
         engines = httpx.get(f"{gateway.url}/ready").json()["engines"]
         assert [e["circuit_open"] for e in engines] == [True, False]
-        time.sleep(5.2)
         # Cool-down over: one request probes it, fails (and is retried), the circuit opens again.
-        statuses = [httpx.post(url, json=SHORT, timeout=60).status_code for _ in range(3)]
-        assert statuses == [200] * 3
+        statuses: list[int] = []
+
+        def probed() -> bool:
+            statuses.append(httpx.post(url, json=SHORT, timeout=60).status_code)
+            return FailingEngine.requests == 3
+
+        wait_for(probed, "the failing engine probed after its cool-down", 30, interval_s=0.5)
+        statuses += [httpx.post(url, json=SHORT, timeout=60).status_code for _ in range(2)]
+        assert set(statuses) == {200}
         assert FailingEngine.requests == 3
     finally:
         gateway.stop()

@@ -22,9 +22,9 @@ import jwt
 import openai
 import pytest
 import sqlalchemy as sa
-from conftest import Gateway, create_key, start_gateway
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import Gateway, create_key, start_gateway, wait_for
 
 MODEL = "tiny-qwen3"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -198,8 +198,8 @@ def test_key_revoked_from_the_cli_stops_within_the_cache_time(auth: AuthGateway)
     auth.secrets.append(secret)
     assert auth.post(secret).status_code == 200
     _cli(auth, "keys", "revoke", "cli-revoked")
-    time.sleep(1.2)  # QWENSTACK_AUTH__KEY_CACHE_S=1
-    assert auth.post(secret).status_code == 401
+    # QWENSTACK_AUTH__KEY_CACHE_S=1: refused once the cached entry is a second old.
+    wait_for(lambda: auth.post(secret).status_code == 401, "the revoked key refused", 5)
 
 
 def test_rotated_key_old_secret_401_new_secret_200(auth: AuthGateway):
@@ -214,9 +214,8 @@ def test_rotated_key_old_secret_401_new_secret_200(auth: AuthGateway):
 def test_expired_key_gets_401(auth: AuthGateway):
     secret = auth.new_key("short-lived", expires="2s")
     assert auth.post(secret).status_code == 200
-    time.sleep(2.5)
-    response = auth.post(secret)
-    assert response.status_code == 401 and "expired" in response.json()["error"]["message"]
+    wait_for(lambda: auth.post(secret).status_code == 401, "the expired key refused", 10)
+    assert "expired" in auth.post(secret).json()["error"]["message"]
 
 
 def test_model_outside_the_keys_scope_gets_403(auth: AuthGateway):
@@ -249,10 +248,12 @@ def test_jwt_hs256_and_rs256_are_accepted_with_their_claims(auth: AuthGateway):
     admin = {"authorization": f"Bearer {token({ADMIN_CLAIM: True})}"}
     assert httpx.get(f"{auth.gateway.url}/admin/keys", headers=admin).status_code == 200
     # Usage is recorded under the token's subject (written every 0.5 s).
-    time.sleep(1)
-    usage = httpx.get(f"{auth.gateway.url}/admin/usage?by=key", headers=admin).json()["data"]
-    by_caller = {entry["key"]: entry for entry in usage}
-    assert by_caller["jwt:alice"]["requests"] >= 3 and by_caller["jwt:bob"]["requests"] >= 1
+    def by_caller() -> dict[str, dict]:
+        usage = httpx.get(f"{auth.gateway.url}/admin/usage?by=key", headers=admin).json()["data"]
+        return {entry["key"]: entry for entry in usage}
+
+    wait_for(lambda: {"jwt:alice", "jwt:bob"} <= by_caller().keys(), "usage rows", 10)
+    assert by_caller()["jwt:alice"]["requests"] >= 3 and by_caller()["jwt:bob"]["requests"] >= 1
 
 
 @pytest.mark.parametrize(

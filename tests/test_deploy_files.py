@@ -13,7 +13,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import start_gateway
+from helpers import start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwenstack.gateway import gpu_metrics

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import httpx
 import openai
 import pytest
-from conftest import Stack, request_log
+from helpers import Stack, request_log, wait_for
 
 MODEL = "tiny-qwen3"
 CHAT = {
@@ -35,13 +31,19 @@ def _sse_events(response: httpx.Response) -> list[str]:
 
 
 def _engine_metric(stack: Stack, name: str) -> float:
-    """Sum of one vLLM metric over its label sets, read from the engine's own /metrics."""
-    metrics = httpx.get(f"{stack.engine}/metrics", timeout=5).text
+    """Sum of one vLLM metric over its label sets and the stack's replicas, read from the
+    engines' own /metrics (the gateway may route a request to either)."""
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
+        for url in stack.engines
+        for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
         if line.startswith((f"{name}{{", f"{name} "))
     )
+
+
+def _streamed_text(events: list[str]) -> str:
+    chunks = [httpx.Response(200, content=e).json() for e in events[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
 def test_models_lists_served_name(stack: Stack):
@@ -80,9 +82,7 @@ def test_stream_arrives_as_events_with_usage(stack: Stack):
     chunks = [httpx.Response(200, content=e).json() for e in events[:-1]]
     assert len(chunks) > 5
     assert chunks[-1]["usage"]["completion_tokens"] == 24
-    streamed = "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
-    )
+    streamed = _streamed_text(events)
     whole = httpx.post(
         f"{stack.gateway}/v1/chat/completions", json=CHAT, headers=stack.auth, timeout=60
     ).json()
@@ -100,8 +100,10 @@ def test_stream_without_usage_option_is_the_engines_stream_but_still_counted(sta
         "POST", f"{stack.engine}/v1/chat/completions", json=body, timeout=60
     ) as response:
         direct = _sse_events(response)
-    # The gateway asks the engine for usage to account tokens, and strips that chunk again.
-    assert len(via_gateway) == len(direct)
+    # The gateway asks the engine for usage to account tokens, and strips that chunk again. The
+    # text is compared, not the events: a busy engine may put two tokens in one event.
+    assert _streamed_text(via_gateway) == _streamed_text(direct)
+    assert via_gateway[-1] == direct[-1] == "[DONE]"
     assert all('"choices":[]' not in event for event in via_gateway)
     assert request_log(stack.log, request_id)["completion_tokens"] == 24
 
@@ -117,10 +119,8 @@ def test_closing_a_stream_early_frees_the_engine(stack: Stack):
     ) as response:
         assert response.status_code == 200
         next(response.iter_lines())
-    deadline = time.monotonic() + 10
-    while _engine_metric(stack, "vllm:num_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _engine_metric(stack, "vllm:num_requests_running") == 0
+    wait_for(lambda: _engine_metric(stack, "vllm:num_requests_running") == 0,
+             "no request running", 10)
     generated = _engine_metric(stack, "vllm:generation_tokens_total") - generated_before
     assert 0 < generated < 900
 
@@ -161,32 +161,3 @@ def test_request_id_is_returned_and_logged(stack: Stack):
     fresh = httpx.get(f"{stack.gateway}/health")
     assert len(fresh.headers["x-request-id"]) == 32
     assert request_log(stack.log, "trace-123")["path"] == "/v1/completions"
-
-
-@pytest.mark.disruptive
-def test_killed_engine_gives_503_then_restarts(stack: Stack):
-    [engine] = stack.engine_state()
-    os.killpg(engine["pid"], signal.SIGKILL)
-    killed_at = time.monotonic()
-    while True:
-        # no-store: a cached answer would still come back while the engine is down.
-        response = httpx.post(
-            f"{stack.gateway}/v1/chat/completions", json=CHAT,
-            headers={**stack.auth, "cache-control": "no-store"}, timeout=30,
-        )
-        if response.status_code != 200:
-            break
-        assert time.monotonic() - killed_at < 5, "engine still answering after kill"
-    assert response.status_code == 503
-    assert response.json()["error"]["code"] == "engine_unavailable"
-    assert response.headers["retry-after"]
-    assert time.monotonic() - killed_at < 5
-
-    stack.wait_ready(timeout_s=600)
-    after = httpx.post(
-        f"{stack.gateway}/v1/chat/completions", json=CHAT, headers=stack.auth, timeout=60
-    )
-    assert after.status_code == 200
-    [restarted] = stack.engine_state()
-    assert restarted["restarts"] == 1 and restarted["pid"] != engine["pid"]
-    assert "exited with code" in stack.log.read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Gateway, start_gateway
+from helpers import Gateway, start_gateway
 from test_rag_chunking import HOSTILE_HTML, HOSTILE_MARKDOWN, docx_bomb
 
 HEALTH_BOUND_S = 0.1

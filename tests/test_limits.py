@@ -16,7 +16,7 @@ import aiohttp
 import httpx
 import pytest
 from aiohttp import web
-from conftest import Gateway, RedisServer, free_port, held_stream, start_gateway
+from helpers import Gateway, RedisServer, free_port, held_stream, start_gateway
 
 MODEL = "tiny-qwen3"
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import Gateway, free_port, request_log, start_gateway
+from helpers import Gateway, free_port, request_log, start_gateway
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families

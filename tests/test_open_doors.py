@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
-from conftest import Gateway, RedisServer, create_key, start_gateway
+from helpers import Gateway, RedisServer, create_key, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-qwen3"

@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from conftest import Gateway, create_key, held_stream, start_gateway
+from helpers import Gateway, create_key, held_stream, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwenstack import database as db

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
-from conftest import create_key, start_gateway
+from helpers import create_key, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-qwen3"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Gateway, create_key, start_gateway
+from helpers import Gateway, create_key, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 from test_rag_chunking import docx_bomb
 

@@ -1,9 +1,5 @@
-"""Two real vLLM engines (tiny Qwen3, prefix caching on) behind gateways: routing policies,
-an engine killed under load, and a gateway stopped under load.
-
-The engines start once for the module (`qwenstack up --replicas 2`). While developing, set
-QWENSTACK_TEST_ENGINE_URLS to two running engines' URLs, and QWENSTACK_TEST_ENGINE_HOME to the
-`--home` of a `qwenstack engine` supervising the last of them (the one the fault test kills).
+"""The session stack's two real vLLM engines (tiny Qwen3, prefix caching on) behind gateways of
+these tests' own: routing policies, an engine killed under load, a gateway stopped under load.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,56 +20,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import request_log, start_gateway, start_stack
+from helpers import Stack, request_log, start_gateway, wait_for
 
 MODEL = "tiny-qwen3"
 # Blocks of 256 prompt bytes, as the gateway hashes them; vLLM caches in blocks of tokens.
 SYSTEM = "You answer questions about the weather of mountain villages, briefly and politely. " * 6
 
 
-@dataclass
-class Engines:
-    urls: list[str]
-    home: Path  # engines.json there lists the last URL's process
-
-    def pid(self, url: str) -> int:
-        for engine in json.loads((self.home / "run" / "engines.json").read_text()):
-            if engine["url"] == url:
-                return engine["pid"]
-        raise LookupError(url)
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
-    if urls := os.environ.get("QWENSTACK_TEST_ENGINE_URLS"):
-        yield Engines(urls.split(), Path(os.environ["QWENSTACK_TEST_ENGINE_HOME"]))
-        return
-    stack = start_stack(
-        tmp_path_factory.mktemp("two-engines"), "--model", str(tiny_qwen3),
-        "--served-model-name", MODEL, "--replicas", "2", "--max-model-len", "1024",
-        "--kv-cache-gib", "1", "--enforce-eager", "--enable-prefix-caching",
-    )
-    base = int(stack.engine.rsplit(":", 1)[1])
-    yield Engines([stack.engine, f"http://127.0.0.1:{base + 1}"], stack.home)
-    assert stack.stop() == 0, stack.log.read_text()[-5000:]
-
-
-def gateway_for(tmp: Path, engines: Engines, **settings: str):
-    first, *rest = engines.urls
+def gateway_for(tmp: Path, stack: Stack, **settings: str):
+    first, *rest = stack.engines
     extra = [arg for url in rest for arg in ("--engine-url", url)]
     env = {f"QWENSTACK_{name.upper()}": value for name, value in settings.items()}
     gateway = start_gateway(tmp, first, *extra, env=env)
     wait_for(lambda: all(e["up"] for e in httpx.get(f"{gateway.url}/ready").json()["engines"]),
              "both engines up", 60)
     return gateway
-
-
-def wait_for(condition, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout_s} s")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -121,10 +81,10 @@ def stream_chat(client: httpx.Client, base_url: str, messages: list[dict], max_t
     return Outcome(request_id, started, status, ttft, "".join(parts), error)
 
 
-def prefix_cache_counts(engines: Engines) -> tuple[float, float]:
+def prefix_cache_counts(stack: Stack) -> tuple[float, float]:
     """Summed vLLM prefix-cache (hits, queries) in tokens, over both engines."""
     hits = queries = 0.0
-    for url in engines.urls:
+    for url in stack.engines:
         for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
             if line.startswith("vllm:prefix_cache_hits_total{"):
                 hits += float(line.rsplit(" ", 1)[1])
@@ -154,15 +114,15 @@ def conversations_workload(gateway, salt: str, conversations: int = 7, turns: in
 
 
 def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_more(
-    tmp_path: Path, engines: Engines
+    tmp_path: Path, stack: Stack
 ):
     figures = {}
     for policy in ("round_robin", "prefix_aware"):
-        gateway = gateway_for(tmp_path / policy, engines, routing__policy=policy)
+        gateway = gateway_for(tmp_path / policy, stack, routing__policy=policy)
         try:
-            before = prefix_cache_counts(engines)
+            before = prefix_cache_counts(stack)
             served, outcomes = conversations_workload(gateway, salt=uuid.uuid4().hex)
-            after = prefix_cache_counts(engines)
+            after = prefix_cache_counts(stack)
         finally:
             gateway.stop()
         ttfts = sorted(o.ttft_s for o in outcomes)
@@ -186,8 +146,8 @@ def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_mo
             > figures["round_robin"]["prefix_cache_hit_rate"]), figures
 
 
-def test_least_outstanding_spreads_concurrent_load(tmp_path: Path, engines: Engines):
-    gateway = gateway_for(tmp_path, engines, routing__policy="least_outstanding")
+def test_least_outstanding_spreads_concurrent_load(tmp_path: Path, stack: Stack):
+    gateway = gateway_for(tmp_path, stack, routing__policy="least_outstanding")
     try:
         with httpx.Client(timeout=120) as client, ThreadPoolExecutor(6) as pool:
             outcomes = list(pool.map(
@@ -237,23 +197,33 @@ class SteadyLoad:
 
 
 @pytest.mark.disruptive
-def test_killed_engine_is_ejected_then_taken_back(tmp_path: Path, engines: Engines):
+def test_killed_engine_is_ejected_then_restarted_and_taken_back(tmp_path: Path, stack: Stack):
     """SIGKILL one engine under load: only requests already at it may fail (with an OpenAI
-    error); once the health check has taken it out, none does; its supervisor restarts it and
-    it takes load again."""
-    victim = engines.urls[-1]
-    gateway = gateway_for(tmp_path, engines, routing__policy="least_outstanding")
+    error); once the health check has taken it out, none does; a gateway with no other engine
+    answers 503 at once; the supervisor restarts it and it takes load again.
+
+    The suite's one engine restart: it runs last (`disruptive`), on the shared stack."""
+    victim = stack.engines[-1]
+    killed_pid = stack.pid(victim)
+    gateway = gateway_for(tmp_path / "both", stack, routing__policy="least_outstanding")
+    alone = start_gateway(tmp_path / "alone", victim)  # no other engine to turn to
     ready = f"{gateway.url}/ready"
     try:
         with SteadyLoad(gateway.url) as load:
             load.wait_for_more(6)
             killed_at = time.monotonic()
-            os.kill(engines.pid(victim), signal.SIGKILL)
+            os.killpg(killed_pid, signal.SIGKILL)
+            unavailable = _first_refusal(alone.url)
+            refused_after_s = time.monotonic() - killed_at
             wait_for(lambda: not httpx.get(ready).json()["engines"][-1]["up"], "ejected", 30)
             ejected_at = time.monotonic()
             load.wait_for_more(10)
+        assert unavailable.status_code == 503, unavailable.text
+        assert unavailable.json()["error"]["code"] == "engine_unavailable"
+        assert unavailable.headers["retry-after"]
         # Seconds: the health check runs every second; a killed vLLM may leave its listening
         # socket to a dying child for a moment, and this machine may be busy.
+        assert refused_after_s < 15
         assert ejected_at - killed_at < 15
         failed = [o for o in load.outcomes if o.status != 200]
         for outcome in failed:
@@ -268,14 +238,31 @@ def test_killed_engine_is_ejected_then_taken_back(tmp_path: Path, engines: Engin
         assert all(o.status == 200 for o in outcomes), outcomes
         replicas = {request_log(gateway.log, o.request_id)["replica"] for o in outcomes}
         assert replicas == {0, 1}
+        [restarted] = [e for e in stack.engine_state() if e["url"] == victim]
+        assert restarted["restarts"] == 1 and restarted["pid"] != killed_pid
+        assert "exited with code" in stack.log.read_text()
     finally:
+        alone.stop()
         gateway.stop()
 
 
+def _first_refusal(gateway_url: str, timeout_s: float = 30) -> httpx.Response:
+    """The first chat answer that is not a 200, from a gateway whose only engine was killed."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() < deadline:
+            response = client.post(f"{gateway_url}/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "still there?"}],
+                "max_tokens": 4})
+            if response.status_code != 200:
+                return response
+    raise AssertionError(f"the engine still answered {timeout_s} s after it was killed")
+
+
 def test_sigterm_lets_accepted_requests_finish_and_refuses_new_ones(
-    tmp_path: Path, engines: Engines
+    tmp_path: Path, stack: Stack
 ):
-    gateway = gateway_for(tmp_path, engines, gateway__drain_timeout_s="120")
+    gateway = gateway_for(tmp_path, stack, gateway__drain_timeout_s="120")
     try:
         with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
             streams = [
@@ -310,7 +297,8 @@ def refused(base_url: str) -> bool:
 
 class BreakingEngine(BaseHTTPRequestHandler):
     """A fake engine whose streams break after the first event (the connection drops mid-way
-    through a chunked body, as when a real engine dies)."""
+    through a chunked body, as when a real engine dies). Fake because no real engine can be made
+    to die between two given events of a stream."""
 
     protocol_version = "HTTP/1.1"
 

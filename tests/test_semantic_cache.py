@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from conftest import Gateway, start_gateway
+from helpers import Gateway, start_gateway
 
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.gateway.semantic_cache import SemanticIndex, split_question

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Gateway, create_key, free_port, start_gateway
+from helpers import Gateway, create_key, free_port, start_gateway
 from typer.testing import CliRunner, Result
 
 from qwenstack import cli

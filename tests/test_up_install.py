@@ -20,12 +20,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import HOME, free_port
+from helpers import HOME, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that need an extra `up` does not install: they say so when imported without it.
 NEEDS_OTHER_EXTRAS = {"qwenstack.gateway.tracing": "otel"}
 UI_START_TIMEOUT_S = 180
+# The first run builds a venv of qwenstack with `up`'s extras: minutes of pip on a new machine.
+pytestmark = pytest.mark.timeout(900)
 
 
 def up_extras() -> str:

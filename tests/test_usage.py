@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import Gateway, create_key, start_gateway
+from helpers import Gateway, create_key, start_gateway
 
 MODEL = "tiny-qwen3"
 TOKENS = 8

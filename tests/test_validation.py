@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import Gateway, start_gateway
+from helpers import Gateway, start_gateway
 
 MODEL = "tiny-qwen3"  # max_model_len 1024
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}

@@ -1,0 +1,274 @@
+"""What the tests share: the stacks and gateways they start, the servers they stop, polling.
+
+Everything here starts or talks to real parts: `qwenstack up` with a real vLLM engine, a
+`qwenstack gateway` process, a real redis-server. The few fake servers live beside the one test
+that needs them, each saying what no real part can be made to do on demand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import redis
+
+STARTUP_TIMEOUT_S = 900
+HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
+STACK_HOMES: list[Path] = []  # every stack this run started, for the boot count at the end
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float,
+             interval_s: float = 0.1) -> None:
+    """Poll `condition` until it is true; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[bytes]
+    gateway: str  # base URL, no /v1
+    engine: str
+    home: Path
+    log: Path
+    key: str = ""  # the admin key `up` printed on its first start
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"}
+
+    def engine_state(self) -> list[dict]:
+        return json.loads((self.home / "run" / "engines.json").read_text())
+
+    @property
+    def engines(self) -> list[str]:
+        """Every replica's URL, in replica order (`engine` is the first)."""
+        return [engine["url"] for engine in self.engine_state()]
+
+    def pid(self, url: str) -> int:
+        """The process (and process group) of the replica at `url`."""
+        return next(e["pid"] for e in self.engine_state() if e["url"] == url)
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        _wait_until_ready(self.process, self.gateway, self.log, timeout_s)
+
+    def stop(self) -> int:
+        return _stop(self.process)
+
+
+@dataclass
+class Gateway:
+    """`qwenstack gateway` alone, in front of an engine that is already up."""
+
+    process: subprocess.Popen[bytes]
+    url: str  # base URL, no /v1
+    home: Path
+    log: Path
+
+    def stop(self) -> int:
+        return _stop(self.process)
+
+
+def request_log(log: Path, request_id: str) -> dict:
+    """The gateway's JSON log line for one request (written just after the answer went out)."""
+    deadline = time.monotonic() + 5
+    while True:
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and f'"request_id":"{request_id}"' in line:
+                return json.loads(line)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line for request {request_id} in {log}")
+        time.sleep(0.05)
+
+
+def start_gateway(
+    tmp: Path, engine_url: str, *args: str, env: dict[str, str] | None = None, auth: bool = False
+) -> Gateway:
+    """A gateway process on a free port with its own home; `env` adds QWENSTACK_* settings.
+
+    Auth is off unless asked for: tests of limits, cache or metrics then need no key store (the
+    stack tests and tests/test_auth.py, test_usage.py run with it on)."""
+    env = {**({} if auth else {"QWENSTACK_AUTH__ENABLED": "false"}), **(env or {})}
+    home = tmp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = tmp / f"gateway-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", engine_url,
+         "--port", str(port), "--home", str(home), *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env},
+    )
+    gateway = Gateway(process, f"http://127.0.0.1:{port}", home, log)
+    try:
+        _wait_until_ready(process, gateway.url, log, timeout_s=60)
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def _wait_until_ready(
+    process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args} exited {process.returncode}:\n{log.read_text()[-5000:]}"
+            )
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout_s} s:\n{log.read_text()[-5000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
+def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Stack:
+    """`qwenstack up` on free ports, its home in `tmp` but sharing the engine venv and models;
+    `env` adds QWENSTACK_* settings."""
+    home = tmp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    for shared in ("engine-venv", "models"):
+        (HOME / shared).mkdir(parents=True, exist_ok=True)
+        (home / shared).symlink_to(HOME / shared)
+    STACK_HOMES.append(home)
+    gateway_port, engine_port = free_port(), free_port()
+    log = tmp / "up.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "up", "--port", str(gateway_port),
+         "--engine-base-port", str(engine_port), "--home", str(home), *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        # The chat UI has its own tests (test_ui.py); here it would only contend for port 8008.
+        env={**os.environ, "QWENSTACK_UI__ENABLED": "false", **(env or {})},
+    )
+    stack = Stack(
+        process, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", home, log
+    )
+    try:
+        stack.wait_ready()
+        stack.key = _printed_admin_key(log)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _printed_admin_key(log: Path, timeout_s: float = 10) -> str:
+    """The admin key in the file the ready banner names (printed just after /ready turns 200);
+    not a terminal, `up` does not print the key itself."""
+    deadline = time.monotonic() + timeout_s
+    while not (match := re.search(r"admin key file +(\S+)", log.read_text())):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no admin key file in {log}:\n{log.read_text()[-5000:]}")
+        time.sleep(0.2)
+    return Path(match[1]).read_text().strip()
+
+
+def vllm_boots() -> int:
+    """How many times vLLM came up to serve in this run's stacks (restarts included), from the
+    line each vLLM server logs once it listens."""
+    return sum(
+        log.read_text(errors="replace").count("Starting vLLM server on")
+        for home in STACK_HOMES for log in (home / "logs").glob("engine-*.log")
+    )
+
+
+def create_key(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`qwenstack keys create --home HOME ARGS...`: the new key's secret."""
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenstack", "keys", "create", "--home", str(home), *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+class RedisServer:
+    """A redis-server process of the test's own, which a test may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@contextlib.contextmanager
+def held_stream(
+    base_url: str, model: str = "tiny-qwen3", headers: dict[str, str] | None = None
+) -> Iterator[httpx.Response]:
+    """A streamed completion that stays open until the block ends, then disconnects.
+
+    It asks for about 15 MB of events (1000 tokens, 16 choices, 20 logprobs each; 2 choices
+    made 1.9 MB) and reads only the first line. The socket's receive buffer is set small, which
+    on Linux also turns off its autotuning (up to tcp_rmem's 32 MiB here). What the gateway can
+    hand off is then its send buffer (at most tcp_wmem's 4 MiB) and uvicorn's 64 KiB: far
+    less than the stream, so its sends wait for as long as the block lasts, however fast the
+    engine generates.
+    """
+    body = {"model": model, "prompt": "hello there", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True, "logprobs": 20, "n": 16}
+    small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+    with (
+        httpx.Client(
+            transport=httpx.HTTPTransport(socket_options=small_buffer), timeout=60
+        ) as client,
+        client.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response,
+    ):
+        assert response.status_code == 200, response.read()
+        lines = response.iter_lines()  # kept: a dropped iterator would close the response
+        next(lines)
+        yield response
