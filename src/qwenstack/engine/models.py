@@ -13,6 +13,7 @@ from typing import Any
 
 from qwenstack import console
 from qwenstack.engine.hardware import Hardware
+from qwenstack.engine.phases import PREPARING, log_done
 from qwenstack.errors import SetupError
 from qwenstack.settings import QWEN3_MODEL, Settings
 
@@ -36,7 +37,8 @@ def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
     terminal, a spinner shows the step the script says it is at."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    log.info("Preparing the model: %s with %s.py (once)", out_dir, script)
+    log.info("Preparing the model: %s with %s.py (once)", out_dir, script,
+             extra={"fields": {"phase": PREPARING}})
     started = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     label = f"preparing {out_dir.name}"
@@ -59,7 +61,7 @@ def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
         errors.seek(0)
         if process.returncode != 0:
             raise SetupError(f"{script}.py failed to build {out_dir}:\n{errors.read()[-4000:]}")
-    log.info("Prepared the model %s in %.0f s", out_dir.name, time.monotonic() - started)
+    log_done(PREPARING, f"Prepared the model {out_dir.name}", started)
     return out_dir
 
 

