@@ -146,6 +146,13 @@ def configure(level: str, log_format: LogFormat) -> None:
     handler: logging.Handler
     if chosen == "console":
         handler = ConsoleHandler()
+        if level.upper() != "DEBUG":
+            # A person reads qwenstack's lines and libraries' warnings; a library's info (faiss
+            # trying its builds, Milvus Lite's port, uvicorn's startup) goes to JSON and debug.
+            handler.addFilter(
+                lambda record: record.name.startswith("qwenstack")
+                or record.levelno >= logging.WARNING
+            )
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
