@@ -38,7 +38,7 @@ def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     log.info("Preparing the model: %s with %s.py (once)", out_dir, script,
-             extra={"fields": {"phase": PREPARING}})
+             extra={"fields": {"phase": PREPARING}, "console_fields": False})
     started = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     label = f"preparing {out_dir.name}"

@@ -47,7 +47,10 @@ def pip_step(line: str) -> str | None:
     verb, what = match[1].lower(), match[2].rstrip(",")
     if verb == "installing collected packages":
         return "installing the packages"
-    return f"{verb} {what.rsplit('/', 1)[-1][:48]}".rstrip()
+    what = what.rsplit("/", 1)[-1]
+    if what.endswith((".whl", ".tar.gz")):  # a file: its name and version say enough
+        what = "-".join(what.split("-")[:2]).removesuffix(".tar.gz")
+    return f"{verb} {what[:48]}".rstrip()
 
 
 def _last_step(log_file: Path, start: int) -> str | None:
@@ -86,7 +89,8 @@ class EngineVenv:
             return self.python
         log.info(
             "Installing the engine: %s into %s (first use; a few minutes; log: %s)",
-            self.package, self.path, self.log_file, extra={"fields": {"phase": INSTALLING}},
+            self.package, self.path, self.log_file,
+            extra={"fields": {"phase": INSTALLING}, "console_fields": False},
         )
         started = time.monotonic()
         with console.progress() as shown:
