@@ -22,6 +22,7 @@ def test_eval_subset_meets_recall_floors() -> None:
     # (by the other RAG tests), which saves half a minute on a busy machine.
     result = CliRunner().invoke(app, ["kb", "eval", str(CMRC), "--paragraphs", "20", "--json"])
     assert result.exit_code == 0, result.output[-3000:]
+    assert "━" not in result.output  # no progress bar without a terminal (test_console.py)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["paragraphs"] == 20 and report["questions"] == 82
     assert report["chunks"] >= 20 and report["chunks_per_s"] > 0

@@ -1,9 +1,12 @@
-"""Log lines as JSON objects (for log shippers) or plain text (for a terminal), by setting.
+"""Log lines: short human ones on a terminal, JSON objects for log shippers, or `key=value`
+text, by the setting `observability.log_format` (`auto`, the default, picks the first when
+stderr is a terminal and JSON otherwise).
 
-A log call carries its structured fields in `extra={"fields": {...}}`; both formats render
-them, the JSON one as keys of the object, the text one as `key=value` after the message. So
-the per-request line is written once and reads well either way. What goes into fields is the
-caller's choice: the gateway never puts secrets, prompts or completions there.
+A log call carries its structured fields in `extra={"fields": {...}}`; every format renders
+them, JSON as keys of the object, text as `key=value` after the message, the console as a few
+shortened `key=value`. So the per-request line is written once and reads well each way. What
+goes into fields is the caller's choice: the gateway never puts secrets, prompts or completions
+there.
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ from __future__ import annotations
 import logging
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
+
+from qwenstack import console
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+LogFormat = Literal["auto", "json", "text"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -62,8 +72,88 @@ class TextFormatter(logging.Formatter):
         return _escaped(line)
 
 
-def configure(level: str, log_format: Literal["json", "text"]) -> None:
+# The console's look: the level's word and colour, fields cut to this many characters.
+LEVELS = {
+    logging.DEBUG: ("DEBUG", "dim"), logging.INFO: ("INFO ", "green"),
+    logging.WARNING: ("WARN ", "yellow"), logging.ERROR: ("ERROR", "bold red"),
+    logging.CRITICAL: ("CRIT ", "bold red"),
+}
+FIELD_CHARS = 40
+# Fields the per-request line's own words already say ("POST /v1/models 200 3.1 ms").
+REQUEST_WORDS = ("method", "path", "status", "latency_ms")
+
+
+def _short(value: object) -> str:
+    text = _escaped(str(value))
+    return text if len(text) <= FIELD_CHARS else text[:FIELD_CHARS - 1] + "…"
+
+
+class ConsoleHandler(logging.Handler):
+    """Short lines for a person at a terminal, on the Console the progress bars share:
+    `12:03:07 INFO  message key=value`, the level in colour where the terminal has it.
+
+    Chosen over rich's RichHandler, which lays each record out as a table (time, level and
+    source-path columns, the message wrapped in the column left over): one plain line a record
+    is shorter, and copies and greps like the other formats. A message's own line breaks stay
+    (a log tail reads as lines), its continuation lines indented and its other control
+    characters escaped, so no text a client sends can pass for a line of ours."""
+
+    def render(self, record: logging.LogRecord) -> Text:
+        from rich.text import Text
+
+        word, style = LEVELS.get(record.levelno, (record.levelname[:5].ljust(5), ""))
+        line = Text()
+        line.append(datetime.fromtimestamp(record.created).strftime("%H:%M:%S "), style="dim")
+        line.append(f"{word} ", style=style)
+        if not record.name.startswith("qwenstack"):  # a library's: say which, in one word
+            line.append(f"{record.name.partition('.')[0]}: ", style="dim")
+        # A record whose message already says it all keeps its fields for JSON only.
+        fields = dict(_fields(record)) if getattr(record, "console_fields", True) else {}
+        message = record.getMessage()
+        if message == "request" and all(name in fields for name in REQUEST_WORDS):
+            method, path, status, latency = (fields.pop(name) for name in REQUEST_WORDS)
+            message = f"{method} {path} {status} {latency} ms"
+        indent = "\n" + " " * 15
+        text = indent.join(_escaped(part) for part in message.split("\n"))
+        line.append(text, style="bold" if record.levelno >= logging.WARNING else "")
+        if fields:
+            line.append(
+                " " + " ".join(f"{key}={_short(value)}" for key, value in fields.items()),
+                style="dim",
+            )
+        if record.exc_info:
+            trace = logging.Formatter().formatException(record.exc_info)
+            line.append(indent + indent.join(trace.splitlines()), style="dim")
+        return line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.console().print(self.render(record))
+        except Exception:
+            self.handleError(record)
+
+
+def resolve(log_format: LogFormat) -> Literal["console", "json", "text"]:
+    """`auto` is the console on a terminal, JSON otherwise (a pipe, a file, a log collector)."""
+    if log_format == "auto":
+        return "console" if console.is_terminal() else "json"
+    return log_format
+
+
+def configure(level: str, log_format: LogFormat) -> None:
     """Route every logger (uvicorn's too) through one stderr handler in the chosen format."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    chosen = resolve(log_format)
+    handler: logging.Handler
+    if chosen == "console":
+        handler = ConsoleHandler()
+        if level.upper() != "DEBUG":
+            # A person reads qwenstack's lines and libraries' warnings; a library's info (faiss
+            # trying its builds, Milvus Lite's port, uvicorn's startup) goes to JSON and debug.
+            handler.addFilter(
+                lambda record: record.name.startswith("qwenstack")
+                or record.levelno >= logging.WARNING
+            )
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -38,16 +39,24 @@ def _lifeline() -> int:
     return _lifeline_read_end
 
 
-def log_tail(path: Path, lines: int) -> str:
-    """The last lines of a log file (each cut to 300 characters), read from its last 16 KiB."""
+def log_tail(path: Path, lines: int, start: int = 0) -> str:
+    """The last lines of a log file (each cut to 300 characters), read from its last 16 KiB
+    and not before byte `start` (where one run's output began)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
+            f.seek(max(start, f.tell() - 16384))
             tail = f.read().decode(errors="replace").strip().splitlines()
     except OSError:
         return ""
     return "\n".join(line[-300:] for line in tail[-lines:])
+
+
+def failure(code: int | None, tail: str) -> tuple[int | None, str]:
+    """What a crash looks like, to tell a repeat from a new failure: the exit code and the
+    output's last line with its numbers blanked (pids, times and ports change every run)."""
+    last = tail.rsplit("\n", 1)[-1]
+    return code, re.sub(r"\d+", "#", last)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -81,6 +90,8 @@ class SupervisedProcess:
         self.stable_after_s = stable_after_s
         self.restarts = 0
         self.started_at = 0.0
+        self.run_log_start = 0  # where the current run's output begins in the log file
+        self._last_failure: tuple[int | None, str] | None = None
 
     def log_tail(self, lines: int = 1) -> str:
         return log_tail(self.log_path, lines)
@@ -101,6 +112,7 @@ class SupervisedProcess:
         while not stop.is_set():
             lifeline = _lifeline()
             with self.log_path.open("ab") as log_file:
+                self.run_log_start = log_file.tell()
                 # -I: the lifeline's Python ignores the command's PYTHON* variables.
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), *self.argv,
@@ -124,16 +136,30 @@ class SupervisedProcess:
                 return
             if time.monotonic() - self.started_at > self.stable_after_s:
                 backoff = self.backoff_initial_s
+                self._last_failure = None  # a crash after a good run shows its log again
             self.restarts += 1
-            log.error(
-                "%s (pid %d) exited with code %s; restart %d in %.0f s. Its log (%s) ends:\n%s",
-                self.name, process.pid, process.returncode, self.restarts, backoff,
-                self.log_path, self.log_tail(20),
-            )
+            self._report_exit(process, backoff)
             self.exited(process.returncode, backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _report_exit(self, process: asyncio.subprocess.Process, backoff_s: float) -> None:
+        """The end of the log once per failure: a crash loop repeating the same failure says
+        one line per restart, not the same traceback every time."""
+        tail = log_tail(self.log_path, 20, self.run_log_start)
+        seen, self._last_failure = self._last_failure, failure(process.returncode, tail)
+        if seen == self._last_failure:
+            log.error(
+                "%s exited with code %s again: restart %d in %.0f s (same failure, see %s)",
+                self.name, process.returncode, self.restarts, backoff_s, self.log_path,
+            )
+            return
+        log.error(
+            "%s (pid %d) exited with code %s; restart %d in %.0f s. Its log (%s) ends:\n%s",
+            self.name, process.pid, process.returncode, self.restarts, backoff_s,
+            self.log_path, tail,
+        )
 
     async def _stop(self, process: asyncio.subprocess.Process) -> None:
         """SIGTERM to the group, SIGKILL after a grace period; the group is killed even when the

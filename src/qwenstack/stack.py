@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from qwenstack.engine import prepare_engines
-from qwenstack.engine.supervisor import Engine, Supervisor
+from qwenstack.engine.supervisor import Supervisor
 from qwenstack.errors import SetupError
 from qwenstack.gateway.app import create_app
 from qwenstack.gateway.http_limits import BoundedHeadProtocol
@@ -59,12 +59,6 @@ def _listen(settings: Settings) -> socket.socket:
     return sock
 
 
-def _report_progress(engine: Engine, elapsed_s: float) -> None:
-    log.info(
-        "Waiting for engine %d (%.0f s): %s", engine.launch.index, elapsed_s, engine.log_tail()
-    )
-
-
 async def _start_engines(settings: Settings) -> Supervisor:
     _, launches = await asyncio.to_thread(prepare_engines, settings)
     supervisor = Supervisor(
@@ -80,7 +74,7 @@ async def _start_engines(settings: Settings) -> Supervisor:
 
 async def _ready_before_stop(supervisor: Supervisor, stop: asyncio.Event) -> bool:
     """Wait for the engines to serve; False when a stop came first."""
-    ready = asyncio.create_task(supervisor.wait_ready(_report_progress))
+    ready = asyncio.create_task(supervisor.wait_ready())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait((ready, stopped), return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()

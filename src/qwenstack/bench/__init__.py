@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from qwenstack import console
 from qwenstack.bench.datasets import Prompt
 from qwenstack.bench.loadgen import Load, RequestOptions, Target, prompts_needed, run_interleaved
 from qwenstack.bench.report import Slo, ratios, summarize
@@ -52,10 +53,11 @@ def benchmark(
     seed: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Summaries per (load, target), and each target's ratios to the last one (the baseline)."""
-    runs = uvloop.run(run_interleaved(
-        targets, prompts, loads, options, requests_per_run=requests_per_run, rounds=rounds,
-        warmup=warmup, timeout_s=timeout_s, seed=seed,
-    ))
+    with console.progress() as shown:  # requests done of all, on a terminal
+        runs = uvloop.run(run_interleaved(
+            targets, prompts, loads, options, requests_per_run=requests_per_run, rounds=rounds,
+            warmup=warmup, timeout_s=timeout_s, seed=seed, progress=shown,
+        ))
     summaries, all_ratios = [], []
     for per_target in runs:
         figures = [summarize(run, slo or Slo()) for run in per_target]

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 
 from qwenstack.bench.datasets import Prompt
+from qwenstack.console import NO_PROGRESS, Progress
 
 Api = Literal["chat", "completions"]
 ROUTES: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -174,6 +175,7 @@ async def run_load(
     load: Load,
     options: RequestOptions,
     seed: int = 0,
+    progress: Progress = NO_PROGRESS,
 ) -> RunRecord:
     url = target.base_url.rstrip("/") + ROUTES[options.api]
     bodies = [options.body(p) for p in prompts]  # serialised before the clock starts
@@ -185,6 +187,7 @@ async def run_load(
         async def worker() -> None:
             for body in queue:
                 records.append(await _send(session, url, body, target, options))
+                progress.advance()
 
         await asyncio.gather(*(worker() for _ in range(load.concurrency)))
     else:
@@ -193,6 +196,7 @@ async def run_load(
         async def limited(body: bytes) -> None:
             async with limit:
                 records.append(await _send(session, url, body, target, options))
+                progress.advance()
 
         rng = random.Random(seed)
         rate = load.rate or math.inf
@@ -237,12 +241,13 @@ async def run_interleaved(
     warmup: int = 0,
     timeout_s: float = 600,
     seed: int = 0,
+    progress: Progress = NO_PROGRESS,
 ) -> list[list[RunRecord]]:
     """Every load against every target, rounds alternating the order (A B, then B A, ...).
 
     Each (round, target) gets prompts of its own, taken in turn from `prompts`, so neither a
     prefix cache nor an answer cache favours whichever target goes second. Returns, per load,
-    one merged RunRecord per target.
+    one merged RunRecord per target. `progress` counts requests done of all of them.
     """
     needed = prompts_needed(len(targets), len(loads), rounds, requests_per_run, warmup)
     if len(prompts) < needed:
@@ -255,17 +260,23 @@ async def run_interleaved(
         return prompts[taken - count:taken]
 
     results = []
+    progress.stage("requests", needed)
     async with session(timeout_s) as http:
         for target in targets:
             if warmup:
-                await run_load(http, target, take(warmup), Load(concurrency=warmup), options, seed)
+                progress.describe(f"warm-up, {target.name}")
+                await run_load(http, target, take(warmup), Load(concurrency=warmup), options, seed,
+                               progress)
         for load in loads:
             merged = {t.name: RunRecord(t.name, load, [], 0.0) for t in targets}
             for round_index in range(rounds):
                 order = targets if round_index % 2 == 0 else list(reversed(targets))
                 for target in order:
+                    progress.describe(f"{load.label}, round {round_index + 1}/{rounds}, "
+                                      f"{target.name}")
                     run = await run_load(
-                        http, target, take(requests_per_run), load, options, seed + round_index
+                        http, target, take(requests_per_run), load, options, seed + round_index,
+                        progress,
                     )
                     merged[target.name].records += run.records
                     merged[target.name].duration += run.duration

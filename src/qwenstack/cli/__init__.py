@@ -8,12 +8,20 @@ from __future__ import annotations
 import typer
 
 from qwenstack.cli import bench, kb, keys, plan, serve, users
+from qwenstack.cli.common import LogFormatOpt, use_log_format
 
 app = typer.Typer(
     help="Self-hosted Qwen3 on vLLM behind an OpenAI-compatible gateway.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(log_format: LogFormatOpt = None) -> None:
+    """Self-hosted Qwen3 on vLLM behind an OpenAI-compatible gateway."""
+    use_log_format(log_format)
+
 
 app.command("up", context_settings=serve.PASS_EXTRA_ARGS)(serve.up)
 app.command("engine", context_settings=serve.PASS_EXTRA_ARGS)(serve.engine)

@@ -25,6 +25,19 @@ ConfigOpt = Annotated[
     ),
 ]
 HomeOpt = Annotated[Path | None, typer.Option(help="Where venv, models, logs and state live.")]
+LOG_FORMAT_ENV = "QWENSTACK_OBSERVABILITY__LOG_FORMAT"
+LogFormatOpt = Annotated[
+    logs.LogFormat | None,
+    typer.Option(help="auto: short lines on a terminal, JSON otherwise; json; or key=value "
+                 "text. Default: observability.log_format (auto)."),
+]
+
+
+def use_log_format(log_format: logs.LogFormat | None) -> None:
+    """A --log-format flag: through the environment, like --config, so the settings of this
+    command and of the processes it starts read it (a flag wins over the variable)."""
+    if log_format is not None:
+        os.environ[LOG_FORMAT_ENV] = log_format
 
 
 def settings_for(config: Path | None, **overrides: Any) -> Settings:

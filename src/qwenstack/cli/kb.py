@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from qwenstack import console
 from qwenstack.callers import Caller
 from qwenstack.cli.common import ConfigOpt, HomeOpt, opened, print_table, settings_for
 from qwenstack.errors import SetupError
@@ -102,8 +103,10 @@ def kb_ingest(
 
     files = [p for path in paths for p in (sorted(path.rglob("*")) if path.is_dir() else [path])
              if p.is_file() and (not path.is_dir() or p.suffix.lower() in PARSERS)]
-    with _knowledge(config, home) as service:
-        results = service.ingest(name, [(p.name, p.read_bytes()) for p in files], KB_ADMIN)
+    with _knowledge(config, home) as service, console.progress("loading") as shown:
+        results = service.ingest(
+            name, [(p.name, p.read_bytes()) for p in files], KB_ADMIN, shown
+        )
     for result in results:
         typer.echo(f"{result.status:<10} {result.name} ({result.chunks} chunks)")
 
@@ -137,7 +140,9 @@ def kb_eval(
     """Recall@1, recall@5 and MRR@10 for dense, BM25 and hybrid retrieval; ingest chunks/s."""
     from qwenstack.rag.eval import evaluate
 
-    report = evaluate(settings_for(config), path, paragraphs)
+    settings = settings_for(config)
+    with console.progress() as shown:
+        report = evaluate(settings, path, paragraphs, shown)
     if as_json:
         typer.echo(json.dumps(report.as_json()))
         return

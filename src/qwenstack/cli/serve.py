@@ -11,7 +11,14 @@ import typer
 import uvloop
 
 from qwenstack import stack
-from qwenstack.cli.common import ConfigOpt, HomeOpt, fail, settings_for
+from qwenstack.cli.common import (
+    ConfigOpt,
+    HomeOpt,
+    LogFormatOpt,
+    fail,
+    settings_for,
+    use_log_format,
+)
 from qwenstack.database import SECRETS_FOLDER, write_secret
 from qwenstack.errors import SetupError
 from qwenstack.keys import KeyStore
@@ -128,7 +135,9 @@ def _serve_command(*, engines: bool, gateway: bool, doc: str) -> Any:
         kv_cache_gib: Annotated[float | None, typer.Option(help="KV-cache size.")] = None,
         host: Annotated[str | None, typer.Option(help="Gateway address.")] = None,
         port: Annotated[int | None, typer.Option(help="Gateway port.")] = None,
+        log_format: LogFormatOpt = None,
     ) -> None:
+        use_log_format(log_format)  # here too: `up` passes flags it does not know to vLLM
         settings = settings_for(
             config,
             home=home,
@@ -175,8 +184,10 @@ def gateway(
     ] = None,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the gateway alone, in front of engines started elsewhere."""
+    use_log_format(log_format)
     settings = settings_for(
         config, home=home,
         **{"engine.urls": engine_url, "gateway.host": host, "gateway.port": port},
@@ -212,8 +223,10 @@ def ui(
     host: Annotated[str | None, typer.Option(help="UI address.")] = None,
     port: Annotated[int | None, typer.Option(help="UI port (default 8008).")] = None,
     gateway_url: Annotated[str | None, typer.Option(help="Gateway base URL, no /v1.")] = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the Chainlit chat UI alone, in front of a running gateway."""
+    use_log_format(log_format)
     from qwenstack.ui import server
 
     settings = settings_for(

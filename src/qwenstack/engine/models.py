@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwenstack import console
 from qwenstack.engine.hardware import Hardware
+from qwenstack.engine.phases import PREPARING, log_done
 from qwenstack.errors import SetupError
 from qwenstack.settings import QWEN3_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
 SCRIPTS = Path(__file__).parent / "scripts"
+STEP_PREFIX = "step: "  # as scripts/model_folder.py prints it
 BUNDLED_SMOLLM2 = "SmolLM2-135M-Instruct"
 TINY_QWEN3 = "tiny-qwen3"
 
@@ -28,17 +33,35 @@ class ResolvedModel:
 
 
 def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
-    """Run engine/scripts/<script>.py in the engine venv to build `out_dir` (once)."""
+    """Run engine/scripts/<script>.py in the engine venv to build `out_dir` (once); on a
+    terminal, a spinner shows the step the script says it is at."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    log.info("Preparing %s with %s (once)", out_dir, script)
+    log.info("Preparing the model: %s with %s.py (once)", out_dir, script,
+             extra={"fields": {"phase": PREPARING}, "console_fields": False})
+    started = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [str(engine_python), str(SCRIPTS / f"{script}.py"), str(out_dir)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        raise SetupError(f"{script}.py failed to build {out_dir}:\n{result.stderr[-4000:]}")
+    label = f"preparing {out_dir.name}"
+    with console.progress(label) as shown, tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(
+            [str(engine_python), str(SCRIPTS / f"{script}.py"), str(out_dir)],
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                if line.startswith(STEP_PREFIX):
+                    shown.describe(f"{label}: {line.removeprefix(STEP_PREFIX).strip()}")
+        except BaseException:  # Ctrl-C: the script goes with us, as under subprocess.run
+            process.kill()
+            raise
+        finally:
+            process.stdout.close()
+            process.wait()
+        errors.seek(0)
+        if process.returncode != 0:
+            raise SetupError(f"{script}.py failed to build {out_dir}:\n{errors.read()[-4000:]}")
+    log_done(PREPARING, f"Prepared the model {out_dir.name}", started)
     return out_dir
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from qwenstack.engine.launch import EngineLaunch
+from qwenstack.engine.phases import READY, PhaseWatch, log_phase
 from qwenstack.errors import SetupError
 from qwenstack.processes import SupervisedProcess
 
@@ -69,10 +70,15 @@ class Engine(SupervisedProcess):
         self._on_change()
 
     async def serving(self, process: asyncio.subprocess.Process) -> None:
-        """Ready means /health answers and /v1/models lists the model."""
+        """Ready means /health answers and /v1/models lists the model. Until then, each phase
+        vLLM's log shows (loading weights, compiling, ...) is one log line."""
+        phases = PhaseWatch(self.log_path, self.run_log_start)
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(self.launch.url, timeout=timeout) as http:
             while True:
+                for phase in phases.poll():
+                    if phase != READY:  # said below, once the probe agrees
+                        self._log_phase(phase)
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with http.get("/health") as health:
                         if health.status == 200:
@@ -83,9 +89,12 @@ class Engine(SupervisedProcess):
         self.state, self.ever_ready = EngineState.READY, True
         self.ready_event.set()
         self._on_change()
-        log.info(
-            "Engine %d ready after %.1f s at %s",
-            self.launch.index, time.monotonic() - self.started_at, self.launch.url,
+        self._log_phase(READY, f"at {self.launch.url}")
+
+    def _log_phase(self, phase: str, detail: str = "") -> None:
+        log_phase(
+            f"Engine {self.launch.index}", phase, time.monotonic() - self.started_at, detail,
+            engine=self.launch.index,
         )
 
 
@@ -124,16 +133,17 @@ class Supervisor:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self._tasks = [asyncio.create_task(e.run(self._stopping)) for e in self.engines]
 
-    async def wait_ready(self, on_progress: Callable[[Engine, float], None] | None = None) -> None:
-        """Wait until every engine serves, reporting progress every few seconds."""
+    async def wait_ready(self) -> None:
+        """Wait until every engine serves (each engine logs its phases meanwhile)."""
         deadline = time.monotonic() + self.startup_timeout_s
         for engine in self.engines:
             while not engine.ready_event.is_set():
                 if engine.restarts and not engine.ever_ready:
                     # Usually a bad flag or model: restarting would fail the same way.
+                    # The end of its log was just logged (processes.py): only where it is.
                     raise SetupError(
-                        f"Engine {engine.launch.index} exited while starting; the end of "
-                        f"{engine.launch.log_path}:\n{engine.log_tail(15)}"
+                        f"Engine {engine.launch.index} exited while starting; the end of its "
+                        f"log is above, all of it in {engine.launch.log_path}"
                     )
                 if time.monotonic() > deadline:
                     raise SetupError(
@@ -141,9 +151,7 @@ class Supervisor:
                         f" s; see {engine.launch.log_path}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(engine.ready_event.wait(), 5.0)
-                if on_progress and not engine.ready_event.is_set():
-                    on_progress(engine, time.monotonic() - engine.started_at)
+                    await asyncio.wait_for(engine.ready_event.wait(), 1.0)
 
     async def stop(self) -> None:
         """Every engine gets SIGTERM at once; each loop stops its own process group."""

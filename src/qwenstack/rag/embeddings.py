@@ -40,6 +40,10 @@ class LocalEmbedder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         elif Path(model).expanduser().is_dir():
             source = str(Path(model).expanduser())
+        from transformers.utils import logging as transformers_logging
+
+        # Its "Loading weights" bar would print into the gateway's log, or through `kb`'s bars.
+        transformers_logging.disable_progress_bar()
         self.model = SentenceTransformer(source, device="cpu")
         # In the gateway the model shares its process with the event loop: leaving one core to
         # the loop keeps /health and streams answering while documents are embedded.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import get_args
 
 from qwenstack.callers import Caller
+from qwenstack.console import NO_PROGRESS, Progress
 from qwenstack.rag.store import Mode
 from qwenstack.settings import Settings
 
@@ -69,7 +70,11 @@ def load_squad(
     return paragraphs, questions
 
 
-def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) -> EvalReport:
+def evaluate(
+    settings: Settings, path: Path, max_paragraphs: int | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> EvalReport:
+    """`progress` hears each stage: ingest's, embedding the questions, then each mode's."""
     from qwenstack.rag.service import open_service
 
     paragraphs, questions = load_squad(path, max_paragraphs)
@@ -81,20 +86,24 @@ def evaluate(settings: Settings, path: Path, max_paragraphs: int | None = None) 
         service = open_service(scratch, open_access=True)
         try:
             caller = Caller("eval")
+            progress.stage("loading the embedding model")
             service.create("eval", None, caller)
             service.embedder.embed(["warm-up"])  # loading the model is not ingest time
             started = time.perf_counter()
             results = service.ingest("eval", [(f"{pid}.txt", text.encode()) for pid, text in
-                                               paragraphs.items()], caller)
+                                               paragraphs.items()], caller, progress)
             ingest_s = time.perf_counter() - started
             report = EvalReport(len(paragraphs), len(questions), sum(r.chunks for r in results),
                                 ingest_s)
             log.info("Ingested %d chunks in %.1f s; asking %d questions", report.chunks, ingest_s,
                      len(questions))
-            vectors = service.embedder.embed([question for question, _ in questions])
+            progress.stage("embedding questions", len(questions))
+            vectors = service.embed_all([question for question, _ in questions], progress)
             for mode in MODES:
                 score = ModeScores()
+                progress.stage(f"{mode} retrieval", len(questions))
                 for (question, pid), vector in zip(questions, vectors, strict=True):
+                    progress.advance()
                     hits = service.search(
                         ["eval"], question, caller, CANDIDATE_CHUNKS, mode, vector
                     )

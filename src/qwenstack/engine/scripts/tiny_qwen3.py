@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from model_folder import package_file, run
+from model_folder import package_file, run, step
 from tokenizers import (
     AddedToken,
     Regex,
@@ -286,11 +286,14 @@ def verify(folder: Path) -> None:
 
 
 def build(out: Path) -> None:
+    step("building the Qwen3 tokenizer")
     build_tokenizer().save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
         json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
     )
+    step("writing random weights")
     build_model(out)
+    step("checking the tokenizer")
     verify(out)
 
 
