@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Stack, free_port
+from helpers import Stack, free_port
 
 from qwenstack.engine.phases import LOADING, ORDER, READY, PhaseWatch, phases_in
 from qwenstack.processes import SupervisedProcess
