@@ -18,11 +18,13 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from helpers import RedisServer, Stack, start_stack, vllm_boots
+from helpers import RedisServer, Stack, start_stack, up_venv, vllm_boots
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+    if any(item.path.name == "test_up_install.py" for item in items):
+        up_venv.start()  # pip runs while the tests before test_up_install.py do
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

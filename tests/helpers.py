@@ -8,6 +8,8 @@ that needs them, each saying what no real part can be made to do on demand.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ import redis
 
 STARTUP_TIMEOUT_S = 900
 HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
+ROOT = Path(__file__).resolve().parent.parent
 STACK_HOMES: list[Path] = []  # every stack this run started, for the boot count at the end
 
 
@@ -272,3 +276,69 @@ def held_stream(
         lines = response.iter_lines()  # kept: a dropped iterator would close the response
         next(lines)
         yield response
+
+
+class UpVenv:
+    """A venv with qwenstack and exactly the extras `scripts/up` installs, the code run from this
+    checkout (PYTHONPATH comes before the installed copy), so one venv serves every clone while
+    the dependency list is unchanged. Built in a thread from the session's start (`start`): on a
+    new machine pip takes minutes, which then pass while the other tests run."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @staticmethod
+    def extras() -> str:
+        """The extras scripts/up installs, read from the script itself: one source of truth."""
+        match = re.search(r'venv\.sh"\s+([\w,]+)', (ROOT / "scripts" / "up").read_text())
+        assert match, "scripts/up no longer names its extras as this test expects"
+        return match[1]
+
+    @property
+    def path(self) -> Path:
+        key = (ROOT / "pyproject.toml").read_bytes() + self.extras().encode()
+        return HOME / f"up-venv-{hashlib.sha256(key).hexdigest()[:16]}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._build_or_record, daemon=True)
+        self._thread.start()
+
+    def wait(self) -> Path:
+        if self._thread is None:
+            self.start()
+        assert self._thread is not None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.path / "bin" / "python"
+
+    def _build_or_record(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:  # handed to the test that waits for the venv
+            self._error = exc
+
+    def _build(self) -> None:
+        venv, stamp = self.path, self.path / ".installed"
+        HOME.mkdir(parents=True, exist_ok=True)
+        # One build at a time on this machine: two checkouts may test at once.
+        with open(HOME / "up-venv.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if stamp.exists():
+                return
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            pip = subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                 "--disable-pip-version-check", f"{ROOT}[{self.extras()}]"],
+                timeout=1800, capture_output=True, text=True,
+            )
+            if pip.returncode != 0:
+                raise RuntimeError(f"pip install failed in {venv}:\n{pip.stderr[-5000:]}")
+            stamp.touch()
+
+
+up_venv = UpVenv()

@@ -1,26 +1,22 @@
 """What `scripts/up` installs is enough to run what it starts.
 
 The tests' own venv holds more than `up`'s (Playwright, for one, brings greenlet, whose absence
-from the `ui` extra once left the chat UI crash-looping after `scripts/up`). So this builds a
-second venv with exactly the extras `scripts/up` installs, keyed by the project's dependency
-list and this checkout's path (an editable install points here), and reuses it while both are
-unchanged; then checks that pip finds its dependencies consistent, that every qwenstack module
-imports, and that the chat UI process serves its page.
+from the `ui` extra once left the chat UI crash-looping after `scripts/up`). So a second venv
+holds exactly the extras `scripts/up` installs (helpers.UpVenv: built while the other tests run,
+reused while the dependency list is unchanged); this checks that pip finds its dependencies
+consistent, that every qwenstack module imports, and that the chat UI process serves its page.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import HOME, free_port
+from helpers import free_port, up_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that need an extra `up` does not install: they say so when imported without it.
@@ -30,31 +26,9 @@ UI_START_TIMEOUT_S = 180
 pytestmark = pytest.mark.timeout(900)
 
 
-def up_extras() -> str:
-    """The extras scripts/up installs, read from the script itself: one source of truth."""
-    match = re.search(r'venv\.sh"\s+([\w,]+)', (ROOT / "scripts" / "up").read_text())
-    assert match, "scripts/up no longer names its extras as this test expects"
-    return match[1]
-
-
 @pytest.fixture(scope="module")
 def up_python() -> Path:
-    extras = up_extras()
-    key = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + extras.encode() + str(ROOT).encode()
-    ).hexdigest()[:16]
-    venv = HOME / f"up-venv-{key}"
-    python = venv / "bin" / "python"
-    stamp = venv / ".installed"
-    if not stamp.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             "-e", f"{ROOT}[{extras}]"],
-            check=True, timeout=1800,
-        )
-        stamp.touch()
-    return python
+    return up_venv.wait()
 
 
 def test_dependencies_are_consistent(up_python: Path) -> None:
@@ -80,7 +54,7 @@ print("\\n".join(failed))
 sys.exit(1 if failed else 0)
 """
     result = subprocess.run([str(up_python), "-c", script], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT)
+                            timeout=600, cwd=ROOT, env=up_venv.env())
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -91,7 +65,7 @@ def ui_process(up_python: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Pop
     process = subprocess.Popen(
         [str(up_python), "-m", "qwenstack", "ui", "--home", str(tmp_path / "home"),
          "--port", str(port), "--gateway-url", f"http://127.0.0.1:{free_port()}"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=up_venv.env(),
     )
     yield process, f"http://127.0.0.1:{port}"
     process.terminate()
