@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from qwenstack.errors import SetupError
@@ -210,6 +208,10 @@ def _sqlite_migration_lock(engine: sa.Engine) -> Iterator[None]:
 
 
 def migrate(engine: sa.Engine) -> None:
+    # Alembic is imported here: most commands open no database, and it costs a tenth of a second.
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with _sqlite_migration_lock(engine), engine.begin() as connection:

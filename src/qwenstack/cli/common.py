@@ -12,7 +12,6 @@ import typer
 from pydantic import ValidationError
 
 from qwenstack import logs
-from qwenstack.database import make_private
 from qwenstack.errors import SetupError
 from qwenstack.settings import CONFIG_ENV, Settings, load_settings
 
@@ -50,6 +49,8 @@ def settings_for(config: Path | None, **overrides: Any) -> Settings:
     except (ValidationError, ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
     logs.configure(settings.log_level, settings.observability.log_format)
+    from qwenstack.database import make_private  # SQLAlchemy: not for `plan` or `bench --help`
+
     make_private(settings.home)
     return settings
 

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 import uvloop
 
-from qwenstack import stack
 from qwenstack.cli.common import (
     ConfigOpt,
     HomeOpt,
@@ -102,6 +101,10 @@ def _run(settings: Settings, *, engines: bool, gateway: bool) -> None:
             ]
         lines.append("Stop with Ctrl-C.")
         typer.echo("\n".join(lines))
+
+    # Here, not at the top: the gateway's imports (FastAPI, uvicorn, ...) take most of a second
+    # that `qwenstack keys`, `plan` or `bench` do not need to spend.
+    from qwenstack import stack
 
     try:
         # uvloop: the gateway's per-chunk relay costs less CPU, which the engine can use instead.
