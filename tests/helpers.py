@@ -333,7 +333,7 @@ class UpVenv:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
             pip = subprocess.run(
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                 "--disable-pip-version-check", f"{ROOT}[{self.extras()}]"],
+                 "--disable-pip-version-check", "--no-compile", f"{ROOT}[{self.extras()}]"],
                 timeout=1800, capture_output=True, text=True,
             )
             if pip.returncode != 0:
