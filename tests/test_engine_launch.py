@@ -80,11 +80,11 @@ def test_preload_can_be_turned_off(tmp_path, libraries):
     assert "LD_PRELOAD" not in engine.env
 
 
-def test_threads_bound_to_every_core_and_kv_cache_given_once(tmp_path, monkeypatch):
+def test_threads_bound_with_a_core_kept_back_and_kv_cache_given_once(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_tuning, "allowed_cores", lambda: [0, 1])
     [engine] = _plan(tmp_path, kv_cache_gib=1.5)
-    # Both cores compute (vLLM's `auto` would keep one of two back for its scheduler).
-    assert engine.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    # One core computes, the other serves (vLLM's API server and scheduler, the gateway).
+    assert engine.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     # The KV cache: exact bytes as a flag; vLLM's whole-GiB variable would override it.
     assert engine.argv[engine.argv.index("--kv-cache-memory-bytes") + 1] == str(int(1.5 * GIB))
     assert "VLLM_CPU_KVCACHE_SPACE" not in engine.env
@@ -92,18 +92,24 @@ def test_threads_bound_to_every_core_and_kv_cache_given_once(tmp_path, monkeypat
 
 
 def test_replicas_split_the_cores_and_ranks_get_their_own(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_tuning, "allowed_cores", lambda: list(range(8)))
+    monkeypatch.setattr(cpu_tuning, "allowed_cores", lambda: list(range(9)))
     two = _plan(tmp_path, replicas=2)
     assert [e.env["VLLM_CPU_OMP_THREADS_BIND"] for e in two] == ["0-3", "4-7"]
     [tp2] = _plan(tmp_path, tensor_parallel_size=2)
     assert tp2.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7"
+    # Two replicas on two cores: one each, none to spare (vLLM's `auto` puts both on core 0).
+    monkeypatch.setattr(cpu_tuning, "allowed_cores", lambda: [0, 1])
+    assert [e.env["VLLM_CPU_OMP_THREADS_BIND"] for e in _plan(tmp_path, replicas=2)] == [
+        "0", "1"]
     [given] = _plan(tmp_path, cpu_threads_bind="auto")
     assert given.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
 
 
 def test_core_lists():
     assert cpu_tuning.id_list([0, 1, 2, 3, 6, 8, 9]) == "0-3,6,8-9"
-    assert cpu_tuning.threads_binds([0, 1, 2], 2, 1) == ["0-1", "2"]
+    assert cpu_tuning.threads_binds([0, 1, 2, 3], 2, 1) == ["0-1", "2"]  # 3 kept back
+    assert cpu_tuning.threads_binds([0, 1], 1, 1) == ["0"]
+    assert cpu_tuning.threads_binds([0], 1, 1) == ["0"]
     assert cpu_tuning.threads_binds([0], 2, 1) == ["0", "0"]  # fewer cores than replicas: shared
 
 

@@ -15,6 +15,7 @@ It installs only when `qwenstack up` would certainly use the same venv: with a s
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -61,6 +62,7 @@ def main(args: Sequence[str]) -> int:
     home = home_for(args, os.environ)
     if home is None:
         return 0
+    logging.basicConfig(level=logging.INFO, format="qwenstack: %(message)s")
     venv = _engine_modules()
     from qwenstack.engine import hardware  # noqa: PLC0415
 

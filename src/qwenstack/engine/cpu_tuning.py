@@ -4,10 +4,14 @@
   libiomp5.so comes from PyPI's `intel-openmp`, installed in the engine venv (venv.py);
   tcmalloc from Debian's `libtcmalloc-minimal4`, which the engine install gets with apt where
   it runs as root. A library that is missing is left out, with one warning line.
-- OpenMP threads bound to cores (`VLLM_CPU_OMP_THREADS_BIND`), one per physical core. vLLM's
-  own `auto` keeps one core back for its scheduler process, which on a 2-core machine halves
-  the cores doing the model's arithmetic; and it binds every replica to the same cores.
-  Here the replicas split the machine's cores between them instead.
+- OpenMP threads bound to cores (`VLLM_CPU_OMP_THREADS_BIND`), one per physical core, with
+  one core kept back for the processes that serve (vLLM's API server and scheduler, the
+  gateway, the UI) whenever the machine has a core to spare, as vLLM's own `auto` does. On 2
+  shared cores, binding both to the model made it 1.2x faster at 32 concurrent requests in
+  one round and 3x slower at 1 in the next, with more other work on the machine
+  (benchmarks/RESULTS.md): an OpenMP thread that loses its core holds up the others at every
+  barrier. vLLM's `auto` binds every replica to the same cores, though; here the replicas
+  split them.
 - The KV-cache size given once: qwenstack passes the budget it checked as
   `--kv-cache-memory-bytes` (exact bytes). vLLM's `VLLM_CPU_KVCACHE_SPACE` (whole GiB) would
   override it, so an inherited one is not passed on.
@@ -112,9 +116,12 @@ def id_list(cpus: Sequence[int]) -> str:
 
 def threads_binds(cores: Sequence[int], replicas: int, ranks: int) -> list[str]:
     """VLLM_CPU_OMP_THREADS_BIND for each replica: its tensor-parallel ranks' core lists joined
-    by `|`. The cores are split into replicas x ranks contiguous groups, as even as they go;
-    with fewer cores than groups, groups share cores round-robin."""
+    by `|`. The last core is kept back when there are more cores than replicas x ranks; the
+    others are split into that many contiguous groups, as even as they go. With fewer cores
+    than groups, groups share cores round-robin."""
     groups = replicas * ranks
+    if len(cores) > groups:
+        cores = cores[:-1]
     if len(cores) >= groups:
         size, extra = divmod(len(cores), groups)
         lists, at = [], 0

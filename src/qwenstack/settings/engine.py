@@ -59,8 +59,8 @@ class EngineSettings(BaseModel):
     cpu_threads_bind: str | None = Field(
         None,
         description="vLLM's VLLM_CPU_OMP_THREADS_BIND for every CPU engine (e.g. `0-29`, "
-        "`auto`, `nobind`). Unset: the replicas split this machine's cores, one OpenMP thread "
-        "per physical core.",
+        "`auto`, `nobind`). Unset: one core kept for serving where there is one to spare, the "
+        "replicas splitting the others, one OpenMP thread per physical core.",
     )
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Further vLLM flags, passed through unchanged."
