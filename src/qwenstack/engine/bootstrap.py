@@ -49,6 +49,9 @@ def home_for(args: Sequence[str], environ: Mapping[str, str]) -> Path | None:
 
 
 def _engine_modules() -> types.ModuleType:
+    # Run as a script, this folder comes first on the path, where venv.py would shadow the
+    # standard library's venv module.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ENGINE]
     sys.path.insert(0, str(SRC))
     package = types.ModuleType("qwenstack.engine")
     package.__path__ = [str(ENGINE)]
