@@ -12,14 +12,17 @@ machine whose pip has fetched these packages before, not for a first download. v
 PyTorch's compile caches start empty (in the home). With --apt-remove, Debian's tcmalloc is
 removed first, so that the engine install installs it again as on a fresh machine.
 
---sequential takes the early engine install (engine/bootstrap.py) out of the clone's
-scripts/up, to measure what installing side by side gains. Gateway, engine and UI listen on
+--sequential takes the early engine install (engine/bootstrap.py, which installed the engine
+venv beside qwenstack's own; commit 7ec961b) out of the clone's scripts/up, to measure what
+installing side by side gained: nothing on 2 cores (benchmarks/RESULTS.md), so it was taken
+out of the repository again. Gateway, engine and UI listen on
 ports of their own (--port), so a stack on the default ports may keep running.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -80,7 +83,8 @@ def time_up(clone: Path, home: Path, port: int, log: Path) -> float:
         return time.monotonic() - started
     finally:
         # The whole group: the early engine install too, were it still running.
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(90)
         except subprocess.TimeoutExpired:
@@ -106,8 +110,10 @@ def main() -> None:
         subprocess.run(["git", "-C", str(clone), "checkout", "-q", args.commit], check=True)
         if args.sequential:
             up = clone / "scripts" / "up"
-            up.write_text("".join(line for line in up.read_text().splitlines(keepends=True)
-                                  if "bootstrap.py" not in line))
+            up.write_text("".join(
+                "  :  # the early engine install, taken out (--sequential)\n"
+                if "bootstrap.py" in line and line.rstrip().endswith("&") else line
+                for line in up.read_text().splitlines(keepends=True)))
         if args.apt_remove:
             subprocess.run(["apt-get", "remove", "-y", "-q", "libtcmalloc-minimal4"],
                            check=True, stdout=subprocess.DEVNULL)

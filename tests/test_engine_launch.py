@@ -1,6 +1,6 @@
-"""The CPU engine's launch as vLLM's CPU guide asks (engine/cpu_tuning.py), the engine venv's
-install list and marker (engine/venv.py), and the early install's reading of `up`'s flags
-(engine/bootstrap.py). No engine is started here; the session stack's log is read at the end."""
+"""The CPU engine's launch as vLLM's CPU guide asks (engine/cpu_tuning.py), and the engine
+venv's install list and marker (engine/venv.py). No engine is started here; the session
+stack's engine log is read at the end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import Stack
 
-from qwenstack.engine import bootstrap, cpu_tuning, launch, venv
+from qwenstack.engine import cpu_tuning, launch, venv
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.settings import load_settings
@@ -172,18 +172,6 @@ def test_another_package_installs_afresh(tmp_path, monkeypatch):
     assert engine_venv.missing() is None
     assert venv.install_list("vllm")["system"] == []  # CUDA engines: no tcmalloc, no OpenMP
     assert "intel-openmp" not in venv.install_list("vllm")["pip"]
-
-
-def test_early_install_only_where_up_would_install_the_same(tmp_path):
-    default = Path.home() / ".cache" / "qwenstack"
-    assert bootstrap.home_for([], {}) == default
-    assert bootstrap.home_for(["--home", str(tmp_path)], {}) == tmp_path
-    assert bootstrap.home_for([f"--home={tmp_path}"], {"QWENSTACK_HOME": "/x"}) == tmp_path
-    assert bootstrap.home_for(["--port", "9000"], {"QWENSTACK_HOME": str(tmp_path)}) == tmp_path
-    # A settings file or remote engines may say otherwise: left to `qwenstack up`.
-    assert bootstrap.home_for(["--config", "q.yaml"], {}) is None
-    assert bootstrap.home_for([], {"QWENSTACK_CONFIG": "q.yaml"}) is None
-    assert bootstrap.home_for([], {"QWENSTACK_ENGINE__URLS": "http://h:8000"}) is None
 
 
 def test_engine_started_without_vllm_warning_of_missing_libraries(stack: Stack):

@@ -6,11 +6,8 @@ model folders (torch, transformers, gguf), which the gateway never needs.
 
 Its marker file records what was installed. When this module's lists grow, an existing venv
 gets only what it lacks (vLLM is not reinstalled). One install at a time: a lock file beside
-the venv, so `scripts/up` can start the install early (engine/bootstrap.py) while `qwenstack
-up`, started later, waits for it rather than installing over it.
-
-Only the standard library and qwenstack modules that need nothing else are imported here:
-engine/bootstrap.py runs this with the system Python, before qwenstack's dependencies exist.
+the venv, so that two commands started together (`qwenstack test-model` and `up`, two
+terminals) do not install over each other; the second waits, then finds it done.
 """
 
 from __future__ import annotations
