@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18400)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    args.commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.commit],
+                                 capture_output=True, text=True, check=True).stdout.strip()
     for round_ in range(args.rounds):
         name = f"{args.commit[:12]}{'-seq' if args.sequential else ''}-{round_}-{int(time.time())}"
         clone, home, log = (args.work / f"clone-{name}", args.work / f"home-{name}",
