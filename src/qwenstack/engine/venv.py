@@ -69,7 +69,9 @@ class EngineVenv:
         self.package = package
         self.log_file = log_file
         self._marker = path / ".qwenstack-installed"
-        self._lock_file = path.parent / f"{path.name}.lock"
+        # Beside the venv itself: homes that link one venv (the tests' stacks) share its lock.
+        real = path.resolve()
+        self._lock_file = real.parent / f"{real.name}.lock"
 
     @property
     def python(self) -> Path:
