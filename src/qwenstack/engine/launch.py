@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenstack.engine import capacity
+from qwenstack.engine import capacity, cpu_tuning
 from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
@@ -38,8 +39,9 @@ class EngineLaunch:
     url: str
     port: int
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str]  # over this process's environment
     log_path: Path
+    unset: tuple[str, ...] = ()  # variables of this process's environment not passed on
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -79,7 +81,23 @@ def _tuning_flags(
     if engine.kv_cache_gib is not None or not hardware.has_gpu:
         # Sized by us, so that vLLM allocates exactly the budget checked above.
         flags += ["--kv-cache-memory-bytes", str(budget.bytes)]
+    if not hardware.has_gpu and engine.cpu_eager and "--enforce-eager" not in engine.extra_args:
+        flags.append("--enforce-eager")
     return flags
+
+
+def _cpu_env(engine: EngineSettings, python: Path) -> tuple[dict[str, str], list[str]]:
+    """What every CPU replica's environment gets (cpu_tuning.py says why); the thread binding,
+    which differs per replica, is added by the caller. Returns the env and a warning per
+    missing library."""
+    env: dict[str, str] = {}
+    missing: list[str] = []
+    if engine.cpu_preload:
+        env["LD_PRELOAD"], missing = cpu_tuning.preload(
+            python.parent.parent, os.environ.get("LD_PRELOAD", ""))
+        if not env["LD_PRELOAD"]:
+            del env["LD_PRELOAD"]
+    return env, missing
 
 
 def _sizing(
@@ -134,6 +152,15 @@ def build_launches(
     base_env = {"PYTHONUNBUFFERED": "1"}
     if engine.hf_token:
         base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()
+    binds: list[str] = []
+    if not hardware.has_gpu:
+        cpu_env, missing = _cpu_env(engine, python)
+        base_env.update(cpu_env)
+        for what in missing:
+            log.warning("CPU engine without %s: slower, as vLLM will warn.", what)
+        binds = ([engine.cpu_threads_bind] * engine.replicas if engine.cpu_threads_bind
+                 else cpu_tuning.threads_binds(
+                     cpu_tuning.allowed_cores(), engine.replicas, engine.tensor_parallel_size))
 
     launches = []
     for index in range(engine.replicas):
@@ -143,6 +170,8 @@ def build_launches(
             first = index * engine.tensor_parallel_size
             gpus = range(first, first + engine.tensor_parallel_size)
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        else:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = binds[index]
         launches.append(EngineLaunch(
             index=index,
             url=f"http://{ENGINE_HOST}:{port}",
@@ -150,5 +179,6 @@ def build_launches(
             argv=[*common, "--port", str(port), *engine.extra_args],
             env=env,
             log_path=log_dir / f"engine-{index}.log",
+            unset=() if hardware.has_gpu else cpu_tuning.UNSET_ENV,
         ))
     return launches

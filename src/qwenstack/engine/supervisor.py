@@ -31,6 +31,11 @@ READY_POLL_S = 1.0
 STABLE_AFTER_S = 120.0
 
 
+def _inherited(unset: tuple[str, ...]) -> dict[str, str]:
+    """This process's environment without the variables a launch leaves out."""
+    return {name: value for name, value in os.environ.items() if name not in unset}
+
+
 class EngineState(StrEnum):
     STARTING = "starting"
     READY = "ready"
@@ -49,7 +54,7 @@ class Engine(SupervisedProcess):
     ) -> None:
         super().__init__(
             f"Engine {launch.index} ({launch.url})", launch.argv, launch.log_path,
-            env={**os.environ, **launch.env}, backoff_initial_s=backoff_initial_s,
+            env={**_inherited(launch.unset), **launch.env}, backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s, stable_after_s=STABLE_AFTER_S,
         )
         self.launch = launch

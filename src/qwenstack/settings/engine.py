@@ -46,6 +46,23 @@ class EngineSettings(BaseModel):
         description="KV-cache size (vLLM's --kv-cache-memory-bytes). Unset: 4 GiB on a CPU; "
         "on a GPU, what --gpu-memory-utilization leaves beside the weights.",
     )
+    cpu_eager: bool = Field(
+        True,
+        description="CPU engines run eagerly (vLLM's --enforce-eager): on 2 cores they start "
+        "in 32 s instead of 90-210 s, decoding 4-9 % slower (benchmarks/RESULTS.md). "
+        "false: vLLM's default, compiled.",
+    )
+    cpu_preload: bool = Field(
+        True,
+        description="CPU engines preload tcmalloc and Intel OpenMP (LD_PRELOAD), as vLLM's "
+        "CPU guide advises.",
+    )
+    cpu_threads_bind: str | None = Field(
+        None,
+        description="vLLM's VLLM_CPU_OMP_THREADS_BIND for every CPU engine (e.g. `0-29`, "
+        "`auto`, `nobind`). Unset: one core kept for serving where there is one to spare, the "
+        "replicas splitting the others, one OpenMP thread per physical core.",
+    )
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Further vLLM flags, passed through unchanged."
     )
