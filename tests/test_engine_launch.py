@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Stack
+from helpers import Stack
 
 from qwenstack.engine import cpu_tuning, launch, venv
 from qwenstack.engine.hardware import GIB, Hardware
