@@ -74,7 +74,7 @@ class Stack:
         return next(e["pid"] for e in self.engine_state() if e["url"] == url)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        _wait_until_ready(self.process, self.gateway, self.log, timeout_s)
+        wait_until_answering(self.process, f"{self.gateway}/ready", self.log, timeout_s)
 
     def stop(self) -> int:
         return _stop(self.process)
@@ -124,16 +124,18 @@ def start_gateway(
     )
     gateway = Gateway(process, f"http://127.0.0.1:{port}", home, log)
     try:
-        _wait_until_ready(process, gateway.url, log, timeout_s=60)
+        wait_until_answering(process, f"{gateway.url}/ready", log, timeout_s=60)
     except BaseException:
         gateway.stop()
         raise
     return gateway
 
 
-def _wait_until_ready(
+def wait_until_answering(
     process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float
 ) -> None:
+    """Until a GET of `url` answers 200; fails at once, with the end of `log`, if `process`
+    exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -141,12 +143,12 @@ def _wait_until_ready(
                 f"{process.args} exited {process.returncode}:\n{log.read_text()[-5000:]}"
             )
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout_s} s:\n{log.read_text()[-5000:]}")
+    raise TimeoutError(f"{url} not 200 in {timeout_s} s:\n{log.read_text()[-5000:]}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> int:

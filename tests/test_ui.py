@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import Gateway, create_key, free_port, start_gateway
+from helpers import Gateway, create_key, free_port, start_gateway, wait_until_answering
 from typer.testing import CliRunner, Result
 
 from qwenstack import cli
@@ -619,16 +619,7 @@ def test_the_stack_runs_the_ui_beside_the_gateway_and_its_end_stops_both(
                                stdout=log.open("wb"), stderr=subprocess.STDOUT)
     ui_url = f"http://127.0.0.1:{ui_port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{ui_url}/login", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_answering(process, f"{ui_url}/login", log, 120)
         # No admin key was configured: the UI made its own in the stack's key store.
         secrets = tmp_path / "home" / "secrets"
         assert (secrets / "ui-admin-key").stat().st_mode & 0o777 == 0o600
