@@ -54,6 +54,7 @@ def test_cpu_engine_preloads_tcmalloc_then_intel_openmp(tmp_path, libraries, mon
     [engine] = _plan(tmp_path)
     preloaded = engine.env["LD_PRELOAD"].split(":")
     assert preloaded == [str(tcmalloc), str(iomp), "/opt/mine.so"]
+    assert engine.env["PYTHONDONTWRITEBYTECODE"] == ""  # empty is unset, to Python
     assert all(Path(p).is_file() for p in preloaded[:2])
 
 

@@ -149,7 +149,10 @@ def build_launches(
         "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
         *_tuning_flags(engine, hardware, budget),
     ]
-    base_env = {"PYTHONUNBUFFERED": "1"}
+    # Bytecode written: the engine venv is installed without it (venv.py), so each module vLLM
+    # imports is compiled on the first start and kept; an inherited PYTHONDONTWRITEBYTECODE
+    # would compile them all again at every start.
+    base_env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": ""}
     if engine.hf_token:
         base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()
     binds: list[str] = []
