@@ -5,7 +5,7 @@ Each variant is one vLLM server for the bundled SmolLM2-135M-Instruct (what `qwe
 serves on a CPU with no --model), started, measured and stopped in turn; rounds alternate the
 variants' order, so the machine's drift (other work on a shared box) falls on all alike.
 
-    .venv/bin/python benchmarks/cpu_engine.py --home /work/engine-home --rounds 2 \\
+    .venv/bin/python benchmarks/cpu_engine.py --home /tmp/engine-home --rounds 2 \\
         --variants before,compiled,eager --json cpu-engine.json
 
 Variants (all with qwenstack's flags: model, dtype, context, KV-cache bytes, chunked prefill):

@@ -1,7 +1,7 @@
 """Time to the first answer: `scripts/up` from a fresh clone and an empty home until the gateway
 answers a chat request, then again from the same clone and home (a warm restart).
 
-    .venv/bin/python benchmarks/first_answer.py --commit HEAD --work /work/first-answer \\
+    .venv/bin/python benchmarks/first_answer.py --commit HEAD --work /tmp/first-answer \\
         [--sequential] [--rounds 1]
 
 Each round clones the repository at --commit into a new folder, gives `scripts/up` a new empty
