@@ -1,16 +1,21 @@
 """The fixtures: one shared engine stack, Redis and PostgreSQL; helpers.py has the rest.
 
-vLLM boots at most four times per run: the session's two-replica tiny Qwen3 stack (two boots),
-the one restart its single disruptive test causes (tests marked `disruptive` run after all
-others), and the bundled-model stack of test_up_default_model.py. A test that needs an engine
-takes `engine_url` or `stack` rather than starting its own.
+vLLM boots at most four times per run: the run's two-replica tiny Qwen3 stack (two boots),
+the one restart its single disruptive test causes (tests marked `disruptive` run last and have
+the engines to themselves), and the bundled-model stack of test_up_default_model.py. A test that
+needs an engine takes `engine_url` or `stack` rather than starting its own.
+
+scripts/test runs two test processes (pytest-xdist, a module per process at a time): they share
+the one stack, and a test marked `engine_exclusive` has its engines to itself while it runs.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +23,37 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from helpers import RedisServer, Stack, start_stack, up_venv, vllm_boots
+from helpers import (
+    RUN_DIR_VARIABLE,
+    RedisServer,
+    SharedStack,
+    Stack,
+    engine_access,
+    run_dir,
+    start_stack,
+    up_venv,
+    vllm_boots,
+)
+
+CONTROLLER = "PYTEST_XDIST_WORKER" not in os.environ  # xdist's controller, or the only process
+STACK_STOP_FAILURE = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if CONTROLLER:
+        os.environ[RUN_DIR_VARIABLE] = tempfile.mkdtemp(prefix="qwenstack-tests-")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The shared stack stops once every test process is done (before the summary)."""
+    if CONTROLLER and (tail := SharedStack("stack").stop()) is not None:
+        session.config.stash[STACK_STOP_FAILURE] = tail
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if CONTROLLER:
+        shutil.rmtree(run_dir(), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,7 +63,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not CONTROLLER:
+        return
     terminalreporter.write_line(f"vLLM boots in this run: {vllm_boots()}")
+    if tail := terminalreporter.config.stash.get(STACK_STOP_FAILURE, None):
+        terminalreporter.write_line(f"The shared stack did not stop within 60 s:\n{tail}")
+
+
+@pytest.fixture(autouse=True)
+def engine_use(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests that take the shared engines share them with the other test process, unless
+    marked `engine_exclusive` (or `disruptive`): then they have them alone."""
+    if not {"engine_url", "stack"} & set(request.fixturenames):
+        yield
+        return
+    exclusive = any(request.node.get_closest_marker(name)
+                    for name in ("engine_exclusive", "disruptive"))
+    with engine_access(exclusive):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -41,21 +93,20 @@ def tiny_qwen3() -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     """`qwenstack up` with two replicas of the tiny Qwen3, shared by every test that needs an
     engine: single-engine tests use the first replica (`engine_url`), routing tests both.
+    Started by the first test process that needs it; stopped at the end of the run.
 
     The stack's answer cache is off: tests through its gateway check the engine's answers, and a
     hit left by an earlier test would answer in its place (the cache's tests run their own
     gateways with it on)."""
-    stack = start_stack(
+    return SharedStack("stack").get(lambda: start_stack(
         tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3),
         "--served-model-name", "tiny-qwen3", "--replicas", "2", "--max-model-len", "1024",
         "--kv-cache-gib", "1", "--enable-prefix-caching",
         env={"QWENSTACK_CACHE__ENABLED": "false"},
-    )
-    yield stack
-    assert stack.stop() == 0, stack.log.read_text()[-5000:]
+    ))
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,9 @@ import redis
 STARTUP_TIMEOUT_S = 900
 HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
 ROOT = Path(__file__).resolve().parent.parent
-STACK_HOMES: list[Path] = []  # every stack this run started, for the boot count at the end
+# A folder of this run that every test process sees (pytest-xdist's workers inherit it from
+# the controller, which makes it: conftest.py): the shared stack's record, the locks, the homes.
+RUN_DIR_VARIABLE = "QWENSTACK_TEST_RUN_DIR"
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float,
@@ -48,14 +50,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_dir() -> Path:
+    return Path(os.environ[RUN_DIR_VARIABLE])
+
+
 @dataclass
 class Stack:
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None in the test processes that did not start it
     gateway: str  # base URL, no /v1
     engine: str
     home: Path
     log: Path
     key: str = ""  # the admin key `up` printed on its first start
+    up_pid: int = 0
 
     @property
     def auth(self) -> dict[str, str]:
@@ -74,10 +81,72 @@ class Stack:
         return next(e["pid"] for e in self.engine_state() if e["url"] == url)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        assert self.process is not None
         wait_until_answering(self.process, f"{self.gateway}/ready", self.log, timeout_s)
 
     def stop(self) -> int:
+        assert self.process is not None
         return _stop(self.process)
+
+    def record(self) -> str:
+        return json.dumps({"gateway": self.gateway, "engine": self.engine, "home": str(self.home),
+                           "log": str(self.log), "key": self.key, "up_pid": self.process.pid
+                           if self.process else self.up_pid})
+
+    @classmethod
+    def from_record(cls, record: str) -> Stack:
+        fields = json.loads(record)
+        return cls(None, fields["gateway"], fields["engine"], Path(fields["home"]),
+                   Path(fields["log"]), fields["key"], fields["up_pid"])
+
+
+class SharedStack:
+    """One `qwenstack up` for every test process of the run: the first to need it starts it
+    (under a lock, the others wait) and records it in the run folder; the others attach. It
+    outlives the test process that started it (xdist ends a worker when its queue is empty), so
+    the controller stops it at the end of the run (`stop`), by the pid in the record."""
+
+    def __init__(self, name: str) -> None:
+        self.record = run_dir() / f"{name}.json"
+        self.lock = run_dir() / f"{name}.lock"
+
+    def get(self, start: Callable[[], Stack]) -> Stack:
+        with open(self.lock, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.record.exists():
+                return Stack.from_record(self.record.read_text())
+            stack = start()
+            self.record.write_text(stack.record())
+            return stack
+
+    def stop(self) -> str | None:
+        """SIGTERM the stack, if one was started; its log's tail when it did not exit cleanly."""
+        if not self.record.exists():
+            return None
+        stack = Stack.from_record(self.record.read_text())
+        os.kill(stack.up_pid, signal.SIGTERM)
+        try:
+            wait_for(lambda: not _running(stack.up_pid), "the shared stack stopped", 60)
+        except AssertionError:
+            os.kill(stack.up_pid, signal.SIGKILL)
+            return stack.log.read_text()[-5000:]
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@contextlib.contextmanager
+def engine_access(exclusive: bool) -> Iterator[None]:
+    """Shared engine use (most tests), or the engines to this test alone (`engine_exclusive`):
+    a readers-writer lock across the run's test processes."""
+    with open(run_dir() / "engines.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @dataclass
@@ -168,7 +237,8 @@ def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Sta
     for shared in ("engine-venv", "models"):
         (HOME / shared).mkdir(parents=True, exist_ok=True)
         (home / shared).symlink_to(HOME / shared)
-    STACK_HOMES.append(home)
+    with open(run_dir() / "stack-homes", "a") as homes:  # for the boot count at the end
+        homes.write(f"{home}\n")
     gateway_port, engine_port = free_port(), free_port()
     log = tmp / "up.log"
     process = subprocess.Popen(
@@ -204,9 +274,11 @@ def _printed_admin_key(log: Path, timeout_s: float = 10) -> str:
 def vllm_boots() -> int:
     """How many times vLLM came up to serve in this run's stacks (restarts included), from the
     line each vLLM server logs once it listens."""
+    homes = run_dir() / "stack-homes"
     return sum(
         log.read_text(errors="replace").count("Starting vLLM server on")
-        for home in STACK_HOMES for log in (home / "logs").glob("engine-*.log")
+        for home in (homes.read_text().split() if homes.exists() else [])
+        for log in (Path(home) / "logs").glob("engine-*.log")
     )
 
 

@@ -22,6 +22,10 @@ from qwenstack import bench
 from qwenstack.bench import datasets, loadgen
 from qwenstack.bench.datasets import DatasetError
 
+# Other test processes' engine tests wait while these run: this module reads the engine's own
+# token and request counters.
+pytestmark = pytest.mark.engine_exclusive
+
 CMRC = Path(__file__).parent / "data" / "cmrc2018_trial_first20.json"
 COUNTERS = (
     "vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total"

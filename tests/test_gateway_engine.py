@@ -7,6 +7,10 @@ import openai
 import pytest
 from helpers import Stack, request_log, wait_for
 
+# Other test processes' engine tests wait while these run: this module reads the engine's
+# running-request and token counters.
+pytestmark = pytest.mark.engine_exclusive
+
 MODEL = "tiny-qwen3"
 CHAT = {
     "model": MODEL,

@@ -12,8 +12,13 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from helpers import create_key, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
+
+# Other test processes' engine tests wait while these run: this module reads the engines'
+# prefix-cache counters.
+pytestmark = pytest.mark.engine_exclusive
 
 MODEL = "tiny-qwen3"
 

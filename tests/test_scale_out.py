@@ -22,6 +22,10 @@ import httpx
 import pytest
 from helpers import Stack, request_log, start_gateway, wait_for
 
+# Other test processes' engine tests wait while these run: this module spreads load over the
+# replicas, reads their counters, kills one.
+pytestmark = pytest.mark.engine_exclusive
+
 MODEL = "tiny-qwen3"
 # Blocks of 256 prompt bytes, as the gateway hashes them; vLLM caches in blocks of tokens.
 SYSTEM = "You answer questions about the weather of mountain villages, briefly and politely. " * 6
