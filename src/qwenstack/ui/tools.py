@@ -131,6 +131,27 @@ def document_search(knowledge_base: KnowledgeBaseClient) -> Tool:
     )
 
 
+def offered(
+    enabled: bool, tool_calling: bool, knowledge_base: KnowledgeBaseClient | None
+) -> dict[str, Tool]:
+    """The tools a turn offers, by name: none unless the model calls tools; the document
+    search only for a user who has documents."""
+    if not (enabled and tool_calling):
+        return {}
+    chosen = [TIME, CALCULATOR, *([document_search(knowledge_base)] if knowledge_base else [])]
+    return {tool.name: tool for tool in chosen}
+
+
+def tool_choice(setting: str, tools: dict[str, Tool]) -> str | dict[str, Any]:
+    """The request's `tool_choice` for the `ui.tool_choice` setting: a named tool that is not
+    offered this turn (search without documents) leaves the choice to the model."""
+    if setting in ("auto", "required"):
+        return setting
+    if setting in tools:
+        return {"type": "function", "function": {"name": setting}}
+    return "auto"
+
+
 async def run(tools: dict[str, Tool], name: str, arguments: str) -> tuple[str, bool]:
     """The result of one tool call, and whether it failed; never raises for the model's
     mistakes or the tool's refusals."""
