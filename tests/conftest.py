@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 from helpers import RedisServer, Stack, start_stack, up_venv, vllm_boots
+from ui_browser import chromium
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -129,3 +130,25 @@ def postgres_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """A headless Chromium for the chat UI's tests (ui_browser.py)."""
+    with chromium() as browser:
+        yield browser
+
+
+@pytest.fixture(scope="session")
+def screenshots(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Where the UI tests leave screenshots: $QWENSTACK_TEST_ARTIFACTS/ui-screenshots, else a
+    temporary folder, printed at the end of the session."""
+    base = os.environ.get("QWENSTACK_TEST_ARTIFACTS")
+    folder = (Path(base) if base else tmp_path_factory.mktemp("artifacts")) / "ui-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"UI screenshots: {folder}")
