@@ -316,9 +316,11 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     wait_on_page(alice.page, lambda: len(chat_ui.requests(key)) == 1, "the first chat request")
     # Token by token: several stream_token events reached the page, and the answer shows.
     wait_on_page(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
-    wait_on_page(alice.page, lambda: len(alice.assistant_texts()) >= 2
-                 and alice.assistant_texts()[-1].strip(), "the answer on the page")
-    answer = alice.assistant_texts()[-1]
+    # The answer, then a line with its token counts (test_ui_agent.py) under it.
+    wait_on_page(alice.page, lambda: alice.assistant_texts()[-1].startswith("Tokens:"),
+                 "the answer and its token counts on the page")
+    answer = alice.assistant_texts()[-2]
+    assert answer.strip()
     alice.page.screenshot(path=str(screenshots / "alice-first-answer.png"))
 
     alice.send("Go on.")

@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,10 @@ def test_a_tool_failure_is_the_call_s_result_never_an_exception() -> None:
     assert sorted(offered) == ["calculator", "current_time"]  # no documents: no search
 
     def run(name: str, arguments: str) -> tuple[str, bool]:
-        return asyncio.run(tools.run(offered, name, arguments))
+        # In a thread of its own: once the session's browser is open, Playwright's sync API
+        # keeps an event loop running in this one.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, tools.run(offered, name, arguments)).result()
 
     assert run("calculator", '{"expression": "6 * 7"}') == ("42", False)
     result, failed = run("current_time", '{"timezone": "Asia/Tokyo"}')

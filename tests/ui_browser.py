@@ -131,6 +131,9 @@ class Chat:
             self.stream_tokens += 1
 
     def send(self, text: str) -> None:
+        """Once the previous turn has ended (its last notice sent): a message typed while a
+        turn runs is not sent."""
+        self.page.locator("#stop-button").wait_for(state="hidden")
         self.page.locator("#chat-input").fill(text)
         self.page.locator("#chat-input").press("Enter")
 
