@@ -48,11 +48,18 @@ def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     The stack's answer cache is off: tests through its gateway check the engine's answers, and a
     hit left by an earlier test would answer in its place (the cache's tests run their own
-    gateways with it on)."""
+    gateways with it on).
+
+    Its engines parse Qwen3's tool calls and reasoning as a thinking Qwen3 is served, thinking
+    off unless a request turns it on (`enable_thinking`), so that answers stay `content` for
+    every test but the UI's reasoning one (test_ui_agent.py)."""
     stack = start_stack(
         tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3),
         "--served-model-name", "tiny-qwen3", "--replicas", "2", "--max-model-len", "1024",
         "--kv-cache-gib", "1", "--enable-prefix-caching",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--reasoning-parser", "qwen3", "--default-chat-template-kwargs",
+        '{"enable_thinking": false}',
         env={"QWENSTACK_CACHE__ENABLED": "false"},
     )
     yield stack
