@@ -23,15 +23,22 @@ import openai
 import pytest
 from helpers import create_key, free_port, start_gateway, wait_until_answering
 from typer.testing import CliRunner, Result
-from ui_browser import WAIT_MS, Chat, ChatUI, running_chat_ui, wait_on_page
+from ui_browser import WAIT_MS, Chat, ChatUI, run_async, running_chat_ui, wait_on_page
 
 from qwenstack import cli
 from qwenstack.settings import load_settings
-from qwenstack.ui import store
+from qwenstack.ui import store, tools
 from qwenstack.ui.accounts import AccountError, Accounts, password_matches
 from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
-from qwenstack.ui.knowledge import UploadRefused, max_upload_mb, sources
+from qwenstack.ui.gateway_keys import UserKey
+from qwenstack.ui.knowledge import (
+    KnowledgeBaseClient,
+    ServiceKey,
+    UploadRefused,
+    max_upload_mb,
+    sources,
+)
 from qwenstack.ui.markdown import ImageGuard, without_images
 from qwenstack.ui.texts import text
 
@@ -465,6 +472,15 @@ def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
         assert response.status_code == 404, response.text
     listed = httpx.get(f"{gateway}/v1/knowledge_bases", headers=headers, timeout=60)
     assert base not in [kb["name"] for kb in listed.json()["data"]]
+    # The chat's search tool, as the UI runs it for each (test_ui_agent.py): Erin's finds her
+    # file; Frank's searches his own base only, with his key: nothing, never hers.
+    for user, finds in (("erin", "amber-falcon"), ("frank", "Nothing in the user's documents")):
+        name, secret = chat_ui.user_key(user)
+        assert secret
+        knowledge_base = KnowledgeBaseClient(chat_ui.gateway.url, UserKey(name, secret),
+                                             ServiceKey("ui", chat_ui.service_key), 60)
+        search = tools.document_search(knowledge_base)
+        assert finds in run_async(search.run({"query": "the keeper's secret code word"}))
     frank.close()
     erin.close()
 

@@ -19,17 +19,15 @@ says tiny-qwen3 calls tools and reasons, as an operator would for such an engine
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from helpers import start_gateway
-from ui_browser import Chat, ChatUI, running_chat_ui, wait_on_page
+from ui_browser import Chat, ChatUI, run_async, running_chat_ui, wait_on_page
 
 from qwenstack.settings import load_settings
 from qwenstack.ui import tools
@@ -108,10 +106,7 @@ def test_a_tool_failure_is_the_call_s_result_never_an_exception() -> None:
     assert sorted(offered) == ["calculator", "current_time"]  # no documents: no search
 
     def run(name: str, arguments: str) -> tuple[str, bool]:
-        # In a thread of its own: once the session's browser is open, Playwright's sync API
-        # keeps an event loop running in this one.
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, tools.run(offered, name, arguments)).result()
+        return run_async(tools.run(offered, name, arguments))
 
     assert run("calculator", '{"expression": "6 * 7"}') == ("42", False)
     result, failed = run("current_time", '{"timezone": "Asia/Tokyo"}')

@@ -6,15 +6,18 @@ Chromium is Debian's (/usr/bin/chromium; scripts/test installs it), driven by Pl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -29,6 +32,7 @@ CHROMIUM_ARGS = [
     # Without these, Chromium's own background connections are refused on sandboxed hosts.
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
+T = TypeVar("T")
 # Generous: a loaded 2-core machine runs the engine, the gateway, Chainlit and Chromium at once.
 WAIT_MS = 90_000
 
@@ -145,6 +149,13 @@ class Chat:
 
     def close(self) -> None:
         self.context.close()
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """A coroutine's result, from a test that drives the browser: in a thread of its own, since
+    Playwright's sync API keeps an event loop running in the test's thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def wait_on_page(page: object, condition: Callable[[], object], what: str) -> None:
