@@ -34,6 +34,7 @@ from helpers import (
     up_venv,
     vllm_boots,
 )
+from ui_browser import chromium
 
 CONTROLLER = "PYTEST_XDIST_WORKER" not in os.environ  # xdist's controller, or the only process
 STACK_STOP_FAILURE = pytest.StashKey[str]()
@@ -100,11 +101,18 @@ def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Stack:
 
     The stack's answer cache is off: tests through its gateway check the engine's answers, and a
     hit left by an earlier test would answer in its place (the cache's tests run their own
-    gateways with it on)."""
+    gateways with it on).
+
+    Its engines parse Qwen3's tool calls and reasoning as a thinking Qwen3 is served, thinking
+    off unless a request turns it on (`enable_thinking`), so that answers stay `content` for
+    every test but the UI's reasoning one (test_ui_agent.py)."""
     return SharedStack("stack").get(lambda: start_stack(
         tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3),
         "--served-model-name", "tiny-qwen3", "--replicas", "2", "--max-model-len", "1024",
         "--kv-cache-gib", "1", "--enable-prefix-caching",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--reasoning-parser", "qwen3", "--default-chat-template-kwargs",
+        '{"enable_thinking": false}',
         env={"QWENSTACK_CACHE__ENABLED": "false"},
     ))
 
@@ -180,3 +188,25 @@ def postgres_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """A headless Chromium for the chat UI's tests (ui_browser.py)."""
+    with chromium() as browser:
+        yield browser
+
+
+@pytest.fixture(scope="session")
+def screenshots(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Where the UI tests leave screenshots: $QWENSTACK_TEST_ARTIFACTS/ui-screenshots, else a
+    temporary folder, printed at the end of the session."""
+    base = os.environ.get("QWENSTACK_TEST_ARTIFACTS")
+    folder = (Path(base) if base else tmp_path_factory.mktemp("artifacts")) / "ui-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"UI screenshots: {folder}")

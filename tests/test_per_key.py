@@ -28,9 +28,12 @@ from helpers import Gateway, create_key, held_stream, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwenstack import database as db
+from qwenstack.callers import Caller
 from qwenstack.gateway import usage
 from qwenstack.gateway.limit_stores import MemoryStore, Quota
+from qwenstack.gateway.limits import Limiter
 from qwenstack.keys import KeyStore
+from qwenstack.settings import LimitSettings
 
 MODEL = "tiny-qwen3"
 CACHE_HEADER = "x-qwenstack-cache"
@@ -412,3 +415,67 @@ def test_usage_report_counts_cache_hits_of_a_key(keyed: KeyedGateways):
     assert mine and mine["cached"] == 1 and mine["completion_tokens"] == 2 * tokens
     assert keyed.metric("qwenstack_requests_total", key="cache-usage", status="200") == 2
     assert keyed.metric("qwenstack_completion_tokens_total", key="cache-usage") == tokens
+
+
+def test_a_caller_reads_its_own_quota_and_nobody_else_s(keyed: KeyedGateways):
+    """GET /v1/quota: the caller's limits and what its buckets hold, shared by both gateways
+    (Redis), read without taking anything; no way to name another caller."""
+    limited = keyed.key("quota-limited", "--rpm", "2", "--tpm", "100000", "--max-concurrency", "3")
+    other = keyed.key("quota-other", "--rpm", "5")
+    unlimited = keyed.key("quota-unlimited")
+
+    def quota(secret: str, gateway: int = 0, **params: str) -> dict:
+        response = httpx.get(f"{keyed.gateways[gateway].url}/v1/quota", params=params,
+                             headers=bearer(secret), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert quota(limited) == {
+        "object": "quota", "caller": "quota-limited",
+        "limits": {"requests_per_minute": 2, "tokens_per_minute": 100000, "max_concurrency": 3},
+        "remaining": {"requests": 2, "tokens": 100000},
+    }
+    for _ in range(3):  # reading takes nothing
+        assert quota(limited, gateway=1)["remaining"]["requests"] == 2
+    assert keyed.post(1, limited, completion(4)).status_code == 200
+    # The request, taken on the other gateway; 2 a minute come back one per 30 s.
+    left = quota(limited)["remaining"]
+    assert left["requests"] == 1 and left["tokens"] <= 100000
+    # Another caller's figures are its own: a parameter naming someone is not read.
+    mine = quota(other, caller="quota-limited", key="quota-limited", name="quota-limited")
+    assert mine["caller"] == "quota-other" and mine["remaining"] == {"requests": 5, "tokens": None}
+    assert quota(unlimited) == {
+        "object": "quota", "caller": "quota-unlimited",
+        "limits": {"requests_per_minute": None, "tokens_per_minute": None,
+                   "max_concurrency": None},
+        "remaining": {"requests": None, "tokens": None},
+    }
+    # A JWT's limits come from its claims; its caller is its subject.
+    token = jwt_token(sub="quota-holder", rpm=7)
+    assert quota(token)["caller"] == "jwt:quota-holder"
+    assert quota(token)["limits"]["requests_per_minute"] == 7
+
+    url = f"{keyed.gateways[0].url}/v1/quota"
+    for headers in ({}, bearer("sk-qs-not-a-key"), bearer(limited + "x"),
+                    {"authorization": limited}):
+        refused = httpx.get(url, headers=headers, timeout=30)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+    wrong_method = httpx.post(url, headers=bearer(limited), json={"caller": "quota-other"},
+                              timeout=30)
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_reading_what_is_left_takes_nothing_from_a_memory_bucket():
+    async def scenario() -> None:
+        limiter = Limiter(LimitSettings(), max_buckets=10)
+        caller = Caller("memory-quota", rpm=3, tpm=1000)
+        assert await limiter.remaining(Caller("free")) is None  # no limits: nothing to read
+        for _ in range(3):
+            levels = await limiter.remaining(caller)
+            assert levels and (levels.requests_left, levels.tokens_left) == (3, 1000)
+        await limiter.store.acquire(caller.name, limiter.quota(caller), 100, "lease")
+        levels = await limiter.remaining(caller)
+        assert levels and levels.requests_left < 2.1 and levels.tokens_left < 901
+
+    asyncio.run(scenario())

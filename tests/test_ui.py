@@ -1,14 +1,11 @@
-"""The chat UI: a real gateway and engine, `qwenstack ui`, and a real headless Chromium.
-
-Chromium is Debian's (/usr/bin/chromium; scripts/test installs it), driven by Playwright.
-Screenshots of the signed-in chats go to $QWENSTACK_TEST_ARTIFACTS/ui-screenshots (else a
-temporary folder); the folder is printed at the end of the session.
+"""The chat UI: a real gateway and engine, `qwenstack ui`, and a real headless Chromium
+(ui_browser.py). Screenshots of the signed-in chats go to $QWENSTACK_TEST_ARTIFACTS/
+ui-screenshots (else a temporary folder); the folder is printed at the end of the session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -18,36 +15,35 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from helpers import Gateway, create_key, free_port, start_gateway, wait_until_answering
+from helpers import create_key, free_port, start_gateway, wait_until_answering
 from typer.testing import CliRunner, Result
+from ui_browser import WAIT_MS, Chat, ChatUI, run_async, running_chat_ui, wait_on_page
 
 from qwenstack import cli
 from qwenstack.settings import load_settings
-from qwenstack.ui import store
+from qwenstack.ui import store, tools
 from qwenstack.ui.accounts import AccountError, Accounts, password_matches
 from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
-from qwenstack.ui.knowledge import UploadRefused, max_upload_mb, sources
+from qwenstack.ui.gateway_keys import UserKey
+from qwenstack.ui.knowledge import (
+    KnowledgeBaseClient,
+    ServiceKey,
+    UploadRefused,
+    max_upload_mb,
+    sources,
+)
 from qwenstack.ui.markdown import ImageGuard, without_images
 from qwenstack.ui.texts import text
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    # Without these, Chromium's own background connections are refused on sandboxed hosts.
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-# Generous: a loaded 2-core machine runs the engine, the gateway, Chainlit and Chromium at once.
-WAIT_MS = 90_000
 ANSWER_TOKENS = 24
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "dave": "dave-password-333",
              "erin": "erin-password-4444", "frank": "frank-password-55555",
@@ -296,44 +292,6 @@ def test_history_tables_take_chainlit_writes(
 # ---- in the browser -----------------------------------------------------------------------
 
 
-@dataclass
-class ChatUI:
-    url: str
-    gateway: Gateway
-    process: subprocess.Popen[bytes]
-    log: Path
-    service_key: str  # the UI's own admin key
-
-    def user_key(self, user: str) -> tuple[str, str | None]:
-        """A user's gateway key name (that of their knowledge base too), and its secret once
-        the UI has made it."""
-        accounts = store.accounts(load_settings(home=self.gateway.home))
-        try:
-            return accounts.gateway_key(user)
-        finally:
-            accounts.engine.dispose()
-
-    def requests(self, key_name: str) -> list[dict]:
-        """The gateway's log lines of chat requests made with one user's key, oldest first."""
-        lines = [json.loads(line) for line in self.gateway.log.read_text().splitlines()
-                 if line.startswith("{")]
-        return [line for line in lines
-                if line.get("path") == "/v1/chat/completions" and line.get("key") == key_name]
-
-
-@pytest.fixture(scope="module")
-def screenshots(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
-    base = os.environ.get("QWENSTACK_TEST_ARTIFACTS")
-    folder = (Path(base) if base else tmp_path_factory.mktemp("artifacts")) / "ui-screenshots"
-    folder.mkdir(parents=True, exist_ok=True)
-    yield folder
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.write_line(f"UI screenshots: {folder}")
-
-
 @pytest.fixture(scope="module")
 def chat_ui(
     engine_url: str, tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory
@@ -342,89 +300,12 @@ def chat_ui(
     # Chunks measured in the served model's tokens; the UI reads the same upload limit.
     rag_env = {**RAG_ENV, "QWENSTACK_RAG__TOKENIZER": str(tiny_qwen3)}
     gateway = start_gateway(tmp, engine_url, auth=True, env=rag_env)
-    # Named as auth.ui_service_key says by default: the one key that makes `ui-...` bases.
-    admin_key = create_key(gateway.home, "--name", "ui", "--admin")
-    accounts = store.accounts(load_settings(home=gateway.home))
-    for user, password in PASSWORDS.items():
-        accounts.add(user, password)
-    accounts.engine.dispose()
-    port = free_port()
-    log = tmp / "ui.out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qwenstack", "ui", "--home", str(gateway.home), "--port", str(port),
-         "--gateway-url", gateway.url],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, **rag_env, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key,
-             "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS),
-             "QWENSTACK_UI__HEADER_LOGIN": "X-Forwarded-User",
-             "QWENSTACK_UI__HEADER_LOGIN_SECRET": PROXY_SECRET},
-    )
-    ui = ChatUI(f"http://127.0.0.1:{port}", gateway, process, log, admin_key)
-    try:
-        deadline = time.monotonic() + 120
-        while "chat UI is ready" not in log.read_text():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+    with running_chat_ui(gateway, tmp, PASSWORDS, {
+        **rag_env, "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS),
+        "QWENSTACK_UI__HEADER_LOGIN": "X-Forwarded-User",
+        "QWENSTACK_UI__HEADER_LOGIN_SECRET": PROXY_SECRET,
+    }) as ui:
         yield ui
-    finally:
-        process.terminate()
-        code = process.wait(60)
-        gateway.stop()
-    # SIGTERM stops the UI cleanly, Chainlit's process included: nothing answers on its port.
-    assert code == 0, log.read_text()[-3000:]
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(ui.url, timeout=5)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-class Chat:
-    """One signed-in browser session; counts the streamed tokens its websocket receives."""
-
-    def __init__(self, browser: object, ui: ChatUI, user: str, locale: str = "en-US") -> None:
-        self.context = browser.new_context(locale=locale)  # type: ignore[attr-defined]
-        self.context.set_default_timeout(WAIT_MS)
-        self.page = self.context.new_page()
-        self.stream_tokens = 0
-        self.page.on("websocket", lambda ws: ws.on("framereceived", self._count))
-        self.page.goto(f"{ui.url}/login")
-        self.page.locator("input:not([type=password])").first.fill(user)
-        self.page.locator("input[type=password]").fill(PASSWORDS[user])
-        self.page.locator("button[type=submit]").click()
-        self.page.locator("#chat-input").wait_for()
-
-    def _count(self, frame: str | bytes) -> None:
-        if isinstance(frame, str) and frame.startswith('42["stream_token"'):
-            self.stream_tokens += 1
-
-    def send(self, text: str) -> None:
-        self.page.locator("#chat-input").fill(text)
-        self.page.locator("#chat-input").press("Enter")
-
-    def assistant_texts(self) -> list[str]:
-        return self.page.locator("[data-step-type=assistant_message]").all_inner_texts()
-
-    def wait_for_text(self, text: str) -> None:
-        self.page.get_by_text(text).first.wait_for()
-
-    def close(self) -> None:
-        self.context.close()
-
-
-def _wait_for(page: object, condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + WAIT_MS / 1000
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        # Not time.sleep: Playwright's sync API delivers events (websocket frames) only while
-        # one of its calls runs.
-        page.wait_for_timeout(200)  # type: ignore[attr-defined]
 
 
 def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
@@ -439,16 +320,18 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
 
     first = "Tell me a long story about a lighthouse keeper named Ada and her cat."
     alice.send(first)
-    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 1, "the first chat request")
+    wait_on_page(alice.page, lambda: len(chat_ui.requests(key)) == 1, "the first chat request")
     # Token by token: several stream_token events reached the page, and the answer shows.
-    _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
-    _wait_for(alice.page, lambda: len(alice.assistant_texts()) >= 2
-              and alice.assistant_texts()[-1].strip(), "the answer on the page")
-    answer = alice.assistant_texts()[-1]
+    wait_on_page(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
+    # The answer, then a line with its token counts (test_ui_agent.py) under it.
+    wait_on_page(alice.page, lambda: alice.assistant_texts()[-1].startswith("Tokens:"),
+                 "the answer and its token counts on the page")
+    answer = alice.assistant_texts()[-2]
+    assert answer.strip()
     alice.page.screenshot(path=str(screenshots / "alice-first-answer.png"))
 
     alice.send("Go on.")
-    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 2, "the follow-up request")
+    wait_on_page(alice.page, lambda: len(chat_ui.requests(key)) == 2, "the follow-up request")
     one, two = chat_ui.requests(key)
     assert one["status"] == two["status"] == 200
     # "Go on." alone is shorter than the first message: a longer prompt carried the first turn.
@@ -467,15 +350,16 @@ def test_chat_streams_keeps_history_and_shows_it_only_to_its_owner(
     alice.page.screenshot(path=str(screenshots / "alice-history.png"))
     # Resumed from the database, the chat goes on with its history.
     alice.send("And then?")
-    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 3, "the request after resuming")
+    wait_on_page(alice.page, lambda: len(chat_ui.requests(key)) == 3, "the request after resuming")
     assert chat_ui.requests(key)[2]["prompt_tokens"] > two["prompt_tokens"] + 5
 
     # A new chat starts clean: "Go on." goes alone, shorter than the first message was.
     alice.page.locator("#new-chat-button").click()
-    _wait_for(alice.page, lambda: [t[:14] for t in alice.assistant_texts()] == ["Welcome to the"],
-              "the new chat's welcome")
+    wait_on_page(alice.page,
+                 lambda: [t[:14] for t in alice.assistant_texts()] == ["Welcome to the"],
+                 "the new chat's welcome")
     alice.send("Go on.")
-    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == 4, "the new chat's request")
+    wait_on_page(alice.page, lambda: len(chat_ui.requests(key)) == 4, "the new chat's request")
     assert chat_ui.requests(key)[3]["prompt_tokens"] < one["prompt_tokens"]
 
     # Bob (a Chinese browser) sees his own welcome, and not Alice's chat.
@@ -536,7 +420,7 @@ def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
     _send_with_file(erin, notes, "What is the secret code word of the Kestrel Point lighthouse "
                                  "keeper?")
     erin.wait_for_text("was added to your documents (")
-    _wait_for(erin.page, lambda: len(chat_ui.requests(key)) == 1, "the grounded request")
+    wait_on_page(erin.page, lambda: len(chat_ui.requests(key)) == 1, "the grounded request")
     # The answer's sources name the file and quote it.
     cited = erin.page.locator("[data-step-type=assistant_message]", has_text="Sources:").last
     cited.wait_for()
@@ -588,6 +472,15 @@ def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
         assert response.status_code == 404, response.text
     listed = httpx.get(f"{gateway}/v1/knowledge_bases", headers=headers, timeout=60)
     assert base not in [kb["name"] for kb in listed.json()["data"]]
+    # The chat's search tool, as the UI runs it for each (test_ui_agent.py): Erin's finds her
+    # file; Frank's searches his own base only, with his key: nothing, never hers.
+    for user, finds in (("erin", "amber-falcon"), ("frank", "Nothing in the user's documents")):
+        name, secret = chat_ui.user_key(user)
+        assert secret
+        knowledge_base = KnowledgeBaseClient(chat_ui.gateway.url, UserKey(name, secret),
+                                             ServiceKey("ui", chat_ui.service_key), 60)
+        search = tools.document_search(knowledge_base)
+        assert finds in run_async(search.run({"query": "the keeper's secret code word"}))
     frank.close()
     erin.close()
 
@@ -693,7 +586,7 @@ def test_rate_limit_is_a_message_with_the_wait(chat_ui: ChatUI, browser: object)
     dave = Chat(browser, chat_ui, "dave")
     dave.wait_for_text("Welcome to the")
     dave.send("Hello there.")
-    _wait_for(dave.page, lambda: len(chat_ui.requests(name)) == 1, "an answer")
+    wait_on_page(dave.page, lambda: len(chat_ui.requests(name)) == 1, "an answer")
     dave.send("Hello again.")
     dave.wait_for_text("You have reached your usage limit; please try again in about")
     assert chat_ui.requests(name)[-1]["status"] == 429
@@ -758,13 +651,13 @@ def test_settings_panel_and_stop_button_cancel_the_gateway_request(
     key = chat_ui.user_key("alice")[0]
     before = len(chat_ui.requests(key))
     alice.send("Write a very long poem about the sea.")
-    _wait_for(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
+    wait_on_page(alice.page, lambda: alice.stream_tokens >= 3, "streamed tokens")
     # force: the button re-renders with every token, so it never holds still for the usual
     # "stable" check on a busy machine.
     alice.page.locator("#stop-button").click(force=True)
     # The gateway's log line comes when the request ends: long before 500 tokens when the
     # stop closed the connection (the gateway then aborts the engine's request).
-    _wait_for(alice.page, lambda: len(chat_ui.requests(key)) == before + 1, "the request to end")
+    wait_on_page(alice.page, lambda: len(chat_ui.requests(key)) == before + 1, "the request to end")
     stopped = chat_ui.requests(key)[-1]
     assert (stopped.get("completion_tokens") or 0) < 500, stopped
     alice.page.screenshot(path=str(screenshots / "alice-stopped.png"))
@@ -780,10 +673,10 @@ def test_long_chats_are_trimmed_and_errors_are_messages_in_the_chat(
     # 500 Chinese characters: at most 500 tokens each, so one turn fits the 1024-token context
     # and two do not.
     bob.send("你好" * 250)
-    _wait_for(bob.page, lambda: len(chat_ui.requests(key)) == 1, "the first answer")
+    wait_on_page(bob.page, lambda: len(chat_ui.requests(key)) == 1, "the first answer")
     bob.send("再见" * 250)
     bob.wait_for_text("最早的 1 轮对话未发送给模型")
-    _wait_for(bob.page, lambda: len(chat_ui.requests(key)) == 2, "the second answer")
+    wait_on_page(bob.page, lambda: len(chat_ui.requests(key)) == 2, "the second answer")
     assert chat_ui.requests(key)[-1]["status"] == 200
 
     bob.send("lighthouse " * 1500)  # over 1024 tokens on its own

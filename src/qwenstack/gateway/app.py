@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from qwenstack.gateway import admin, inference, knowledge_bases, metrics
+from qwenstack.gateway import admin, inference, knowledge_bases, metrics, quota
 from qwenstack.gateway.errors import GatewayError, error_response
 from qwenstack.gateway.exchange import CLIENT_CLOSED
 from qwenstack.gateway.middleware import Authentication, BodyLimit, RequestContext
@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContext, tracer=tracer)
     app.include_router(admin.router)
     app.include_router(knowledge_bases.router)
+    app.include_router(quota.router)
     app.include_router(router)
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)

@@ -177,6 +177,16 @@ class Limiter:
             )
         return decision
 
+    async def remaining(self, caller: Caller) -> Decision | None:
+        """What the caller's request and token buckets hold now, taking nothing; None when it
+        has neither limit. Raises the store's error (Redis unreachable)."""
+        quota = self.quota(caller)
+        if not (quota.rpm or quota.tpm):
+            return None
+        # A step that takes no request, no token and no slot: the decision is the levels.
+        peek = Quota(quota.rpm, quota.tpm, None)
+        return await self.store.acquire(caller.name, peek, 0, "", requests=0)
+
     async def close(self) -> None:
         await self.store.close()
 

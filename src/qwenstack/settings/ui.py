@@ -44,6 +44,29 @@ class UiSettings(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     max_tokens: int = Field(1024, ge=1, description="Longest answer.")
     request_timeout_s: float = Field(600, gt=0, description="Longest wait for the gateway.")
+    tools: bool = Field(
+        True, description="Offer the model the chat's tools (current time, calculator, search "
+        "of the user's documents) where its capabilities say tool_calling.",
+    )
+    tool_choice: str = Field(
+        "auto", pattern=r"^(auto|required|current_time|calculator|search_documents)$",
+        description="auto: the model decides; required, or a tool's name: every round but the "
+        "last must call one (vLLM enforces it by constrained decoding; demos and tests).",
+    )
+    max_tool_rounds: int = Field(
+        4, ge=1, le=16, description="Rounds of tool calls per answer; the next round offers no "
+        "tools, so the model answers.",
+    )
+    thinking: bool = Field(
+        True, description="The thinking switch's initial state, for models whose capabilities "
+        "say reasoning.",
+    )
+    model_capabilities: dict[str, dict[str, bool]] = Field(
+        default_factory=dict,
+        description="Capabilities per model name, over what the gateway's /v1/models says, e.g. "
+        '{"my-model": {"tool_calling": true, "reasoning": false}}: for a gateway that does not '
+        "describe them, or an engine started with its own parser flags.",
+    )
     database_key: SecretStr | None = Field(
         None, description="Fernet key (32 url-safe base64 bytes) that encrypts users' gateway "
         "keys in the UI database. Unset: generated once into <home>/secrets/ui-database-key; "

@@ -22,16 +22,17 @@ from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 from chainlit.session import WebsocketSession
 from chainlit.types import ThreadDict
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from qwenstack.settings import load_settings
-from qwenstack.ui import server, store
-from qwenstack.ui.conversation import Conversation, Sampling
+from qwenstack.ui import server, store, tools
+from qwenstack.ui.conversation import Capabilities, Conversation, Sampling
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
 from qwenstack.ui.gateway_keys import KeyUnavailable, UserKeys
 from qwenstack.ui.knowledge import KnowledgeBaseClient, ServiceKey, UploadRefused, sources
-from qwenstack.ui.markdown import ImageGuard
+from qwenstack.ui.quota import own_quota, summary
 from qwenstack.ui.texts import language_of, starters, text
+from qwenstack.ui.turn import Stream, Turn
 
 log = logging.getLogger("qwenstack.ui")
 
@@ -44,7 +45,6 @@ service_key = ServiceKey(settings.auth.ui_service_key, user_keys.admin_key)
 MAX_FIT_ATTEMPTS = 8
 ANSWER = "answer"  # metadata kind of the model's answers, the only assistant messages replayed
 NO_MODEL = "-"  # the settings panel's model while the gateway lists none
-CITATIONS_EVENT = "qwenstack.citations"  # the gateway sends it (its grounding.py)
 
 
 @cl.data_layer
@@ -157,7 +157,13 @@ async def _start_session(conversation: Conversation) -> None:
     cl.user_session.set("documents", await _document_count() if models else 0)
     context_lens = {m["id"]: m.get("max_model_len") for m in models or ()}
     cl.user_session.set("context_lens", context_lens)
+    capabilities = {m["id"]: Capabilities.of(m, ui.model_capabilities) for m in models or ()}
+    cl.user_session.set("capabilities", capabilities)
     names = list(context_lens) or [NO_MODEL]
+    # Shown when some model reasons; sent only for such a model (_apply_settings).
+    reasoning = any(c.reasoning for c in capabilities.values())
+    thinking = [Switch(id="thinking", label=text("setting_thinking", language),
+                       initial=ui.thinking)] if reasoning else []
     values = await cl.ChatSettings([
         Select(id="model", label=text("setting_model", language), values=names, initial_index=0),
         TextInput(id="system_prompt", label=text("setting_system_prompt", language),
@@ -170,6 +176,7 @@ async def _start_session(conversation: Conversation) -> None:
                     initial=ui.max_tokens),
         # On: grounded on the user's documents whenever they have uploaded some.
         Switch(id="use_documents", label=text("setting_use_documents", language), initial=True),
+        *thinking,
     ]).send()
     _apply_settings(values)
     if models == []:  # the gateway answered, but serves nothing (None: _report said why)
@@ -181,16 +188,23 @@ def _apply_settings(values: dict[str, Any]) -> None:
         max_tokens = max(1, int(values.get("max_tokens") or ui.max_tokens))
     except (TypeError, ValueError):
         max_tokens = ui.max_tokens
+    model = values.get("model") or NO_MODEL
+    reasons = _capabilities(model).reasoning
     cl.user_session.set("sampling", Sampling(
-        model=values.get("model") or NO_MODEL,
+        model=model,
         system_prompt=values.get("system_prompt") or "",
         temperature=float(values.get("temperature", ui.temperature)),
         top_p=float(values.get("top_p", ui.top_p)),
         top_k=ui.top_k,
         min_p=ui.min_p,
         max_tokens=max_tokens,
+        thinking=bool(values.get("thinking", ui.thinking)) if reasons else None,
     ))
     cl.user_session.set("use_documents", bool(values.get("use_documents", True)))
+
+
+def _capabilities(model: str) -> Capabilities:
+    return (cl.user_session.get("capabilities") or {}).get(model, Capabilities())
 
 
 @cl.on_chat_start
@@ -238,7 +252,7 @@ async def on_message(message: cl.Message) -> None:
     conversation.add("user", message.content)
     answer = cl.Message(content="", metadata={"kind": ANSWER})
     try:
-        citations = await _answer(conversation, sampling, answer)
+        turn = await _answer(conversation, sampling, answer)
     except asyncio.CancelledError:
         # The stop button: leaving `async with stream` in _answer closed the gateway connection,
         # which makes the gateway abort the engine's request. What came so far stays in the chat.
@@ -251,10 +265,14 @@ async def on_message(message: cl.Message) -> None:
         await _report(exc, model=sampling.model)
         return
     conversation.add("assistant", answer.content)
-    await answer.send()
-    if citations:
+    # Only thought, or only called tools, until its tokens ran out: no empty bubble.
+    await (answer if answer.content else _say("no_answer")).send()
+    if turn.citations:
         # A notice, not part of the answer: the model never sees it in later turns.
-        await _say("sources", sources=sources(citations)).send()
+        await _say("sources", sources=sources(turn.citations)).send()
+    quota = await own_quota(gateway_url, cl.user_session.get("key"), ui.request_timeout_s)
+    await cl.Message(content=summary(turn.usage, quota, _language()),
+                     metadata={"kind": "notice"}).send()
 
 
 async def _ingest(uploads: list[cl.Element]) -> bool:
@@ -280,32 +298,43 @@ async def _ingest(uploads: list[cl.Element]) -> bool:
     return True
 
 
-async def _answer(
-    conversation: Conversation, sampling: Sampling, answer: cl.Message
-) -> list[dict[str, Any]]:
-    """Stream the answer to the newest message, fitting the history into the context window;
-    the citations of a grounded answer."""
+async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Message) -> Turn:
+    """Stream the answer to the newest message, fitting the history into the context window
+    and running the tools the model calls (turn.py)."""
     context_len = cl.user_session.get("context_lens", {}).get(sampling.model)
     request = sampling.request(context_len)
     # Counted afresh each turn: counting checks the base is still the user's own (knowledge.py).
-    if cl.user_session.get("use_documents") and cl.user_session.get("documents") \
-            and await _document_count():
+    documents = bool(cl.user_session.get("use_documents") and cl.user_session.get("documents")
+                     and await _document_count())
+    if documents:
         # The gateway retrieves from it with the newest message and answers with citations.
         request["extra_body"]["knowledge_bases"] = [cl.user_session.get("key").name]
+    offered = tools.offered(ui.tools, _capabilities(sampling.model).tool_calling,
+                            await _knowledge_base() if documents else None)
+    turn = Turn(answer, offered, ui.max_tool_rounds, text("thinking", _language()))
     budget = context_len - request["max_tokens"] if context_len else None
     client = await _client()
+
+    async def open_round(messages: list[dict[str, Any]], offer_tools: bool) -> Stream:
+        if offer_tools and offered:
+            request["tools"] = [tool.spec() for tool in offered.values()]
+            request["tool_choice"] = tools.tool_choice(ui.tool_choice, offered)
+        else:
+            request.pop("tools", None)
+            request.pop("tool_choice", None)
+        # The turns are role/content dicts, which is what the SDK's message TypedDicts are;
+        # and stream=True gives a stream, which the SDK's overloads cannot tell past `**request`.
+        created = await client.chat.completions.create(
+            messages=cast(list[ChatCompletionMessageParam], messages), stream=True, **request
+        )
+        return cast(Stream, created)
+
     key_renewed = False
     skip = 0
     for _ in range(MAX_FIT_ATTEMPTS):
         messages, dropped = conversation.messages(sampling.system_prompt, budget, skip)
         try:
-            # The turns are role/content dicts, which is what the SDK's message TypedDicts are;
-            # and stream=True gives a stream, which the SDK's overloads cannot tell past
-            # `**request`.
-            created = await client.chat.completions.create(
-                messages=cast(list[ChatCompletionMessageParam], messages), stream=True, **request
-            )
-            stream = cast(openai.AsyncStream[ChatCompletionChunk], created)
+            stream = await open_round(messages, True)
         except openai.AuthenticationError:
             if key_renewed:
                 raise
@@ -322,19 +351,8 @@ async def _answer(
             continue
         if dropped:
             await _say("trimmed", context=context_len, turns=dropped).send()
-        citations: list[dict[str, Any]] = []
-        # Shown, kept and replayed with its Markdown images inert (markdown.py).
-        shown = ImageGuard()
-        async with stream:
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    await answer.stream_token(shown.feed(chunk.choices[0].delta.content))
-                elif chunk.object == CITATIONS_EVENT:
-                    # The gateway's last event of a grounded stream: the SDK parses it as a
-                    # chunk without choices, its extra field kept in model_extra.
-                    citations = (chunk.model_extra or {}).get("citations") or []
-        await answer.stream_token(shown.flush())  # a `!` that ended the answer; "" is ignored
-        return citations
+        await turn.run(stream, messages, open_round)
+        return turn
     raise MessageTooLong(context_len)
 
 

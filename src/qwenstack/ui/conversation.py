@@ -18,8 +18,24 @@ MESSAGE_OVERHEAD_TOKENS = 8
 BYTES_PER_TOKEN = 3
 
 
-def estimate_tokens(message: dict[str, str]) -> int:
+def estimate_tokens(message: dict[str, Any]) -> int:
     return len(message["content"].encode()) // BYTES_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a served model can do beyond chat, as the gateway's /v1/models describes it."""
+
+    tool_calling: bool = False
+    reasoning: bool = False
+
+    @classmethod
+    def of(cls, card: dict[str, Any], overrides: dict[str, dict[str, bool]]) -> Capabilities:
+        """A model card's capabilities (none said: none), with the UI's settings over them."""
+        described = card.get("capabilities")
+        said = {**(described if isinstance(described, dict) else {}),
+                **overrides.get(str(card.get("id")), {})}
+        return cls(bool(said.get("tool_calling")), bool(said.get("reasoning")))
 
 
 @dataclass
@@ -33,17 +49,24 @@ class Sampling:
     top_k: int
     min_p: float
     max_tokens: int
+    thinking: bool | None = None  # None: the model does not reason, nothing is sent
 
     def request(self, context_len: int | None) -> dict[str, Any]:
-        """Keyword arguments for `chat.completions.create`, besides messages.
+        """Keyword arguments for `chat.completions.create`, besides messages, tools and stream.
 
-        top_k and min_p are vLLM's extensions to the OpenAI API, so they go as extra_body."""
+        top_k and min_p are vLLM's extensions to the OpenAI API, so they go as extra_body, as
+        does the thinking switch (Qwen3's chat template reads `enable_thinking`). Streams end
+        with a usage chunk: the turn's token counts."""
+        extra: dict[str, Any] = {"top_k": self.top_k, "min_p": self.min_p}
+        if self.thinking is not None:
+            extra["chat_template_kwargs"] = {"enable_thinking": self.thinking}
         return {
             "model": self.model,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_tokens": self.answer_tokens(context_len),
-            "extra_body": {"top_k": self.top_k, "min_p": self.min_p},
+            "stream_options": {"include_usage": True},
+            "extra_body": extra,
         }
 
     def answer_tokens(self, context_len: int | None) -> int:
@@ -56,14 +79,14 @@ class Sampling:
 class Conversation:
     """The turns of one chat so far, as OpenAI chat messages (user and assistant, in order)."""
 
-    turns: list[dict[str, str]] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, role: str, content: str) -> None:
         self.turns.append({"role": role, "content": content})
 
     def messages(
         self, system_prompt: str, prompt_budget: int | None, skip_turns: int = 0
-    ) -> tuple[list[dict[str, str]], int]:
+    ) -> tuple[list[dict[str, Any]], int]:
         """The messages to send and how many of the oldest turns were left out to fit.
 
         `skip_turns` leaves out that many more of the oldest turns (after the engine refused the

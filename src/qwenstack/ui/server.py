@@ -60,7 +60,8 @@ max_size_mb = {max_size_mb}
 
 [UI]
 name = "Qwen"
-cot = "hidden"
+# Reasoning ("Thinking") and tool calls show as steps of the answer (ui/turn.py).
+cot = "full"
 confirm_new_chat = false
 
 [meta]

@@ -76,6 +76,26 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "来源:\n\n{sources}",
         "en": "Sources:\n\n{sources}",
     },
+    "no_answer": {
+        "zh": "模型没有给出回答(可能在思考时就用完了最大回答长度,可在设置中调高)。",
+        "en": "The model gave no answer (it may have used up the max answer tokens while "
+              "thinking; raise them in the settings).",
+    },
+    "usage": {
+        "zh": "*Token:提示 {prompt},回答 {completion}。{quota}*",
+        "en": "*Tokens: {prompt} prompt, {completion} completion. {quota}*",
+    },
+    "quota_left": {
+        "zh": "您的密钥本分钟还可用 {left}。", "en": "Your key has {left} left this minute.",
+    },
+    "quota_requests": {"zh": "{left}/{limit} 次请求", "en": "{left} of {limit} requests"},
+    "quota_tokens": {"zh": "{left}/{limit} 个 token", "en": "{left} of {limit} tokens"},
+    "quota_and": {"zh": "和 ", "en": " and "},
+    "quota_unlimited": {"zh": "您的密钥没有速率限制。", "en": "Your key has no rate limits."},
+    "thinking": {"zh": "思考", "en": "Thinking"},
+    "setting_thinking": {
+        "zh": "深度思考(先推理再回答)", "en": "Thinking (reason before answering)",
+    },
     "setting_model": {"zh": "模型", "en": "Model"},
     "setting_system_prompt": {"zh": "系统提示词", "en": "System prompt"},
     "setting_temperature": {"zh": "温度 (temperature)", "en": "Temperature"},
