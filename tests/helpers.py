@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import redis
+import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 900
 HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
@@ -269,6 +271,40 @@ def _printed_admin_key(log: Path, timeout_s: float = 10) -> str:
             raise RuntimeError(f"no admin key file in {log}:\n{log.read_text()[-5000:]}")
         time.sleep(0.2)
     return Path(match[1]).read_text().strip()
+
+
+def usage_rows(
+    database_url: str, request_ids: set[str], timeout_s: float = 10
+) -> dict[str, sa.Row]:
+    """The usage rows of these requests, waiting for the batched writes to land."""
+    engine = sa.create_engine(database_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(
+                    sa.text("SELECT * FROM usage_records WHERE request_id IN :ids").bindparams(
+                        sa.bindparam("ids", expanding=True)
+                    ),
+                    {"ids": sorted(request_ids)},
+                ).all()
+            if len(rows) >= len(request_ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    found = {row.request_id: row for row in rows}
+    assert len(found) == len(rows), "a request has more than one row"
+    return found
+
+
+def metric(url: str, headers: dict[str, str], name: str, **labels: str) -> float:
+    """A sample's value on a gateway's /metrics, summed over the series with these labels (0 when
+    there is none)."""
+    page = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(page)
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def vllm_boots() -> int:

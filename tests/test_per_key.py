@@ -24,8 +24,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from helpers import Gateway, create_key, held_stream, start_gateway
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import Gateway, create_key, held_stream, metric, start_gateway
 
 from qwenstack import database as db
 from qwenstack.callers import Caller
@@ -80,15 +79,8 @@ class KeyedGateways:
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample's value summed over both gateways' /metrics (0 when there is none)."""
-        total = 0.0
-        for gateway in self.gateways:
-            page = httpx.get(f"{gateway.url}/metrics", headers=bearer(self.metrics_key),
-                             timeout=30).text
-            for family in text_string_to_metric_families(page):
-                for sample in family.samples:
-                    if sample.name == name and labels.items() <= sample.labels.items():
-                        total += sample.value
-        return total
+        return sum(metric(gateway.url, bearer(self.metrics_key), name, **labels)
+                   for gateway in self.gateways)
 
 
 @pytest.fixture(scope="module")

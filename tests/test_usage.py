@@ -12,8 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
-from helpers import Gateway, create_key, start_gateway
+from helpers import Gateway, create_key, start_gateway, usage_rows
 
 MODEL = "tiny-qwen3"
 TOKENS = 8
@@ -45,29 +44,6 @@ def _gateway_with_key(
     # Unique per run: the PostgreSQL database serves the whole test session.
     key = create_key(tmp / "home", "--name", name, "--admin", env=env)
     return start_gateway(tmp, engine_url, env=env, auth=True), env, key
-
-
-def _rows(database_url: str, request_ids: set[str], timeout_s: float = 10) -> dict[str, sa.Row]:
-    """The usage rows of these requests, waiting for the batched writes to land."""
-    engine = sa.create_engine(database_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            with engine.connect() as connection:
-                rows = connection.execute(
-                    sa.text("SELECT * FROM usage_records WHERE request_id IN :ids").bindparams(
-                        sa.bindparam("ids", expanding=True)
-                    ),
-                    {"ids": sorted(request_ids)},
-                ).all()
-            if len(rows) >= len(request_ids) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        engine.dispose()
-    found = {row.request_id: row for row in rows}
-    assert len(found) == len(rows), "a request has more than one row"
-    return found
 
 
 def test_usage_rows_match_the_requests(engine_url: str, database_url: str, tmp_path: Path):
@@ -107,7 +83,7 @@ def test_usage_rows_match_the_requests(engine_url: str, database_url: str, tmp_p
             call("/v1/completions", COMPLETION, stream=True)
             call("/v1/chat/completions", {**CHAT, "model": "no-such-model"})
             call("/v1/completions", {**COMPLETION, "prompt": "hello " * 3000})
-        rows = _rows(database_url, set(expected))
+        rows = usage_rows(database_url, set(expected))
         assert set(rows) == set(expected)
         for request_id, (status, completion_tokens, stream) in expected.items():
             row = rows[request_id]
@@ -203,7 +179,7 @@ def test_sigterm_during_load_loses_no_answered_request(
             gateway.stop()
 
     # The process is gone: every row is written by now, or lost.
-    rows = _rows(database_url, set(answered), timeout_s=0)
+    rows = usage_rows(database_url, set(answered), timeout_s=0)
     missing = set(answered) - set(rows)
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no usage row"
     assert all(rows[i].status == 200 and rows[i].completion_tokens == TOKENS for i in answered)

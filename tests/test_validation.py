@@ -111,6 +111,14 @@ CASES = [
     ("an image given as embeddings", CHAT_URL,
      {**CHAT, "messages": [{"role": "user", "content": [
          {"type": "image_embeds", "image_embeds": "AAAA"}]}]}, 400, "invalid_request", "messages"),
+    # With a uuid, vLLM reads a part by its keys, whatever its type says.
+    ("image embeddings behind a text part's uuid", CHAT_URL,
+     {**CHAT, "messages": [{"role": "user", "content": [
+         {"type": "text", "text": "x", "uuid": "u", "image_embeds": "AAAA"}]}]}, 400,
+     "invalid_request", "messages"),
+    ("a part whose type is not a string", CHAT_URL,
+     {**CHAT, "messages": [{"role": "user", "content": [{"type": ["text"]}]}]}, 400,
+     "invalid_request", "messages"),
 ]
 
 

@@ -22,8 +22,9 @@ from qwenstack.gateway import admin, inference, knowledge_bases, metrics, quota
 from qwenstack.gateway.errors import GatewayError, error_response
 from qwenstack.gateway.exchange import CLIENT_CLOSED
 from qwenstack.gateway.middleware import Authentication, BodyLimit, RequestContext
-from qwenstack.gateway.protocol import CHAT, COMPLETIONS
+from qwenstack.gateway.protocol import CHAT, COMPLETIONS, RESPONSES
 from qwenstack.gateway.resources import Resources, resources
+from qwenstack.gateway.responses import NO_STATE
 from qwenstack.settings import Settings
 
 log = logging.getLogger("qwenstack.gateway")
@@ -129,6 +130,18 @@ async def chat_completions(request: Request) -> Response:
 @router.post(COMPLETIONS)
 async def completions(request: Request) -> Response:
     return await inference.serve(request, COMPLETIONS)
+
+
+@router.post(RESPONSES)
+async def responses(request: Request) -> Response:
+    return await inference.serve(request, RESPONSES)
+
+
+@router.api_route(RESPONSES + "/{response_id:path}", methods=["GET", "POST", "DELETE"])
+async def stored_responses(request: Request) -> Response:
+    """vLLM's routes to read, cancel or delete a stored response: no engine keeps any here
+    (responses.py), so none is forwarded."""
+    raise GatewayError(404, NO_STATE, code="not_found")
 
 
 @router.get("/v1/models")

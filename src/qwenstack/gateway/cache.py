@@ -198,7 +198,7 @@ class AnswerCache:
         else:
             answer = orjson.loads(value)
             exchange.model = answer.get("model", exchange.model)
-            exchange.record_usage(answer.get("usage") or {})
+            exchange.record_usage(answer)
             answer["id"] = _fresh_id(answer["id"], exchange.request_id)
             answer["created"] = int(time.time())
             response = Response(orjson.dumps(answer), media_type="application/json")

@@ -82,9 +82,11 @@ class Exchange:
     def stream(self) -> bool:
         return self.request.stream
 
-    def record_usage(self, usage: dict[str, Any]) -> None:
-        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+    def record_usage(self, answer: dict[str, Any]) -> None:
+        """Keep the token counts an engine's answer (whole, or a streamed event) reports."""
+        usage = self.request.token_usage(answer)
+        if usage is not None:
+            self.prompt_tokens, self.completion_tokens = usage
 
     def on_finish(self, finisher: Finisher) -> None:
         self._finishers.append(finisher)

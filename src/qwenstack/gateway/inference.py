@@ -19,7 +19,7 @@ from qwenstack.gateway import cache, grounding, metrics, validation
 from qwenstack.gateway.auth import check_model
 from qwenstack.gateway.disconnect import ClientGone, until_disconnect
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange, finished_on_error
-from qwenstack.gateway.protocol import InferenceRequest, Route
+from qwenstack.gateway.protocol import RESPONSES, InferenceRequest, Route
 from qwenstack.gateway.relay import EngineStream
 from qwenstack.gateway.resources import Resources, resources
 from qwenstack.gateway.routing import SESSION_HEADER
@@ -52,8 +52,10 @@ async def serve(request: Request, route: Route) -> Response:
             exchange, lambda: held.upstream.count_prompt_tokens(exchange), model.max_model_len
         )
         # A grounded answer's citations are added after the engine answers, and a replay from
-        # the cache would lack them: such requests skip the cache.
-        cache_control = "no-store" if knowledge_bases else request.headers.get("cache-control")
+        # the cache would lack them; a Responses answer names its response and items by ids
+        # all through its events, which a replay would repeat: such requests skip the cache.
+        skip_cache = knowledge_bases or exchange.route == RESPONSES
+        cache_control = "no-store" if skip_cache else request.headers.get("cache-control")
         response = await held.cache.lookup(exchange, cache_control)
         if response is None and not held.admission.admit_now(exchange):
             try:

@@ -16,14 +16,16 @@ from typing import Any, Final, Literal, cast
 
 import orjson
 
+from qwenstack.gateway import responses
 from qwenstack.gateway.errors import GatewayError
 
 Route = Literal[
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
     "/v1/knowledge_bases/{name}/query", "/v1/knowledge_bases/{name}/files",
 ]
 CHAT: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
+RESPONSES: Final = "/v1/responses"
 # Accounted like inference (limits, usage, metrics) but answered by the gateway itself.
 EMBEDDINGS: Final = "/v1/embeddings"
 KNOWLEDGE_QUERY: Final = "/v1/knowledge_bases/{name}/query"
@@ -47,12 +49,30 @@ OPENAI_FIELDS: Final[dict[str, frozenset[str]]] = {
         "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
         "suffix", "temperature", "top_p", "user",
     }),
+    # `store`, `background` and `previous_response_id` are taken to refuse them by value
+    # (responses.py says why); `prompt` (stored prompt templates), `conversation` and
+    # `prompt_cache_key` are not: vLLM refuses the first and ignores the others.
+    RESPONSES: frozenset({
+        "model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
+        "top_logprobs", "stream", "tools", "tool_choice", "parallel_tool_calls",
+        "max_tool_calls", "user", "metadata", "text", "reasoning", "include", "truncation",
+        "store", "background", "previous_response_id",
+    }),
 }
 VLLM_SAMPLING_EXTRAS: Final = frozenset({
     "top_k", "min_p", "repetition_penalty", "length_penalty", "use_beam_search",
     "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
     "prompt_logprobs", "allowed_token_ids", "bad_words", "structured_outputs",
+})
+# What vLLM's Responses request reads beyond OpenAI's fields (its ResponsesRequest), minus its
+# internal ones (request_id, session_id, priority, cache_salt, kv_transfer_params,
+# ec_transfer_params, vllm_xargs, mm_processor_kwargs, media_io_kwargs,
+# previous_input_messages, enable_response_messages, ...).
+RESPONSES_EXTRAS: Final = frozenset({
+    "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+    "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+    "logit_bias", "structured_outputs", "include_reasoning",
 })
 # Fields that feed the chat template (which runs inside the engine: CVE-2025-61620), allowed
 # only with `validation.allow_chat_template`.
@@ -62,26 +82,37 @@ SAFE_CHAT_TEMPLATE_KWARGS: Final[frozenset[str]] = frozenset()
 ALLOWED_FIELDS: Final[dict[str, frozenset[str]]] = {
     CHAT: OPENAI_FIELDS[CHAT] | VLLM_SAMPLING_EXTRAS | set(CHAT_TEMPLATE_FIELDS),
     COMPLETIONS: OPENAI_FIELDS[COMPLETIONS] | VLLM_SAMPLING_EXTRAS,
+    RESPONSES: OPENAI_FIELDS[RESPONSES] | RESPONSES_EXTRAS | {"chat_template_kwargs"},
 }
-# Chat content parts a client may send; the rest (image_embeds, audio_embeds: tensors the
-# engine deserialises, like prompt_embeds) are refused. Media parts carry a URL.
-MEDIA_PARTS: Final = ("image_url", "audio_url", "video_url")
-CONTENT_PARTS: Final = frozenset({"text", "refusal", "input_audio", *MEDIA_PARTS})
+# Content parts a client may send, per route; the rest (image_embeds, audio_embeds: tensors
+# the engine deserialises, like prompt_embeds; a Responses `input_file`) are refused. Media
+# parts carry a URL, under the key named here.
+MEDIA_PARTS: Final[dict[str, str]] = {
+    "image_url": "image_url", "audio_url": "audio_url", "video_url": "video_url",
+    "input_image": "image_url",
+}
+CONTENT_PARTS: Final[dict[str, frozenset[str]]] = {
+    CHAT: frozenset({"text", "refusal", "input_audio", "image_url", "audio_url", "video_url"}),
+    RESPONSES: frozenset({"input_text", "output_text", "refusal", "input_image"}),
+}
 
 # The fields that bound the answer's length, in the order the engine reads them, and the bound
 # when none is given. vLLM's chat request takes `max_completion_tokens` and falls back to the
 # deprecated `max_tokens`, else generates to the end of the context window (None here); its
 # completion request has only `max_tokens` (a `max_completion_tokens` there is ignored),
-# 16 by default, as OpenAI's.
+# 16 by default, as OpenAI's; its Responses request has `max_output_tokens`, else the rest of
+# the window.
 OUTPUT_LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     CHAT: ("max_completion_tokens", "max_tokens"),
     COMPLETIONS: ("max_tokens",),
+    RESPONSES: ("max_output_tokens",),
     EMBEDDINGS: (),
     KNOWLEDGE_QUERY: (),
     KNOWLEDGE_UPLOAD: (),
 }
 DEFAULT_OUTPUT_LIMIT: Final[dict[str, int | None]] = {
-    CHAT: None, COMPLETIONS: 16, EMBEDDINGS: 0, KNOWLEDGE_QUERY: 0, KNOWLEDGE_UPLOAD: 0,
+    CHAT: None, COMPLETIONS: 16, RESPONSES: None, EMBEDDINGS: 0, KNOWLEDGE_QUERY: 0,
+    KNOWLEDGE_UPLOAD: 0,
 }
 
 Prompt = str | list[int]
@@ -142,9 +173,26 @@ class InferenceRequest:
 
     @property
     def wants_usage(self) -> bool:
-        """A streaming client that asked for the final usage chunk (the relay strips it else)."""
+        """A streaming client that asked for the final usage chunk (the relay strips it else).
+        A Responses stream always carries its usage, in its `response.completed` event."""
+        if self.route == RESPONSES:
+            return True
         options = self._body.get("stream_options")
         return isinstance(options, dict) and bool(options.get("include_usage"))
+
+    def token_usage(self, answer: Any) -> tuple[int, int] | None:
+        """(prompt, completion) tokens that an engine's answer reports, whole or one streamed
+        event of it; None when it reports none. A Responses answer names them `input_tokens`
+        and `output_tokens`, and a stream reports them in its `response.completed` event,
+        inside the response."""
+        names = ("prompt_tokens", "completion_tokens")
+        if self.route == RESPONSES and isinstance(answer, dict):
+            answer = answer.get("response", answer)
+            names = ("input_tokens", "output_tokens")
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        return int(usage.get(names[0]) or 0), int(usage.get(names[1]) or 0)
 
     @property
     def output_limit(self) -> tuple[str, int | None]:
@@ -170,20 +218,39 @@ class InferenceRequest:
         allowed = ALLOWED_FIELDS[self.route]
         return [name for name in self._body if name not in allowed]
 
+    @property
+    def input_field(self) -> str:
+        """The field that holds the prompt on this route (for errors that name it)."""
+        return {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}.get(self.route, "")
+
     def media_urls(self) -> Iterator[tuple[str, str]]:
-        """(part type, URL) of each media part of a chat request's messages; a part of a type
-        outside CONTENT_PARTS raises a 400 naming it."""
-        for message in self.messages or []:
-            content = message.get("content") if isinstance(message, dict) else None
-            for part in content if isinstance(content, list) else []:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in CONTENT_PARTS:
-                    raise GatewayError(400, f"Content parts of type {kind!r} are not allowed.",
-                                       code="invalid_request", param="messages")
-                if kind in MEDIA_PARTS:
-                    media = part.get(kind)
-                    url = media.get("url") if isinstance(media, dict) else media
-                    yield kind, url if isinstance(url, str) else ""
+        """(part type, URL) of each media part of the request's messages or input items; a part
+        of a type outside the route's CONTENT_PARTS raises a 400 naming it, and so does one
+        with a `uuid`, which makes vLLM read a part by its keys (`image_embeds` too) rather
+        than by its type."""
+        allowed = CONTENT_PARTS.get(self.route, frozenset())
+        for part in self._content_parts():
+            kind = part.get("type") if isinstance(part, dict) else None
+            known = isinstance(kind, str) and kind in allowed
+            if not known or "uuid" in part:
+                what = "with a `uuid`" if known else f"of type {str(kind)[:40]!r}"
+                raise GatewayError(400, f"Content parts {what} are not allowed.",
+                                   code="invalid_request", param=self.input_field)
+            if kind in MEDIA_PARTS:
+                media = part.get(MEDIA_PARTS[kind])
+                url = media.get("url") if isinstance(media, dict) else media
+                yield kind, url if isinstance(url, str) else ""
+
+    def _content_parts(self) -> Iterator[Any]:
+        """Every content part: of chat messages, of Responses message items and of function
+        call outputs (which may hold parts too)."""
+        if self.route == RESPONSES:
+            lists = responses.content_lists(self.input_items or [])
+        else:
+            lists = (message.get("content") for message in self.messages or []
+                     if isinstance(message, dict))
+        for parts in lists:
+            yield from parts if isinstance(parts, list) else ()
 
     @property
     def default_output_limit(self) -> int | None:
@@ -201,6 +268,22 @@ class InferenceRequest:
         """A chat request's messages (None on other routes, or when malformed)."""
         messages = self._body.get("messages")
         return messages if self.route == CHAT and isinstance(messages, list) else None
+
+    @property
+    def input_items(self) -> list[Any] | None:
+        """A Responses request's input items (None for a text input, on other routes, or when
+        malformed)."""
+        items = self._body.get("input")
+        return items if self.route == RESPONSES and isinstance(items, list) else None
+
+    @property
+    def conversation(self) -> list[Any] | None:
+        """The prompt as chat messages: a chat request's own, a Responses request's
+        instructions and input as vLLM renders them (None on other routes)."""
+        if self.route == RESPONSES:
+            return responses.chat_messages(self._body.get("instructions"),
+                                           self._body.get("input"))
+        return self.messages
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -242,8 +325,10 @@ class InferenceRequest:
         """The prompt as bytes whose prefixes are the prefixes of what the engine sees.
 
         Chat messages are joined in order (role, then content), so a conversation's next turn
-        starts with exactly the bytes of its earlier turns, as its chat-templated prompt does."""
-        messages = self.messages
+        starts with exactly the bytes of its earlier turns, as its chat-templated prompt does;
+        a Responses request's as the chat messages vLLM makes of it, so the same conversation
+        is routed alike through either route."""
+        messages = self.conversation
         if messages is not None:
             parts = []
             for message in messages:

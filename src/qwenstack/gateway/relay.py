@@ -41,7 +41,7 @@ def whole_answer(exchange: Exchange, status: int, content: bytes, media_type: st
         with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, ValueError,
                                  KeyError):
             answer = orjson.loads(content)
-            exchange.record_usage(answer["usage"])
+            exchange.record_usage(answer)
             if exchange.answer.amendments:
                 for change in exchange.answer.amendments:
                     change(answer)
@@ -115,13 +115,16 @@ class EngineStream(Response):
 
 
 def take_usage(events: bytes, exchange: Exchange) -> bytes:
-    """Record the usage event's token counts; drop that event unless the client asked for it."""
+    """Record the usage event's token counts; drop that event unless the client asked for it.
+    An event is its `data:` line, after an `event:` line on the Responses route."""
     kept = []
     for event in events.split(b"\n\n")[:-1]:
-        if b'"usage":{' in event and event.startswith(b"data: {"):
-            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
-                chunk = orjson.loads(event[6:])
-                exchange.record_usage(chunk["usage"])
+        data = event.partition(b"data: ")[2]
+        if b'"usage":{' in event and data.startswith(b"{"):
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError,
+                                     AttributeError):
+                chunk = orjson.loads(data)
+                exchange.record_usage(chunk)
                 if not chunk.get("choices") and not exchange.request.wants_usage:
                     continue
         kept.append(event + b"\n\n")

@@ -17,10 +17,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from qwenstack.gateway import responses
 from qwenstack.gateway.disconnect import ClientGone, until_disconnect
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
-from qwenstack.gateway.protocol import CHAT
+from qwenstack.gateway.protocol import CHAT, RESPONSES
 from qwenstack.gateway.relay import EngineStream, whole_answer
 from qwenstack.gateway.replicas import Lease, Replica, ReplicaPool, engine_failure
 from qwenstack.gateway.routing import RoutingPolicy
@@ -88,6 +89,9 @@ class Upstream:
             body = {"model": exchange.model,
                     **{k: request.get(k) for k in CHAT_TOKENIZE_FIELDS if k in request}}
             return await self._tokenize(exchange, body, "messages")
+        if request.route == RESPONSES:
+            body = {"model": exchange.model, **responses.tokenize_fields(request)}
+            return await self._tokenize(exchange, body, "input")
         prompts = request.prompts
         counted = sum(len(p) for p in prompts if isinstance(p, list))  # token ids already
         texts = [p for p in prompts if isinstance(p, str)]

@@ -2,8 +2,9 @@
 
 Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field the route does not
 take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a configured cap or
-beyond the context window, too many messages or prompts, a media URL outside the allowed
-domains, or a client-supplied chat template (CVE-2025-61620: templates run inside the engine);
+beyond the context window, too many messages, prompts or input items, a media URL outside the
+allowed domains, a client-supplied chat template (CVE-2025-61620: templates run inside the
+engine), or what the Responses API must not do here (responses.py);
 413 for an oversized body comes from middleware.BodyLimit as it arrives; http_limits.py bounds
 request heads and slow clients. An unknown model is ReplicaPool.resolve's 404.
 """
@@ -14,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from qwenstack.gateway import responses
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.protocol import (
     CHAT_TEMPLATE_FIELDS,
+    RESPONSES,
     SAFE_CHAT_TEMPLATE_KWARGS,
     InferenceRequest,
 )
@@ -50,6 +53,10 @@ def _prompt(value: Any) -> bool:
             or all(isinstance(p, list) and p and all(_int(t) for t in p) for p in value))
 
 
+def _input(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value))
+
+
 def _stop(value: Any) -> bool:
     if isinstance(value, list):
         return all(isinstance(s, str) for s in value)
@@ -60,6 +67,7 @@ def _stop(value: Any) -> bool:
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_tokens": (_positive_int, "a positive integer"),
     "max_completion_tokens": (_positive_int, "a positive integer"),
+    "max_output_tokens": (_positive_int, "a positive integer"),
     "n": (_positive_int, "a positive integer"),
     "best_of": (_positive_int, "a positive integer"),
     "seed": (_int, "an integer"),
@@ -75,6 +83,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "/v1/chat/completions": ("messages", _messages, "a non-empty list of messages with a `role`"),
     "/v1/completions": ("prompt", _prompt, "a string, a list of strings or a list of token ids"),
+    RESPONSES: ("input", _input, "a string or a non-empty list of input items"),
 }
 
 
@@ -101,6 +110,8 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
                     400, f"`{field}` is not allowed on this server.", code="invalid_request",
                     param=field,
                 )
+    if request.route == RESPONSES:
+        responses.check(request)
     _check_media(request, settings.allowed_media_domains)
     for field in ("n", "best_of"):
         if (request.get(field) or 1) > settings.max_n:
@@ -124,6 +135,7 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
 def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> None:
     """Bound the work one request may ask for before anything counts its tokens."""
     for name, items, cap in (("messages", request.messages, settings.max_messages),
+                             ("input", request.input_items, settings.max_messages),
                              ("prompt", request.prompts, settings.max_prompts)):
         if items is not None and len(items) > cap:
             raise GatewayError(400, f"`{name}` may hold at most {cap} items; it has {len(items)}.",
@@ -146,7 +158,8 @@ def _check_media(request: InferenceRequest, allowed_domains: list[str]) -> None:
         if address.scheme not in ("http", "https") or address.hostname not in allowed_domains:
             raise GatewayError(
                 400, f"`{kind}` URL {url[:100]!r}: only data: URLs and http(s) URLs of the "
-                "allowed media domains are accepted.", code="invalid_request", param="messages",
+                "allowed media domains are accepted.", code="invalid_request",
+                param=request.input_field,
             )
 
 
