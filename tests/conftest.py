@@ -188,11 +188,11 @@ def postgres_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """A headless Chromium for the chat UI's tests (ui_browser.py)."""
+    """A headless Chromium for the chat UI's tests (ui_browser.py). Per module: Playwright's
+    sync API keeps an event loop running in this thread while it is open, and a later module's
+    `asyncio.run` (the bench's, the UI store's) would then refuse to start."""
     with chromium() as browser:
         yield browser
 
