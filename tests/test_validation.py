@@ -70,7 +70,9 @@ CASES = [
      "max_completion_tokens"),
     ("chat_template (CVE-2025-61620)", CHAT_URL, {**CHAT, "chat_template": "{{ 7 * 7 }}"}, 400,
      "invalid_request", "chat_template"),
-    ("chat_template_kwargs", CHAT_URL, {**CHAT, "chat_template_kwargs": {"enable_thinking": True}},
+    # enable_thinking is the one key any client may set (tests/test_qwen3_api.py).
+    ("chat_template_kwargs beyond enable_thinking", CHAT_URL,
+     {**CHAT, "chat_template_kwargs": {"enable_thinking": True, "documents": []}},
      400, "invalid_request", "chat_template_kwargs"),
     ("unknown model", CHAT_URL, {**CHAT, "model": "gpt-9"}, 404, "model_not_found", "model"),
     ("oversized body", COMPLETION_URL, {**COMPLETION, "prompt": "x" * 70_000}, 413,

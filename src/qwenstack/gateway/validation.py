@@ -14,12 +14,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from qwenstack.callers import Caller
+from qwenstack.gateway import schemas
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.protocol import (
-    CHAT_TEMPLATE_FIELDS,
-    SAFE_CHAT_TEMPLATE_KWARGS,
-    InferenceRequest,
-)
+from qwenstack.gateway.protocol import SAFE_CHAT_TEMPLATE_KWARGS, InferenceRequest
 from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import ValidationSettings
 
@@ -34,6 +32,14 @@ def _positive_int(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
 def _messages(value: Any) -> bool:
@@ -68,8 +74,14 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "presence_penalty": (_number, "a number"),
     "frequency_penalty": (_number, "a number"),
     "stop": (_stop, "a string or a list of strings"),
-    "stream_options": (lambda v: isinstance(v, dict), "an object"),
+    "stream_options": (_object, "an object"),
     "user": (lambda v: isinstance(v, str), "a string"),
+    "tools": (lambda v: isinstance(v, list), "a list of tools"),
+    "parallel_tool_calls": (_bool, "true or false"),
+    "response_format": (_object, "an object"),
+    "structured_outputs": (_object, "an object"),
+    "chat_template_kwargs": (_object, "an object"),
+    "include_reasoning": (_bool, "true or false"),
 }
 # The input each route needs.
 REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
@@ -94,13 +106,8 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
             raise GatewayError(
                 400, f"`{field}` must be {expected}.", code="invalid_type", param=field
             )
-    if not settings.allow_chat_template:
-        for field in CHAT_TEMPLATE_FIELDS:
-            if field in request and not _safe_template_kwargs(field, request.get(field)):
-                raise GatewayError(
-                    400, f"`{field}` is not allowed on this server.", code="invalid_request",
-                    param=field,
-                )
+    _check_chat_template(request, settings.allow_chat_template)
+    schemas.check(request, settings)
     _check_media(request, settings.allowed_media_domains)
     for field in ("n", "best_of"):
         if (request.get(field) or 1) > settings.max_n:
@@ -130,10 +137,39 @@ def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> No
                                code="array_above_max_length", param=name)
 
 
-def _safe_template_kwargs(field: str, value: Any) -> bool:
-    """`chat_template_kwargs` naming only SAFE_CHAT_TEMPLATE_KWARGS needs no permission."""
-    return (field == "chat_template_kwargs" and isinstance(value, dict)
-            and set(value) <= SAFE_CHAT_TEMPLATE_KWARGS)
+def _check_chat_template(request: InferenceRequest, allow_chat_template: bool) -> None:
+    """A client's chat template and its arguments only with `allow_chat_template`, but for the
+    keys of SAFE_CHAT_TEMPLATE_KWARGS, whose values must be of their type."""
+    kwargs = request.get("chat_template_kwargs")
+    param = "chat_template_kwargs"
+    for key, kind in SAFE_CHAT_TEMPLATE_KWARGS.items():
+        if isinstance(kwargs, dict) and key in kwargs and not isinstance(kwargs[key], kind):
+            raise GatewayError(400, f"`{param}.{key}` must be true or false.",
+                               code="invalid_type", param=f"{param}.{key}")
+    if allow_chat_template:
+        return
+    if "chat_template" in request:
+        raise GatewayError(400, "`chat_template` is not allowed on this server.",
+                           code="invalid_request", param="chat_template")
+    unsafe = sorted(set(kwargs) - set(SAFE_CHAT_TEMPLATE_KWARGS)) if isinstance(kwargs, dict) \
+        else []
+    if unsafe:
+        allowed = ", ".join(f"`{key}`" for key in SAFE_CHAT_TEMPLATE_KWARGS)
+        raise GatewayError(
+            400, f"`{param}` key `{unsafe[0][:64]}` is not allowed on this server; only "
+            f"{allowed}.", code="invalid_request", param=param,
+        )
+
+
+def hold_thinking(request: InferenceRequest, caller: Caller, settings: ValidationSettings) -> None:
+    """Thinking off for a caller (`keys create --no-thinking`) or a server
+    (`validation.allow_thinking: false`) that allows none: the chat request goes with
+    `enable_thinking` false, whatever it asked."""
+    if request.messages is None or (settings.allow_thinking and caller.thinking):
+        return
+    kwargs = request.get("chat_template_kwargs")
+    request.set("chat_template_kwargs",
+                {**(kwargs if isinstance(kwargs, dict) else {}), "enable_thinking": False})
 
 
 def _check_media(request: InferenceRequest, allowed_domains: list[str]) -> None:
