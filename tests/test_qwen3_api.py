@@ -9,6 +9,10 @@ guided-decoding settings are in conftest.py.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,7 @@ from helpers import Gateway, Stack, create_key, request_log, start_gateway, wait
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-qwen3"
+README = Path(__file__).resolve().parent.parent / "README.md"
 CHAT_URL = "/v1/chat/completions"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather forecast for a city.",
@@ -362,3 +367,24 @@ def test_up_starts_qwen3_engines_with_the_hermes_tool_parser(stack: Stack):
         assert "--enable-auto-tool-choice" in argv and "--reasoning-parser" not in argv
     cards = httpx.get(f"{stack.gateway}/v1/models", headers=stack.auth, timeout=30).json()["data"]
     assert cards[0]["capabilities"] == {"tool_calling": True, "reasoning": False}
+
+
+def readme_example(first_line: str) -> str:
+    """The README's Python example that starts with `first_line`, as written there."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return next(block for block in blocks if block.startswith(first_line))
+
+
+@pytest.mark.parametrize(("example", "printed"), [
+    ("# Tools:", "called GetWeather"),  # the call made, its arguments parsed, the answer asked
+    ("# Structured output:", "is_capital="),  # the City the SDK parsed
+])
+def test_the_readme_examples_run_against_up(stack: Stack, tmp_path: Path, example: str,
+                                            printed: str):
+    script = tmp_path / "example.py"
+    script.write_text(readme_example(example))
+    env = {**os.environ, "OPENAI_BASE_URL": f"{stack.gateway}/v1", "OPENAI_API_KEY": stack.key}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=240, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert printed in run.stdout, run.stdout
