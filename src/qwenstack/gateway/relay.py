@@ -73,9 +73,8 @@ async def opening(upstream: aiohttp.ClientResponse) -> bytes:
     or of the stream."""
     received = b""
     while True:
-        complete = received[:received.rfind(b"\n\n") + 1]
-        if complete and not all(_announces_role(event) for event in complete.split(b"\n\n")
-                                if event.strip()):
+        events = received.split(b"\n\n")[:-1]  # the complete ones
+        if events and not all(_announces_role(event) for event in events):
             return received
         chunk = await upstream.content.readany()
         if not chunk:

@@ -2,10 +2,12 @@
 
 Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field the route does not
 take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a configured cap or
-beyond the context window, too many messages or prompts, a media URL outside the allowed
-domains, or a client-supplied chat template (CVE-2025-61620: templates run inside the engine);
-413 for an oversized body comes from middleware.BodyLimit as it arrives; http_limits.py bounds
-request heads and slow clients. An unknown model is ReplicaPool.resolve's 404.
+beyond the context window, too many messages or prompts, tools and schemas beyond their
+bounds (schemas.py), a media URL outside the allowed domains, or a client-supplied chat
+template or template arguments other than the thinking switch (CVE-2025-61620: templates run
+inside the engine); 413 for an oversized body comes from middleware.BodyLimit as it arrives;
+http_limits.py bounds request heads and slow clients. An unknown model is
+ReplicaPool.resolve's 404. `hold_thinking` applies a caller's thinking policy.
 """
 
 from __future__ import annotations
