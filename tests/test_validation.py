@@ -45,6 +45,10 @@ def _assert_error(
 CASES = [
     ("malformed JSON", CHAT_URL, b'{"model": "tiny-qwen3", "messages": [', 400, None, None),
     ("not an object", CHAT_URL, [1, 2], 400, None, None),
+    # JSON the gateway reads (orjson: 1024 levels) but could not write back (254): was a 500.
+    ("nested 300 levels deep", CHAT_URL, b'{"model": "tiny-qwen3", "messages": [{"role": '
+     b'"user", "content": "Hi"}], "stream_options": {"a": ' + b"[" * 300 + b"]" * 300 + b"}}",
+     400, None, None),
     ("messages not a list", CHAT_URL, {**CHAT, "messages": "Hi"}, 400, "invalid_type", "messages"),
     ("message without role", CHAT_URL, {**CHAT, "messages": [{"content": "Hi"}]}, 400,
      "invalid_type", "messages"),

@@ -112,6 +112,13 @@ class InferenceRequest:
             raise GatewayError(400, f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise GatewayError(400, "The request body must be a JSON object.")
+        try:
+            # orjson reads 1024 levels of nesting but writes only 254: a body the gateway could
+            # not write back (to the engine, into a cache key) is refused now, not with a 500
+            # later. About 70 µs per megabyte.
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise GatewayError(400, "The request body nests too deep.") from None
         if not isinstance(body.get("model", ""), str):
             raise GatewayError(400, "`model` must be a string.", param="model")
         if not isinstance(body.get("stream", False), bool):
