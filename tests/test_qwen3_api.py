@@ -358,15 +358,30 @@ def test_models_report_what_the_engines_parsers_allow(gateway: Gateway, key: str
     assert cards[0]["capabilities"] == {"tool_calling": False, "reasoning": False}
 
 
-def test_up_starts_qwen3_engines_with_the_hermes_tool_parser(stack: Stack):
+def test_up_starts_qwen3_engines_with_their_parsers(stack: Stack):
     """The tiny Qwen3's template writes `<tool_call>` blocks and never opens `<think>` (as
-    Qwen3-Instruct-2507's): tool parser, no reasoning parser; /v1/models says so."""
+    Qwen3-Instruct-2507's): `up` gives it the hermes tool parser by itself; the session stack
+    adds the reasoning parser by setting (conftest.py). /v1/models says both."""
     for url in stack.engines:
         argv = Path(f"/proc/{stack.pid(url)}/cmdline").read_bytes().decode().split("\0")
         assert argv[argv.index("--tool-call-parser") + 1] == "hermes"
-        assert "--enable-auto-tool-choice" in argv and "--reasoning-parser" not in argv
+        assert argv[argv.index("--reasoning-parser") + 1] == "qwen3"
+        assert "--enable-auto-tool-choice" in argv
     cards = httpx.get(f"{stack.gateway}/v1/models", headers=stack.auth, timeout=30).json()["data"]
-    assert cards[0]["capabilities"] == {"tool_calling": True, "reasoning": False}
+    assert cards[0]["capabilities"] == {"tool_calling": True, "reasoning": True}
+
+
+def test_reasoning_comes_apart_from_the_answer_streamed_or_not(stack: Stack):
+    """With thinking on, the qwen3 parser gives the random model's text as `reasoning` (no
+    `</think>` ever comes), and the gateway passes it on as the engine wrote it."""
+    body = chat(max_tokens=6, chat_template_kwargs={"enable_thinking": True})
+    message = post(stack.gateway, body, stack.key).json()["choices"][0]["message"]
+    assert message["reasoning"] and not message["content"]
+    chunks = streamed(stack.gateway, body, stack.key)
+    assert "".join(choice["delta"].get("reasoning") or "" for chunk in chunks
+                   for choice in chunk["choices"]) == message["reasoning"]
+    quiet = post(stack.gateway, {**body, "include_reasoning": False}, stack.key).json()
+    assert not quiet["choices"][0]["message"].get("reasoning")
 
 
 def readme_example(first_line: str) -> str:
