@@ -6,7 +6,7 @@ fields each route takes from a client (ALLOWED_FIELDS; validation refuses the ot
 forwards those as the client sent them. Every module that needs something of a request asks this
 view, so each rule is decided once: which field bounds the answer's length on each route, what
 the prompts are, what makes an answer deterministic. The body is serialised at most once, on the
-way out, and only when the gateway changed it.
+way out, and only when the gateway changed it (parse tries once that it can be, see there).
 """
 
 from __future__ import annotations
