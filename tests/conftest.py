@@ -84,6 +84,10 @@ def engine_use(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
+# Random weights, guided to JSON, would most often pick whitespace, which JSON allows without end.
+GUIDED_JSON_WITHOUT_WHITESPACE = '{"backend": "xgrammar", "disable_any_whitespace": true}'
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3() -> Path:
     out = subprocess.run(
@@ -103,17 +107,22 @@ def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     hit left by an earlier test would answer in its place (the cache's tests run their own
     gateways with it on).
 
-    Its engines parse Qwen3's tool calls and reasoning as a thinking Qwen3 is served, thinking
-    off unless a request turns it on (`enable_thinking`), so that answers stay `content` for
-    every test but the UI's reasoning one (test_ui_agent.py)."""
+    Its engines get the tool-call parser `up` picks for the tiny Qwen3 (hermes) and, as a
+    thinking Qwen3 would, the qwen3 reasoning parser with thinking off unless a request turns it
+    on (`enable_thinking`): answers stay `content`, but a test can have the random model's text
+    come as `reasoning`. Guided decoding is set so random weights finish what they start
+    (README, "The tests"): no free whitespace in guided JSON (which xgrammar reads from the
+    engine's config only), and tool calls that must be made (tool_choice required or named)
+    guided through vLLM's JSON-schema path, which honours that setting, rather than its
+    structural tags, which leave whitespace free."""
     return SharedStack("stack").get(lambda: start_stack(
         tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3),
         "--served-model-name", "tiny-qwen3", "--replicas", "2", "--max-model-len", "1024",
         "--kv-cache-gib", "1", "--enable-prefix-caching",
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-        "--reasoning-parser", "qwen3", "--default-chat-template-kwargs",
-        '{"enable_thinking": false}',
-        env={"QWENSTACK_CACHE__ENABLED": "false"},
+        "--structured-outputs-config", GUIDED_JSON_WITHOUT_WHITESPACE,
+        "--default-chat-template-kwargs", '{"enable_thinking": false}',
+        env={"QWENSTACK_CACHE__ENABLED": "false", "QWENSTACK_ENGINE__REASONING_PARSER": "qwen3",
+             "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"},
     ))
 
 

@@ -222,6 +222,11 @@ def test_compose_file_brings_up_the_whole_stack():
     assert "ports" not in engine  # vLLM's unauthenticated endpoints stay inside the network
     gateway = services["gateway"]["environment"]
     assert gateway["QWENSTACK_ENGINE__DISCOVERY_DNS"] == "engine"
+    # Qwen3-Instruct-2507's parsers, as `up` picks them, and the gateway told the same.
+    assert {"--enable-auto-tool-choice", "--tool-call-parser=hermes"} <= set(engine["command"])
+    assert not any(arg.startswith("--reasoning-parser") for arg in engine["command"])
+    assert (gateway["QWENSTACK_ENGINE__TOOL_CALL_PARSER"],
+            gateway["QWENSTACK_ENGINE__REASONING_PARSER"]) == ("hermes", "none")
     assert gateway["QWENSTACK_RAG__MILVUS_URI"] == "http://milvus:19530"
     assert gateway["QWENSTACK_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert services["ui"]["environment"]["QWENSTACK_UI__GATEWAY_URL"] == "http://gateway:8000"
@@ -302,11 +307,15 @@ def test_helm_chart_renders_valid_manifests_that_fit_together():
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert engine["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "--enable-prefix-caching" in engine["args"]
+    assert {"--enable-auto-tool-choice", "--tool-call-parser=hermes"} <= set(engine["args"])
+    assert not any(arg.startswith("--reasoning-parser") for arg in engine["args"])
     headless = manifests["Service", "qs-engine"]["spec"]
     assert headless["clusterIP"] == "None"
     config = manifests["ConfigMap", "qs-gateway"]["data"]
     assert config["QWENSTACK_ENGINE__DISCOVERY_DNS"] == "qs-engine.ai.svc.cluster.local"
     assert config["QWENSTACK_ENGINE__DISCOVERY_PORT"] == str(headless["ports"][0]["port"])
+    assert (config["QWENSTACK_ENGINE__TOOL_CALL_PARSER"],
+            config["QWENSTACK_ENGINE__REASONING_PARSER"]) == ("hermes", "none")
     gateway = manifests["Deployment", "qs-gateway"]
     hpa = manifests["HorizontalPodAutoscaler", "qs-gateway"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == "qs-gateway" and "replicas" not in gateway["spec"]
@@ -363,6 +372,7 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
         "milvus": {"uri": "http://milvus.example:19530"},
         "gateway": {"autoscaling": {"enabled": False}, "replicas": 3},
         "ui": {"enabled": False},
+        "engine": {"model": "Qwen/Qwen3-4B-Thinking-2507", "reasoningParser": "qwen3"},
     }))
     kinds = {kind for kind, _ in manifests}
     assert "StatefulSet" not in kinds and "HorizontalPodAutoscaler" not in kinds
@@ -377,6 +387,10 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
     assert secret["limiter-redis-url"] == "redis://limits.example:6379/0"
     config = manifests["ConfigMap", "qs-gateway"]["data"]
     assert config["QWENSTACK_RAG__MILVUS_URI"] == "http://milvus.example:19530"
+    # A thinking Qwen3: its engines parse reasoning, and the gateways know it.
+    engine = manifests["Deployment", "qs-engine"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--reasoning-parser=qwen3" in engine["args"]
+    assert config["QWENSTACK_ENGINE__REASONING_PARSER"] == "qwen3"
 
 
 @pytest.mark.parametrize("values, message", [

@@ -305,6 +305,30 @@ def test_cache_all_through_the_admin_api_and_a_jwt_claim(keyed: KeyedGateways):
         body = {**body, "messages": [{"role": "user", "content": f"Again, {claims}"}]}
 
 
+def test_thinking_off_by_key_admin_api_and_jwt_claim(keyed: KeyedGateways):
+    """A key made --no-thinking (or `thinking: false` by the admin API, or a JWT with the claim
+    false) has its chat requests sent with enable_thinking false, whatever they ask. The tiny
+    model's template reads no such switch, so the answer cache tells: asking to think gets the
+    answer stored for not thinking."""
+    admin = bearer(keyed.key("thinking-admin", "--admin"))
+    made = httpx.post(f"{keyed.gateways[0].url}/admin/keys", headers=admin, timeout=30,
+                      json={"name": "no-thinking-api", "thinking": False})
+    assert made.status_code == 201 and made.json()["thinking"] is False, made.text
+    callers = {
+        "cli": (keyed.key("no-thinking-cli", "--no-thinking"), ["miss", "hit"]),
+        "api": (made.json()["key"], ["miss", "hit"]),
+        "jwt": (jwt_token(sub="no-thinker", thinking=False), ["miss", "hit"]),
+        "plain key": (keyed.key("thinking-allowed"), ["miss", "miss"]),
+        "plain jwt": (jwt_token(sub="thinker"), ["miss", "miss"]),
+    }
+    for name, (secret, expected) in callers.items():
+        results = [keyed.post(0, secret, chat(f"Think about it, {name}.",
+                                              chat_template_kwargs={"enable_thinking": enable}),
+                              "/v1/chat/completions").headers[CACHE_HEADER]
+                   for enable in (False, True)]
+        assert results == expected, name
+
+
 def test_migrations_keep_old_keys_and_usage_rows(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = sa.create_engine(url)
@@ -328,10 +352,12 @@ def test_migrations_keep_old_keys_and_usage_rows(tmp_path: Path):
     store = KeyStore(db.connect(url), b"pepper")  # connect migrates to head
     try:
         (old,) = store.list()
-        assert old.name == "old-key" and old.cache_all is False
+        assert old.name == "old-key" and old.cache_all is False and old.thinking is True
         assert store.create("new-key", cache_all=True)[0].caller.cache_all is True
+        assert store.create("quiet-key", thinking=False)[0].caller.thinking is False
         (row,) = usage.totals(store.engine, "key", dt.timedelta(days=1))
-        assert (row["key"], row["requests"], row["cached"]) == ("old-key", 1, 0)
+        assert (row["key"], row["requests"], row["cached"], row["tool_calls"]) == (
+            "old-key", 1, 0, 0)
     finally:
         store.engine.dispose()
 

@@ -1,11 +1,12 @@
 """Settings sources and the vLLM command lines built from them (no engine needed)."""
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
 
-from qwenstack.engine import launch
+from qwenstack.engine import families, launch, models
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
@@ -17,6 +18,12 @@ QWEN3_CONFIG = json.loads(
 CPU = Hardware((), frozenset({"avx2"}), 24 * GIB)
 TWO_GPUS = Hardware((80 * GIB, 80 * GIB), frozenset(), 64 * GIB)
 MODEL = ResolvedModel("Qwen/Qwen3-4B-Instruct-2507", "qwen3", QWEN3_CONFIG)
+# The tiny test model's chat template, read from its script's source: the script runs in the
+# engine venv, with torch, and cannot be imported here.
+TINY_TEMPLATE = next(
+    ast.literal_eval(node.value)
+    for node in ast.parse((models.SCRIPTS / "tiny_qwen3.py").read_text()).body
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CHAT_TEMPLATE")
 
 
 def test_sources_in_priority_order(tmp_path, monkeypatch):
@@ -84,3 +91,72 @@ def test_refusals_name_the_flag_to_change(tmp_path):
         _plan(CPU, tmp_path, extra_args=["--max-model-len=100"])
     with pytest.raises(SetupError, match="needs 4 GPUs"):
         _plan(TWO_GPUS, tmp_path, replicas=2, tensor_parallel_size=2)
+
+
+# The shapes of chat templates that decide the parsers (engine/families.py), cut to what counts.
+GENERATION_PROMPT = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}"
+QWEN3_INSTRUCT_2507 = (  # renders past turns' reasoning, never opens <think> itself
+    "{{- '<tool_call>\\n{\"name\": \"' }}{{- '<|im_start|>' + message.role + '\\n<think>\\n' }}"
+    + GENERATION_PROMPT + "\n{%- endif %}")
+QWEN3_HYBRID = ("{{- '<tool_call>\\n' }}" + GENERATION_PROMPT + "\n    {%- if enable_thinking is "
+                "defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+                "{%- endif %}\n{%- endif %}")
+QWEN3_THINKING_2507 = ("{{- '<tool_call>\\n' }}{%- if add_generation_prompt %}{{- "
+                       "'<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+QWEN3_CODER = "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}" + GENERATION_PROMPT
+SMOLLM2 = "{{'<|im_start|>' + message['role'] + '\\n' + message['content']}}" + GENERATION_PROMPT
+
+
+@pytest.mark.parametrize(("model_type", "template", "tool_call", "reasoning"), [
+    ("qwen3", QWEN3_INSTRUCT_2507, "hermes", None),
+    ("qwen3", QWEN3_HYBRID, "hermes", "qwen3"),
+    ("qwen3", QWEN3_THINKING_2507, "hermes", "qwen3"),
+    ("qwen3_moe", QWEN3_CODER, "qwen3_coder", None),
+    ("qwen2", QWEN3_INSTRUCT_2507, "hermes", None),  # Qwen2.5: tools, no thinking parser
+    ("llama", SMOLLM2, None, None),
+    ("llama", QWEN3_HYBRID, None, None),  # the markup alone is not the family
+    ("qwen3", "", None, None),  # a base model: no chat template
+], ids=["instruct-2507", "hybrid", "thinking-2507", "coder", "qwen2.5", "smollm2",
+        "other-family", "no-template"])
+def test_parsers_follow_the_family_and_the_chat_template(model_type, template, tool_call,
+                                                         reasoning):
+    parsers = families.choose(load_settings().engine, {"model_type": model_type}, template)
+    assert (parsers.tool_call, parsers.reasoning) == (tool_call, reasoning)
+
+
+def test_the_tiny_test_model_is_served_as_qwen3_instruct_2507():
+    parsers = families.choose(load_settings().engine, {"model_type": "qwen3"}, TINY_TEMPLATE)
+    assert (parsers.tool_call, parsers.reasoning) == ("hermes", None)
+
+
+def test_parser_settings_override_and_reach_the_command_line(tmp_path):
+    model = ResolvedModel("Qwen/Qwen3-4B", "qwen3", QWEN3_CONFIG, QWEN3_HYBRID)
+    settings = load_settings(**{"engine.reasoning_parser": "none",
+                                "engine.tool_call_parser": "qwen3_xml"})
+    [engine] = launch.build_launches(settings.engine, model, CPU, Path("/venv/bin/python"),
+                                     tmp_path, [])
+    argv = engine.argv
+    assert argv[argv.index("--tool-call-parser") + 1] == "qwen3_xml"
+    assert "--enable-auto-tool-choice" in argv and "--reasoning-parser" not in argv
+    [auto] = launch.build_launches(load_settings().engine, model, CPU, Path("/venv/bin/python"),
+                                   tmp_path, [])
+    assert auto.argv[auto.argv.index("--reasoning-parser") + 1] == "qwen3"
+    for flag in ("--tool-call-parser=hermes", "--reasoning-parser", "--enable-auto-tool-choice"):
+        with pytest.raises(SetupError, match="engine.(tool_call|reasoning)_parser"):
+            _plan(CPU, tmp_path, extra_args=[flag])
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        load_settings(**{"engine.tool_call_parser": "hermes --trust-remote-code"})
+
+
+def test_config_prints_the_parser_settings():
+    engine = json.loads(load_settings().masked_json())["engine"]
+    assert (engine["tool_call_parser"], engine["reasoning_parser"]) == ("auto", "auto")
+
+
+def test_chat_templates_are_read_as_transformers_reads_them(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": "plain"}, {"name": "tool_use", "template": "<tool_call>"}
+    ]}))
+    assert models.folder_chat_template(tmp_path) == "plain\n<tool_call>"
+    (tmp_path / models.CHAT_TEMPLATE_FILE).write_text(QWEN3_HYBRID)  # preferred when present
+    assert models.folder_chat_template(tmp_path) == QWEN3_HYBRID

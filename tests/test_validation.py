@@ -45,6 +45,10 @@ def _assert_error(
 CASES = [
     ("malformed JSON", CHAT_URL, b'{"model": "tiny-qwen3", "messages": [', 400, None, None),
     ("not an object", CHAT_URL, [1, 2], 400, None, None),
+    # JSON the gateway reads (orjson: 1024 levels) but could not write back (254): was a 500.
+    ("nested 300 levels deep", CHAT_URL, b'{"model": "tiny-qwen3", "messages": [{"role": '
+     b'"user", "content": "Hi"}], "stream_options": {"a": ' + b"[" * 300 + b"]" * 300 + b"}}",
+     400, None, None),
     ("messages not a list", CHAT_URL, {**CHAT, "messages": "Hi"}, 400, "invalid_type", "messages"),
     ("message without role", CHAT_URL, {**CHAT, "messages": [{"content": "Hi"}]}, 400,
      "invalid_type", "messages"),
@@ -70,7 +74,9 @@ CASES = [
      "max_completion_tokens"),
     ("chat_template (CVE-2025-61620)", CHAT_URL, {**CHAT, "chat_template": "{{ 7 * 7 }}"}, 400,
      "invalid_request", "chat_template"),
-    ("chat_template_kwargs", CHAT_URL, {**CHAT, "chat_template_kwargs": {"enable_thinking": True}},
+    # enable_thinking is the one key any client may set (tests/test_qwen3_api.py).
+    ("chat_template_kwargs beyond enable_thinking", CHAT_URL,
+     {**CHAT, "chat_template_kwargs": {"enable_thinking": True, "documents": []}},
      400, "invalid_request", "chat_template_kwargs"),
     ("unknown model", CHAT_URL, {**CHAT, "model": "gpt-9"}, 404, "model_not_found", "model"),
     ("oversized body", COMPLETION_URL, {**COMPLETION, "prompt": "x" * 70_000}, 413,

@@ -19,6 +19,7 @@ class Caller:
     models: frozenset[str] | None = None  # None: every served model
     admin: bool = False
     cache_all: bool = False  # the answer cache may serve this caller sampled answers too
+    thinking: bool = True  # false: its chat requests go with enable_thinking false
 
     @property
     def metric_label(self) -> str:

@@ -48,6 +48,8 @@ class ApiKey(Base):
     admin: Mapped[bool] = mapped_column(default=False)
     # The answer cache may serve this key sampled answers too (not only deterministic ones).
     cache_all: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # False: its chat requests go with enable_thinking false (gateway validation.hold_thinking).
+    thinking: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
     rpm: Mapped[int | None]
     tpm: Mapped[int | None]
     max_concurrency: Mapped[int | None]
@@ -79,6 +81,7 @@ class UsageRecord(Base):
     ttft_ms: Mapped[float | None]  # streams only: a whole answer has no first token to time
     # Answered from the answer cache: the caller got these tokens, the engines did no work.
     cached: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    tool_calls: Mapped[int] = mapped_column(default=0, server_default="0")  # in the answer
 
 
 def now() -> dt.datetime:

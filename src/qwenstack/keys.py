@@ -54,6 +54,7 @@ class KeyInfo:
     max_concurrency: int | None
     models: list[str] | None
     cache_all: bool
+    thinking: bool
     created_at: dt.datetime
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
@@ -69,6 +70,7 @@ class KeyInfo:
             row.max_concurrency,
             row.models,
             row.cache_all,
+            row.thinking,
             db.aware(row.created_at),
             db.aware(row.expires_at) if row.expires_at else None,
             db.aware(row.revoked_at) if row.revoked_at else None,
@@ -92,6 +94,7 @@ class KeyInfo:
             "max_concurrency": self.max_concurrency,
             "models": self.models,
             "cache_all": self.cache_all,
+            "thinking": self.thinking,
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
@@ -108,6 +111,7 @@ class KeyInfo:
             models=frozenset(self.models) if self.models is not None else None,
             admin=self.admin,
             cache_all=self.cache_all,
+            thinking=self.thinking,
         )
 
 
@@ -143,6 +147,7 @@ class KeyStore:
         expires_in: dt.timedelta | None = None,
         admin: bool = False,
         cache_all: bool = False,
+        thinking: bool = True,
     ) -> tuple[KeyInfo, str]:
         """A new key and its secret, which only the caller ever sees."""
         if not NAME.fullmatch(name):
@@ -167,6 +172,7 @@ class KeyStore:
             max_concurrency=max_concurrency,
             models=models,
             cache_all=cache_all,
+            thinking=thinking,
             created_at=created,
             expires_at=created + expires_in if expires_in else None,
         )

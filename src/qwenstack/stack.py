@@ -59,8 +59,10 @@ def _listen(settings: Settings) -> socket.socket:
     return sock
 
 
-async def _start_engines(settings: Settings) -> Supervisor:
-    _, launches = await asyncio.to_thread(prepare_engines, settings)
+async def _start_engines(settings: Settings) -> tuple[Supervisor, Settings]:
+    """The engines' supervisor, and the settings with each "auto" parser resolved to the one
+    the engines run (or "none"): what the gateway reports of the model's capabilities."""
+    parsers, launches = await asyncio.to_thread(prepare_engines, settings)
     supervisor = Supervisor(
         launches,
         settings.run_dir / "engines.json",
@@ -69,7 +71,11 @@ async def _start_engines(settings: Settings) -> Supervisor:
         backoff_max_s=settings.engine.restart_backoff_max_s,
     )
     await supervisor.start()
-    return supervisor
+    engine = settings.engine.model_copy(update={
+        "tool_call_parser": parsers.tool_call or "none",
+        "reasoning_parser": parsers.reasoning or "none",
+    })
+    return supervisor, settings.model_copy(update={"engine": engine})
 
 
 async def _ready_before_stop(supervisor: Supervisor, stop: asyncio.Event) -> bool:
@@ -112,7 +118,7 @@ async def run(
         ui_server.preflight(settings)
     try:
         if engines:
-            supervisor = await _start_engines(settings)
+            supervisor, settings = await _start_engines(settings)
         if listener:
             # Up before the engines are: /health answers and /ready says 503 while they load.
             server = gateway_server(settings)

@@ -46,6 +46,9 @@ def keys_create(
     cache_all: Annotated[bool, typer.Option(
         "--cache-all", help="The answer cache may serve it sampled answers too, not only "
         "deterministic ones (temperature 0 or a seed).")] = False,
+    no_thinking: Annotated[bool, typer.Option(
+        "--no-thinking", help="Its chat requests go with enable_thinking false, whatever they "
+        "ask (thinking off where the model's chat template reads it).")] = False,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -58,7 +61,7 @@ def keys_create(
     with key_store(config, home) as store:
         _show_secret(*store.create(
             name, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency, models=model_list,
-            expires_in=expires_in, admin=admin, cache_all=cache_all,
+            expires_in=expires_in, admin=admin, cache_all=cache_all, thinking=not no_thinking,
         ))
 
 
@@ -71,12 +74,12 @@ def keys_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
     def limit(value: object) -> str:
         return "-" if value is None else str(value)
 
-    rows = [("NAME", "PREFIX", "STATUS", "ADMIN", "RPM", "TPM", "CONC", "CACHE_ALL", "MODELS",
-             "EXPIRES")]
+    rows = [("NAME", "PREFIX", "STATUS", "ADMIN", "RPM", "TPM", "CONC", "CACHE_ALL", "THINKING",
+             "MODELS", "EXPIRES")]
     rows += [
         (k.name, k.prefix + "...", k.status, "yes" if k.admin else "no", limit(k.rpm), limit(k.tpm),
          limit(k.max_concurrency), "yes" if k.cache_all else "no",
-         ",".join(k.models) if k.models is not None else "*",
+         "yes" if k.thinking else "no", ",".join(k.models) if k.models is not None else "*",
          k.expires_at.strftime("%Y-%m-%d %H:%M") if k.expires_at else "-")
         for k in keys
     ]
@@ -123,8 +126,9 @@ def usage(
     finally:
         engine.dispose()
     print_table([(by.upper(), "REQUESTS", "ERRORS", "PROMPT_TOKENS", "COMPLETION_TOKENS", "CACHED",
-                  "MEAN_MS")] + [
+                  "TOOL_CALLS", "MEAN_MS")] + [
         (r[by], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
-         str(r["completion_tokens"]), str(r["cached"]), f"{r['mean_latency_ms']:.1f}")
+         str(r["completion_tokens"]), str(r["cached"]), str(r["tool_calls"]),
+         f"{r['mean_latency_ms']:.1f}")
         for r in rows
     ])

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenstack.engine import capacity, cpu_tuning
+from qwenstack.engine import capacity, cpu_tuning, families
 from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
@@ -27,6 +27,9 @@ MANAGED_FLAGS = {
     "--no-enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
     "--kv-cache-memory-bytes": "--kv-cache-gib",
     "--allowed-media-domains": "validation.allowed_media_domains",
+    "--enable-auto-tool-choice": "engine.tool_call_parser",
+    "--tool-call-parser": "engine.tool_call_parser",
+    "--reasoning-parser": "engine.reasoning_parser",
 }
 # vLLM fetches media URLs from any host unless given --allowed-media-domains; with no domain
 # allowed, this reserved name (RFC 2606: never resolves) is the only one, so it fetches none.
@@ -148,6 +151,7 @@ def build_launches(
         "--max-model-len", str(max_model_len),
         "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
         *_tuning_flags(engine, hardware, budget),
+        *families.choose(engine, model.config, model.chat_template).flags(),
     ]
     # Bytecode written: the engine venv is installed without it (venv.py), so each module vLLM
     # imports is compiled on the first start and kept; an inherited PYTHONDONTWRITEBYTECODE

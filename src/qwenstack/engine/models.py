@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenstack import console
+from qwenstack.engine import families
 from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.phases import PREPARING, log_done
 from qwenstack.errors import SetupError
@@ -23,6 +24,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 STEP_PREFIX = "step: "  # as scripts/model_folder.py prints it
 BUNDLED_SMOLLM2 = "SmolLM2-135M-Instruct"
 TINY_QWEN3 = "tiny-qwen3"
+# Newer transformers save the chat template beside tokenizer_config.json, and prefer it.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class ResolvedModel:
     source: str  # what vLLM is given as --model: a local folder or a hub id
     served_name: str
     config: dict[str, Any]
+    chat_template: str = ""  # its chat template(s) as text ("": none), see families.py
 
 
 def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
@@ -65,17 +69,42 @@ def prepare(script: str, out_dir: Path, engine_python: Path) -> Path:
     return out_dir
 
 
-def hub_config(model_id: str, token: str | None) -> dict[str, Any]:
+def hub_file(model_id: str, name: str, token: str | None) -> str | None:
+    """A file of a hub model as text; None when the model has no such file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(model_id, "config.json", token=token)).read_text())
+        return Path(hf_hub_download(model_id, name, token=token)).read_text()
+    except EntryNotFoundError:
+        return None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         raise SetupError(
-            f"Cannot read config.json of {model_id!r} from the Hugging Face hub ({exc}). "
+            f"Cannot read {name} of {model_id!r} from the Hugging Face hub ({exc}). "
             "Give a local model folder with --model, or set engine.hf_token for a gated model."
         ) from exc
+
+
+def hub_config(model_id: str, token: str | None) -> dict[str, Any]:
+    config = hub_file(model_id, "config.json", token)
+    if config is None:
+        raise SetupError(f"{model_id}: the hub model has no config.json")
+    return json.loads(config)
+
+
+def hub_chat_template(model_id: str, token: str | None) -> str:
+    tokenizer_config = hub_file(model_id, "tokenizer_config.json", token)
+    return families.chat_template_text(
+        json.loads(tokenizer_config or "{}"), hub_file(model_id, CHAT_TEMPLATE_FILE, token))
+
+
+def folder_chat_template(folder: Path) -> str:
+    tokenizer_config = folder / "tokenizer_config.json"
+    template_file = folder / CHAT_TEMPLATE_FILE
+    return families.chat_template_text(
+        json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {},
+        template_file.read_text() if template_file.is_file() else None,
+    )
 
 
 def resolve(settings: Settings, hardware: Hardware, engine_python: Path) -> ResolvedModel:
@@ -99,6 +128,7 @@ def resolve(settings: Settings, hardware: Hardware, engine_python: Path) -> Reso
             source=str(folder.resolve()),
             served_name=engine.served_model_name or folder.name,
             config=json.loads(config_file.read_text()),
+            chat_template=folder_chat_template(folder),
         )
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise SetupError(f"--model {model}: no such folder, and not a hub id like {QWEN3_MODEL}")
@@ -106,4 +136,5 @@ def resolve(settings: Settings, hardware: Hardware, engine_python: Path) -> Reso
         source=model,
         served_name=engine.served_model_name or model,
         config=hub_config(model, token),
+        chat_template=hub_chat_template(model, token),
     )

@@ -34,6 +34,7 @@ class NewKey(BaseModel):
     expires: str | None = Field(None, description="Lifetime such as 30d, 12h; unset: none.")
     admin: bool = False
     cache_all: bool = Field(False, description="The answer cache may serve sampled answers too.")
+    thinking: bool = Field(True, description="false: its chat requests go without thinking.")
 
 
 def _key_error(exc: KeyStoreError) -> GatewayError:
@@ -51,7 +52,7 @@ def create_key(body: NewKey, request: Request) -> dict[str, Any]:
         info, secret = resources(request).keys.create(
             body.name, rpm=body.rpm, tpm=body.tpm, max_concurrency=body.max_concurrency,
             models=body.models, expires_in=expires_in, admin=body.admin,
-            cache_all=body.cache_all,
+            cache_all=body.cache_all, thinking=body.thinking,
         )
     except KeyStoreError as exc:
         raise _key_error(exc) from None

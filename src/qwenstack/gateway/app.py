@@ -146,10 +146,13 @@ async def stored_responses(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, object]:
+    """The served models, each with `capabilities`: what the engines' parsers let a client use
+    (tool calling: `tools` with tool_choice auto; reasoning: a separate `reasoning` field)."""
     allowed = request.state.caller.models  # a key scoped to some models sees only those
-    cards = resources(request).pool.model_cards()
-    if allowed is not None:
-        cards = [card for card in cards if card["id"] in allowed]
+    held = resources(request)
+    capabilities = held.settings.engine.capabilities
+    cards = [{**card, "capabilities": capabilities} for card in held.pool.model_cards()
+             if allowed is None or card["id"] in allowed]
     return {"object": "list", "data": cards}
 
 

@@ -163,6 +163,7 @@ class Authenticator:
             models=frozenset(models) if models is not None else None,
             admin=names.admin is not None and claims.get(names.admin) is True,
             cache_all=claims.get(names.cache_all) is True,
+            thinking=claims.get(names.thinking) is not False,
         )
 
 

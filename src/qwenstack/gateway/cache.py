@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from starlette.responses import Response
 
 from qwenstack.callers import Caller
+from qwenstack.gateway import tool_calls
 from qwenstack.gateway.cache_store import Store, open_store
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.gateway.relay import SSE_HEADERS, take_usage
@@ -186,6 +187,7 @@ class AnswerCache:
             self.semantic.add(context_key, vector, key)
 
     def _replay(self, exchange: Exchange, value: bytes) -> Response:
+        exchange.tool_calls = tool_calls.count(value)
         if exchange.stream:
             first = orjson.loads(value[value.index(b"{"):value.index(b"\n")])
             exchange.model = first.get("model", exchange.model)

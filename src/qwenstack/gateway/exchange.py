@@ -68,6 +68,7 @@ class Exchange:
     finished_s: float | None = None  # seconds from start to the end of the answer
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: int = 0  # in the answer (tool_calls.py)
     cache: str = "off"  # "hit", "miss", "bypass" or "off"
     session: str | None = None  # the client's x-session-id header, for session affinity
     replica: int | None = None  # index of the engine replica that answered

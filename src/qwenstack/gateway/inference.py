@@ -1,10 +1,10 @@
 """The path of an inference request through the gateway, step by step.
 
     authenticate (middleware.Authentication, before this) -> read + parse (protocol) -> take
-    knowledge bases (grounding) -> validate -> resolve the model (replicas) -> check the
-    caller's scope -> ground -> limits reserve -> answer cache lookup -> admission queue ->
-    forward (upstream: route, send, retry) -> relay (relay: stream or whole answer) -> finish
-    (accounting, usage record, cache store)
+    knowledge bases (grounding) -> validate (schemas too) -> resolve the model (replicas) ->
+    check the caller's scope and thinking policy -> ground -> limits reserve -> answer cache
+    lookup -> admission queue -> forward (upstream: route, send, retry) -> relay (relay:
+    stream or whole answer) -> finish (accounting, usage record, tool calls, cache store)
 
 Each step raises a GatewayError to refuse; whatever happens, the exchange is finished once.
 """
@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from qwenstack.callers import Caller
-from qwenstack.gateway import cache, grounding, metrics, validation
+from qwenstack.gateway import cache, grounding, metrics, tool_calls, validation
 from qwenstack.gateway.auth import check_model
 from qwenstack.gateway.disconnect import ClientGone, until_disconnect
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange, finished_on_error
@@ -45,6 +45,7 @@ async def serve(request: Request, route: Route) -> Response:
         exchange.model = model.name
         validation.check_fits(exchange.request, model)
         check_model(exchange.caller, exchange.model)
+        validation.hold_thinking(exchange.request, exchange.caller, settings.validation)
         if knowledge_bases:
             # After the checks (retrieval costs), before the limits (they count its context).
             await grounding.ground(exchange, knowledge_bases, held.knowledge)
@@ -65,6 +66,8 @@ async def serve(request: Request, route: Route) -> Response:
         if response is None:
             if settings.validation.prefix_cache_per_caller:
                 exchange.request.set("cache_salt", cache_salt(held, exchange.caller))
+            if exchange.request.get("tools"):
+                tool_calls.count_relayed(exchange)
             response = await held.upstream.forward(request, exchange)
         cache.label(response, exchange)
     response.raw_headers.extend(rate_headers)

@@ -63,6 +63,11 @@ COMPLETION_TOKENS = Counter(
     "Completion tokens engines generated (cache hits excluded).",
     ["model", "key"],
 )
+TOOL_CALLS = Counter(
+    "qwenstack_tool_calls",
+    "Tool calls in the answers clients got (cache hits included).",
+    ["model", "key"],
+)
 ENGINE_SCRAPE_ERRORS = Counter(
     "qwenstack_engine_scrape_errors",
     "Times an up engine's /metrics could not be read; its vLLM metrics were left out.",
@@ -73,6 +78,8 @@ ENGINE_SCRAPE_ERRORS = Counter(
 async def _record(exchange: Exchange) -> None:
     model, key, status = exchange.model, exchange.caller.metric_label, exchange.status
     REQUESTS.labels(exchange.route, model, str(status), key).inc()
+    if exchange.tool_calls:
+        TOOL_CALLS.labels(model, key).inc(exchange.tool_calls)
     if exchange.cache != "hit":  # an answer from the cache cost the engines no tokens
         if exchange.prompt_tokens:
             PROMPT_TOKENS.labels(model, key).inc(exchange.prompt_tokens)

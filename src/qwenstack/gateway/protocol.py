@@ -6,7 +6,7 @@ fields each route takes from a client (ALLOWED_FIELDS; validation refuses the ot
 forwards those as the client sent them. Every module that needs something of a request asks this
 view, so each rule is decided once: which field bounds the answer's length on each route, what
 the prompts are, what makes an answer deterministic. The body is serialised at most once, on the
-way out, and only when the gateway changed it.
+way out, and only when the gateway changed it (parse tries once that it can be, see there).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ OPENAI_FIELDS: Final[dict[str, frozenset[str]]] = {
         "max_tokens", "max_completion_tokens", "n", "presence_penalty", "response_format",
         "seed", "stop", "stream", "stream_options", "temperature", "top_p", "tools",
         "tool_choice", "parallel_tool_calls", "user", "reasoning_effort",
+        "include_reasoning",  # vLLM's: false leaves `reasoning` out of the answer
     }),
     COMPLETIONS: frozenset({
         "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
@@ -77,8 +78,9 @@ RESPONSES_EXTRAS: Final = frozenset({
 # Fields that feed the chat template (which runs inside the engine: CVE-2025-61620), allowed
 # only with `validation.allow_chat_template`.
 CHAT_TEMPLATE_FIELDS: Final = ("chat_template", "chat_template_kwargs")
-# Keys of `chat_template_kwargs` any client may set (with or without allow_chat_template).
-SAFE_CHAT_TEMPLATE_KWARGS: Final[frozenset[str]] = frozenset()
+# Keys of `chat_template_kwargs` any client may set (with or without allow_chat_template), each
+# with the type its value must have: Qwen3's switch between thinking and answering at once.
+SAFE_CHAT_TEMPLATE_KWARGS: Final[dict[str, type]] = {"enable_thinking": bool}
 ALLOWED_FIELDS: Final[dict[str, frozenset[str]]] = {
     CHAT: OPENAI_FIELDS[CHAT] | VLLM_SAMPLING_EXTRAS | set(CHAT_TEMPLATE_FIELDS),
     COMPLETIONS: OPENAI_FIELDS[COMPLETIONS] | VLLM_SAMPLING_EXTRAS,
@@ -141,6 +143,13 @@ class InferenceRequest:
             raise GatewayError(400, f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise GatewayError(400, "The request body must be a JSON object.")
+        try:
+            # orjson reads 1024 levels of nesting but writes only 254: a body the gateway could
+            # not write back (to the engine, into a cache key) is refused now, not with a 500
+            # later. About 70 µs per megabyte.
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise GatewayError(400, "The request body nests too deep.") from None
         if not isinstance(body.get("model", ""), str):
             raise GatewayError(400, "`model` must be a string.", param="model")
         if not isinstance(body.get("stream", False), bool):
@@ -312,6 +321,23 @@ class InferenceRequest:
                     return " ".join(part.get("text", "") for part in content
                                     if isinstance(part, dict) and part.get("type") == "text")
         return ""
+
+    @property
+    def guided(self) -> bool:
+        """The engine decodes under a grammar: a JSON response_format, structured_outputs, or
+        tools that must be called (tool_choice required or named) or are `strict`."""
+        response_format = self._body.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") != "text":
+            return True
+        if self._body.get("structured_outputs") is not None:
+            return True
+        tools = self._body.get("tools")
+        if not isinstance(tools, list) or not tools:
+            return False
+        choice = self._body.get("tool_choice")
+        return choice == "required" or isinstance(choice, dict) or any(
+            isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+            and tool["function"].get("strict") is True for tool in tools)
 
     @property
     def deterministic(self) -> bool:

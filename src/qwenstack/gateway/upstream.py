@@ -10,6 +10,7 @@ request and free its KV cache.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -22,13 +23,19 @@ from qwenstack.gateway.disconnect import ClientGone, until_disconnect
 from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import CLIENT_CLOSED, Exchange
 from qwenstack.gateway.protocol import CHAT, RESPONSES
-from qwenstack.gateway.relay import EngineStream, whole_answer
+from qwenstack.gateway.relay import (
+    JSON,
+    EngineStream,
+    engine_at_fault,
+    opening,
+    stream_error,
+    whole_answer,
+)
 from qwenstack.gateway.replicas import Lease, Replica, ReplicaPool, engine_failure
 from qwenstack.gateway.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 # What vLLM's /tokenize needs of a chat request to count its templated prompt.
 CHAT_TOKENIZE_FIELDS = ("messages", "tools", "chat_template_kwargs", "add_generation_prompt")
 
@@ -51,7 +58,7 @@ class Upstream:
         body = exchange.request.to_bytes(include_usage=True)
         try:
             lease, upstream = await until_disconnect(
-                request.receive, self._send(placement.replicas, exchange.route, body, headers)
+                request.receive, self._send(placement.replicas, exchange, body, headers)
             )
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
@@ -59,20 +66,46 @@ class Upstream:
         exchange.replica = replica.index
         if upstream.status < 500:
             placement.placed(replica)
-        if upstream.status == 200 and exchange.stream:
-            return EngineStream(upstream, lease, exchange)
-        with lease:
-            try:
-                content = await until_disconnect(request.receive, upstream.read())
-            except ClientGone:
-                upstream.close()
-                return Response(status_code=CLIENT_CLOSED)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                upstream.close()
-                raise engine_failure(exc, replica) from None
-        if upstream.status < 500:
+        streamed = upstream.status == 200 and exchange.stream
+        content = await self._read(request, upstream, lease, streamed)
+        if content is None:
+            return Response(status_code=CLIENT_CLOSED)
+        status, media_type = upstream.status, upstream.content_type
+        if streamed:
+            exchange.first_chunk_s = time.perf_counter() - exchange.started_s
+            error = stream_error(content)
+            if error is None:
+                return EngineStream(upstream, lease, exchange, content)
+            (status, content), media_type = error, JSON
+            upstream.close()
+        lease.release()
+        if engine_at_fault(exchange, status):
+            if streamed:  # a plain 5xx was counted when it arrived (_send)
+                replica.record_outcome(False)
+        elif status < 500:
             replica.record_outcome(True)
-        return whole_answer(exchange, upstream.status, content, upstream.content_type)
+        return whole_answer(exchange, status, content, media_type)
+
+    @staticmethod
+    async def _read(
+        request: Request, upstream: aiohttp.ClientResponse, lease: Lease, streamed: bool
+    ) -> bytes | None:
+        """The engine's whole answer or, `streamed`, its opening (relay.opening): read before
+        the response starts, so that a request the engine fails at its first token (vLLM then
+        streams the error, e.g. for a JSON schema it cannot compile) is answered with the
+        error's status, as it would be without streaming. None: the client left first. On any
+        failure the lease is released and the connection dropped (vLLM then aborts it)."""
+        try:
+            return await until_disconnect(
+                request.receive, opening(upstream) if streamed else upstream.read())
+        except BaseException as exc:
+            lease.release()
+            upstream.close()
+            if isinstance(exc, ClientGone):
+                return None
+            if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise engine_failure(exc, lease.replica) from None
+            raise
 
     async def count_prompt_tokens(self, exchange: Exchange) -> int:
         """The prompt length, from the engine's tokenizer (its /tokenize applies the chat
@@ -133,7 +166,7 @@ class Upstream:
         return int(answer["count"])
 
     async def _send(
-        self, replicas: list[Replica], path: str, body: bytes, headers: dict[str, str]
+        self, replicas: list[Replica], exchange: Exchange, body: bytes, headers: dict[str, str]
     ) -> tuple[Lease, aiohttp.ClientResponse]:
         """Send to the replicas in order until one answers.
 
@@ -142,13 +175,14 @@ class Upstream:
         connection, a 5xx answer) may have reached its engine, so it goes to another replica
         only once: the client then sees at most two attempts' delay, never a cascade. A timeout
         is not retried: the engine may still be working on it, and the wait was long already.
+        Nor is an answer that is the request's fault (relay.engine_at_fault).
         """
         retried = False
         for position, replica in enumerate(replicas):
             last = position == len(replicas) - 1
             lease = replica.lease()
             try:
-                upstream = await self._post(replica.url + path, body, headers)
+                upstream = await self._post(replica.url + exchange.route, body, headers)
             except aiohttp.ClientConnectorError as exc:
                 lease.release()
                 replica.mark_down(str(exc))
@@ -164,7 +198,7 @@ class Upstream:
                 log.warning("Retrying on another engine after %s: %r", replica.url, exc)
                 retried = True
                 continue
-            if upstream.status >= 500:
+            if engine_at_fault(exchange, upstream.status):
                 replica.record_outcome(False)
                 if not (retried or last):
                     log.warning("Retrying on another engine after %s answered %d",

@@ -66,6 +66,7 @@ class UsageRecorder:
                 "prompt_tokens": exchange.prompt_tokens,
                 "completion_tokens": exchange.completion_tokens,
                 "cached": exchange.cache == "hit",
+                "tool_calls": exchange.tool_calls,
                 "latency_ms": finished_s * 1000,
                 "ttft_ms": exchange.first_chunk_s * 1000
                 if exchange.first_chunk_s is not None
@@ -100,8 +101,9 @@ class UsageRecorder:
 
 
 def totals(engine: sa.Engine, by: GroupBy, since: dt.timedelta) -> list[dict[str, Any]]:
-    """Requests, errors and tokens per key (or model) over the last `since`; `cached`: how many
-    of the requests the answer cache served (their tokens are in the sums too)."""
+    """Requests, errors, tokens and tool calls per key (or model) over the last `since`;
+    `cached`: how many of the requests the answer cache served (their tokens are in the sums
+    too)."""
     group = UsageRecord.caller if by == "key" else UsageRecord.model
     query = (
         sa.select(
@@ -113,6 +115,7 @@ def totals(engine: sa.Engine, by: GroupBy, since: dt.timedelta) -> list[dict[str
                 "completion_tokens"
             ),
             sa.func.count().filter(UsageRecord.cached).label("cached"),
+            sa.func.coalesce(sa.func.sum(UsageRecord.tool_calls), 0).label("tool_calls"),
             sa.func.avg(UsageRecord.latency_ms).label("mean_latency_ms"),
         )
         .where(UsageRecord.time >= db.now() - since)

@@ -2,11 +2,13 @@
 
 Each refusal is an OpenAI-shaped error: 400 for a malformed body, a field the route does not
 take (protocol.ALLOWED_FIELDS), a field of the wrong type, a value over a configured cap or
-beyond the context window, too many messages, prompts or input items, a media URL outside the
-allowed domains, a client-supplied chat template (CVE-2025-61620: templates run inside the
-engine), or what the Responses API must not do here (responses.py);
-413 for an oversized body comes from middleware.BodyLimit as it arrives; http_limits.py bounds
-request heads and slow clients. An unknown model is ReplicaPool.resolve's 404.
+beyond the context window, too many messages, prompts or input items, tools and schemas beyond
+their bounds (schemas.py), a media URL outside the allowed domains, a client-supplied chat
+template or template arguments other than the thinking switch (CVE-2025-61620: templates run
+inside the engine), or what the Responses API must not do here (responses.py); 413 for an
+oversized body comes from middleware.BodyLimit as it arrives; http_limits.py bounds request
+heads and slow clients. An unknown model is ReplicaPool.resolve's 404. `hold_thinking` applies
+a caller's thinking policy.
 """
 
 from __future__ import annotations
@@ -15,14 +17,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from qwenstack.gateway import responses
+from qwenstack.callers import Caller
+from qwenstack.gateway import responses, schemas
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.protocol import (
-    CHAT_TEMPLATE_FIELDS,
-    RESPONSES,
-    SAFE_CHAT_TEMPLATE_KWARGS,
-    InferenceRequest,
-)
+from qwenstack.gateway.protocol import RESPONSES, SAFE_CHAT_TEMPLATE_KWARGS, InferenceRequest
 from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import ValidationSettings
 
@@ -37,6 +35,14 @@ def _positive_int(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
 def _messages(value: Any) -> bool:
@@ -76,8 +82,14 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "presence_penalty": (_number, "a number"),
     "frequency_penalty": (_number, "a number"),
     "stop": (_stop, "a string or a list of strings"),
-    "stream_options": (lambda v: isinstance(v, dict), "an object"),
+    "stream_options": (_object, "an object"),
     "user": (lambda v: isinstance(v, str), "a string"),
+    "tools": (lambda v: isinstance(v, list), "a list of tools"),
+    "parallel_tool_calls": (_bool, "true or false"),
+    "response_format": (_object, "an object"),
+    "structured_outputs": (_object, "an object"),
+    "chat_template_kwargs": (_object, "an object"),
+    "include_reasoning": (_bool, "true or false"),
 }
 # The input each route needs.
 REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
@@ -103,13 +115,8 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
             raise GatewayError(
                 400, f"`{field}` must be {expected}.", code="invalid_type", param=field
             )
-    if not settings.allow_chat_template:
-        for field in CHAT_TEMPLATE_FIELDS:
-            if field in request and not _safe_template_kwargs(field, request.get(field)):
-                raise GatewayError(
-                    400, f"`{field}` is not allowed on this server.", code="invalid_request",
-                    param=field,
-                )
+    _check_chat_template(request, settings.allow_chat_template)
+    schemas.check(request, settings)
     if request.route == RESPONSES:
         responses.check(request)
     _check_media(request, settings.allowed_media_domains)
@@ -142,10 +149,39 @@ def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> No
                                code="array_above_max_length", param=name)
 
 
-def _safe_template_kwargs(field: str, value: Any) -> bool:
-    """`chat_template_kwargs` naming only SAFE_CHAT_TEMPLATE_KWARGS needs no permission."""
-    return (field == "chat_template_kwargs" and isinstance(value, dict)
-            and set(value) <= SAFE_CHAT_TEMPLATE_KWARGS)
+def _check_chat_template(request: InferenceRequest, allow_chat_template: bool) -> None:
+    """A client's chat template and its arguments only with `allow_chat_template`, but for the
+    keys of SAFE_CHAT_TEMPLATE_KWARGS, whose values must be of their type."""
+    kwargs = request.get("chat_template_kwargs")
+    param = "chat_template_kwargs"
+    for key, kind in SAFE_CHAT_TEMPLATE_KWARGS.items():
+        if isinstance(kwargs, dict) and key in kwargs and not isinstance(kwargs[key], kind):
+            raise GatewayError(400, f"`{param}.{key}` must be true or false.",
+                               code="invalid_type", param=f"{param}.{key}")
+    if allow_chat_template:
+        return
+    if "chat_template" in request:
+        raise GatewayError(400, "`chat_template` is not allowed on this server.",
+                           code="invalid_request", param="chat_template")
+    unsafe = sorted(set(kwargs) - set(SAFE_CHAT_TEMPLATE_KWARGS)) if isinstance(kwargs, dict) \
+        else []
+    if unsafe:
+        allowed = ", ".join(f"`{key}`" for key in SAFE_CHAT_TEMPLATE_KWARGS)
+        raise GatewayError(
+            400, f"`{param}` key `{unsafe[0][:64]}` is not allowed on this server; only "
+            f"{allowed}.", code="invalid_request", param=param,
+        )
+
+
+def hold_thinking(request: InferenceRequest, caller: Caller, settings: ValidationSettings) -> None:
+    """Thinking off for a caller (`keys create --no-thinking`) or a server
+    (`validation.allow_thinking: false`) that allows none: the chat request goes with
+    `enable_thinking` false, whatever it asked."""
+    if request.messages is None or (settings.allow_thinking and caller.thinking):
+        return
+    kwargs = request.get("chat_template_kwargs")
+    request.set("chat_template_kwargs",
+                {**(kwargs if isinstance(kwargs, dict) else {}), "enable_thinking": False})
 
 
 def _check_media(request: InferenceRequest, allowed_domains: list[str]) -> None:

@@ -14,6 +14,8 @@ from pydantic_settings import (
 QWEN3_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 # vLLM leaves many endpoints unauthenticated, so engines never listen beyond loopback.
 ENGINE_HOST = "127.0.0.1"
+# A vLLM parser's name as its command line takes it (one word: it becomes an argv item).
+PARSER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class EngineSettings(BaseModel):
@@ -63,6 +65,19 @@ class EngineSettings(BaseModel):
         "`auto`, `nobind`). Unset: one core kept for serving where there is one to spare, the "
         "replicas splitting the others, one OpenMP thread per physical core.",
     )
+    tool_call_parser: str = Field(
+        "auto", pattern=PARSER_NAME,
+        description="vLLM's --tool-call-parser, with --enable-auto-tool-choice. auto: chosen "
+        "from the model (hermes for Qwen2.5/Qwen3, qwen3_coder for Qwen3-Coder; none for other "
+        "families); none: off. With remote engines (urls, discovery_dns), name the parser they "
+        "run: /v1/models reports tool calling from it (auto: not known, reported false).",
+    )
+    reasoning_parser: str = Field(
+        "auto", pattern=PARSER_NAME,
+        description="vLLM's --reasoning-parser. auto: qwen3 for a Qwen3 model whose chat "
+        "template can think (not Qwen3-Instruct-2507); none: off. Remote engines: as for "
+        "tool_call_parser.",
+    )
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Further vLLM flags, passed through unchanged."
     )
@@ -94,6 +109,16 @@ class EngineSettings(BaseModel):
         if isinstance(value, str):
             return json.loads(value) if value.lstrip().startswith("[") else value.split()
         return value
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        """What the engines' parsers let clients use, as /v1/models reports it: "auto" is
+        resolved by `up` for the engines it starts (engine/families.py); for remote ones it is
+        not known, so false."""
+        return {
+            "tool_calling": self.tool_call_parser not in ("auto", "none"),
+            "reasoning": self.reasoning_parser not in ("auto", "none"),
+        }
 
     def replica_urls(self) -> list[str]:
         if self.discovery_dns:

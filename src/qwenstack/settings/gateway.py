@@ -200,6 +200,25 @@ class ValidationSettings(BaseModel):
     max_prompts: int = Field(
         64, ge=1, description="Most prompts in one /v1/completions batch; more: 400."
     )
+    max_tools: int = Field(128, ge=1, description="Most `tools` in one chat request; more: 400.")
+    max_schema_bytes: int = Field(
+        256 * 1024, ge=1024,
+        description="Most JSON bytes of a request's tools, response_format and "
+        "structured_outputs together (written into the prompt, compiled into grammars).",
+    )
+    max_schema_depth: int = Field(
+        32, ge=4, description="Deepest nesting of objects and lists in any of them."
+    )
+    max_schema_enum_values: int = Field(
+        1000, ge=1, description="Most enum values (and structured_outputs choices) in all of them.",
+    )
+    allow_thinking: bool = Field(
+        True,
+        description="false: every chat request is sent with chat_template_kwargs.enable_thinking "
+        "false, whatever it asks (thinking off where the model's chat template reads it, as "
+        "Qwen3's hybrid models' does). A key can be held to that alone (keys create "
+        "--no-thinking).",
+    )
     allowed_media_domains: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Hosts whose http(s) image/audio/video URLs chat messages may name (the "
@@ -242,6 +261,9 @@ class JWTClaimNames(BaseModel):
         "caller is an admin.",
     )
     cache_all: str = Field("cache_all", description="true: sampled answers may be cached too.")
+    thinking: str = Field(
+        "thinking", description="false: the caller's chat requests go without thinking."
+    )
 
 
 class JWTSettings(BaseModel):
