@@ -162,6 +162,13 @@ def parts(*content: dict) -> list[dict]:
                                          *content]}]
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 REFUSED = [
     # State the engine would keep, readable by anyone who knows its id.
     ("store", {"store": True}, "store"),
@@ -228,6 +235,9 @@ REFUSED = [
      "max_output_tokens"),
     ("max_output_tokens zero", {"max_output_tokens": 0}, "max_output_tokens"),
     ("instructions not text", {"instructions": ["Be brief."]}, "instructions"),
+    # Output formats are bounded as chat's response_format is (schemas.py).
+    ("an output schema nested 40 deep", {"text": {"format": {
+        "type": "json_schema", "name": "deep", "schema": _nested(40)}}}, "text"),
 ]
 
 

@@ -124,6 +124,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _strict(tool: Any) -> bool:
+    """A tool whose arguments the engine guides: chat nests its fields under `function`."""
+    if not isinstance(tool, dict):
+        return False
+    function = tool.get("function")
+    return (function if isinstance(function, dict) else tool).get("strict") is True
+
+
 class InferenceRequest:
     """A chat or completion request: its route and JSON body, read through typed properties."""
 
@@ -324,20 +332,21 @@ class InferenceRequest:
 
     @property
     def guided(self) -> bool:
-        """The engine decodes under a grammar: a JSON response_format, structured_outputs, or
-        tools that must be called (tool_choice required or named) or are `strict`."""
-        response_format = self._body.get("response_format")
-        if isinstance(response_format, dict) and response_format.get("type") != "text":
-            return True
+        """The engine decodes under a grammar: a JSON response_format (the Responses API's
+        `text.format`), structured_outputs, or tools that must be called (tool_choice required
+        or named) or are `strict` (chat nests a tool's fields under `function`, Responses not)."""
+        text = self._body.get("text")
+        for output_format in (self._body.get("response_format"),
+                              text.get("format") if isinstance(text, dict) else None):
+            if isinstance(output_format, dict) and output_format.get("type") != "text":
+                return True
         if self._body.get("structured_outputs") is not None:
             return True
         tools = self._body.get("tools")
         if not isinstance(tools, list) or not tools:
             return False
         choice = self._body.get("tool_choice")
-        return choice == "required" or isinstance(choice, dict) or any(
-            isinstance(tool, dict) and isinstance(tool.get("function"), dict)
-            and tool["function"].get("strict") is True for tool in tools)
+        return choice == "required" or isinstance(choice, dict) or any(map(_strict, tools))
 
     @property
     def deterministic(self) -> bool:

@@ -1,4 +1,5 @@
-"""Bounds on the tools and JSON schemas a chat request sends, checked before any engine sees them.
+"""Bounds on the tools and JSON schemas a chat or Responses request sends, checked before any
+engine sees them.
 
 Tools go into the prompt (the chat template writes each one out) and, with `tool_choice`
 required or named or a `strict` tool, become a grammar the engine compiles, as do a JSON
@@ -19,7 +20,8 @@ from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.protocol import InferenceRequest
 from qwenstack.settings import ValidationSettings
 
-SCHEMA_FIELDS = ("tools", "response_format", "structured_outputs")
+# `text` is the Responses API's place for an output format (`text.format`).
+SCHEMA_FIELDS = ("tools", "response_format", "structured_outputs", "text")
 # OpenAI's formats; vLLM's `structural_tag` (its own grammar language) is not offered.
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 # vLLM's StructuredOutputsParams, but `structural_tag`.
