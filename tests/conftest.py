@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -57,8 +58,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(run_dir(), ignore_errors=True)
 
 
+def _needs_stack(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    return "stack" in names or ("engine_url" in names
+                                and not os.environ.get("QWENSTACK_TEST_ENGINE_URL"))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+    """Modules that need no engine first (they run while the shared stack boots: `stack_boot`),
+    the disruptive test last."""
+    engine_modules = {item.path for item in items if _needs_stack(item)}
+    items.sort(key=lambda item: (item.get_closest_marker("disruptive") is not None,
+                                 item.path in engine_modules))
     if any(item.path.name == "test_up_install.py" for item in items):
         up_venv.start()  # pip runs while the tests before test_up_install.py do
 
@@ -90,6 +101,10 @@ GUIDED_JSON_WITHOUT_WHITESPACE = '{"backend": "xgrammar", "disable_any_whitespac
 
 @pytest.fixture(scope="session")
 def tiny_qwen3() -> Path:
+    return _tiny_qwen3()
+
+
+def _tiny_qwen3() -> Path:
     out = subprocess.run(
         [sys.executable, "-m", "qwenstack", "test-model"],
         capture_output=True, text=True, check=True,
@@ -97,11 +112,24 @@ def tiny_qwen3() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stack_boot(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Future[Stack] | None]:
+    """The shared stack, booting from the session's start in a thread when some test will need
+    it: the modules that need no engine, collected first, run meanwhile."""
+    if not any(map(_needs_stack, request.session.items)):
+        yield None
+        return
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(SharedStack("stack").get, lambda: _start_shared_stack(tmp_path_factory))
+
+
 @pytest.fixture(scope="session")
-def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+def stack(stack_boot: Future[Stack] | None) -> Stack:
     """`qwenstack up` with two replicas of the tiny Qwen3, shared by every test that needs an
     engine: single-engine tests use the first replica (`engine_url`), routing tests both.
-    Started by the first test process that needs it; stopped at the end of the run.
+    Started by the first test process to reach `stack_boot`; stopped at the end of the run.
 
     The stack's answer cache is off: tests through its gateway check the engine's answers, and a
     hit left by an earlier test would answer in its place (the cache's tests run their own
@@ -115,15 +143,20 @@ def stack(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     engine's config only), and tool calls that must be made (tool_choice required or named)
     guided through vLLM's JSON-schema path, which honours that setting, rather than its
     structural tags, which leave whitespace free."""
-    return SharedStack("stack").get(lambda: start_stack(
-        tmp_path_factory.mktemp("tiny"), "--model", str(tiny_qwen3),
+    assert stack_boot is not None, "stack_boot saw no test that needs the stack"
+    return stack_boot.result()
+
+
+def _start_shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    return start_stack(
+        tmp_path_factory.mktemp("tiny"), "--model", str(_tiny_qwen3()),
         "--served-model-name", "tiny-qwen3", "--replicas", "2", "--max-model-len", "1024",
         "--kv-cache-gib", "1", "--enable-prefix-caching",
         "--structured-outputs-config", GUIDED_JSON_WITHOUT_WHITESPACE,
         "--default-chat-template-kwargs", '{"enable_thinking": false}',
         env={"QWENSTACK_CACHE__ENABLED": "false", "QWENSTACK_ENGINE__REASONING_PARSER": "qwen3",
              "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"},
-    ))
+    )
 
 
 @pytest.fixture(scope="session")

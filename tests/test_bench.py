@@ -22,10 +22,6 @@ from qwenstack import bench
 from qwenstack.bench import datasets, loadgen
 from qwenstack.bench.datasets import DatasetError
 
-# Other test processes' engine tests wait while these run: this module reads the engine's own
-# token and request counters.
-pytestmark = pytest.mark.engine_exclusive
-
 CMRC = Path(__file__).parent / "data" / "cmrc2018_trial_first20.json"
 COUNTERS = (
     "vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:request_success_total"
@@ -66,6 +62,7 @@ def _assert_consistent(s: dict, requests: int, output_len: int) -> None:
     assert s["ttft_ms"]["median"] < s["e2e_ms"]["median"]
 
 
+@pytest.mark.engine_exclusive  # reads the engine's own counters
 def test_bench_figures_agree_with_each_other_and_the_engine(engine_url: str, tmp_path: Path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     args = ["bench", engine_url, "--concurrency", "1,4", "--num-prompts", "8", "--input-len", "24",

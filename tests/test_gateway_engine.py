@@ -7,10 +7,6 @@ import openai
 import pytest
 from helpers import Stack, request_log, wait_for
 
-# Other test processes' engine tests wait while these run: this module reads the engine's
-# running-request and token counters.
-pytestmark = pytest.mark.engine_exclusive
-
 MODEL = "tiny-qwen3"
 CHAT = {
     "model": MODEL,
@@ -112,6 +108,7 @@ def test_stream_without_usage_option_is_the_engines_stream_but_still_counted(sta
     assert request_log(stack.log, request_id)["completion_tokens"] == 24
 
 
+@pytest.mark.engine_exclusive  # reads the engine's counters
 def test_closing_a_stream_early_frees_the_engine(stack: Stack):
     # The tiny model decodes fast enough to finish 900 tokens into socket buffers before a slow
     # client closes, so "running == 1 mid-stream" would be a race; what proves the cancellation is

@@ -22,10 +22,6 @@ import httpx
 import pytest
 from helpers import Stack, request_log, start_gateway, wait_for
 
-# Other test processes' engine tests wait while these run: this module spreads load over the
-# replicas, reads their counters, kills one.
-pytestmark = pytest.mark.engine_exclusive
-
 MODEL = "tiny-qwen3"
 # Blocks of 256 prompt bytes, as the gateway hashes them; vLLM caches in blocks of tokens.
 SYSTEM = "You answer questions about the weather of mountain villages, briefly and politely. " * 6
@@ -117,6 +113,7 @@ def conversations_workload(gateway, salt: str, conversations: int = 7, turns: in
     return served, outcomes
 
 
+@pytest.mark.engine_exclusive  # reads the replicas' prefix-cache counters
 def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_more(
     tmp_path: Path, stack: Stack
 ):
@@ -150,6 +147,7 @@ def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_mo
             > figures["round_robin"]["prefix_cache_hit_rate"]), figures
 
 
+@pytest.mark.engine_exclusive  # spreads load over both replicas
 def test_least_outstanding_spreads_concurrent_load(tmp_path: Path, stack: Stack):
     gateway = gateway_for(tmp_path, stack, routing__policy="least_outstanding")
     try:
@@ -269,9 +267,11 @@ def test_sigterm_lets_accepted_requests_finish_and_refuses_new_ones(
     gateway = gateway_for(tmp_path, stack, gateway__drain_timeout_s="120")
     try:
         with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
+            # Long enough that none ends before the last has started, with the other test
+            # process's tests (and their gateways) taking the CPU too.
             streams = [
                 pool.submit(stream_chat, client, gateway.url, [{"role": "user", "content": f"{i}"}],
-                            max_tokens=200, ignore_eos=True)
+                            max_tokens=960, ignore_eos=True)
                 for i in range(4)
             ]
             wait_for(lambda: sum(e["in_flight"] for e in

@@ -13,14 +13,14 @@ what makes each step appear here is the engine, not a fake:
   `ui.max_tool_rounds: 1` the next round offers none and the model answers. Its arguments are
   the random model's, so the tool's result may be an error, which is shown as the step's output
   and sent back to the model like any result.
-The gateway's /v1/models does not describe capabilities on this branch; `ui.model_capabilities`
-says tiny-qwen3 calls tools and reasons, as an operator would for such an engine.
+The UI learns what the model can do from the gateway's /v1/models `capabilities`: this gateway
+is told the engine's parsers (`engine.tool_call_parser`, `engine.reasoning_parser`), as an
+operator tells a gateway in front of remote engines.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,15 +177,14 @@ def test_the_usage_line_says_counts_and_what_the_key_has_left() -> None:
 @pytest.fixture(scope="module")
 def agent_ui(engine_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatUI]:
     tmp = tmp_path_factory.mktemp("ui-agent")
-    # chat_template_kwargs (enable_thinking) through the gateway.
-    gateway = start_gateway(tmp, engine_url, auth=True,
-                            env={"QWENSTACK_VALIDATION__ALLOW_CHAT_TEMPLATE": "true"})
+    gateway = start_gateway(tmp, engine_url, auth=True, env={
+        "QWENSTACK_ENGINE__TOOL_CALL_PARSER": "hermes",
+        "QWENSTACK_ENGINE__REASONING_PARSER": "qwen3",
+    })
     with running_chat_ui(gateway, tmp, PASSWORDS, {
         "QWENSTACK_UI__MAX_TOKENS": str(ANSWER_TOKENS),
         "QWENSTACK_UI__TOOL_CHOICE": "current_time",
         "QWENSTACK_UI__MAX_TOOL_ROUNDS": "1",
-        "QWENSTACK_UI__MODEL_CAPABILITIES": json.dumps(
-            {MODEL: {"tool_calling": True, "reasoning": True}}),
         "QWENSTACK_UI__USER_KEY_RPM": "100",
         "QWENSTACK_UI__USER_KEY_TPM": "100000",
     }) as ui:
