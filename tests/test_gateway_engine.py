@@ -80,7 +80,8 @@ def test_stream_arrives_as_events_with_usage(stack: Stack):
         events = _sse_events(response)
     assert events[-1] == "[DONE]"
     chunks = [httpx.Response(200, content=e).json() for e in events[:-1]]
-    assert len(chunks) > 5
+    # Several events; how many tokens each carries depends on how busy the engine is.
+    assert len(chunks) > 1
     assert chunks[-1]["usage"]["completion_tokens"] == 24
     streamed = _streamed_text(events)
     whole = httpx.post(

@@ -138,6 +138,7 @@ def test_another_key_cannot_read_a_response(gateway: Gateway, engine_url: str):
     assert httpx.get(f"{engine_url}{URL}/{response_id}", timeout=30).status_code == 404
 
 
+@pytest.mark.engine_exclusive  # reads the engine's request counter
 def test_limits_refuse_before_the_engine_sees_the_request(gateway: Gateway, engine_url: str):
     name, small = new_key(gateway, "--tpm", "100")
     _, one_a_minute = new_key(gateway, "--rpm", "1")

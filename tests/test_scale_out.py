@@ -261,6 +261,7 @@ def _first_refusal(gateway_url: str, timeout_s: float = 30) -> httpx.Response:
     raise AssertionError(f"the engine still answered {timeout_s} s after it was killed")
 
 
+@pytest.mark.engine_exclusive  # holds four long streams at once
 def test_sigterm_lets_accepted_requests_finish_and_refuses_new_ones(
     tmp_path: Path, stack: Stack
 ):
