@@ -393,7 +393,6 @@ def readme_example(first_line: str) -> str:
 @pytest.mark.parametrize(("example", "printed"), [
     ("# Tools:", "called GetWeather"),  # the call made, its arguments parsed, the answer asked
     ("# Structured output:", "is_capital="),  # the City the SDK parsed
-    ("# Thinking,", "without thinking:"),  # tiny-qwen3's stack has thinking off by default
     ("# The Responses API", "tokens"),  # the streamed second turn's usage line
 ])
 def test_the_readme_examples_run_against_up(stack: Stack, tmp_path: Path, example: str,
