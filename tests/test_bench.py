@@ -95,7 +95,8 @@ def test_bench_figures_agree_with_each_other_and_the_engine(engine_url: str, tmp
 
 
 def test_stream_timestamps_one_per_token(engine_url: str):
-    """Each vLLM event is one token: the event timestamps give n-1 inter-token gaps."""
+    """Each vLLM event is a token, or a few when the engine's server is busy (it merges what a
+    slow reader has not taken): the event timestamps give the inter-token gaps."""
     targets = [loadgen.Target("engine", engine_url)]
     prompts = datasets.random_prompts(6, 16, 10)
     for api in ("chat", "completions"):
@@ -104,7 +105,8 @@ def test_stream_timestamps_one_per_token(engine_url: str):
             targets, prompts, [loadgen.Load(concurrency=3)], options, requests_per_run=6))
         for record in run.records:
             assert record.error is None and record.output_tokens == 10
-            assert len(record.token_times) == 10 and len(record.itls()) == 9
+            events = len(record.token_times)
+            assert 2 <= events <= 10 and len(record.itls()) == events - 1
             assert record.tpot == pytest.approx(sum(record.itls()) / 9)
             assert (record.started < record.token_times[0] <= record.token_times[-1]
                     <= record.finished)
