@@ -267,6 +267,9 @@ HOSTILE = {
         "name": "big", "description": "x" * 1_000_000}}]}, "schema_too_large", "tools"),
     "vLLM's structural tags": ({"response_format": {"type": "structural_tag", "format": {}}},
                                "invalid_value", "response_format"),
+    "template arguments with 50,000 keys": (
+        {"chat_template_kwargs": {f"k{i}": 1 for i in range(50_000)}}, "invalid_request",
+        "chat_template_kwargs"),
     "structured_outputs with a structural tag": (
         {"structured_outputs": {"structural_tag": "{}"}}, "unsupported_parameter",
         "structured_outputs"),
@@ -284,6 +287,7 @@ def test_hostile_tools_and_schemas_are_refused_before_the_engine(
     # Refused by the gateway's checks, before anything counted its tokens or reached an engine.
     line = request_log(gateway.log, answer.headers["x-request-id"])
     assert line["prompt_tokens"] == 0 and "replica" not in line
+    assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
 
 
 def test_tools_count_in_the_token_reservation(gateway: Gateway):

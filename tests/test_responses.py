@@ -250,6 +250,16 @@ def test_refused_at_the_gateway(gateway: Gateway, tenant: str, change: dict, par
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
+    assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
+
+
+def test_a_thousand_times_the_input_items_is_refused_as_it_arrives(gateway: Gateway,
+                                                                   tenant: str):
+    items = [{"role": "user", "content": "Hi"}] * (MAX_ITEMS * 1000)
+    answer = httpx.post(f"{gateway.url}{URL}", json={**BODY, "input": items},
+                        headers=bearer(tenant), timeout=60)
+    assert answer.status_code == 413, answer.text
+    assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
 
 
 def test_input_over_the_body_limit_is_refused_as_it_arrives(gateway: Gateway, tenant: str):

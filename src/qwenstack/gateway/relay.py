@@ -189,8 +189,8 @@ def take_usage(events: bytes, exchange: Exchange) -> bytes:
     An event is its `data:` line, after an `event:` line on the Responses route."""
     kept = []
     for event in events.split(b"\n\n")[:-1]:
-        data = event.partition(b"data: ")[2]
-        if b'"usage":{' in event and data.startswith(b"{"):
+        data = event.partition(b"data: ")[2] if b'"usage":{' in event else b""
+        if data.startswith(b"{"):
             with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                                      AttributeError):
                 chunk = orjson.loads(data)
