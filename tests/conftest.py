@@ -11,6 +11,7 @@ the one stack, and a test marked `engine_exclusive` has its engines to itself wh
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -93,6 +94,17 @@ def engine_use(request: pytest.FixtureRequest) -> Iterator[None]:
                     for name in ("engine_exclusive", "disruptive"))
     with engine_access(exclusive):
         yield
+
+
+@pytest.fixture(autouse=True)
+def root_logging() -> Iterator[None]:
+    """A CLI command run in-process (typer's CliRunner) routes the root logger to the runner's
+    stream, closed when it returns: later log calls would each print a "Logging error"."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # Random weights, guided to JSON, would most often pick whitespace, which JSON allows without end.

@@ -11,9 +11,12 @@ there.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -140,8 +143,34 @@ def resolve(log_format: LogFormat) -> Literal["console", "json", "text"]:
     return log_format
 
 
+class Enqueue(QueueHandler):
+    """Hands records to the writing thread. The queue is in-process, so a record travels as it
+    is (its exception for the formatters to render); only its message is fixed now, as the
+    arguments may change once the call returns."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
+_writer: QueueListener | None = None
+
+
+@atexit.register
+def _drain() -> None:
+    """Writes what is still queued."""
+    if _writer is not None:
+        _writer.stop()
+
+
 def configure(level: str, log_format: LogFormat) -> None:
-    """Route every logger (uvicorn's too) through one stderr handler in the chosen format."""
+    """Route every logger (uvicorn's too) through one stderr handler in the chosen format.
+
+    The handler writes from a thread of its own: a write to stderr can block for seconds (a
+    file when the kernel throttles writers of dirty pages, a pipe a log collector reads slowly),
+    and in the gateway's event loop that would stall every request. Seen in CI: /health took
+    8.7 s while pip wrote a venv beside the gateway."""
+    global _writer
     chosen = resolve(log_format)
     handler: logging.Handler
     if chosen == "console":
@@ -156,4 +185,8 @@ def configure(level: str, log_format: LogFormat) -> None:
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    _drain()
+    queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
+    _writer = QueueListener(queue, handler, respect_handler_level=True)
+    _writer.start()
+    logging.basicConfig(level=level.upper(), handlers=[Enqueue(queue)], force=True)
