@@ -59,11 +59,13 @@ def kb_list(config: ConfigOpt = None, home: HomeOpt = None) -> None:
     """Every knowledge base with its owner, grants, files and chunks."""
     with _knowledge(config, home) as service:
         rows = service.list(KB_ADMIN)
-    print_table([("NAME", "OWNER", "READERS", "WRITERS", "FILES", "CHUNKS", "EMBEDDINGS")] + [
+    print_table([("NAME", "OWNER", "READERS", "WRITERS", "FILES", "CHUNKS", "EMBEDDINGS",
+                  "DENSE WEIGHT")] + [
         (str(r["name"]), str(r["owner"] or "-"),
          ",".join(r["readers"]) or "-",  # type: ignore[arg-type]
          ",".join(r["writers"]) or "-", str(r["files"]), str(r["chunks"]),  # type: ignore[arg-type]
-         str(r["embedding_model"]))
+         str(r["embedding_model"]),
+         "default" if r["dense_weight"] is None else str(r["dense_weight"]))
         for r in rows
     ])
 
@@ -138,17 +140,52 @@ def kb_eval(
     config: ConfigOpt = None,
 ) -> None:
     """Recall@1, recall@5 and MRR@10 for dense, BM25 and hybrid retrieval; ingest chunks/s."""
+    _evaluate(path, paragraphs, as_json, config, tune=False)
+
+
+@app.command("tune")
+def kb_tune(
+    path: Annotated[Path, typer.Argument(
+        help="SQuAD-style JSON of questions on the base's documents (CMRC 2018's trial file "
+        "is one).", exists=True)],
+    apply: Annotated[str | None, typer.Option(
+        help="Store the best weight on this knowledge base.")] = None,
+    paragraphs: Annotated[int | None, typer.Option(help="Use only the first N paragraphs.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object instead of tables.")] = False,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Hybrid search's dense weight: each of 0, 0.1 ... 1 scored on the questions, the best
+    reported (and stored on a base with --apply)."""
+    weight = _evaluate(path, paragraphs, as_json, config, tune=True)
+    if apply:
+        with _knowledge(config, home) as service:
+            service.set_dense_weight(apply, weight, KB_ADMIN)
+        if not as_json:
+            typer.echo(f"{apply}: dense weight {weight}")
+
+
+def _evaluate(
+    path: Path, paragraphs: int | None, as_json: bool, config: Path | None, tune: bool
+) -> float | None:
+    """Runs the evaluation, shows its report; the best weight when tuned."""
     from qwenstack.rag.eval import evaluate
 
     settings = settings_for(config)
     with console.progress() as shown:
-        report = evaluate(settings, path, paragraphs, shown)
+        report = evaluate(settings, path, paragraphs, shown, tune=tune)
     if as_json:
         typer.echo(json.dumps(report.as_json()))
-        return
+        return report.best_weight
     typer.echo(f"{report.paragraphs} paragraphs, {report.questions} questions, {report.chunks} "
                f"chunks ingested in {report.ingest_s:.1f} s ({report.chunks_per_s:.1f} chunks/s)")
+    rows = [*report.scores.items(),
+            *((f"hybrid, dense weight {weight}", score) for weight, score in report.tuning.items())]
     print_table([("MODE", "RECALL@1", "RECALL@5", "MRR@10")] + [
         (mode, f"{s.recall_at_1:.3f}", f"{s.recall_at_5:.3f}", f"{s.mrr_at_10:.3f}")
-        for mode, s in report.scores.items()
+        for mode, s in rows
     ])
+    if tune:
+        typer.echo(f"best dense weight: {report.best_weight}")
+    return report.best_weight

@@ -1,7 +1,7 @@
 """Knowledge-base metadata in the gateway's SQL database: names, owners, grants, files.
 
 The chunks themselves live in Milvus (store.py); this is what says who may read a knowledge
-base and which version of each file its chunks belong to. Schema: migration 0004.
+base and which version of each file its chunks belong to. Schema: migrations 0004 and 0006.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class KnowledgeBase(Base):
     # Queries must be embedded by the model the chunks were embedded by.
     embedding_model: Mapped[str] = mapped_column(sa.String(512))
     dimension: Mapped[int]
+    # The dense leg's weight in hybrid search, from `kb tune`; None: rag.dense_weight's rule.
+    dense_weight: Mapped[float | None]
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
 
 
@@ -122,8 +124,8 @@ def describe(session: sa.orm.Session, kb: KnowledgeBase) -> dict[str, object]:
         "object": "knowledge_base", "name": kb.name, "owner": kb.owner,
         "readers": sorted(g.caller for g in grants if not g.write),
         "writers": sorted(g.caller for g in grants if g.write),
-        "embedding_model": kb.embedding_model, "files": files[0], "chunks": int(files[1]),
-        "created_at": aware(kb.created_at).isoformat(),
+        "embedding_model": kb.embedding_model, "dense_weight": kb.dense_weight,
+        "files": files[0], "chunks": int(files[1]), "created_at": aware(kb.created_at).isoformat(),
     }
 
 

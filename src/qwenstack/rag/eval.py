@@ -4,6 +4,10 @@ file; each question should retrieve the paragraph that holds its answer.
 Reported per mode (dense, BM25, hybrid): recall@1 and recall@5 (the paragraph is among the
 first 1 or 5 distinct paragraphs retrieved) and MRR@10; and ingest throughput in chunks per
 second (parse + chunk + embed + insert). Runs in a temporary database and Milvus Lite file.
+
+Tuning (`kb tune`) scores hybrid search at each dense weight in WEIGHTS, fusing the dense and
+BM25 legs already fetched for the modes exactly as a hybrid search would (fusion.py), and picks
+the weight with the best MRR@10 (then recall@1; ties go to the smaller weight).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import get_args
 
 from qwenstack.callers import Caller
 from qwenstack.console import NO_PROGRESS, Progress
-from qwenstack.rag.store import Mode
+from qwenstack.rag import fusion
+from qwenstack.rag.store import Hit, Mode
 from qwenstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 MODES: tuple[Mode, ...] = get_args(Mode)
 # Chunks fetched per question: a paragraph spans a few chunks, and 10 distinct ones are scored.
 CANDIDATE_CHUNKS = 50
+WEIGHTS = tuple(step / 10 for step in range(11))
 
 
 @dataclass
@@ -42,6 +48,13 @@ class EvalReport:
     chunks: int
     ingest_s: float
     scores: dict[str, ModeScores] = field(default_factory=dict)
+    # Hybrid's scores by dense weight, when tuned.
+    tuning: dict[float, ModeScores] = field(default_factory=dict)
+
+    @property
+    def best_weight(self) -> float | None:
+        return max(self.tuning, default=None, key=lambda weight: (
+            self.tuning[weight].mrr_at_10, self.tuning[weight].recall_at_1, -weight))
 
     @property
     def chunks_per_s(self) -> float:
@@ -50,7 +63,9 @@ class EvalReport:
     def as_json(self) -> dict[str, object]:
         return {"paragraphs": self.paragraphs, "questions": self.questions, "chunks": self.chunks,
                 "ingest_s": round(self.ingest_s, 2), "chunks_per_s": round(self.chunks_per_s, 1),
-                "modes": {mode: vars(score) for mode, score in self.scores.items()}}
+                "modes": {mode: vars(score) for mode, score in self.scores.items()},
+                **({"tuning": {str(weight): vars(score) for weight, score in self.tuning.items()},
+                    "best_weight": self.best_weight} if self.tuning else {})}
 
 
 def load_squad(
@@ -72,9 +87,10 @@ def load_squad(
 
 def evaluate(
     settings: Settings, path: Path, max_paragraphs: int | None = None,
-    progress: Progress = NO_PROGRESS,
+    progress: Progress = NO_PROGRESS, tune: bool = False,
 ) -> EvalReport:
-    """`progress` hears each stage: ingest's, embedding the questions, then each mode's."""
+    """`progress` hears each stage: ingest's, embedding the questions, then each mode's.
+    `tune`: hybrid's scores at each of WEIGHTS too."""
     from qwenstack.rag.service import open_service
 
     paragraphs, questions = load_squad(path, max_paragraphs)
@@ -99,26 +115,38 @@ def evaluate(
                      len(questions))
             progress.stage("embedding questions", len(questions))
             vectors = service.embed_all([question for question, _ in questions], progress)
+            legs: dict[Mode, list[list[Hit]]] = {}
             for mode in MODES:
-                score = ModeScores()
                 progress.stage(f"{mode} retrieval", len(questions))
-                for (question, pid), vector in zip(questions, vectors, strict=True):
+                legs[mode] = []
+                for (question, _), vector in zip(questions, vectors, strict=True):
                     progress.advance()
-                    hits = service.search(
-                        ["eval"], question, caller, CANDIDATE_CHUNKS, mode, vector
-                    )
-                    ranked = list(dict.fromkeys(
-                        item.hit.source.removesuffix(".txt") for item in hits))[:10]
-                    if pid in ranked:
-                        rank = ranked.index(pid) + 1
-                        score.recall_at_1 += rank == 1
-                        score.recall_at_5 += rank <= 5
-                        score.mrr_at_10 += 1 / rank
-                for name in vars(score):
-                    setattr(score, name, round(getattr(score, name) / len(questions), 4))
-                report.scores[mode] = score
-                log.info("%s: recall@5 %.3f", mode, score.recall_at_5)
+                    legs[mode].append([item.hit for item in service.search(
+                        ["eval"], question, caller, CANDIDATE_CHUNKS, mode, vector)])
+                report.scores[mode] = _scores(legs[mode], questions)
+                log.info("%s: recall@5 %.3f", mode, report.scores[mode].recall_at_5)
+            for weight in WEIGHTS if tune else ():
+                report.tuning[weight] = _scores(
+                    [fusion.relative_score_fusion(dense, sparse, weight)[:CANDIDATE_CHUNKS]
+                     for dense, sparse in zip(legs["dense"], legs["bm25"], strict=True)],
+                    questions)
             return report
         finally:
             service.close()
 
+
+
+def _scores(rankings: list[list[Hit]], questions: list[tuple[str, str]]) -> ModeScores:
+    """Recall@1, recall@5 and MRR@10 of each question's paragraph among the distinct paragraphs
+    of its ranking."""
+    score = ModeScores()
+    for hits, (_, pid) in zip(rankings, questions, strict=True):
+        ranked = list(dict.fromkeys(hit.source.removesuffix(".txt") for hit in hits))[:10]
+        if pid in ranked:
+            rank = ranked.index(pid) + 1
+            score.recall_at_1 += rank == 1
+            score.recall_at_5 += rank <= 5
+            score.mrr_at_10 += 1 / rank
+    for name in vars(score):
+        setattr(score, name, round(getattr(score, name) / len(questions), 4))
+    return score

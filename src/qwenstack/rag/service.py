@@ -28,7 +28,7 @@ from qwenstack.callers import Caller
 from qwenstack.console import NO_PROGRESS, Progress
 from qwenstack.database import now
 from qwenstack.errors import SetupError
-from qwenstack.rag import RagError
+from qwenstack.rag import RagError, fusion
 from qwenstack.rag.catalog import (
     KnowledgeBase,
     KnowledgeBaseFile,
@@ -72,6 +72,14 @@ class PreparedFile:
     size: int
     sha256: str
     chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
+class SearchedBase:
+    name: str
+    id: int
+    embedding_model: str
+    dense_weight: float | None
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,11 @@ class KnowledgeService:
     def get(self, name: str, caller: Caller) -> dict[str, object]:
         with Session(self.engine) as session:
             return describe(session, self._readable(session, name, caller))
+
+    def set_dense_weight(self, name: str, weight: float | None, caller: Caller) -> None:
+        """The base's own dense weight in hybrid search (`kb tune`); None: the setting's rule."""
+        with Session(self.engine) as session, session.begin():
+            self._writable(session, name, caller).dense_weight = weight
 
     def delete(self, name: str, caller: Caller) -> None:
         with Session(self.engine) as session, session.begin():
@@ -309,33 +322,61 @@ class KnowledgeService:
     def search(
         self, names: Sequence[str], query: str, caller: Caller, top_k: int | None = None,
         mode: Mode | None = None, query_vector: builtins.list[float] | None = None,
+        dense_weight: float | None = None,
     ) -> builtins.list[Retrieved]:
-        """The `top_k` best chunks of the named knowledge bases for `query` (embedded here
-        unless its `query_vector` is given, as batch evaluations do)."""
+        """The `top_k` best chunks of the named knowledge bases for `query` (embedded here, when
+        a dense leg runs, unless its `query_vector` is given, as batch evaluations do).
+        `dense_weight` overrides the bases' own in hybrid mode (`kb tune` tries several)."""
         top_k = top_k or self.settings.top_k
         mode = mode or self.settings.mode
         with Session(self.engine) as session:
-            kbs = [(kb.name, kb.id, kb.embedding_model)
+            kbs = [SearchedBase(kb.name, kb.id, kb.embedding_model, kb.dense_weight)
                    for kb in (self._readable(session, name, caller) for name in names)]
-        vector = None
-        if mode != "bm25":
-            for name, _, model in kbs:
-                self._check_model(name, model)
-            vector = query_vector or self.embedder.embed([query])[0]
+        vector = query_vector
+
+        def embedded(kb: SearchedBase) -> builtins.list[float]:
+            nonlocal vector
+            self._check_model(kb.name, kb.embedding_model)
+            if vector is None:
+                vector = self.embedder.embed([query])[0]
+            return vector
+
         # Each knowledge base ranks its own chunks; several are merged by rank (RRF), as their
-        # scores are not comparable across collections in BM25 and hybrid modes.
-        rankings = [
-            [Retrieved(name, hit) for hit in self.store.search(
-                kb_id, query, vector, mode, top_k, self.settings.rrf_k)]
-            for name, kb_id, _ in kbs
-        ]
-        merged = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(
+        # scores are not comparable across collections.
+        rankings = [[Retrieved(kb.name, hit)
+                     for hit in self._rank(kb, query, mode, top_k, embedded, dense_weight)]
+                    for kb in kbs]
+        merged = rankings[0] if len(rankings) == 1 else fusion.reciprocal_rank_fusion(
             rankings, self.settings.rrf_k)
         if self.reranker:
             hits = self.reranker(query, [item.hit for item in merged])
             by_hit = {id(item.hit): item for item in merged}
             merged = [by_hit[id(hit)] for hit in hits]
         return merged[:top_k]
+
+    def _rank(
+        self, kb: SearchedBase, query: str, mode: Mode, limit: int,
+        embedded: Callable[[SearchedBase], builtins.list[float]], dense_weight: float | None,
+    ) -> builtins.list[Hit]:
+        """One base's chunks. Hybrid fuses the legs by score with the first weight set: the
+        call's, the base's (`kb tune`), `rag.dense_weight`, else what the embedder's languages
+        call for (none at all skips the dense leg and the query's embedding)."""
+        if mode == "dense":
+            return self.store.search(kb.id, "dense", query, embedded(kb), limit)
+        sparse = self.store.search(kb.id, "bm25", query, None, limit)
+        if mode == "bm25":
+            return sparse
+        weight = next((weight for weight in (dense_weight, kb.dense_weight,
+                                             self.settings.dense_weight) if weight is not None),
+                      None)
+        if weight is None:
+            weight = fusion.default_dense_weight(self.settings.embedding_languages,
+                                                 kb.embedding_model,
+                                                 [query, *(hit.text for hit in sparse)])
+        if weight == 0:
+            return sparse
+        dense = self.store.search(kb.id, "dense", query, embedded(kb), limit)
+        return fusion.relative_score_fusion(dense, sparse, weight)[:limit]
 
     # --- access ----------------------------------------------------------------------------
 
@@ -373,16 +414,6 @@ class KnowledgeService:
                 f"is {self.embedder.name!r}; re-create it or configure that model.",
                 status=409, code="embedding_model_mismatch",
             )
-
-
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[Retrieved]], k: int) -> list[Retrieved]:
-    scores: dict[int, float] = {}
-    items: dict[int, Retrieved] = {}
-    for ranking in rankings:
-        for rank, item in enumerate(ranking, 1):
-            scores[id(item)] = scores.get(id(item), 0.0) + 1 / (k + rank)
-            items[id(item)] = item
-    return [items[key] for key in sorted(scores, key=scores.__getitem__, reverse=True)]
 
 
 def open_service(settings: Settings, *, open_access: bool | None = None) -> KnowledgeService:

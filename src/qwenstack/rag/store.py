@@ -3,7 +3,7 @@
 The same pymilvus `MilvusClient` code serves Milvus Lite (a local file, the default) and a
 Milvus server (by URI). BM25 is Milvus's own function over the `text` field with the jieba
 analyzer, so Chinese is cut into words on the server (Milvus Lite 3.x implements the same
-analyzer in Python); hybrid search fuses the two rankings with reciprocal rank fusion.
+analyzer in Python). A search here is one leg, dense or BM25; fusion.py fuses them.
 
 Filters use integers only (file ids and versions from the metadata database): file names
 never go into a filter expression, so no quoting or injection to get wrong.
@@ -20,13 +20,11 @@ from typing import Any, Literal
 
 import jieba
 from pymilvus import (
-    AnnSearchRequest,
     DataType,
     Function,
     FunctionType,
     MilvusClient,
     MilvusException,
-    RRFRanker,
 )
 
 # Milvus Lite serves pymilvus over an in-process gRPC server, which logs a traceback for each
@@ -36,6 +34,7 @@ logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 jieba.setLogLevel(logging.WARNING)
 
 Mode = Literal["dense", "bm25", "hybrid"]
+Leg = Literal["dense", "bm25"]
 ANALYZER = {"tokenizer": "jieba"}
 OUTPUT_FIELDS = ["file_id", "source", "chunk", "text", "page", "heading", "start", "end"]
 MAX_TEXT_BYTES = 65535  # Milvus's VARCHAR limit
@@ -66,7 +65,7 @@ class Hit:
     heading: str | None
     start: int
     end: int
-    score: float  # mode-dependent: cosine, BM25 or RRF; comparable only within one search
+    score: float  # higher is better: cosine, BM25 or fused; comparable only within one search
 
     def citation(self, knowledge_base: str) -> dict[str, Any]:
         return {"knowledge_base": knowledge_base, "source": self.source, "page": self.page,
@@ -173,28 +172,18 @@ class MilvusStore:
         return len(rows)
 
     def search(
-        self, kb_id: int, query: str, vector: list[float] | None, mode: Mode, limit: int, rrf_k: int
+        self, kb_id: int, leg: Leg, query: str, vector: list[float] | None, limit: int
     ) -> list[Hit]:
-        requests = []
-        if mode != "bm25":
-            requests.append(AnnSearchRequest(data=[vector], anns_field="dense",
-                                             param={"metric_type": "COSINE"}, limit=limit))
-        if mode != "dense":
-            requests.append(AnnSearchRequest(data=[query], anns_field="sparse",
-                                             param={"metric_type": "BM25"}, limit=limit))
+        """One leg's best chunks: by the query's vector (dense) or its words (BM25). Hybrid
+        search fuses two legs (fusion.py); Milvus's own rankers weigh only by rank or by
+        arctan-squashed scores."""
         with self.lock:
-            name = self._loaded(kb_id)
-            if len(requests) == 2:
-                results = self.client.hybrid_search(
-                    name, requests, ranker=RRFRanker(rrf_k), limit=limit,
-                    output_fields=OUTPUT_FIELDS,
-                )
-            else:
-                (request,) = requests
-                results = self.client.search(
-                    name, data=request.data, anns_field=request.anns_field,
-                    search_params=request.param, limit=limit, output_fields=OUTPUT_FIELDS,
-                )
+            results = self.client.search(
+                self._loaded(kb_id), data=[vector if leg == "dense" else query],
+                anns_field="dense" if leg == "dense" else "sparse",
+                search_params={"metric_type": "COSINE" if leg == "dense" else "BM25"},
+                limit=limit, output_fields=OUTPUT_FIELDS,
+            )
         return [_hit(result) for result in results[0]]
 
 
@@ -203,7 +192,9 @@ def _hit(result: dict[str, Any]) -> Hit:
     return Hit(
         file_id=entity["file_id"], source=entity["source"], chunk=entity["chunk"],
         text=entity["text"], page=entity["page"] or None, heading=entity["heading"] or None,
-        start=entity["start"], end=entity["end"], score=float(result["distance"]),
+        start=entity["start"], end=entity["end"],
+        # Milvus Lite gives BM25 as a negated distance, a Milvus server as the score itself.
+        score=abs(float(result["distance"])),
     )
 
 
@@ -214,4 +205,4 @@ def _clip(text: str, max_bytes: int) -> str:
     return encoded[:max_bytes].decode(errors="ignore")
 
 
-__all__ = ["Hit", "MilvusException", "MilvusStore", "Mode", "StoredChunk"]
+__all__ = ["Hit", "Leg", "MilvusException", "MilvusStore", "Mode", "StoredChunk"]

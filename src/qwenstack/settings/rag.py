@@ -38,11 +38,22 @@ class RagSettings(BaseModel):
     chunk_overlap_tokens: int = Field(40, ge=0, description="Tokens a chunk repeats from the last.")
     top_k: int = Field(4, ge=1, le=100, description="Chunks put into a grounded chat request.")
     mode: Literal["dense", "bm25", "hybrid"] = Field(
-        "bm25",
-        description="Retrieval mode. BM25 by default: with the default English embedding model, "
-        "hybrid ranks Chinese worse than BM25 alone (README, CMRC 2018 figures).",
+        "hybrid",
+        description="Retrieval mode. Hybrid fuses the dense and BM25 legs by score, weighted "
+        "per knowledge base (README, \"Retrieval quality\").",
     )
-    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant.")
+    dense_weight: float | None = Field(
+        None, ge=0, le=1,
+        description="The dense leg's weight in hybrid search (BM25 has the rest) for bases "
+        "without their own (`qwenstack kb tune`). Unset: 0.5 where the embedder knows the "
+        "documents' script, 0 where it does not (the English default on Chinese).",
+    )
+    embedding_languages: Literal["auto", "english", "multilingual"] = Field(
+        "auto",
+        description="What the embedder was trained on; `auto` judges by its name (all-MiniLM, "
+        "all-mpnet, *-en: english; others multilingual).",
+    )
+    rrf_k: int = Field(60, ge=1, description="Rank-fusion constant for merging several bases.")
     reranker: str | None = Field(
         None, description="`module:callable` taking (query, chunks) and returning them reordered.",
     )
