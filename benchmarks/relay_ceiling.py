@@ -1,0 +1,356 @@
+"""The relay ceiling: the gateway's CPU per relayed token and per request, and the tokens/s one
+core of it relays, against direct access and LiteLLM's proxy, in one run.
+
+The engine is synthetic (`qwenstack.bench.synthetic_engine`: vLLM's chat stream byte for byte,
+pre-built events, a set pace, no model), so the engine is never the limit. In front of it, side
+by side, each its own process:
+
+- `gateway`: `qwenstack gateway` as deployed, with everything on: the API key checked, limits
+  (requests, tokens (counted by the engine's /tokenize) and concurrency per key, set too high to
+  refuse), metrics, usage rows (SQLite), the per-request log line, and the answer cache's copy
+  of each answer (temperature 0 with `cache-control: no-cache`: relayed and stored, never
+  served from the cache);
+- `litellm`: LiteLLM's proxy (`LITELLM` below, in a venv this script makes once) with a master
+  key, routing to the same engine as `hosted_vllm`;
+- `direct`: the engine itself.
+
+Each level runs every target in rounds whose order alternates (as `qwenstack bench --compare`
+does), the load from `qwenstack bench`'s generator (chat, streamed, usage asked). The CPU
+figures are each process's own CPU time (/proc: user + system, its children included) over
+the run, divided by the tokens (events' content, as the usage events count them) or requests
+answered. "tokens/s per core" is tokens over the proxy's CPU seconds: what one core relays when
+the proxy is the limit.
+
+    .venv/bin/python benchmarks/relay_ceiling.py                     # a few minutes
+    .venv/bin/python benchmarks/relay_ceiling.py --write-results     # and into RESULTS.md
+    .venv/bin/python benchmarks/relay_ceiling.py --levels paced --rounds 1 --no-litellm  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import uvloop
+from gateway_overhead import free_port, ready
+
+from qwenstack.bench import Load, RequestOptions, Target, datasets, loadgen
+from qwenstack.bench.synthetic_engine import MODEL, PACE_PATH
+
+# The last release before the compromised 1.107.0 (withdrawn from PyPI), and the last whose
+# proxy ships inside the `litellm` package (later ones need `litellm-proxy`).
+LITELLM = "litellm[proxy]==1.106.12"
+RESULTS = Path(__file__).with_name("RESULTS.md")
+BEGIN, END = "<!-- relay_ceiling: begin -->", "<!-- relay_ceiling: end -->"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    name: str
+    concurrency: int
+    tokens_per_s: float  # per stream; 0: as fast as the engine writes
+    max_tokens: int
+    stream_interval: int = 1
+    requests: int = 0  # per round and target; 0: 2 x the concurrency
+    proxies_only: bool = False  # the gateway and direct only (LiteLLM left out)
+
+    @property
+    def per_run(self) -> int:
+        return self.requests or 2 * self.concurrency
+
+
+LEVELS = {
+    # Per request: answers of one token, so nearly all the proxy's work is per request.
+    "request": Level("1-token answers", 32, 0, 1, requests=256),
+    # Per token as a GPU engine streams: each stream gets an event every 20 ms, one at a time,
+    # so the proxy relays events one by one (nothing to coalesce).
+    "paced": Level("64 streams x 50 tok/s", 64, 50, 128),
+    # Saturation: the engine writes back to back; the proxy is the limit.
+    "saturation": Level("saturation, 256-token answers", 64, 0, 256),
+    # vLLM's --stream-interval: tokens per event, the same tokens/s.
+    "interval4": Level("64 x 50 tok/s, 4 tokens/event", 64, 50, 128, 4, proxies_only=True),
+    "interval16": Level("64 x 50 tok/s, 16 tokens/event", 64, 50, 128, 16, proxies_only=True),
+}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its living descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            # utime, stime, and cutime, cstime: children it has waited for
+            total += sum(int(v) for v in stats[current][11:15])
+        todo += children.get(current, [])
+    return total / CLOCK_TICKS
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"{url} did not come up")
+            time.sleep(0.2)
+
+
+def litellm_venv(folder: Path) -> Path:
+    """LiteLLM's proxy in a venv of its own (its pins clash with qwenstack's); made once."""
+    executable = folder / "bin" / "litellm"
+    if not executable.exists():
+        print(f"installing {LITELLM} into {folder} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+        subprocess.run([str(folder / "bin" / "pip"), "install", "-q", "--no-compile", LITELLM],
+                       check=True)
+    return executable
+
+
+@contextlib.contextmanager
+def servers(args: argparse.Namespace) -> Iterator[tuple[str, list[Target], dict[str, int]]]:
+    """The synthetic engine, the gateway and LiteLLM, each its own process: the engine's URL,
+    the targets, and the process id to read each one's CPU from."""
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="relay-ceiling-") as tmp:
+        home, logs = Path(tmp), Path(tmp) / "logs"
+        logs.mkdir()
+
+        def start(name: str, command: list[str], env: dict[str, str] | None = None
+                  ) -> subprocess.Popen[bytes]:
+            log = (logs / f"{name}.log").open("wb")
+            procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **(env or {})}))
+            return procs[-1]
+
+        try:
+            port = free_port()
+            engine_url = f"http://127.0.0.1:{port}"
+            engine = start("engine", [sys.executable, "-m", "qwenstack.bench.synthetic_engine",
+                                      "--port", str(port)])
+            wait_for(f"{engine_url}/health", engine)
+            pids, targets = {"engine": engine.pid}, []
+
+            for name, source in (("gateway", None), ("baseline", args.baseline)):
+                if name == "gateway" or source:
+                    pids[name], target = start_gateway(name, source, engine_url, home / name,
+                                                       start)
+                    targets.append(target)
+
+            if args.litellm:
+                executable = litellm_venv(args.litellm_venv)
+                master = "sk-bench-" + os.urandom(8).hex()
+                config = home / "litellm.yaml"
+                config.write_text(orjson.dumps({
+                    "model_list": [{"model_name": MODEL, "litellm_params": {
+                        "model": f"hosted_vllm/{MODEL}", "api_base": f"{engine_url}/v1",
+                        "api_key": "none"}}],
+                    "general_settings": {"master_key": master},
+                    "litellm_settings": {"drop_params": True},
+                }).decode())  # JSON is YAML
+                port = free_port()
+                litellm = start("litellm", [str(executable), "--config", str(config),
+                                            "--host", "127.0.0.1", "--port", str(port)],
+                                {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                                 "LITELLM_TELEMETRY": "False"})
+                url = f"http://127.0.0.1:{port}"
+                wait_for(f"{url}/health/liveliness", litellm)
+                pids["litellm"] = litellm.pid
+                targets.append(Target("litellm", url, {"authorization": f"Bearer {master}"}))
+            targets.append(Target("direct", engine_url))
+            yield engine_url, targets, pids
+        finally:
+            for process in procs:
+                process.terminate()
+            for process in procs:
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def start_gateway(
+    name: str, source: Path | None, engine_url: str, home: Path,
+    start: Callable[[str, list[str], dict[str, str] | None], subprocess.Popen[bytes]],
+) -> tuple[int, Target]:
+    """`qwenstack gateway` with a key of its own (limits set too high to refuse); `source`: the
+    qwenstack source folder (a checkout's `src`) to run instead of this one."""
+    env = {"PYTHONPATH": str(source)} if source else {}
+    qwenstack = [sys.executable, "-m", "qwenstack"]
+    key = subprocess.run(
+        [*qwenstack, "keys", "create", "--name", "bench", "--home", str(home),
+         "--rpm", "100000000", "--tpm", "100000000000", "--max-concurrency", "100000"],
+        capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout.strip()
+    port = free_port()
+    gateway = start(name, [*qwenstack, "gateway", "--home", str(home), "--engine-url", engine_url,
+                           "--port", str(port)], env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not ready(url):
+        if gateway.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"{name} did not come up")
+        time.sleep(0.2)
+    return gateway.pid, Target(name, url, {"authorization": f"Bearer {key}",
+                                           "cache-control": "no-cache"})
+
+
+def set_pace(engine_url: str, level: Level) -> None:
+    body = orjson.dumps({"tokens_per_s": level.tokens_per_s,
+                         "stream_interval": level.stream_interval})
+    request = urllib.request.Request(engine_url + PACE_PATH, body, method="POST")
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+async def measure(engine_url: str, targets: list[Target], pids: dict[str, int],
+                  levels: list[Level], rounds: int) -> list[dict[str, object]]:
+    options = RequestOptions(model=MODEL, api="chat", temperature=0.0)
+    rows = []
+    async with loadgen.session(600) as http:
+        for level in levels:
+            set_pace(engine_url, level)
+            chosen = [t for t in targets if not (level.proxies_only and t.name == "litellm")]
+            prompts = iter(datasets.random_prompts(
+                (rounds + 1) * len(chosen) * level.per_run, 16, level.max_tokens,
+                seed=level.concurrency))
+            for target in chosen:  # warm-up: connections opened, caches filled, code paths hot
+                await loadgen.run_load(http, target, [next(prompts) for _ in range(level.per_run)],
+                                       Load(concurrency=level.concurrency), options)
+            totals = {t.name: {"cpu": 0.0, "engine": 0.0, "client": 0.0, "wall": 0.0,
+                               "records": []} for t in chosen}
+            for round_index in range(rounds):
+                for target in chosen if round_index % 2 == 0 else chosen[::-1]:
+                    own = pids.get(target.name)
+                    before = (tree_cpu_s(own) if own else 0.0, tree_cpu_s(pids["engine"]),
+                              time.process_time())
+                    run = await loadgen.run_load(
+                        http, target, [next(prompts) for _ in range(level.per_run)],
+                        Load(concurrency=level.concurrency), options)
+                    after = (tree_cpu_s(own) if own else 0.0, tree_cpu_s(pids["engine"]),
+                             time.process_time())
+                    total = totals[target.name]
+                    for name, start, end in zip(("cpu", "engine", "client"), before, after,
+                                                strict=True):
+                        total[name] += end - start  # type: ignore[operator]
+                    total["wall"] += run.duration  # type: ignore[operator]
+                    total["records"] += run.records  # type: ignore[operator]
+            rows += [figures(level, name, total) for name, total in totals.items()]
+            for row in rows[-len(chosen):]:
+                print(row_text(row), flush=True)
+    return rows
+
+
+def figures(level: Level, target: str, total: dict[str, object]) -> dict[str, object]:
+    records = [r for r in total["records"] if r.error is None]  # type: ignore[attr-defined]
+    errors = len(total["records"]) - len(records)  # type: ignore[arg-type]
+    tokens = sum(r.output_tokens for r in records)
+    itls = sorted(itl * 1000 for r in records for itl in r.itls())
+    wall, cpu = float(total["wall"]), float(total["cpu"])  # type: ignore[arg-type]
+    return {
+        "level": level.name, "target": target, "requests": len(records), "errors": errors,
+        "tokens": tokens, "tokens_s": tokens / wall, "cpu_s": cpu,
+        "cores": cpu / wall,
+        "us_per_token": cpu / tokens * 1e6 if target != "direct" else None,
+        "us_per_request": cpu / len(records) * 1e6 if target != "direct" else None,
+        "tokens_s_per_core": tokens / cpu if target != "direct" and cpu else None,
+        "engine_us_per_token": float(total["engine"]) / tokens * 1e6,  # type: ignore[arg-type]
+        "client_us_per_token": float(total["client"]) / tokens * 1e6,  # type: ignore[arg-type]
+        "itl_ms_median": statistics.median(itls) if itls else None,
+        "itl_ms_p99": itls[int(0.99 * (len(itls) - 1))] if itls else None,
+        "ttft_ms_median": statistics.median(r.ttft * 1000 for r in records) if records else None,
+    }
+
+
+def _n(value: object, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+COLUMNS = ("level", "target", "ok", "err", "tok/s", "proxy cores", "**µs CPU / token**",
+           "µs CPU / request", "tok/s per core", "engine µs/token", "ITL med ms", "ITL p99 ms",
+           "TTFT med ms")
+
+
+def row_cells(row: dict[str, object]) -> list[str]:
+    return [str(row["level"]), str(row["target"]), _n(row["requests"]), _n(row["errors"]),
+            _n(row["tokens_s"]), _n(row["cores"], 2), f"**{_n(row['us_per_token'], 1)}**",
+            _n(row["us_per_request"]), _n(row["tokens_s_per_core"]),
+            _n(row["engine_us_per_token"], 1), _n(row["itl_ms_median"], 1),
+            _n(row["itl_ms_p99"], 1), _n(row["ttft_ms_median"], 1)]
+
+
+def row_text(row: dict[str, object]) -> str:
+    return "  ".join(row_cells(row)).replace("**", "")
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * (len(COLUMNS) - 2)]
+    lines += ["| " + " | ".join(row_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(table: str, args: argparse.Namespace, load: tuple[float, float]) -> None:
+    """Replace the table between the markers in RESULTS.md (added at its end the first time)."""
+    section = (f"{BEGIN}\nRun {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+               f"{args.rounds} rounds per level, load average {load[0]:.1f} before and "
+               f"{load[1]:.1f} after:\n\n{table}\n{END}")
+    text = RESULTS.read_text()
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS))
+    parser.add_argument("--rounds", type=int, default=2, help="per level; the order alternates")
+    parser.add_argument("--no-litellm", dest="litellm", action="store_false")
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="also a gateway run from this qwenstack source folder (another "
+                        "checkout's src), e.g. the commit before a change: before and after "
+                        "in one run")
+    home = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
+    parser.add_argument("--litellm-venv", type=Path, default=home / "bench" / "litellm-venv")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"put the table into {RESULTS.name}")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args()
+    levels = [LEVELS[name] for name in args.levels]
+    load_before = os.getloadavg()[0]
+    with servers(args) as (engine_url, targets, pids):
+        rows = uvloop.run(measure(engine_url, targets, pids, levels, args.rounds))
+    table = markdown(rows)
+    print("\n" + table)
+    if args.json:
+        args.json.write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    if args.write_results:
+        write_results(table, args, (load_before, os.getloadavg()[0]))
+
+
+if __name__ == "__main__":
+    main()
