@@ -160,3 +160,14 @@ def test_chat_templates_are_read_as_transformers_reads_them(tmp_path):
     assert models.folder_chat_template(tmp_path) == "plain\n<tool_call>"
     (tmp_path / models.CHAT_TEMPLATE_FILE).write_text(QWEN3_HYBRID)  # preferred when present
     assert models.folder_chat_template(tmp_path) == QWEN3_HYBRID
+
+
+def test_stream_interval_reaches_the_command_line_only_when_set(tmp_path):
+    [default] = _plan(CPU, tmp_path)
+    assert "--stream-interval" not in default.argv  # vLLM's own default, 1
+    [four] = _plan(CPU, tmp_path, stream_interval=4)
+    assert four.argv[four.argv.index("--stream-interval") + 1] == "4"
+    with pytest.raises(SetupError, match="use qwenstack's --stream-interval"):
+        _plan(CPU, tmp_path, extra_args=["--stream-interval=8"])
+    with pytest.raises(ValueError, match="stream_interval"):
+        load_settings(**{"engine.stream_interval": 0})
