@@ -221,9 +221,9 @@ class CapacityPlan:
                          f"{w.output} tokens"),
             ("targets (p90)", f"first token within {ms(w.ttft_s)}, a token every "
                               f"{ms(w.itl_s)} or faster"),
-            ("sequences at once", f"up to {self.max_num_seqs} per replica (--max-num-seqs "
-                                  f"{self.max_num_seqs}), while the KV cache holds their "
-                                  "prompts and answers"),
+            ("sequences at once", f"up to {self.max_num_seqs} per replica while the KV cache "
+                                  "holds their prompts and answers (for this workload's "
+                                  f"requests: --max-num-seqs {self.max_num_seqs})"),
             ("one request alone", f"first token {ms(self.alone.ttft_p50_s)}, a token every "
                                   f"{ms(self.alone.itl_p90_s)}"),
         ]
