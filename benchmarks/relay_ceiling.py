@@ -64,7 +64,7 @@ class Level:
     max_tokens: int
     stream_interval: int = 1
     requests: int = 0  # per round and target; 0: 2 x the concurrency
-    proxies_only: bool = False  # the gateway and direct only (LiteLLM left out)
+    without_litellm: bool = False  # the gateway and direct only (LiteLLM left out)
 
     @property
     def per_run(self) -> int:
@@ -80,8 +80,8 @@ LEVELS = {
     # Saturation: the engine writes back to back; the proxy is the limit.
     "saturation": Level("saturation, 256-token answers", 64, 0, 256),
     # vLLM's --stream-interval: tokens per event, the same tokens/s.
-    "interval4": Level("64 x 50 tok/s, 4 tokens/event", 64, 50, 128, 4, proxies_only=True),
-    "interval16": Level("64 x 50 tok/s, 16 tokens/event", 64, 50, 128, 16, proxies_only=True),
+    "interval4": Level("64 x 50 tok/s, 4 tokens/event", 64, 50, 128, 4, without_litellm=True),
+    "interval16": Level("64 x 50 tok/s, 16 tokens/event", 64, 50, 128, 16, without_litellm=True),
 }
 
 
@@ -232,7 +232,7 @@ async def measure(engine_url: str, targets: list[Target], pids: dict[str, int],
     async with loadgen.session(600) as http:
         for level in levels:
             set_pace(engine_url, level)
-            chosen = [t for t in targets if not (level.proxies_only and t.name == "litellm")]
+            chosen = [t for t in targets if not (level.without_litellm and t.name == "litellm")]
             prompts = iter(datasets.random_prompts(
                 (rounds + 1) * len(chosen) * level.per_run, 16, level.max_tokens,
                 seed=level.concurrency))
