@@ -225,10 +225,69 @@ def set_pace(engine_url: str, level: Level) -> None:
     urllib.request.urlopen(request, timeout=10).read()
 
 
+@dataclasses.dataclass
+class Tally:
+    """One target's runs at one level: the records, wall time, and CPU seconds of the target's
+    own process (none for direct access), the engine's and the load generator's."""
+
+    records: list[loadgen.RequestRecord] = dataclasses.field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    engine_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
+@dataclasses.dataclass
+class Row:
+    level: str
+    target: str
+    requests: int
+    errors: int
+    tokens: int
+    tokens_s: float
+    cpu_s: float
+    cores: float  # the target's CPU seconds per second
+    us_per_token: float | None
+    us_per_request: float | None
+    tokens_s_per_core: float | None
+    engine_us_per_token: float
+    client_us_per_token: float
+    itl_ms_median: float | None
+    itl_ms_p99: float | None
+    ttft_ms_median: float | None
+    us_per_token_net: float | None = None  # less its requests' share (net_of_requests)
+
+    @classmethod
+    def of(cls, level: Level, target: str, tally: Tally) -> Row:
+        records = [r for r in tally.records if r.error is None]
+        tokens = sum(r.output_tokens for r in records) or 1
+        itls = sorted(itl * 1000 for r in records for itl in r.itls())
+        proxy = target != "direct"
+        return cls(
+            level=level.name, target=target, requests=len(records),
+            errors=len(tally.records) - len(records), tokens=tokens,
+            tokens_s=tokens / tally.wall_s, cpu_s=tally.cpu_s, cores=tally.cpu_s / tally.wall_s,
+            us_per_token=tally.cpu_s / tokens * 1e6 if proxy else None,
+            us_per_request=tally.cpu_s / max(1, len(records)) * 1e6 if proxy else None,
+            tokens_s_per_core=tokens / tally.cpu_s if proxy and tally.cpu_s else None,
+            engine_us_per_token=tally.engine_cpu_s / tokens * 1e6,
+            client_us_per_token=tally.client_cpu_s / tokens * 1e6,
+            itl_ms_median=statistics.median(itls) if itls else None,
+            itl_ms_p99=itls[int(0.99 * (len(itls) - 1))] if itls else None,
+            ttft_ms_median=statistics.median(r.ttft * 1000 for r in records) if records else None,
+        )
+
+
 async def measure(engine_url: str, targets: list[Target], pids: dict[str, int],
-                  levels: list[Level], rounds: int) -> list[dict[str, object]]:
+                  levels: list[Level], rounds: int) -> list[Row]:
     options = RequestOptions(model=MODEL, api="chat", temperature=0.0)
-    rows = []
+    rows: list[Row] = []
+
+    def cpu_now(target: Target) -> tuple[float, float, float]:
+        own = pids.get(target.name)
+        return (tree_cpu_s(own) if own else 0.0, tree_cpu_s(pids["engine"]),
+                time.process_time())
+
     async with loadgen.session(600) as http:
         for level in levels:
             set_pace(engine_url, level)
@@ -236,76 +295,63 @@ async def measure(engine_url: str, targets: list[Target], pids: dict[str, int],
             prompts = iter(datasets.random_prompts(
                 (rounds + 1) * len(chosen) * level.per_run, 16, level.max_tokens,
                 seed=level.concurrency))
+            load = Load(concurrency=level.concurrency)
             for target in chosen:  # warm-up: connections opened, caches filled, code paths hot
                 await loadgen.run_load(http, target, [next(prompts) for _ in range(level.per_run)],
-                                       Load(concurrency=level.concurrency), options)
-            totals = {t.name: {"cpu": 0.0, "engine": 0.0, "client": 0.0, "wall": 0.0,
-                               "records": []} for t in chosen}
+                                       load, options)
+            tallies = {t.name: Tally() for t in chosen}
             for round_index in range(rounds):
                 for target in chosen if round_index % 2 == 0 else chosen[::-1]:
-                    own = pids.get(target.name)
-                    before = (tree_cpu_s(own) if own else 0.0, tree_cpu_s(pids["engine"]),
-                              time.process_time())
+                    before = cpu_now(target)
                     run = await loadgen.run_load(
-                        http, target, [next(prompts) for _ in range(level.per_run)],
-                        Load(concurrency=level.concurrency), options)
-                    after = (tree_cpu_s(own) if own else 0.0, tree_cpu_s(pids["engine"]),
-                             time.process_time())
-                    total = totals[target.name]
-                    for name, start, end in zip(("cpu", "engine", "client"), before, after,
-                                                strict=True):
-                        total[name] += end - start  # type: ignore[operator]
-                    total["wall"] += run.duration  # type: ignore[operator]
-                    total["records"] += run.records  # type: ignore[operator]
-            rows += [figures(level, name, total) for name, total in totals.items()]
-            for row in rows[-len(chosen):]:
-                print(row_text(row), flush=True)
+                        http, target, [next(prompts) for _ in range(level.per_run)], load, options)
+                    after = cpu_now(target)
+                    tally = tallies[target.name]
+                    tally.records += run.records
+                    tally.wall_s += run.duration
+                    tally.cpu_s += after[0] - before[0]
+                    tally.engine_cpu_s += after[1] - before[1]
+                    tally.client_cpu_s += after[2] - before[2]
+            for name, tally in tallies.items():
+                rows.append(Row.of(level, name, tally))
+                print(row_text(rows[-1]), flush=True)
+    return net_of_requests(rows)
+
+
+def net_of_requests(rows: list[Row]) -> list[Row]:
+    """Each row's CPU per token less its requests' share, where the 1-token level measured the
+    CPU per request: what one more token of an answer costs."""
+    per_request = {row.target: row.us_per_request for row in rows
+                   if row.level == LEVELS["request"].name}
+    for row in rows:
+        fixed = per_request.get(row.target)
+        if fixed is not None and row.us_per_token is not None and row.level != LEVELS[
+                "request"].name:
+            row.us_per_token_net = (row.cpu_s * 1e6 - row.requests * fixed) / row.tokens
     return rows
 
 
-def figures(level: Level, target: str, total: dict[str, object]) -> dict[str, object]:
-    records = [r for r in total["records"] if r.error is None]  # type: ignore[attr-defined]
-    errors = len(total["records"]) - len(records)  # type: ignore[arg-type]
-    tokens = sum(r.output_tokens for r in records)
-    itls = sorted(itl * 1000 for r in records for itl in r.itls())
-    wall, cpu = float(total["wall"]), float(total["cpu"])  # type: ignore[arg-type]
-    return {
-        "level": level.name, "target": target, "requests": len(records), "errors": errors,
-        "tokens": tokens, "tokens_s": tokens / wall, "cpu_s": cpu,
-        "cores": cpu / wall,
-        "us_per_token": cpu / tokens * 1e6 if target != "direct" else None,
-        "us_per_request": cpu / len(records) * 1e6 if target != "direct" else None,
-        "tokens_s_per_core": tokens / cpu if target != "direct" and cpu else None,
-        "engine_us_per_token": float(total["engine"]) / tokens * 1e6,  # type: ignore[arg-type]
-        "client_us_per_token": float(total["client"]) / tokens * 1e6,  # type: ignore[arg-type]
-        "itl_ms_median": statistics.median(itls) if itls else None,
-        "itl_ms_p99": itls[int(0.99 * (len(itls) - 1))] if itls else None,
-        "ttft_ms_median": statistics.median(r.ttft * 1000 for r in records) if records else None,
-    }
-
-
-def _n(value: object, digits: int = 0) -> str:
+def _n(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
 COLUMNS = ("level", "target", "ok", "err", "tok/s", "proxy cores", "**µs CPU / token**",
-           "µs CPU / request", "tok/s per core", "engine µs/token", "ITL med ms", "ITL p99 ms",
-           "TTFT med ms")
+           "µs / token, less requests' share", "µs CPU / request", "tok/s per core",
+           "engine µs/token", "ITL med ms", "ITL p99 ms", "TTFT med ms")
 
 
-def row_cells(row: dict[str, object]) -> list[str]:
-    return [str(row["level"]), str(row["target"]), _n(row["requests"]), _n(row["errors"]),
-            _n(row["tokens_s"]), _n(row["cores"], 2), f"**{_n(row['us_per_token'], 1)}**",
-            _n(row["us_per_request"]), _n(row["tokens_s_per_core"]),
-            _n(row["engine_us_per_token"], 1), _n(row["itl_ms_median"], 1),
-            _n(row["itl_ms_p99"], 1), _n(row["ttft_ms_median"], 1)]
+def row_cells(row: Row) -> list[str]:
+    return [row.level, row.target, _n(row.requests), _n(row.errors), _n(row.tokens_s),
+            _n(row.cores, 2), f"**{_n(row.us_per_token, 1)}**", _n(row.us_per_token_net, 1),
+            _n(row.us_per_request), _n(row.tokens_s_per_core), _n(row.engine_us_per_token, 1),
+            _n(row.itl_ms_median, 1), _n(row.itl_ms_p99, 1), _n(row.ttft_ms_median, 1)]
 
 
-def row_text(row: dict[str, object]) -> str:
+def row_text(row: Row) -> str:
     return "  ".join(row_cells(row)).replace("**", "")
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
+def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * (len(COLUMNS) - 2)]
     lines += ["| " + " | ".join(row_cells(row)) + " |" for row in rows]
     return "\n".join(lines)
@@ -347,7 +393,8 @@ def main() -> None:
     table = markdown(rows)
     print("\n" + table)
     if args.json:
-        args.json.write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+        args.json.write_bytes(orjson.dumps([dataclasses.asdict(r) for r in rows],
+                                           option=orjson.OPT_INDENT_2))
     if args.write_results:
         write_results(table, args, (load_before, os.getloadavg()[0]))
 
