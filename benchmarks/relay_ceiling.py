@@ -24,6 +24,8 @@ the proxy is the limit.
     .venv/bin/python benchmarks/relay_ceiling.py                     # a few minutes
     .venv/bin/python benchmarks/relay_ceiling.py --write-results     # and into RESULTS.md
     .venv/bin/python benchmarks/relay_ceiling.py --levels paced --rounds 1 --no-litellm  # smoke
+    .venv/bin/python benchmarks/relay_ceiling.py --baseline ../before/src   # a change, measured
+                                               # against the gateway of another checkout
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from gateway_overhead import free_port, ready
 from qwenstack.bench import Load, RequestOptions, Target, datasets, loadgen
 from qwenstack.bench.synthetic_engine import MODEL, PACE_PATH
 
-# The last release before the compromised 1.107.0 (withdrawn from PyPI), and the last whose
-# proxy ships inside the `litellm` package (later ones need `litellm-proxy`).
+# The last release before the compromised 1.107.0 (withdrawn from PyPI); its proxy ships inside
+# the package (1.110's `proxy` extra needs a separate `litellm-proxy`).
 LITELLM = "litellm[proxy]==1.106.12"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BEGIN, END = "<!-- relay_ceiling: begin -->", "<!-- relay_ceiling: end -->"
