@@ -1,7 +1,7 @@
 """`qwenstack plan` for Qwen3-4B-Instruct-2507 against figures worked out by hand.
 
-The model (tests/data/qwen3-4b-instruct-2507.config.json): hidden 2,560, 36 layers, 32 query and
-8 KV heads of 128 dims, MLP 9,728, vocab 151,936, tied embeddings.
+The model (its config.json as qwenstack ships it, engine/model_configs): hidden 2,560, 36
+layers, 32 query and 8 KV heads of 128 dims, MLP 9,728, vocab 151,936, tied embeddings.
 
   parameters  = embeddings 151,936 x 2,560                         =   388,956,160
               + 36 layers x (attention 2,560 x 128 x (2x32 + 2x8)  =    26,214,400
@@ -25,7 +25,7 @@ import pytest
 from qwenstack.engine import deployment_plan, gpu_catalog, serving_simulation
 from qwenstack.errors import SetupError
 
-CONFIG_FILE = Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json"
+CONFIG_FILE = deployment_plan.SHIPPED_CONFIGS / "Qwen" / "Qwen3-4B-Instruct-2507.json"
 CONFIG = deployment_plan.read_model_config(str(CONFIG_FILE))
 MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 
@@ -165,7 +165,7 @@ def test_qwen3_configs_ship_with_qwenstack(monkeypatch):
         raise AssertionError("fetched from the hub")
 
     monkeypatch.setattr(models, "hub_config", no_hub)
-    assert deployment_plan.read_model_config(MODEL) == CONFIG  # the hub's own config.json
+    assert deployment_plan.read_model_config(MODEL) == CONFIG
     for name, params in PUBLISHED_PARAMS.items():
         shape = capacity.ModelShape.from_config(deployment_plan.read_model_config(f"Qwen/{name}"))
         assert shape.num_params == pytest.approx(params, rel=0.03), name
