@@ -32,6 +32,9 @@ from aiohttp import web
 MODEL = "synthetic"
 # Where a benchmark changes the pace between its runs; no vLLM route has this path.
 PACE_PATH = "/synthetic/pace"
+# A stream whose client has this much unsent skips steps until it catches up, as a vLLM stream
+# waits on its own client alone; awaiting its write would hold up every other stream's step.
+BACKLOG_BYTES = 16 * 1024
 TOKEN_TEXT = "x"  # each token's text: one byte, one tokenizer token in any vocabulary
 
 
@@ -52,8 +55,10 @@ class _Stream:
     """One streamed answer: its pre-built events, the tokens still to come, and a future set
     when the last byte is out (or the client is gone)."""
 
-    def __init__(self, response: web.StreamResponse, events: StreamEvents) -> None:
+    def __init__(self, response: web.StreamResponse, events: StreamEvents,
+                 transport: asyncio.BaseTransport | None) -> None:
         self.response = response
+        self.transport = transport
         self.events = events
         self.tokens_left = events.tokens
         self.since_event = 0  # tokens generated since the last event written
@@ -194,7 +199,7 @@ class SyntheticEngine:
                                     bool(options.get("include_usage")))
         response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
-        stream = _Stream(response, events)
+        stream = _Stream(response, events, request.transport)
         self.waiting.append(stream)
         self._wake.set()
         await stream.done
@@ -227,6 +232,9 @@ class SyntheticEngine:
         (then the usage event and [DONE] follow), each event its own write, as vLLM's output
         processor and API server do."""
         events = stream.events
+        if isinstance(stream.transport, asyncio.WriteTransport) and (
+                stream.transport.get_write_buffer_size() > BACKLOG_BYTES):
+            return  # its client is behind: this stream skips the step rather than stall them all
         try:
             stream.tokens_left -= 1
             stream.since_event += 1
