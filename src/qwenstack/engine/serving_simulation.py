@@ -36,8 +36,9 @@ MBU = 0.7
 MFU = 0.5
 STEP_OVERHEAD_S = 0.002  # scheduling, sampling, detokenising: per step, whatever its size
 MAX_BATCHED_TOKENS = 8192  # vLLM's default token budget per step with chunked prefill
-# The gateway, from benchmarks/RESULTS.md ("Relay ceiling", gateway, paced streams and 1-token
-# answers): CPU per relayed event, and per request (auth, limits, /tokenize, usage row, log).
+# The gateway, from benchmarks/RESULTS.md ("Relay ceiling": one token per event, paced streams,
+# less the requests' share; 1-token answers), on a quiet box; a loaded one read 30 and 1,000:
+# CPU per relayed event, and per request (auth, limits, /tokenize, usage row, log).
 GATEWAY_US_PER_EVENT = 22.0
 GATEWAY_US_PER_REQUEST = 600.0
 # A worker (one process, one core) busier than this queues events, which adds to the latency.
