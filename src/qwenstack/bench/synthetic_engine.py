@@ -93,7 +93,7 @@ class StreamEvents:
     @classmethod
     def build(cls, pace: Pace, tokens: int, prompt_tokens: int, include_usage: bool
               ) -> StreamEvents:
-        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
 
         def choice(text: str, finish: str | None = None) -> dict[str, object]:
             fields: dict[str, object] = {"index": 0, "delta": {"content": text},
@@ -126,7 +126,7 @@ class StreamEvents:
 def whole_answer(pace: Pace, tokens: int, prompt_tokens: int) -> bytes:
     """A non-streamed chat answer as vLLM writes it."""
     return orjson.dumps({
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+        "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion",
         "created": int(time.time()), "model": pace.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": TOKEN_TEXT * tokens,
                                              "refusal": None, "annotations": None, "audio": None,
