@@ -69,13 +69,13 @@ def benchmark(args: argparse.Namespace) -> None:
                           all_summaries, all_ratios)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _ready(gateway: str) -> bool:
+def ready(gateway: str) -> bool:
     try:
         with urllib.request.urlopen(f"{gateway}/ready", timeout=2) as response:
             return response.status == 200
@@ -99,7 +99,7 @@ def tiny_stack(args: argparse.Namespace) -> Iterator[None]:
             [*qwenstack, "keys", "create", "--name", "bench", "--home", home],
             capture_output=True, text=True, check=True,
         ).stdout.strip()
-        gateway_port, engine_port = _free_port(), _free_port()
+        gateway_port, engine_port = free_port(), free_port()
         args.gateway, args.engine, args.model = (
             f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", "tiny-qwen3"
         )
@@ -113,7 +113,7 @@ def tiny_stack(args: argparse.Namespace) -> Iterator[None]:
         )
         try:
             deadline = time.monotonic() + 900
-            while not _ready(args.gateway):
+            while not ready(args.gateway):
                 if process.poll() is not None or time.monotonic() > deadline:
                     sys.exit("the stack did not come up")
                 time.sleep(1)

@@ -1,15 +1,14 @@
 """KV-cache arithmetic on the real Qwen3-4B-Instruct-2507 shape (tests/data holds its config)."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
-from qwenstack.engine import capacity
+from qwenstack.engine import capacity, deployment_plan
 from qwenstack.engine.hardware import GIB, Hardware
 
 QWEN3_4B = capacity.ModelShape.from_file(
-    Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json"
+    deployment_plan.SHIPPED_CONFIGS / "Qwen" / "Qwen3-4B-Instruct-2507.json"
 )
 CPU = Hardware(gpu_memory_bytes=(), cpu_flags=frozenset({"avx2"}), ram_available_bytes=24 * GIB)
 A10 = Hardware(gpu_memory_bytes=(24 * GIB,), cpu_flags=frozenset(), ram_available_bytes=64 * GIB)

@@ -403,3 +403,16 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
 def test_helm_chart_refuses_to_render_without_what_replicas_must_share(values, message):
     with helm.Chart.load(CHART) as chart, pytest.raises(Exception, match=message):
         chart.render(values, name="qs", namespace="ai")
+
+
+def test_engine_stream_interval_is_a_chart_value_and_a_compose_variable():
+    def engine_args(values: dict) -> list[str]:
+        manifests = by_kind(render_chart(values))
+        return manifests["Deployment", "qs-engine"]["spec"]["template"]["spec"]["containers"][
+            0]["args"]
+
+    assert "--stream-interval=1" in engine_args(CHART_SECRETS)
+    assert "--stream-interval=4" in engine_args({**CHART_SECRETS, "engine": {"streamInterval": 4}})
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert "--stream-interval=${QWENSTACK_STREAM_INTERVAL:-1}" in compose["services"]["engine"][
+        "command"]

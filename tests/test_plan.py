@@ -1,7 +1,7 @@
 """`qwenstack plan` for Qwen3-4B-Instruct-2507 against figures worked out by hand.
 
-The model (tests/data/qwen3-4b-instruct-2507.config.json): hidden 2,560, 36 layers, 32 query and
-8 KV heads of 128 dims, MLP 9,728, vocab 151,936, tied embeddings.
+The model (its config.json as qwenstack ships it, engine/model_configs): hidden 2,560, 36
+layers, 32 query and 8 KV heads of 128 dims, MLP 9,728, vocab 151,936, tied embeddings.
 
   parameters  = embeddings 151,936 x 2,560                         =   388,956,160
               + 36 layers x (attention 2,560 x 128 x (2x32 + 2x8)  =    26,214,400
@@ -14,16 +14,18 @@ The model (tests/data/qwen3-4b-instruct-2507.config.json): hidden 2,560, 36 laye
   decode      = sequences x bandwidth / (weights + sequences x context x 147,456)
 """
 
+import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from qwenstack.engine import deployment_plan, gpu_catalog
+from qwenstack.engine import deployment_plan, gpu_catalog, serving_simulation
 from qwenstack.errors import SetupError
 
-CONFIG_FILE = Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json"
+CONFIG_FILE = deployment_plan.SHIPPED_CONFIGS / "Qwen" / "Qwen3-4B-Instruct-2507.json"
 CONFIG = deployment_plan.read_model_config(str(CONFIG_FILE))
 MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 
@@ -144,5 +146,91 @@ def test_plan_command_prints_figures_and_refuses_clearly(tmp_path: Path):
                 ["plan", "no-such-folder", "--gpu", "A10"],
                 ["plan", str(CONFIG_FILE), "--gpu", "A10", "--gpus", "0"]):
         out = _cli(*bad)
+        assert out.returncode != 0 and "error" in out.stderr.lower(), bad
+        assert "Traceback" not in out.stderr, out.stderr
+
+
+# --- configs shipped with qwenstack, and the capacity simulation (`plan --rate`) -------------
+
+# Total parameters as the Qwen3 model cards give them.
+PUBLISHED_PARAMS = {"Qwen3-0.6B": 0.6e9, "Qwen3-1.7B": 1.7e9, "Qwen3-4B": 4.0e9,
+                    "Qwen3-8B": 8.2e9, "Qwen3-14B": 14.8e9, "Qwen3-32B": 32.8e9,
+                    "Qwen3-4B-Instruct-2507": 4.0e9, "Qwen3-4B-Thinking-2507": 4.0e9}
+
+
+def test_qwen3_configs_ship_with_qwenstack(monkeypatch):
+    from qwenstack.engine import capacity, models
+
+    def no_hub(*args):
+        raise AssertionError("fetched from the hub")
+
+    monkeypatch.setattr(models, "hub_config", no_hub)
+    assert deployment_plan.read_model_config(MODEL) == CONFIG
+    for name, params in PUBLISHED_PARAMS.items():
+        shape = capacity.ModelShape.from_config(deployment_plan.read_model_config(f"Qwen/{name}"))
+        assert shape.num_params == pytest.approx(params, rel=0.03), name
+    assert deployment_plan.shipped_config("Qwen/../Qwen/Qwen3-8B") is None
+    assert deployment_plan.shipped_config("Qwen/Qwen3-Nonexistent") is None
+
+
+def test_plan_by_hub_id_works_offline():
+    # No network here and no hub cache for it: HF_HUB_OFFLINE makes any hub access fail at once.
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenstack", "plan", MODEL, "--gpu", "A10", "--context", "32768",
+         "--concurrency", "8"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "85,536" in out.stdout  # KV tokens, as test_qwen3_4b_on_a10 works out
+
+
+def _workload(rate, prompt="1000", output="300", ttft_ms=2000, itl_ms=50):
+    return serving_simulation.Workload(
+        rate, serving_simulation.Lengths.parse(prompt, "prompt-tokens"),
+        serving_simulation.Lengths.parse(output, "output-tokens"), ttft_ms / 1000, itl_ms / 1000)
+
+
+def test_one_request_alone_takes_what_the_roofline_says():
+    plan = _plan("H100", concurrency=256)
+    engine = serving_simulation.Engine.of(plan, 256)
+    # Prefill of 1,000 tokens is compute-bound: 2 x 4,022,272,000 x 1,000 FLOP at 989e12 x 0.5
+    # = 16.27 ms (reading the 8,044,544,000 bytes of weights at 3,350e9 x 0.7 takes 3.43 ms),
+    # plus the 2 ms step overhead.
+    alone = serving_simulation.simulate_replica(engine, _workload(1, output="1"), 1e-6,
+                                                requests=5)
+    assert alone.ttft_p50_s == pytest.approx(0.01827, abs=0.0001)
+    # Decoding alone is memory-bound: the weights and about 1,050 tokens of KV cache
+    # (1,050 x 147,456 = 154,828,800 bytes) per step: 8,199,372,800 / 2.345e12 + 2 ms = 5.50 ms.
+    alone = serving_simulation.simulate_replica(engine, _workload(1, output="101"), 1e-6,
+                                                requests=5)
+    assert alone.itl_p90_s == pytest.approx(0.0055, abs=0.0001)
+
+
+def test_more_requests_need_more_replicas_and_gateway_workers():
+    plan = _plan("H100", concurrency=256)
+    few = serving_simulation.plan_capacity(plan, _workload(5), 256)
+    many = serving_simulation.plan_capacity(plan, _workload(200), 256)
+    assert few.replicas == 1 and many.replicas is not None and many.replicas > 2
+    assert many.replica.ttft_p90_s <= 2 and many.replica.itl_p90_s <= 0.05
+    # One replica fewer would miss a target at its share of the rate.
+    fewer = serving_simulation.simulate_replica(serving_simulation.Engine.of(plan, 256),
+                                                _workload(200), 200 / (many.replicas - 1))
+    assert not fewer.meets(_workload(200))
+    # 200 requests/s x (600 µs + (3 + 299) events x 22 µs) = 1.45 cores: 3 workers at 70 %.
+    assert many.gateway_cores == pytest.approx(1.4488, abs=0.001) and many.gateway_workers == 3
+    interval4 = dataclasses.replace(_workload(200), stream_interval=4)
+    assert serving_simulation.gateway_cores(interval4) < many.gateway_cores / 2.5
+
+
+def test_plan_rate_on_the_command_line():
+    ok = _cli("plan", MODEL, "--gpu", "H100", "--context", "32768", "--rate", "50",
+              "--prompt-tokens", "500-1500", "--output-tokens", "100-500")
+    assert ok.returncode == 0, ok.stderr
+    assert "engine replicas" in ok.stdout and "gateway workers" in ok.stdout
+    unreachable = _cli("plan", MODEL, "--gpu", "A10", "--context", "32768", "--rate", "1",
+                       "--itl-ms", "1")
+    assert unreachable.returncode == 1 and "none meets the targets" in unreachable.stdout
+    for bad in (["--prompt-tokens", "9-3"], ["--output-tokens", "lots"], ["--rate", "0"],
+                ["--prompt-tokens", "300000"]):
+        out = _cli("plan", MODEL, "--gpu", "H100", "--context", "32768", "--rate", "5", *bad)
         assert out.returncode != 0 and "error" in out.stderr.lower(), bad
         assert "Traceback" not in out.stderr, out.stderr

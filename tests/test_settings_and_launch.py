@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from qwenstack.engine import families, launch, models
+from qwenstack.engine import deployment_plan, families, launch, models
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
 from qwenstack.settings import load_settings
 
-QWEN3_CONFIG = json.loads(
-    (Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json").read_text()
-)
+QWEN3_CONFIG = deployment_plan.read_model_config("Qwen/Qwen3-4B-Instruct-2507")  # shipped
 CPU = Hardware((), frozenset({"avx2"}), 24 * GIB)
 TWO_GPUS = Hardware((80 * GIB, 80 * GIB), frozenset(), 64 * GIB)
 MODEL = ResolvedModel("Qwen/Qwen3-4B-Instruct-2507", "qwen3", QWEN3_CONFIG)
@@ -160,3 +158,14 @@ def test_chat_templates_are_read_as_transformers_reads_them(tmp_path):
     assert models.folder_chat_template(tmp_path) == "plain\n<tool_call>"
     (tmp_path / models.CHAT_TEMPLATE_FILE).write_text(QWEN3_HYBRID)  # preferred when present
     assert models.folder_chat_template(tmp_path) == QWEN3_HYBRID
+
+
+def test_stream_interval_reaches_the_command_line_only_when_set(tmp_path):
+    [default] = _plan(CPU, tmp_path)
+    assert "--stream-interval" not in default.argv  # vLLM's own default, 1
+    [four] = _plan(CPU, tmp_path, stream_interval=4)
+    assert four.argv[four.argv.index("--stream-interval") + 1] == "4"
+    with pytest.raises(SetupError, match="use qwenstack's --stream-interval"):
+        _plan(CPU, tmp_path, extra_args=["--stream-interval=8"])
+    with pytest.raises(ValueError, match="stream_interval"):
+        load_settings(**{"engine.stream_interval": 0})

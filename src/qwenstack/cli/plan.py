@@ -11,6 +11,9 @@ import typer
 from qwenstack.cli.common import fail, print_table
 from qwenstack.errors import SetupError
 
+# Sequences an engine runs at once in a simulation (--rate) unless --concurrency says: vLLM's
+# default --max-num-seqs on GPUs.
+SIMULATED_MAX_NUM_SEQS = 256
 # `qwenstack plan --help`. Not the docstring: a docstring wrapped over two lines would print
 # over two lines.
 HELP = (
@@ -27,18 +30,33 @@ def plan(
     gpus: Annotated[int, typer.Option(help="GPUs (tensor parallel).")] = 1,
     context: Annotated[int | None, typer.Option(
         help="Tokens per sequence. Default: the model's maximum.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Sequences at once.")] = 1,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Sequences at once (vLLM's --max-num-seqs). Default: 1; 256 with --rate.")] = None,
     dtype: Annotated[str, typer.Option(
         help="auto: bfloat16 where the GPU has it, else float16.")] = "auto",
     kv_cache_dtype: Annotated[str, typer.Option(
         help="auto (the weights' dtype) or fp8.")] = "auto",
     gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+    rate: Annotated[float | None, typer.Option(
+        help="Requests/s to serve: simulate, and size replicas and gateway workers.")] = None,
+    prompt_tokens: Annotated[str, typer.Option(
+        help="With --rate: prompt tokens, N or LOW-HIGH (uniform).")] = "1000",
+    output_tokens: Annotated[str, typer.Option(
+        help="With --rate: answer tokens, N or LOW-HIGH (uniform).")] = "300",
+    ttft_ms: Annotated[float, typer.Option(
+        help="With --rate: first token within this, for 90% of requests.")] = 2000,
+    itl_ms: Annotated[float, typer.Option(
+        help="With --rate: a token at least this often, for 90% of requests.")] = 50,
+    stream_interval: Annotated[int, typer.Option(
+        help="With --rate: tokens per streamed event (engine.stream_interval).")] = 1,
 ) -> None:
     # The help text is HELP, given where the command is registered.
-    from qwenstack.engine import deployment_plan, gpu_catalog
+    from qwenstack.engine import deployment_plan, gpu_catalog, serving_simulation
 
     # A bare config.json names no model vLLM could load: leave the flag for the user to fill.
     served = "MODEL_FOLDER_OR_HUB_ID" if Path(model).is_file() else model
+    if concurrency is None:
+        concurrency = 1 if rate is None else SIMULATED_MAX_NUM_SEQS
     try:
         chosen = gpu_catalog.lookup(gpu)
         sized = deployment_plan.plan_deployment(
@@ -54,3 +72,19 @@ def plan(
         typer.secho(f"\nDoes not fit: {sized.refusal}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
     typer.echo("\nvLLM flags:  " + " ".join(sized.vllm_flags()))
+    if rate is None:
+        return
+    try:
+        workload = serving_simulation.Workload(
+            rate, serving_simulation.Lengths.parse(prompt_tokens, "prompt-tokens"),
+            serving_simulation.Lengths.parse(output_tokens, "output-tokens"),
+            ttft_ms / 1000, itl_ms / 1000, stream_interval)
+        if stream_interval < 1:
+            raise SetupError("--stream-interval must be 1 or more")
+        capacity = serving_simulation.plan_capacity(sized, workload, sized.concurrency)
+    except SetupError as exc:
+        fail(exc)
+    typer.echo("\nSimulated serving (method: README, \"Capacity planning\"):")
+    print_table(capacity.figures())
+    if capacity.replicas is None:
+        raise typer.Exit(1)

@@ -132,6 +132,8 @@ def _serve_command(*, engines: bool, gateway: bool, doc: str) -> Any:
         tensor_parallel_size: Annotated[int | None, typer.Option()] = None,
         max_model_len: Annotated[int | None, typer.Option(help="Context window.")] = None,
         max_num_seqs: Annotated[int | None, typer.Option()] = None,
+        stream_interval: Annotated[int | None, typer.Option(
+            help="Tokens per streamed event (vLLM's --stream-interval).")] = None,
         gpu_memory_utilization: Annotated[float | None, typer.Option()] = None,
         dtype: Annotated[str | None, typer.Option()] = None,
         enable_chunked_prefill: Annotated[bool | None, typer.Option()] = None,
@@ -152,6 +154,7 @@ def _serve_command(*, engines: bool, gateway: bool, doc: str) -> Any:
                 "engine.tensor_parallel_size": tensor_parallel_size,
                 "engine.max_model_len": max_model_len,
                 "engine.max_num_seqs": max_num_seqs,
+                "engine.stream_interval": stream_interval,
                 "engine.gpu_memory_utilization": gpu_memory_utilization,
                 "engine.dtype": dtype,
                 "engine.enable_chunked_prefill": enable_chunked_prefill,

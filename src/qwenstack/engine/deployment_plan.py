@@ -87,8 +87,23 @@ class DeploymentPlan:
         ]
 
 
+# config.json of the Qwen3 dense models as published on the hub, so planning needs no download.
+# (The MoE ones are left out: the sizing here counts dense layers only.)
+SHIPPED_CONFIGS = Path(__file__).with_name("model_configs")
+
+
+def shipped_config(model: str) -> dict[str, Any] | None:
+    """A hub model's config.json as shipped with qwenstack, if it is one of them."""
+    org, _, name = model.partition("/")
+    path = SHIPPED_CONFIGS / org / f"{name}.json"
+    if not (org and name) or "/" in name or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
 def read_model_config(model: str, hf_token: str | None = None) -> dict[str, Any]:
-    """A model's config.json: from a config file, a model folder, or the Hugging Face hub."""
+    """A model's config.json: from a config file, a model folder, the configs shipped with
+    qwenstack (the Qwen3 family), or the Hugging Face hub."""
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -101,7 +116,7 @@ def read_model_config(model: str, hf_token: str | None = None) -> dict[str, Any]
             raise SetupError(f"{path}: not a readable JSON config ({exc})") from None
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise SetupError(f"{model}: no such file or folder, and not a hub id like Org/Name")
-    return models.hub_config(model, hf_token)
+    return shipped_config(model) or models.hub_config(model, hf_token)
 
 
 def advise_dtype(gpu: Gpu, requested: str) -> tuple[str, str]:

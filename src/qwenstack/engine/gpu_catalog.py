@@ -3,7 +3,8 @@
 Memory is what `nvidia-smi --query-gpu=memory.total` reports (MiB), the figure vLLM's
 --gpu-memory-utilization is a fraction of, not the marketing "GB". Bandwidth is the vendor's
 peak memory bandwidth (GB/s, 10^9 bytes), which bounds decoding: each decode step reads every
-weight once.
+weight once. TFLOPS is the vendor's peak dense bfloat16 (float16 before Ampere) tensor-core
+figure, which bounds prefill.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class Gpu:
     memory_bytes: int
     bandwidth_gb_s: float | None  # None: unknown (a GPU given only by its memory size)
     bf16: bool  # compute capability 8.0 (Ampere) or newer
+    # Peak dense 16-bit tensor throughput (TFLOPS, no sparsity), which bounds prefill; None:
+    # unknown.
+    tflops: float | None = None
 
     @property
     def known(self) -> bool:
@@ -30,19 +34,19 @@ class Gpu:
 
 
 GPUS = [
-    Gpu("T4", 15_360 * MIB, 320, False),
-    Gpu("V100-16GB", 16_384 * MIB, 900, False),
-    Gpu("V100-32GB", 32_768 * MIB, 900, False),
-    Gpu("A10", 23_028 * MIB, 600, True),
-    Gpu("L4", 23_034 * MIB, 300, True),
-    Gpu("RTX3090", 24_576 * MIB, 936, True),
-    Gpu("RTX4090", 24_564 * MIB, 1008, True),
-    Gpu("A6000", 49_140 * MIB, 768, True),
-    Gpu("L40S", 46_068 * MIB, 864, True),
-    Gpu("A100-40GB", 40_960 * MIB, 1555, True),
-    Gpu("A100-80GB", 81_920 * MIB, 2039, True),
-    Gpu("H100-80GB", 81_559 * MIB, 3350, True),  # SXM; the PCIe card has 2,000 GB/s
-    Gpu("H200", 143_771 * MIB, 4800, True),
+    Gpu("T4", 15_360 * MIB, 320, False, 65),
+    Gpu("V100-16GB", 16_384 * MIB, 900, False, 125),
+    Gpu("V100-32GB", 32_768 * MIB, 900, False, 125),
+    Gpu("A10", 23_028 * MIB, 600, True, 125),
+    Gpu("L4", 23_034 * MIB, 300, True, 121),
+    Gpu("RTX3090", 24_576 * MIB, 936, True, 71),
+    Gpu("RTX4090", 24_564 * MIB, 1008, True, 165),
+    Gpu("A6000", 49_140 * MIB, 768, True, 155),
+    Gpu("L40S", 46_068 * MIB, 864, True, 362),
+    Gpu("A100-40GB", 40_960 * MIB, 1555, True, 312),
+    Gpu("A100-80GB", 81_920 * MIB, 2039, True, 312),
+    Gpu("H100-80GB", 81_559 * MIB, 3350, True, 989),  # SXM; the PCIe card has 2,000 GB/s
+    Gpu("H200", 143_771 * MIB, 4800, True, 989),
 ]
 
 # Short names people use for the one common variant.

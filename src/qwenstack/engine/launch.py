@@ -26,6 +26,7 @@ MANAGED_FLAGS = {
     "--enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
     "--no-enable-chunked-prefill": "--enable-chunked-prefill/--no-enable-chunked-prefill",
     "--kv-cache-memory-bytes": "--kv-cache-gib",
+    "--stream-interval": "--stream-interval",
     "--allowed-media-domains": "validation.allowed_media_domains",
     "--enable-auto-tool-choice": "engine.tool_call_parser",
     "--tool-call-parser": "engine.tool_call_parser",
@@ -81,6 +82,8 @@ def _tuning_flags(
         flags.append("--enable-chunked-prefill")
     if engine.max_num_seqs is not None:
         flags += ["--max-num-seqs", str(engine.max_num_seqs)]
+    if engine.stream_interval != 1:  # 1 is vLLM's own default
+        flags += ["--stream-interval", str(engine.stream_interval)]
     if engine.kv_cache_gib is not None or not hardware.has_gpu:
         # Sized by us, so that vLLM allocates exactly the budget checked above.
         flags += ["--kv-cache-memory-bytes", str(budget.bytes)]

@@ -39,6 +39,13 @@ class EngineSettings(BaseModel):
         "lowered to what the KV cache can hold.",
     )
     max_num_seqs: int | None = Field(None, ge=1)
+    stream_interval: int = Field(
+        1, ge=1, le=1024,
+        description="Tokens per streamed event (vLLM's --stream-interval; the first token and "
+        "the last always go at once). 1: every token at once, the smoothest stream; N: about "
+        "1/N of the events, tokens arriving in bursts of N; the gateway's CPU per token fell "
+        "from 30 to 12.5 µs at 4 (benchmarks/RESULTS.md, \"Relay ceiling\").",
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: str = Field("auto", description="`auto` picks float32 on CPUs without AVX512-BF16.")
     enable_chunked_prefill: bool = True
