@@ -45,19 +45,21 @@ class RoutingSettings(BaseModel):
 
     policy: Literal["round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = Field(
         "prefix_aware",
-        description="prefix_aware: a conversation's turns go where its earlier turns' KV is "
-        "cached, within prefix_load_slack of the least busy replica; new prompts least busy.",
+        description="prefix_aware: a conversation's turns go to one replica, where its earlier "
+        "turns' KV is cached (a hash of its start, the same on every gateway), unless that "
+        "replica is more than prefix_load_slack busier than the least busy one.",
     )
-    prefix_block_bytes: int = Field(
-        256, ge=16, description="Prompt bytes per hashed block (about 64 tokens of English)."
+    prefix_prompt_bytes: int = Field(
+        256, ge=16, description="prefix_aware, raw prompts (/v1/completions): the leading "
+        "bytes that name a conversation (about 64 tokens of English).",
     )
-    prefix_max_blocks: int = Field(64, ge=1, description="Leading blocks hashed per request.")
-    prefix_max_entries: int = Field(
-        100_000, ge=1, description="Block hashes remembered, least recently used dropped."
+    prefix_max_bytes: int = Field(
+        16_384, ge=16, description="prefix_aware: most bytes of a conversation's start (its "
+        "messages up to the first user message) that are hashed.",
     )
     prefix_load_slack: int = Field(
-        4, ge=0, description="Outstanding requests the prefix holder may have beyond the least "
-        "busy replica before a request goes to the least busy instead.",
+        4, ge=0, description="Outstanding requests a conversation's replica may have beyond the "
+        "least busy one before its request goes to the next replica in the conversation's order.",
     )
 
 
