@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Stack, request_log, start_gateway, wait_for
+from helpers import Stack, refused, request_log, start_gateway, wait_for
 
 from qwenstack.gateway.protocol import CHAT, InferenceRequest
 from qwenstack.gateway.replicas import Replica
@@ -340,16 +340,6 @@ def test_sigterm_lets_accepted_requests_finish_and_refuses_new_ones(
     finally:
         if gateway.process.poll() is None:
             gateway.stop()
-
-
-def refused(base_url: str) -> bool:
-    try:
-        httpx.get(f"{base_url}/health", timeout=2)
-    except httpx.ConnectError:
-        return True
-    except httpx.HTTPError:
-        pass
-    return False
 
 
 class BreakingEngine(BaseHTTPRequestHandler):

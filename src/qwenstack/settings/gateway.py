@@ -38,6 +38,19 @@ class GatewaySettings(BaseModel):
     max_connections: int = Field(
         2048, ge=1, description="Client connections held at once; more are answered 503.",
     )
+    workers: int | None = Field(
+        None, ge=1, le=256,
+        description="Gateway processes sharing the port. None: one per 10,000 output tokens/s "
+        "the engines are expected to stream (expected_tokens_per_s), at most one per core, "
+        "and 1 while the answer cache or knowledge bases are kept per process (cache.backend "
+        "memory, rag.milvus_uri a Milvus Lite file); more than 1 is refused then.",
+    )
+    expected_tokens_per_s: float | None = Field(
+        None, ge=0,
+        description="Output tokens per second all engines behind the gateway stream at full "
+        "load, to size `workers`. None: 15,000 per engine where this host has a GPU (Qwen3-4B "
+        "on one modern GPU), else 0.",
+    )
 
 
 class RoutingSettings(BaseModel):

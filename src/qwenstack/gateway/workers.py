@@ -1,0 +1,158 @@
+"""Several gateway processes on one port: how many, what they must share, and running them.
+
+One gateway process relays every token of every stream on one core: at 50-100 µs of CPU per
+relayed token (issue 15's measurement) it saturates at 10,000-20,000 tokens/s, what one modern
+GPU streams. So `up` and `gateway` can run `gateway.workers` processes, each a whole gateway
+(uvicorn on the same listening socket, which the kernel hands connections to whichever accepts
+first), started and restarted like engines (processes.py: killed with `up` however it ends).
+
+What the workers must agree on is kept outside any one of them, or a start is refused:
+- per-caller limits: Redis (`limits.redis_url`), else one SQLite file in the run folder that
+  every worker takes its steps in (limit_stores.SqliteStore): exact, not per-worker shares;
+- the answer cache: Redis (`cache.backend`), or off; a per-process memory cache is refused;
+- knowledge bases: a Milvus server; a Milvus Lite file opens in one process only, so refused;
+- usage rows and keys: the database, which every worker writes (SQLite in WAL mode, or
+  PostgreSQL);
+- metrics: prometheus_client's multiprocess mode (a folder of per-process files that /metrics,
+  served by any worker, sums);
+- routing: `prefix_aware` hashes each conversation's start, so every worker sends its turns to
+  the same engine.
+Admission control is per worker: each admits its share of `admission.max_in_flight` and
+`max_queue` (rounded up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import math
+import os
+import pickle
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from qwenstack.errors import SetupError
+from qwenstack.processes import SupervisedProcess
+from qwenstack.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Tokens per second one worker is sized for: half of what 50 µs of CPU per relayed token allows
+# a core, leaving the rest to each request's own work (parsing, limits, usage, metrics).
+WORKER_TOKENS_PER_S = 10_000
+# What one modern GPU streams serving Qwen3-4B at high concurrency (issue 15: 10,000-20,000).
+GPU_ENGINE_TOKENS_PER_S = 15_000
+# The settings, pickled, from `up` to its workers: exact (secrets and the parsers `up` chose
+# included), and never on disk. Not QWENSTACK_*: that is the settings' own namespace.
+SETTINGS_ENV = "_QWENSTACK_GATEWAY_WORKER_SETTINGS"
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode
+
+
+def per_process_state(settings: Settings) -> list[str]:
+    """What workers could not share as configured, each with the setting that shares it."""
+    unshared = []
+    if settings.cache.enabled and settings.cache.backend == "memory":
+        unshared.append("the answer cache (set cache.backend=redis and cache.redis_url, or "
+                        "cache.enabled=false)")
+    if settings.milvus_uri.endswith(".db"):
+        unshared.append("knowledge bases (set rag.milvus_uri to a Milvus server)")
+    return unshared
+
+
+def worker_count(settings: Settings, has_gpu: bool) -> int:
+    """`gateway.workers`, or what the engines' expected token rate and the cores call for; a
+    count above 1 where state would be per process is refused, naming the settings to add."""
+    unshared = per_process_state(settings)
+    asked = settings.gateway.workers
+    if asked is not None:
+        if asked > 1 and unshared:
+            raise SetupError(f"gateway.workers={asked} needs what the workers share outside "
+                             f"any one of them: {'; '.join(unshared)}.")
+        return asked
+    rate = settings.gateway.expected_tokens_per_s
+    if rate is None:
+        rate = GPU_ENGINE_TOKENS_PER_S * len(settings.engine.replica_urls()) if has_gpu else 0
+    wanted = min(max(1, math.ceil(rate / WORKER_TOKENS_PER_S)), os.cpu_count() or 1)
+    if wanted > 1 and unshared:
+        log.warning("One gateway worker, where %d would relay the %.0f tokens/s expected: "
+                    "these are kept per process: %s.", wanted, rate, "; ".join(unshared))
+        return 1
+    return wanted
+
+
+class GatewayWorker(SupervisedProcess):
+    """One worker process; its output goes with this process's (request log lines included)."""
+
+    def __init__(self, index: int, listener: socket.socket, env: dict[str, str],
+                 settings: Settings) -> None:
+        self.metrics_dir = env[METRICS_ENV]
+        super().__init__(
+            f"Gateway worker {index}",
+            [sys.executable, "-m", "qwenstack.gateway.workers", str(listener.fileno())],
+            None, env=env, pass_fds=(listener.fileno(),),
+            # SIGTERM drains it (uvicorn's graceful shutdown); only past that, SIGKILL.
+            stop_grace_s=settings.gateway.drain_timeout_s + 5,
+        )
+        self.pid: int | None = None
+
+    def started(self, process: asyncio.subprocess.Process) -> None:
+        self.pid = process.pid
+
+    def exited(self, code: int | None, restart_in_s: float) -> None:
+        # Its live gauges (requests in flight, queued) leave the sums on /metrics.
+        if self.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(self.pid, self.metrics_dir)
+
+
+async def run(settings: Settings, listener: socket.socket, stop: asyncio.Event) -> None:
+    """`settings.gateway.workers` worker processes serving on `listener`, each restarted when
+    it exits, until `stop`; then each drains (SIGTERM) and they are awaited."""
+    metrics_dir = settings.run_dir / "gateway-metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # a past run's counts are not this one's
+    metrics_dir.mkdir(parents=True)
+    for stale in settings.run_dir.glob("limits.db*"):
+        stale.unlink()  # budgets start full, as they do in one process
+    env = {**os.environ, METRICS_ENV: str(metrics_dir),
+           SETTINGS_ENV: base64.b64encode(pickle.dumps(settings)).decode()}
+    assert settings.gateway.workers
+    workers = [GatewayWorker(i, listener, env, settings) for i in range(settings.gateway.workers)]
+
+    async def close_on_stop() -> None:
+        # The workers close their copies as they start draining; once this one is closed too,
+        # new connections are refused rather than left in the backlog.
+        await stop.wait()
+        listener.close()
+
+    await asyncio.gather(close_on_stop(), *(worker.run(stop) for worker in workers))
+
+
+def shared_limits_file(settings: Settings) -> Path | None:
+    """Where workers keep per-caller budgets without Redis: None in a single process."""
+    if (settings.gateway.workers or 1) > 1 and not settings.limits.redis_url:
+        return settings.run_dir / "limits.db"
+    return None
+
+
+def main() -> None:
+    """A worker: the gateway on the inherited listening socket, until SIGTERM (then drained)."""
+    import uvloop
+
+    from qwenstack import logs
+    from qwenstack.stack import gateway_server
+
+    settings: Settings = pickle.loads(base64.b64decode(os.environ.pop(SETTINGS_ENV)))
+    logs.configure(settings.log_level, settings.observability.log_format)
+    listener = socket.socket(fileno=int(sys.argv[1]))
+    server = gateway_server(settings, own_signals=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(server.serve(sockets=[listener]))
+
+
+if __name__ == "__main__":
+    main()
