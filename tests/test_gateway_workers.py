@@ -4,13 +4,15 @@ both, a start that could not share what it must is refused, and SIGTERM drains b
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,8 @@ import pytest
 from helpers import Gateway, create_key, free_port, refused, start_gateway, usage_rows, wait_for
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+
+from qwenstack.gateway.limit_stores import Quota, SqliteStore
 
 MODEL = "tiny-qwen3"
 # Two workers, and what they must share shared: no answer cache (none of these requests may be
@@ -47,6 +51,32 @@ def page_sum(gateway: Gateway, key: str, sample: str, **labels: str) -> float:
     return sum(s.value for family in text_string_to_metric_families(page)
                for s in family.samples
                if s.name == sample and labels.items() <= s.labels.items())
+
+
+def take_requests(path: Path, rounds: int) -> int:
+    """In a process of its own: requests taken from a 50-a-minute budget in `path`."""
+    async def take() -> int:
+        store = SqliteStore(path, lease_s=60)
+        quota = Quota(rpm=50, tpm=None, concurrency=2)
+        taken = 0
+        for i in range(rounds):
+            decision = await store.acquire("caller", quota, 0, f"{os.getpid()}-{i}")
+            if decision.refused is None:
+                taken += 1
+                await store.settle("caller", quota, 0, f"{os.getpid()}-{i}")
+        await store.close()
+        return taken
+
+    return asyncio.run(take())
+
+
+def test_budgets_in_the_shared_file_are_exact_across_processes(tmp_path: Path):
+    started = time.monotonic()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        taken = list(pool.map(take_requests, [tmp_path / "limits.db"] * 2, [200, 200]))
+    refilled = (time.monotonic() - started) * 50 / 60
+    # The budget once (and what refilled meanwhile), not once per process.
+    assert 50 <= sum(taken) <= 50 + refilled, (taken, refilled)
 
 
 def test_workers_are_refused_where_state_would_be_per_process(tmp_path: Path):
