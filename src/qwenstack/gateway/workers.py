@@ -76,7 +76,8 @@ def worker_count(settings: Settings, has_gpu: bool) -> int:
     rate = settings.gateway.expected_tokens_per_s
     if rate is None:
         rate = GPU_ENGINE_TOKENS_PER_S * len(settings.engine.replica_urls()) if has_gpu else 0
-    wanted = min(max(1, math.ceil(rate / WORKER_TOKENS_PER_S)), os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))  # the cores this process may run on, not the host's
+    wanted = min(max(1, math.ceil(rate / WORKER_TOKENS_PER_S)), cores)
     if wanted > 1 and unshared:
         log.warning("One gateway worker, where %d would relay the %.0f tokens/s expected: "
                     "these are kept per process: %s.", wanted, rate, "; ".join(unshared))
