@@ -21,7 +21,10 @@ from helpers import Gateway, create_key, free_port, refused, start_gateway, usag
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from qwenstack.errors import SetupError
 from qwenstack.gateway.limit_stores import Quota, SqliteStore
+from qwenstack.gateway.workers import worker_count
+from qwenstack.settings import load_settings
 
 MODEL = "tiny-qwen3"
 # Two workers, and what they must share shared: no answer cache (none of these requests may be
@@ -77,6 +80,27 @@ def test_budgets_in_the_shared_file_are_exact_across_processes(tmp_path: Path):
     refilled = (time.monotonic() - started) * 50 / 60
     # The budget once (and what refilled meanwhile), not once per process.
     assert 50 <= sum(taken) <= 50 + refilled, (taken, refilled)
+
+
+SHARED = {"cache.backend": "redis", "cache.redis_url": "redis://127.0.0.1:6379/0",
+          "rag.milvus_uri": "http://milvus:19530"}
+
+
+def test_worker_count_follows_the_expected_token_rate_and_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count(load_settings(**SHARED), has_gpu=False) == 1  # a CPU engine's rate
+    assert worker_count(load_settings(**SHARED, **{"gateway.expected_tokens_per_s": 25_000}),
+                        has_gpu=False) == min(3, cores)
+    two_gpu_engines = load_settings(**SHARED, **{"engine.replicas": 2})
+    assert worker_count(two_gpu_engines, has_gpu=True) == min(3, cores)  # 2 x 15,000 tokens/s
+    assert worker_count(load_settings(**SHARED, **{"gateway.expected_tokens_per_s": 10**9}),
+                        has_gpu=False) == cores
+    # Per-process state keeps the default at one; asked for more, the start is refused.
+    assert worker_count(load_settings(**{"engine.replicas": 2}), has_gpu=True) == 1
+    assert worker_count(load_settings(**SHARED, **{"gateway.workers": 5}), has_gpu=False) == 5
+    with pytest.raises(SetupError, match="cache.backend=redis"):
+        worker_count(load_settings(**{"gateway.workers": 2, "rag.milvus_uri": "http://m:1"}),
+                     has_gpu=False)
 
 
 def test_workers_are_refused_where_state_would_be_per_process(tmp_path: Path):
