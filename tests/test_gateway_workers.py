@@ -17,9 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Gateway, create_key, free_port, refused, start_gateway, usage_rows, wait_for
+from helpers import (
+    Gateway,
+    create_key,
+    free_port,
+    metric,
+    refused,
+    start_gateway,
+    usage_rows,
+    wait_for,
+)
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.parser import text_string_to_metric_families
 
 from qwenstack.errors import SetupError
 from qwenstack.gateway.limit_stores import Quota, SqliteStore
@@ -45,15 +53,6 @@ def per_worker(gateway: Gateway, sample: str, **labels: str) -> dict[int, float]
             if name == sample and labels.items() <= found.items():
                 values[pid] = values.get(pid, 0.0) + value
     return values
-
-
-def page_sum(gateway: Gateway, key: str, sample: str, **labels: str) -> float:
-    """A sample summed over its series on the gateway's /metrics page (any worker answers)."""
-    page = httpx.get(f"{gateway.url}/metrics", headers={"authorization": f"Bearer {key}"},
-                     timeout=10).text
-    return sum(s.value for family in text_string_to_metric_families(page)
-               for s in family.samples
-               if s.name == sample and labels.items() <= s.labels.items())
 
 
 def take_requests(path: Path, rounds: int) -> int:
@@ -148,8 +147,8 @@ def test_two_workers_hold_a_keys_limit_exactly_and_record_every_request(
         assert all(row.completion_tokens == 4 for row in rows.values() if row.status == 200)
         # /metrics, from whichever worker answers, counts both workers' requests.
         for status, count in (("200", 6), ("429", 10)):
-            assert page_sum(gateway, admin, "qwenstack_requests_total", key="limited",
-                            status=status) == count
+            assert metric(gateway.url, {"authorization": f"Bearer {admin}"},
+                          "qwenstack_requests_total", key="limited", status=status) == count
     finally:
         gateway.stop()
 
