@@ -440,7 +440,9 @@ def test_helm_chart_scales_engines_on_their_queue_and_kv_cache_when_asked():
     command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     port, out_of_dns_s, max_s = (int(arg) for arg in command[3:])
     assert port == pod["containers"][0]["ports"][0]["containerPort"]
-    assert pod["terminationGracePeriodSeconds"] >= out_of_dns_s + max_s + 10
+    vllm_drain_s = next(int(arg.split("=")[1]) for arg in pod["containers"][0]["args"]
+                        if arg.startswith("--shutdown-timeout="))
+    assert pod["terminationGracePeriodSeconds"] > out_of_dns_s + max_s + vllm_drain_s
     assert hpa["behavior"]["scaleDown"]["policies"] == [
         {"type": "Pods", "value": 1, "periodSeconds": pod["terminationGracePeriodSeconds"]}]
 
