@@ -48,7 +48,7 @@ def per_worker(gateway: Gateway, sample: str, **labels: str) -> dict[int, float]
     values: dict[int, float] = {}
     for path in (gateway.home / "run" / "gateway-metrics").glob("*.db"):
         pid = int(path.stem.rsplit("_", 1)[1])
-        for key, value, _ in MmapedDict.read_all_values_from_file(str(path)):
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
             _, name, found, _ = json.loads(key)
             if name == sample and labels.items() <= found.items():
                 values[pid] = values.get(pid, 0.0) + value
@@ -163,19 +163,19 @@ def test_sigterm_drains_both_workers(engine_url: str, tmp_path: Path):
     def stream(_: int) -> tuple[int, bool]:
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
                           timeout=300) as answer:
-            lines = list(answer.iter_lines())
-        return answer.status_code, lines[-1] == "data: [DONE]"
+            events = [line for line in answer.iter_lines() if line]
+        return answer.status_code, events[-1] == "data: [DONE]"
 
     def streaming() -> list[float]:
         return sorted(per_worker(gateway, "qwenstack_requests_in_flight").values())
 
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(12) as pool:
             # One stream after another until both workers hold some: which worker accepts a
             # connection is the kernel's and the workers' race, not ours.
             streams = []
             while len([held for held in streaming() if held]) < 2:
-                assert len(streams) < 8, streaming()
+                assert len(streams) < 12, streaming()
                 streams.append(pool.submit(stream, len(streams)))
                 wait_for(lambda: sum(streaming()) == len(streams), "the stream under way", 60)
             gateway.process.send_signal(signal.SIGTERM)

@@ -78,7 +78,6 @@ class SupervisedProcess:
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
         stable_after_s: float = 60.0,
-        pass_fds: Sequence[int] = (),
         stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         self.name = name
@@ -86,7 +85,6 @@ class SupervisedProcess:
         self.log_path = log_path  # None: the output goes where this process's goes
         self.env = dict(env) if env is not None else None  # None: this process's environment
         self.cwd = cwd
-        self.pass_fds = tuple(pass_fds)  # besides the lifeline (e.g. a listening socket)
         self.stop_grace_s = stop_grace_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -124,7 +122,7 @@ class SupervisedProcess:
                     sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), *self.argv,
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT if log_file else None, env=self.env,
-                    cwd=self.cwd, start_new_session=True, pass_fds=(lifeline, *self.pass_fds),
+                    cwd=self.cwd, start_new_session=True, pass_fds=(lifeline,),
                 )
             self.started_at = time.monotonic()
             log.info("%s started (pid %d, log %s)", self.name, process.pid,

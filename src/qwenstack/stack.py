@@ -57,6 +57,9 @@ def _listen(settings: Settings) -> socket.socket:
     host, port = settings.gateway.host, settings.gateway.port
     try:
         sock = socket.create_server((host, port), reuse_port=False)
+        if (settings.gateway.workers or 1) > 1:  # free: held for the workers' own sockets
+            sock.close()
+            sock = workers.hold_port(host, port)
     except OSError as exc:
         raise SetupError(
             f"The gateway cannot listen on {host}:{port} ({exc.strerror}); set --port.") from None
@@ -133,7 +136,7 @@ async def run(
             server_task = asyncio.create_task(server.serve(sockets=[listener]))
         elif listener:  # worker processes, each draining on the stop below
             log.info("Gateway: %d worker processes", settings.gateway.workers)
-            server_task = asyncio.create_task(workers.run(settings, listener, stop))
+            server_task = asyncio.create_task(workers.run(settings, stop))
         if ui:
             # Up while the engines load too: it tells users the model is starting.
             ui_task = asyncio.create_task(ui_server.supervise(settings, stop))
@@ -154,6 +157,8 @@ async def run(
             server.should_exit = True
         if server_task:
             await server_task
+        if listener:
+            listener.close()  # the workers' port, refused from now on
         if supervisor:
             await supervisor.stop()
         if ui_task:

@@ -3,8 +3,10 @@
 One gateway process relays every token of every stream on one core: at 50-100 µs of CPU per
 relayed token (issue 15's measurement) it saturates at 10,000-20,000 tokens/s, what one modern
 GPU streams. So `up` and `gateway` can run `gateway.workers` processes, each a whole gateway
-(uvicorn on the same listening socket, which the kernel hands connections to whichever accepts
-first), started and restarted like engines (processes.py: killed with `up` however it ends).
+listening on the port with SO_REUSEPORT: the kernel spreads new connections evenly over their
+sockets (one shared socket would let whichever worker is idle first take them all), and a
+worker that drains closes only its own. They are started and restarted like engines
+(processes.py: killed with `up` however it ends); `up` holds the port meanwhile (`hold_port`).
 
 What the workers must agree on is kept outside any one of them, or a start is refused:
 - per-caller limits: Redis (`limits.redis_url`), else one SQLite file in the run folder that
@@ -85,16 +87,25 @@ def worker_count(settings: Settings, has_gpu: bool) -> int:
     return wanted
 
 
+def hold_port(host: str, port: int) -> socket.socket:
+    """The port, bound with SO_REUSEPORT but not listening, so that only the workers' sockets
+    take connections, and a gateway started again on the port fails (its plain bind is
+    refused) rather than splitting them. Call once the port was found free."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
 class GatewayWorker(SupervisedProcess):
     """One worker process; its output goes with this process's (request log lines included)."""
 
-    def __init__(self, index: int, listener: socket.socket, env: dict[str, str],
-                 settings: Settings) -> None:
+    def __init__(self, index: int, env: dict[str, str], settings: Settings) -> None:
         self.metrics_dir = env[METRICS_ENV]
         super().__init__(
-            f"Gateway worker {index}",
-            [sys.executable, "-m", "qwenstack.gateway.workers", str(listener.fileno())],
-            None, env=env, pass_fds=(listener.fileno(),),
+            f"Gateway worker {index}", [sys.executable, "-m", "qwenstack.gateway.workers"],
+            None, env=env,
             # SIGTERM drains it (uvicorn's graceful shutdown); only past that, SIGKILL.
             stop_grace_s=settings.gateway.drain_timeout_s + 5,
         )
@@ -111,9 +122,9 @@ class GatewayWorker(SupervisedProcess):
             multiprocess.mark_process_dead(self.pid, self.metrics_dir)
 
 
-async def run(settings: Settings, listener: socket.socket, stop: asyncio.Event) -> None:
-    """`settings.gateway.workers` worker processes serving on `listener`, each restarted when
-    it exits, until `stop`; then each drains (SIGTERM) and they are awaited."""
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """`settings.gateway.workers` worker processes, each restarted when it exits, until `stop`;
+    then each drains (SIGTERM) and they are awaited."""
     metrics_dir = settings.run_dir / "gateway-metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # a past run's counts are not this one's
     metrics_dir.mkdir(parents=True)
@@ -122,15 +133,8 @@ async def run(settings: Settings, listener: socket.socket, stop: asyncio.Event) 
     env = {**os.environ, METRICS_ENV: str(metrics_dir),
            SETTINGS_ENV: base64.b64encode(pickle.dumps(settings)).decode()}
     assert settings.gateway.workers
-    workers = [GatewayWorker(i, listener, env, settings) for i in range(settings.gateway.workers)]
-
-    async def close_on_stop() -> None:
-        # The workers close their copies as they start draining; once this one is closed too,
-        # new connections are refused rather than left in the backlog.
-        await stop.wait()
-        listener.close()
-
-    await asyncio.gather(close_on_stop(), *(worker.run(stop) for worker in workers))
+    workers = [GatewayWorker(i, env, settings) for i in range(settings.gateway.workers)]
+    await asyncio.gather(*(worker.run(stop) for worker in workers))
 
 
 def shared_limits_file(settings: Settings) -> Path | None:
@@ -141,7 +145,7 @@ def shared_limits_file(settings: Settings) -> Path | None:
 
 
 def main() -> None:
-    """A worker: the gateway on the inherited listening socket, until SIGTERM (then drained)."""
+    """A worker: the gateway on a listening socket of its own, until SIGTERM (then drained)."""
     import uvloop
 
     from qwenstack import logs
@@ -149,7 +153,8 @@ def main() -> None:
 
     settings: Settings = pickle.loads(base64.b64decode(os.environ.pop(SETTINGS_ENV)))
     logs.configure(settings.log_level, settings.observability.log_format)
-    listener = socket.socket(fileno=int(sys.argv[1]))
+    listener = socket.create_server((settings.gateway.host, settings.gateway.port),
+                                    reuse_port=True, backlog=2048)
     server = gateway_server(settings, own_signals=True)
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(server.serve(sockets=[listener]))
