@@ -189,12 +189,21 @@ def test_sigterm_drains_both_workers(engine_url: str, tmp_path: Path):
 
 
 def test_a_killed_parent_takes_its_workers_with_it(tmp_path: Path):
-    """No engine needed: SIGKILL the gateway (as the OOM killer would); its workers end too,
-    and the port is refused, not left hanging."""
+    """No engine needed: a second gateway on the port is refused; SIGKILL the first (as the
+    OOM killer would): its workers end too, and the port is refused, not left hanging."""
     gateway = start_gateway(tmp_path, "http://127.0.0.1:9", env=WORKERS, until="/health")
     pids = [int(line.split("(pid ")[1].split(",")[0]) for line in gateway.log.read_text()
             .splitlines() if "Gateway worker" in line and "started (pid" in line]
     assert len(pids) == 2
+    # Its port is held: a second gateway on it is refused, rather than taking half the
+    # connections through a socket of its own (SO_REUSEPORT).
+    port = gateway.url.rsplit(":", 1)[1]
+    second = subprocess.run(
+        [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", "http://127.0.0.1:9",
+         "--home", str(tmp_path / "second"), "--port", port],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **WORKERS},
+    )
+    assert second.returncode != 0 and "cannot listen" in second.stderr, second.stderr
     gateway.process.kill()
     gateway.process.wait(10)
     deadline = time.monotonic() + 15
