@@ -163,7 +163,10 @@ def test_prefix_aware_keeps_conversations_on_their_replica_across_gateways_and_h
     for name, policy, count in (("round_robin", "round_robin", 1),
                                 ("prefix_aware", "prefix_aware", 1),
                                 ("prefix_aware_two_gateways", "prefix_aware", 2)):
-        gateways = [gateway_for(tmp_path / f"{name}-{n}", stack, routing__policy=policy)
+        # One pepper, as gateways in front of shared engines must have: the prefix-cache salt
+        # of a caller (an HMAC under it) is then the same whichever gateway sends its turn.
+        gateways = [gateway_for(tmp_path / f"{name}-{n}", stack, routing__policy=policy,
+                                auth__pepper="one pepper for every gateway")
                     for n in range(count)]
         salt = conversation_salt(stack, 7)
         try:
