@@ -177,9 +177,11 @@ def request_log(log: Path, request_id: str) -> dict:
 
 
 def start_gateway(
-    tmp: Path, engine_url: str, *args: str, env: dict[str, str] | None = None, auth: bool = False
+    tmp: Path, engine_url: str, *args: str, env: dict[str, str] | None = None, auth: bool = False,
+    until: str = "/ready",
 ) -> Gateway:
     """A gateway process on a free port with its own home; `env` adds QWENSTACK_* settings.
+    Returns once `until` answers 200 (`/health`: without waiting for an engine).
 
     Auth is off unless asked for: tests of limits, cache or metrics then need no key store (the
     stack tests and tests/test_auth.py, test_usage.py run with it on)."""
@@ -195,11 +197,22 @@ def start_gateway(
     )
     gateway = Gateway(process, f"http://127.0.0.1:{port}", home, log)
     try:
-        wait_until_answering(process, f"{gateway.url}/ready", log, timeout_s=60)
+        wait_until_answering(process, f"{gateway.url}{until}", log, timeout_s=60)
     except BaseException:
         gateway.stop()
         raise
     return gateway
+
+
+def refused(base_url: str) -> bool:
+    """Whether a connection to the server is refused (nothing listens), as after a drain."""
+    try:
+        httpx.get(f"{base_url}/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        pass
+    return False
 
 
 def wait_until_answering(

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import helm_python as helm
@@ -186,12 +190,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> dict[
     return labels
 
 
-@pytest.mark.parametrize("source", ["dashboard", "alerts"])
+@pytest.mark.parametrize("source", ["dashboard", "alerts", "autoscaling"])
 def test_every_queried_metric_and_label_is_exported(exported: dict[str, set[str]], source: str):
     if source == "dashboard":
         queries = list(_dashboard_queries(json.loads(DASHBOARD.read_text())))
-    else:
+    elif source == "alerts":
         queries = list(_alert_queries(yaml.safe_load(ALERTS.read_text())))
+    else:
+        queries = [rule["metricsQuery"].replace("<<.LabelMatchers>>", "")
+                   for rule in adapter_rules(by_kind(render_chart(ENGINE_AUTOSCALING)))]
     known = {**ELSEWHERE, **exported}
     queried = set().union(*(metric_names(q) for q in queries))
     assert queried, "no metric found in the queries"
@@ -201,7 +208,8 @@ def test_every_queried_metric_and_label_is_exported(exported: dict[str, set[str]
         available = set().union(*(known[name] for name in metric_names(query)))
         assert label_names(query) <= available, query
     # And the file reads some of each kind: the gateway's own, and the engines' via the gateway.
-    assert any(name.startswith("qwenstack_") and name in exported for name in queried)
+    if source != "autoscaling":  # only the engines' there
+        assert any(name.startswith("qwenstack_") and name in exported for name in queried)
     assert any(name.startswith("vllm:") and name in exported for name in queried)
 
 
@@ -391,6 +399,82 @@ def test_helm_chart_with_external_services_and_fixed_gateways():
     engine = manifests["Deployment", "qs-engine"]["spec"]["template"]["spec"]["containers"][0]
     assert "--reasoning-parser=qwen3" in engine["args"]
     assert config["QWENSTACK_ENGINE__REASONING_PARSER"] == "qwen3"
+
+
+ENGINE_AUTOSCALING = {**CHART_SECRETS, "engine": {"autoscaling": {"enabled": True}}}
+
+
+def adapter_rules(manifests: dict[tuple[str, str], dict]) -> list[dict]:
+    return yaml.safe_load(manifests["ConfigMap", "qs-prometheus-adapter-rules"]["data"][
+        "external-rules.yaml"])
+
+
+def test_helm_chart_scales_engines_on_their_queue_and_kv_cache_when_asked():
+    fixed = by_kind(render_chart(CHART_SECRETS))
+    assert ("HorizontalPodAutoscaler", "qs-engine") not in fixed  # off by default
+    assert fixed["Deployment", "qs-engine"]["spec"]["replicas"] == 2
+    manifests = by_kind(render_chart(ENGINE_AUTOSCALING))
+    engine = manifests["Deployment", "qs-engine"]
+    assert "replicas" not in engine["spec"]  # the HPA's to set
+    hpa = manifests["HorizontalPodAutoscaler", "qs-engine"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": "qs-engine"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 8)
+    targets = {m["external"]["metric"]["name"]: m["external"]["target"] for m in hpa["metrics"]}
+    assert targets == {"qwenstack_engine_requests_waiting": {"type": "Value", "value": "4"},
+                       "qwenstack_engine_kv_cache_usage": {"type": "Value", "value": "0.8"}}
+    # prometheus-adapter serves each of them, averaged per engine, from what the scrape job
+    # reads (the gateways' pages, labelled with their namespace for the rules' matchers).
+    rules = {rule["name"]["as"]: rule for rule in adapter_rules(manifests)}
+    assert rules.keys() == targets.keys()
+    assert {metric_names(rule["metricsQuery"].replace("<<.LabelMatchers>>", "")).pop()
+            for rule in rules.values()} == {"vllm:num_requests_waiting",
+                                            "vllm:kv_cache_usage_perc"}
+    assert all(rule["metricsQuery"].startswith("avg(") for rule in rules.values())
+    [job] = yaml.safe_load(manifests["ConfigMap", "qs-prometheus-scrape"]["data"][
+        "scrape-configs.yaml"])
+    assert {"source_labels": ["__meta_kubernetes_namespace"],
+            "target_label": "namespace"} in job["relabel_configs"]
+    # Scale-in drains: the grace period holds the preStop's whole wait, plus vLLM's exit.
+    pod = engine["spec"]["template"]["spec"]
+    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    port, out_of_dns_s, max_s = (int(arg) for arg in command[3:])
+    assert port == pod["containers"][0]["ports"][0]["containerPort"]
+    vllm_drain_s = next(int(arg.split("=")[1]) for arg in pod["containers"][0]["args"]
+                        if arg.startswith("--shutdown-timeout="))
+    assert pod["terminationGracePeriodSeconds"] > out_of_dns_s + max_s + vllm_drain_s
+    assert hpa["behavior"]["scaleDown"]["policies"] == [
+        {"type": "Pods", "value": 1, "periodSeconds": pod["terminationGracePeriodSeconds"]}]
+
+
+def test_engine_drain_waits_for_the_requests_it_runs(engine_url: str):
+    """The engines' preStop, run against a real vLLM: it returns at once when nothing runs,
+    and only after the last answer when one does."""
+    engine = by_kind(render_chart(CHART_SECRETS))["Deployment", "qs-engine"]
+    command = engine["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"][
+        "exec"]["command"]
+    port = engine_url.rsplit(":", 1)[1]
+    drain = [sys.executable, *command[1:3], port, "0", "120"]
+    started = time.monotonic()
+    subprocess.run(drain, check=True, timeout=60)
+    assert time.monotonic() - started < 10
+    body = {"model": "tiny-qwen3", "prompt": "Hi", "max_tokens": 800, "ignore_eos": True,
+            "stream": True}
+
+    def drained_at() -> float:
+        subprocess.run(drain, check=True, timeout=150)
+        return time.monotonic()
+
+    with ThreadPoolExecutor(1) as pool, httpx.stream(
+            "POST", f"{engine_url}/v1/completions", json=body, timeout=120) as answer:
+        lines = answer.iter_lines()
+        next(lines)  # running now
+        draining = pool.submit(drained_at)
+        events = sum(1 for line in lines if line.startswith("data: "))
+        finished = time.monotonic()
+        drained = draining.result()
+    assert events > 100  # the whole answer came while the drain waited
+    assert finished - 1 < drained < finished + 5
 
 
 @pytest.mark.parametrize("values, message", [

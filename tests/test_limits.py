@@ -72,13 +72,17 @@ def test_rpm_shared_by_two_gateways_through_redis(tmp_path: Path, engine_url: st
     assert remaining == list(range(10))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "workers"])
 def tpm_30(
     request: pytest.FixtureRequest, tmp_path: Path, engine_url: str
 ) -> Iterator[list[Gateway]]:
-    """Gateways sharing a budget of 30 tokens per minute: one in-process, or two through Redis."""
+    """Gateways sharing a budget of 30 tokens per minute: one in-process, two through Redis, or
+    one of two worker processes (sharing it through their SQLite file)."""
     env = {"QWENSTACK_LIMITS__DEFAULT_TPM": "30"}
     names = ["a"]
+    if request.param == "workers":
+        env |= {"QWENSTACK_GATEWAY__WORKERS": "2", "QWENSTACK_CACHE__ENABLED": "false",
+                "QWENSTACK_RAG__MILVUS_URI": "http://127.0.0.1:9"}
     if request.param == "redis":
         env |= {"QWENSTACK_LIMITS__REDIS_URL": request.getfixturevalue("redis_url"),
                 "QWENSTACK_LIMITS__KEY_PREFIX": request.getfixturevalue("unique_prefix")}

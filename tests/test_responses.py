@@ -269,8 +269,8 @@ def test_input_over_the_body_limit_is_refused_as_it_arrives(gateway: Gateway, te
 
 
 def test_a_conversation_routes_alike_through_chat_and_responses():
-    """Prefix-aware routing reads the same prompt bytes either way, so a conversation that goes
-    on through /v1/responses lands where its earlier turns left their KV cache."""
+    """Prefix-aware routing reads the same conversation start either way, so a conversation that
+    goes on through /v1/responses lands where its earlier turns left their KV cache."""
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
              {"role": "user", "content": "Bye"}]
     chat = InferenceRequest.parse("/v1/chat/completions", json.dumps({
@@ -278,7 +278,7 @@ def test_a_conversation_routes_alike_through_chat_and_responses():
     ).encode())
     responses = InferenceRequest.parse(URL, json.dumps(
         {"model": MODEL, "instructions": "Be brief.", "input": turns}).encode())
-    assert responses.canonical_prompt() == chat.canonical_prompt()
-    assert InferenceRequest.parse(URL, json.dumps({"input": "Hi"}).encode()).canonical_prompt() \
-        == InferenceRequest.parse("/v1/chat/completions", json.dumps(
-            {"messages": turns[:1]}).encode()).canonical_prompt()
+    assert responses.conversation_start(256, 16_384) == chat.conversation_start(256, 16_384)
+    assert InferenceRequest.parse(URL, json.dumps({"input": "Hi"}).encode()).conversation_start(
+        256, 16_384) == InferenceRequest.parse("/v1/chat/completions", json.dumps(
+            {"messages": turns[:1]}).encode()).conversation_start(256, 16_384)

@@ -14,7 +14,7 @@ from qwenstack.gateway.routing import (
     PrefixAware,
     RoundRobin,
     SessionAffinity,
-    block_hashes,
+    rendezvous,
 )
 
 SYSTEM = "You are a terse assistant. " * 20  # 540 bytes: two 256-byte blocks
@@ -32,15 +32,15 @@ def chat(*messages: tuple[str, str], user: str | None = None) -> Exchange:
 
 
 def prefix_policy(**overrides: int) -> PrefixAware:
-    options = {"block_bytes": 256, "max_blocks": 64, "max_entries": 1000, "load_slack": 2}
+    options = {"prompt_bytes": 256, "max_bytes": 16_384, "load_slack": 2}
     return PrefixAware(**(options | overrides))
 
 
 def test_round_robin_takes_turns_and_orders_the_rest_as_fallbacks():
     pool, policy = replicas(3), RoundRobin()
-    firsts = [policy.order(pool, chat(("user", "hi"))).replicas[0].index for _ in range(6)]
+    firsts = [policy.order(pool, chat(("user", "hi")))[0].index for _ in range(6)]
     assert firsts == [0, 1, 2, 0, 1, 2]
-    assert sorted(r.index for r in policy.order(pool, chat(("user", "hi"))).replicas) == [0, 1, 2]
+    assert sorted(r.index for r in policy.order(pool, chat(("user", "hi")))) == [0, 1, 2]
 
 
 def test_load_counts_engine_queue_reported_and_changes_since():
@@ -65,25 +65,25 @@ def test_load_counts_engine_queue_reported_and_changes_since():
 def test_least_outstanding_picks_least_loaded_and_rotates_ties():
     pool, policy = replicas(3), LeastOutstanding()
     pool[0].in_flight, pool[1].in_flight, pool[2].in_flight = 3, 1, 2
-    assert [r.index for r in policy.order(pool, chat(("user", "hi"))).replicas] == [1, 2, 0]
+    assert [r.index for r in policy.order(pool, chat(("user", "hi")))] == [1, 2, 0]
     for replica in pool:
         replica.in_flight = 0
-    firsts = Counter(policy.order(pool, chat(("user", "hi"))).replicas[0].index for _ in range(30))
+    firsts = Counter(policy.order(pool, chat(("user", "hi")))[0].index for _ in range(30))
     assert firsts == {0: 10, 1: 10, 2: 10}
 
 
 def test_session_affinity_is_sticky_and_moves_only_a_lost_replicas_sessions():
     pool, policy = replicas(4), SessionAffinity()
     sessions = [f"s{i}" for i in range(200)]
-    placed = {s: policy.order(pool, chat(("user", "hi"), user=s)).replicas[0] for s in sessions}
+    placed = {s: policy.order(pool, chat(("user", "hi"), user=s))[0] for s in sessions}
     assert len(set(placed.values())) == 4  # spread over all
     for _ in range(3):  # sticky, whatever the load
         pool[0].in_flight += 5
         for session, replica in placed.items():
-            assert policy.order(pool, chat(("user", "x"), user=session)).replicas[0] is replica
+            assert policy.order(pool, chat(("user", "x"), user=session))[0] is replica
     survivors = pool[1:]
     for session, replica in placed.items():
-        now = policy.order(survivors, chat(("user", "x"), user=session)).replicas[0]
+        now = policy.order(survivors, chat(("user", "x"), user=session))[0]
         assert now is replica or replica is pool[0]
 
 
@@ -92,75 +92,73 @@ def test_session_affinity_header_wins_over_user_field():
     exchange = chat(("user", "hi"), user="u")
     exchange.session = "header-session"
     other = chat(("user", "hi"), user="header-session")
-    assert policy.order(pool, exchange).replicas[0] is policy.order(pool, other).replicas[0]
+    assert policy.order(pool, exchange)[0] is policy.order(pool, other)[0]
 
 
-def test_canonical_prompt_of_a_later_turn_extends_the_earlier_one():
-    first = chat(("system", SYSTEM), ("user", "q1")).request.canonical_prompt()
-    later = chat(("system", SYSTEM), ("user", "q1"), ("assistant", "a1"),
-                 ("user", "q2")).request.canonical_prompt()
-    assert later.startswith(first)
-    assert InferenceRequest("/v1/completions", {"prompt": "abc"}).canonical_prompt() == b"abc"
-    assert InferenceRequest("/v1/completions", {"prompt": [1, 2]}).canonical_prompt() == b"[1,2]"
+def start(*messages: tuple[str, str]) -> bytes:
+    return chat(*messages).request.conversation_start(256, 16_384)
+
+
+def test_conversation_start_is_what_every_turn_starts_with():
+    first = start(("system", SYSTEM), ("user", "q1"))
+    assert first == start(("system", SYSTEM), ("user", "q1"), ("assistant", "a1"), ("user", "q2"))
+    assert first.endswith(b"user\x1fq1\x1e")
+    assert first != start(("system", SYSTEM), ("user", "q2"))  # a shared system prompt alone
+    assert start(("system", SYSTEM)) == start(("system", SYSTEM))[:16_384]
+    assert len(chat(("user", "x" * 50_000)).request.conversation_start(256, 1000)) == 1000
+    completions = "/v1/completions"
+    turn = "x" * 300
+    assert InferenceRequest(completions, {"prompt": turn}).conversation_start(256, 16_384) \
+        == InferenceRequest(completions, {"prompt": turn + "more"}).conversation_start(
+            256, 16_384) == b"x" * 256
+    assert InferenceRequest(completions, {"prompt": [1, 2]}).conversation_start(256, 99) \
+        == b"[1,2]"
     assert InferenceRequest("/v1/chat/completions", {
-        "messages": [{"role": "user", "content": [{"type": "text"}]}]}).canonical_prompt()
+        "messages": [{"role": "user", "content": [{"type": "text"}]}]}).conversation_start(9, 99)
 
 
-def test_block_hashes_are_chained_and_only_of_complete_blocks():
-    a = block_hashes(b"x" * 600, 256, 64)
-    b = block_hashes(b"x" * 512 + b"y" * 100, 256, 64)
-    assert len(a) == 2 and a == b  # the incomplete third block is not hashed
-    assert a[0] != a[1]  # the second names both blocks, not the second alone
-    assert block_hashes(b"x" * 256 + b"z" * 256, 256, 64)[0] == a[0]
-    assert block_hashes(b"x" * 256 + b"z" * 256, 256, 64)[1] != a[1]
-    assert len(block_hashes(b"x" * 10_000, 256, 3)) == 3
+def test_rendezvous_is_the_same_on_every_gateway_and_moves_only_a_lost_replicas_keys():
+    keys = [f"k{i}".encode() for i in range(300)]
+    here = {key: rendezvous(key, replicas(4))[0].url for key in keys}
+    elsewhere = replicas(4)[::-1]  # another gateway: its own objects, listed in another order
+    assert here == {key: rendezvous(key, elsewhere)[0].url for key in keys}
+    assert len(set(here.values())) == 4
+    survivors = replicas(4)[1:]
+    for key, url in here.items():
+        now = rendezvous(key, survivors)[0].url
+        assert now == url or url == "http://engine-0:8000"
 
 
-def test_prefix_aware_sends_later_turns_where_the_conversation_went():
-    pool, policy = replicas(3), prefix_policy()
+def test_prefix_aware_sends_every_turn_where_the_conversation_went_on_any_gateway():
+    gateways = [(replicas(3), prefix_policy()) for _ in range(2)]
     homes = {}
-    for conversation in range(6):
-        system = f"{conversation} {SYSTEM}"
-        exchange = chat(("system", system), ("user", "q1"))
-        placement = policy.order(pool, exchange)
-        homes[conversation] = home = placement.replicas[0]
-        placement.placed(home)
-    assert len({r.index for r in homes.values()}) == 3  # new prefixes spread while idle
+    for conversation in range(12):
+        pool, policy = gateways[conversation % 2]
+        homes[conversation] = policy.order(pool, chat(("system", SYSTEM),
+                                                      ("user", f"q{conversation}")))[0].url
+    assert len(set(homes.values())) == 3  # conversations spread, even with one system prompt
     for conversation, home in homes.items():
-        system = f"{conversation} {SYSTEM}"
-        later = chat(("system", system), ("user", "q1"), ("assistant", "a1"), ("user", "q2"))
-        assert policy.order(pool, later).replicas[0] is home
+        pool, policy = gateways[1 - conversation % 2]  # the next turn reaches the other one
+        later = chat(("system", SYSTEM), ("user", f"q{conversation}"), ("assistant", "a1"),
+                     ("user", "q2"))
+        assert policy.order(pool, later)[0].url == home
 
 
-def test_prefix_aware_leaves_a_holder_busier_than_the_slack():
-    pool, policy = replicas(2), prefix_policy(load_slack=2)
+def test_prefix_aware_passes_over_a_replica_busier_than_the_slack():
+    pool, policy = replicas(3), prefix_policy(load_slack=2)
     exchange = chat(("system", SYSTEM), ("user", "q"))
-    placement = policy.order(pool, exchange)
-    holder = placement.replicas[0]
-    placement.placed(holder)
-    other = pool[1 - holder.index]
-    holder.in_flight = 2  # within the slack: stays
-    assert policy.order(pool, chat(("system", SYSTEM), ("user", "q"))).replicas[0] is holder
-    holder.in_flight = 3  # beyond: the least busy takes it, and becomes the prefix's holder
-    moved = chat(("system", SYSTEM), ("user", "q"))
-    placement = policy.order(pool, moved)
-    assert placement.replicas[0] is other
-    placement.placed(other)
-    holder.in_flight = 0
-    assert policy.order(pool, chat(("system", SYSTEM), ("user", "q"))).replicas[0] is other
-
-
-def test_prefix_aware_forgets_least_recently_used_and_ignores_gone_replicas():
-    pool, policy = replicas(2), prefix_policy(max_entries=2)
-    first = chat(("system", SYSTEM), ("user", "q"))  # two blocks: fills the memory
-    policy.order(pool, first).placed(pool[1])
-    assert policy.order(pool, chat(("system", SYSTEM))).replicas[0] is pool[1]
-    # The holder is not a candidate (down, or its circuit open): another takes it.
-    assert policy.order([pool[0]], chat(("system", SYSTEM))).replicas[0] is pool[0]
-    other = chat(("system", "other " + SYSTEM))
-    policy.order(pool, other).placed(pool[0])
-    firsts = {policy.order(pool, chat(("system", SYSTEM))).replicas[0].index for _ in range(4)}
-    assert firsts == {0, 1}  # forgotten: plain least-loaded rotation again
+    order = policy.order(pool, exchange)
+    home, second = order[0], order[1]
+    home.in_flight = 2  # within the slack: stays
+    assert policy.order(pool, exchange)[0] is home
+    home.in_flight = 3  # beyond: the next in the conversation's own order, on every gateway
+    assert policy.order(pool, exchange) == [second, home, order[2]]
+    second.in_flight = 3
+    assert policy.order(pool, exchange)[0] is order[2]
+    home.in_flight = 0
+    assert policy.order(pool, exchange)[0] is home
+    # Its replica not a candidate (down, or its circuit open): the next takes it.
+    assert policy.order([second, order[2]], exchange)[0] is order[2]
 
 
 @pytest.mark.parametrize(
@@ -169,7 +167,7 @@ def test_prefix_aware_forgets_least_recently_used_and_ignores_gone_replicas():
 def test_prefix_aware_routes_odd_payloads(payload):
     pool, policy = replicas(2), prefix_policy()
     exchange = Exchange("id", InferenceRequest("/v1/chat/completions", payload))
-    assert len(policy.order(pool, exchange).replicas) == 2
+    assert len(policy.order(pool, exchange)) == 2
 
 
 def test_pool_membership_keeps_known_engines_and_their_labels():

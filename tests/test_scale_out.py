@@ -1,5 +1,6 @@
 """The session stack's two real vLLM engines (tiny Qwen3, prefix caching on) behind gateways of
-these tests' own: routing policies, an engine killed under load, a gateway stopped under load.
+these tests' own: routing policies (through one gateway or two), an engine killed under load, a
+gateway stopped under load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Stack, request_log, start_gateway, wait_for
+from helpers import Stack, refused, request_log, start_gateway, wait_for
+
+from qwenstack.gateway.protocol import CHAT, InferenceRequest
+from qwenstack.gateway.replicas import Replica
+from qwenstack.gateway.routing import rendezvous
+from qwenstack.settings import RoutingSettings
 
 MODEL = "tiny-qwen3"
 # Blocks of 256 prompt bytes, as the gateway hashes them; vLLM caches in blocks of tokens.
@@ -96,18 +102,51 @@ def prefix_cache_counts(stack: Stack) -> tuple[float, float]:
     return hits, queries
 
 
-def conversations_workload(gateway, salt: str, conversations: int = 7, turns: int = 3):
+def homes(stack: Stack, salt: str, conversations: int) -> list[int]:
+    """The replica (index in the engines' order) each conversation's start hashes to."""
+    replicas = [Replica(url) for url in stack.engines]
+    return [stack.engines.index(rendezvous(start(system(salt, i), question(0, i)), replicas)[0].url)
+            for i in range(conversations)]
+
+
+def conversation_salt(stack: Stack, conversations: int) -> str:
+    """A fresh salt (so no run hits what an earlier one left in the prefix caches) under which
+    the conversations' starts hash to both replicas, so that where each goes says something."""
+    while True:
+        salt = uuid.uuid4().hex
+        if len(set(homes(stack, salt, conversations))) == len(stack.engines):
+            return salt
+
+
+def system(salt: str, i: int) -> dict:
+    return {"role": "system", "content": f"{salt} {i}. {SYSTEM}"}
+
+
+def question(turn: int, i: int) -> dict:
+    return {"role": "user", "content": f"Turn {turn}: and in village {i}?"}
+
+
+def start(*messages: dict) -> bytes:
+    """A conversation's start as the gateway hashes it (default settings)."""
+    routing = RoutingSettings()
+    return InferenceRequest(CHAT, {"messages": list(messages)}).conversation_start(
+        routing.prefix_prompt_bytes, routing.prefix_max_bytes)
+
+
+def conversations_workload(gateways: list, salt: str, conversations: int = 7, turns: int = 3):
     """Multi-turn chats, interleaved turn by turn (every conversation's first turn, then every
-    second turn...), one request at a time. An odd number of conversations, so that round robin
-    does not send each one's turns to the same replica by coincidence. `salt` starts every
-    prompt, so no run hits what an earlier run left in the prefix caches."""
-    chats = [[{"role": "system", "content": f"{salt} {i}. {SYSTEM}"}] for i in range(conversations)]
+    second turn...), one request at a time, each turn to the next gateway in turn. An odd number
+    of conversations, so that round robin does not send each one's turns to the same replica by
+    coincidence. `salt` starts every prompt. Returns the replica indexes (the same for every
+    gateway: all list the engines in one order) that served each conversation's turns."""
+    chats = [[system(salt, i)] for i in range(conversations)]
     served: dict[int, list[int]] = {i: [] for i in range(conversations)}
     outcomes = []
     with httpx.Client(timeout=120) as client:
         for turn in range(turns):
             for i, chat in enumerate(chats):
-                chat.append({"role": "user", "content": f"Turn {turn}: and in village {i}?"})
+                gateway = gateways[(turn + i) % len(gateways)]
+                chat.append(question(turn, i))
                 outcome = stream_chat(client, gateway.url, chat)
                 assert outcome.status == 200, outcome
                 chat.append({"role": "assistant", "content": outcome.text})
@@ -117,37 +156,53 @@ def conversations_workload(gateway, salt: str, conversations: int = 7, turns: in
 
 
 @pytest.mark.engine_exclusive  # reads the replicas' prefix-cache counters
-def test_prefix_aware_keeps_conversations_on_their_replica_and_hits_the_cache_more(
+def test_prefix_aware_keeps_conversations_on_their_replica_across_gateways_and_hits_the_cache(
     tmp_path: Path, stack: Stack
 ):
+    """Round robin, prefix-aware routing through one gateway, and through two gateways that
+    take turns: a conversation's turns go to one replica however many gateways they pass, so
+    two gateways hit the prefix cache as often as one."""
     figures = {}
-    for policy in ("round_robin", "prefix_aware"):
-        gateway = gateway_for(tmp_path / policy, stack, routing__policy=policy)
+    for name, policy, count in (("round_robin", "round_robin", 1),
+                                ("prefix_aware", "prefix_aware", 1),
+                                ("prefix_aware_two_gateways", "prefix_aware", 2)):
+        # One pepper, as gateways in front of shared engines must have: the prefix-cache salt
+        # of a caller (an HMAC under it) is then the same whichever gateway sends its turn.
+        gateways = [gateway_for(tmp_path / f"{name}-{n}", stack, routing__policy=policy,
+                                auth__pepper="one pepper for every gateway")
+                    for n in range(count)]
+        salt = conversation_salt(stack, 7)
         try:
             before = prefix_cache_counts(stack)
-            served, outcomes = conversations_workload(gateway, salt=uuid.uuid4().hex)
+            served, outcomes = conversations_workload(gateways, salt)
             after = prefix_cache_counts(stack)
         finally:
-            gateway.stop()
+            for gateway in gateways:
+                gateway.stop()
         ttfts = sorted(o.ttft_s for o in outcomes)
         hits, queries = after[0] - before[0], after[1] - before[1]
-        figures[policy] = {
+        figures[name] = {
             "ttft_median_ms": round(statistics.median(ttfts) * 1000, 1),
             "ttft_p95_ms": round(statistics.quantiles(ttfts, n=20)[-1] * 1000, 1),
             "prefix_cache_hit_rate": round(hits / queries, 3),
             "ttfts_ms": [round(t * 1000) for t in ttfts],
             "served": served,
+            "homes": homes(stack, salt, 7),
         }
-    print("\nrouting figures:", json.dumps({p: {k: v for k, v in f.items() if k != "served"}
+    print("\nrouting figures:", json.dumps({p: {k: v for k, v in f.items()
+                                                if k not in ("served", "homes")}
                                            for p, f in figures.items()}))
-    # Every conversation's later turns went where its first did, and both replicas took some.
-    prefix_served = figures["prefix_aware"]["served"]
-    assert all(len(set(replicas)) == 1 for replicas in prefix_served.values()), prefix_served
-    assert {replicas[0] for replicas in prefix_served.values()} == {0, 1}, prefix_served
+    # Every turn of a conversation went to the replica its start hashes to (through either
+    # gateway), and both replicas took some.
+    for name in ("prefix_aware", "prefix_aware_two_gateways"):
+        served, home = figures[name]["served"], figures[name]["homes"]
+        assert all(replicas == [home[i]] * 3 for i, replicas in served.items()), figures[name]
     round_robin_served = figures["round_robin"]["served"]
     assert any(len(set(replicas)) > 1 for replicas in round_robin_served.values())
-    assert (figures["prefix_aware"]["prefix_cache_hit_rate"]
-            > figures["round_robin"]["prefix_cache_hit_rate"]), figures
+    one, two = (figures[name]["prefix_cache_hit_rate"]
+                for name in ("prefix_aware", "prefix_aware_two_gateways"))
+    assert one > figures["round_robin"]["prefix_cache_hit_rate"], figures
+    assert two >= 0.9 * one, figures
 
 
 @pytest.mark.engine_exclusive  # spreads load over both replicas
@@ -297,16 +352,6 @@ def test_sigterm_lets_accepted_requests_finish_and_refuses_new_ones(
             if gateway.process.poll() is None:
                 gateway.stop()
     pytest.fail("in three rounds every stream ended before the signal could be sent")
-
-
-def refused(base_url: str) -> bool:
-    try:
-        httpx.get(f"{base_url}/health", timeout=2)
-    except httpx.ConnectError:
-        return True
-    except httpx.HTTPError:
-        pass
-    return False
 
 
 class BreakingEngine(BaseHTTPRequestHandler):

@@ -1,10 +1,10 @@
 """A child process kept running: restarted with a doubling backoff, stopped with its group.
 
-Engines and the chat UI both run this way. Each child runs in its own session (process group):
-vLLM forks an EngineCore process, and a crash of the API server must not leave that child holding
-memory, so signals go to the group. Each is started through lifeline.py, which kills its group
-when this process ends without stopping it (SIGKILL, the OOM killer): no engine or UI outlives
-the process that started it.
+Engines, the chat UI and gateway worker processes all run this way. Each child runs in its own
+session (process group): vLLM forks an EngineCore process, and a crash of the API server must
+not leave that child holding memory, so signals go to the group. Each is started through
+lifeline.py, which kills its group when this process ends without stopping it (SIGKILL, the OOM
+killer): no engine, UI or gateway worker outlives the process that started it.
 """
 
 from __future__ import annotations
@@ -71,19 +71,21 @@ class SupervisedProcess:
         self,
         name: str,
         argv: Sequence[str],
-        log_path: Path,
+        log_path: Path | None,
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
         stable_after_s: float = 60.0,
+        stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         self.name = name
         self.argv = list(argv)
-        self.log_path = log_path
+        self.log_path = log_path  # None: the output goes where this process's goes
         self.env = dict(env) if env is not None else None  # None: this process's environment
         self.cwd = cwd
+        self.stop_grace_s = stop_grace_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         # A process that ran this long is healthy again: its next crash restarts without delay.
@@ -94,7 +96,7 @@ class SupervisedProcess:
         self._last_failure: tuple[int | None, str] | None = None
 
     def log_tail(self, lines: int = 1) -> str:
-        return log_tail(self.log_path, lines)
+        return log_tail(self.log_path, lines) if self.log_path else ""
 
     def started(self, process: asyncio.subprocess.Process) -> None:
         """Called as each run starts."""
@@ -108,20 +110,23 @@ class SupervisedProcess:
     async def run(self, stop: asyncio.Event) -> None:
         """Start the process, restart it whenever it exits, until `stop` is set."""
         backoff = self.backoff_initial_s
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         while not stop.is_set():
             lifeline = _lifeline()
-            with self.log_path.open("ab") as log_file:
-                self.run_log_start = log_file.tell()
+            with (self.log_path.open("ab") if self.log_path
+                  else contextlib.nullcontext(None)) as log_file:
+                self.run_log_start = log_file.tell() if log_file else 0
                 # -I: the lifeline's Python ignores the command's PYTHON* variables.
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), *self.argv,
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                    start_new_session=True, pass_fds=(lifeline,),
+                    stderr=asyncio.subprocess.STDOUT if log_file else None, env=self.env,
+                    cwd=self.cwd, start_new_session=True, pass_fds=(lifeline,),
                 )
             self.started_at = time.monotonic()
-            log.info("%s started (pid %d, log %s)", self.name, process.pid, self.log_path)
+            log.info("%s started (pid %d, log %s)", self.name, process.pid,
+                     self.log_path or "with this process's")
             self.started(process)
             watch = asyncio.create_task(self.serving(process))
             exited = asyncio.create_task(process.wait())
@@ -147,7 +152,7 @@ class SupervisedProcess:
     def _report_exit(self, process: asyncio.subprocess.Process, backoff_s: float) -> None:
         """The end of the log once per failure: a crash loop repeating the same failure says
         one line per restart, not the same traceback every time."""
-        tail = log_tail(self.log_path, 20, self.run_log_start)
+        tail = log_tail(self.log_path, 20, self.run_log_start) if self.log_path else ""
         seen, self._last_failure = self._last_failure, failure(process.returncode, tail)
         if seen == self._last_failure:
             log.error(
@@ -167,11 +172,11 @@ class SupervisedProcess:
         if process.returncode is None:
             _signal_group(process.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+                await asyncio.wait_for(process.wait(), self.stop_grace_s)
             except TimeoutError:
                 log.warning(
                     "%s (pid %d) ignored SIGTERM for %.0f s; killing",
-                    self.name, process.pid, STOP_GRACE_S,
+                    self.name, process.pid, self.stop_grace_s,
                 )
         _signal_group(process.pid, signal.SIGKILL)
         await process.wait()

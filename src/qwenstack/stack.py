@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 import uvicorn
 
 from qwenstack.engine import prepare_engines
+from qwenstack.engine.hardware import detect
 from qwenstack.engine.supervisor import Supervisor
 from qwenstack.errors import SetupError
+from qwenstack.gateway import workers
 from qwenstack.gateway.app import create_app
 from qwenstack.gateway.http_limits import BoundedHeadProtocol
 from qwenstack.settings import Settings
@@ -29,7 +31,9 @@ class _GatewayServer(uvicorn.Server):
         yield
 
 
-def gateway_server(settings: Settings) -> uvicorn.Server:
+def gateway_server(settings: Settings, *, own_signals: bool = False) -> uvicorn.Server:
+    """The gateway's server; `own_signals`: SIGTERM and SIGINT drain and stop it (a worker
+    process), rather than the stack's handlers stopping everything."""
     config = uvicorn.Config(
         create_app(settings),
         host=settings.gateway.host,
@@ -42,7 +46,7 @@ def gateway_server(settings: Settings) -> uvicorn.Server:
         # Header size, read deadlines and the connection cap (http_limits.py).
         http=BoundedHeadProtocol.configured(settings),
     )
-    return _GatewayServer(config)
+    return uvicorn.Server(config) if own_signals else _GatewayServer(config)
 
 
 def _listen(settings: Settings) -> socket.socket:
@@ -53,6 +57,9 @@ def _listen(settings: Settings) -> socket.socket:
     host, port = settings.gateway.host, settings.gateway.port
     try:
         sock = socket.create_server((host, port), reuse_port=False)
+        if (settings.gateway.workers or 1) > 1:  # free: held for the workers' own sockets
+            sock.close()
+            sock = workers.hold_port(host, port)
     except OSError as exc:
         raise SetupError(
             f"The gateway cannot listen on {host}:{port} ({exc.strerror}); set --port.") from None
@@ -109,6 +116,10 @@ async def run(
     supervisor: Supervisor | None = None
     server: uvicorn.Server | None = None
     server_task: asyncio.Task[None] | None = None
+    if gateway:  # how many gateway processes, or refused before anything starts
+        count = workers.worker_count(settings, detect().has_gpu)
+        settings = settings.model_copy(update={
+            "gateway": settings.gateway.model_copy(update={"workers": count})})
     # Bound first: a taken port should fail before minutes of engine loading, not after.
     listener = _listen(settings) if gateway else None
     ui_task: asyncio.Task[None] | None = None
@@ -119,10 +130,13 @@ async def run(
     try:
         if engines:
             supervisor, settings = await _start_engines(settings)
-        if listener:
+        if listener and settings.gateway.workers == 1:
             # Up before the engines are: /health answers and /ready says 503 while they load.
             server = gateway_server(settings)
             server_task = asyncio.create_task(server.serve(sockets=[listener]))
+        elif listener:  # worker processes, each draining on the stop below
+            log.info("Gateway: %d worker processes", settings.gateway.workers)
+            server_task = asyncio.create_task(workers.run(settings, stop))
         if ui:
             # Up while the engines load too: it tells users the model is starting.
             ui_task = asyncio.create_task(ui_server.supervise(settings, stop))
@@ -139,9 +153,12 @@ async def run(
     finally:
         log.info("Stopping")
         stop.set()  # the UI stops its process on this, meanwhile the rest stops below
-        if server and server_task:
+        if server:
             server.should_exit = True
+        if server_task:
             await server_task
+        if listener:
+            listener.close()  # the workers' port, refused from now on
         if supervisor:
             await supervisor.stop()
         if ui_task:

@@ -77,7 +77,7 @@ class Engine(SupervisedProcess):
     async def serving(self, process: asyncio.subprocess.Process) -> None:
         """Ready means /health answers and /v1/models lists the model. Until then, each phase
         vLLM's log shows (loading weights, compiling, ...) is one log line."""
-        phases = PhaseWatch(self.log_path, self.run_log_start)
+        phases = PhaseWatch(self.launch.log_path, self.run_log_start)
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(self.launch.url, timeout=timeout) as http:
             while True:

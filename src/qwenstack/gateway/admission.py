@@ -4,12 +4,16 @@ At most `max_in_flight` requests are at the engines at once (a stream holds its 
 last byte); others wait in arrival order. Past `max_queue` waiting requests, or `max_wait_s` of
 waiting, a request gets 503 with Retry-After at once, instead of piling up in memory and in
 the engines' queues while the client times out anyway.
+
+With several worker processes (workers.py), each admits its share of both bounds, rounded up:
+a request waits in its own worker's line even when another worker has a free slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 
 from prometheus_client import Counter, Gauge
 
@@ -17,7 +21,8 @@ from qwenstack.gateway.errors import GatewayError
 from qwenstack.gateway.exchange import Exchange
 from qwenstack.settings import AdmissionSettings
 
-QUEUED = Gauge("qwenstack_requests_queued", "Requests waiting for a slot at the engines.")
+QUEUED = Gauge("qwenstack_requests_queued", "Requests waiting for a slot at the engines.",
+               multiprocess_mode="livesum")
 REJECTED = Counter(
     "qwenstack_admission_rejected_total", "Requests refused by admission control.", ["reason"]
 )
@@ -26,9 +31,10 @@ RETRY_AFTER_S = 1
 
 
 class Admission:
-    def __init__(self, settings: AdmissionSettings) -> None:
-        self.max_in_flight = settings.max_in_flight
-        self.max_queue = settings.max_queue
+    def __init__(self, settings: AdmissionSettings, workers: int = 1) -> None:
+        self.max_in_flight = (math.ceil(settings.max_in_flight / workers)
+                              if settings.max_in_flight is not None else None)
+        self.max_queue = math.ceil(settings.max_queue / workers)
         self.max_wait_s = settings.max_wait_s
         self.in_flight = 0
         # Each waiter's future is resolved by `_release` handing it a slot.

@@ -25,8 +25,10 @@ from qwenstack.settings import CacheSettings
 
 log = logging.getLogger(__name__)
 
-CACHE_BYTES = Gauge("qwenstack_cache_bytes", "Bytes of cached answers.")
-CACHE_ENTRIES = Gauge("qwenstack_cache_entries", "Cached answers.")
+# Several worker processes share only a Redis store, and each recounts the same one.
+CACHE_BYTES = Gauge("qwenstack_cache_bytes", "Bytes of cached answers.",
+                    multiprocess_mode="livemax")
+CACHE_ENTRIES = Gauge("qwenstack_cache_entries", "Cached answers.", multiprocess_mode="livemax")
 
 # After a Redis failure, requests skip Redis this long instead of each paying for a timeout.
 REDIS_PAUSE_S = 1.0

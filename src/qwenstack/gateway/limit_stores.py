@@ -1,4 +1,5 @@
-"""Where per-caller budgets live: in this process, or in Redis shared by every gateway.
+"""Where per-caller budgets live: in this process, in a SQLite file the worker processes of
+one gateway share, or in Redis shared by every gateway.
 
 Requests and tokens are token buckets (capacity = the per-minute limit, refilled continuously at
 limit/60 per second), as OpenAI's limits behave: O(1) state per caller, a level and a timestamp,
@@ -10,10 +11,14 @@ nor several limits taken all-or-nothing in one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -126,6 +131,94 @@ class MemoryStore:
 
     async def close(self) -> None:
         pass
+
+
+class SqliteStore:
+    """Budgets shared by the worker processes of one gateway (workers.py) without Redis: a
+    SQLite file in the run folder, each step one write transaction (BEGIN IMMEDIATE: one
+    process at a time), so a caller's limits hold exactly across workers. The same decision as
+    the other stores, on the wall clock every process reads alike.
+
+    Steps run in one thread of this process's own, off the event loop: a step may wait a moment
+    for another worker's. The file is made afresh with each start (budgets start full, as in a
+    single process), and never synced to disk: nothing in it is worth an fsync per request.
+    Buckets expire once full again and leases after `lease_s`, as in Redis."""
+
+    def __init__(self, path: Path, lease_s: float) -> None:
+        self._lease_ms = lease_s * 1000
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, "
+                             "r REAL, t REAL, at REAL, full_at REAL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS buckets_full ON buckets (full_at)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS leases (key TEXT, lease TEXT, "
+                             "expires REAL, PRIMARY KEY (key, lease))")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="limits")
+        self._swept_ms = 0.0
+
+    async def acquire(
+        self, key: str, quota: Quota, cost: int, lease: str, requests: int = 1
+    ) -> Decision:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._acquire, key, quota, cost, lease, requests)
+
+    async def settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
+        if quota.tpm and refund or quota.concurrency:
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._settle, key, quota, refund, lease)
+
+    async def close(self) -> None:
+        self._thread.shutdown()
+        self._db.close()
+
+    def _levels(self, key: str, quota: Quota, now_ms: float) -> tuple[float, float]:
+        row = self._db.execute("SELECT r, t, at FROM buckets WHERE key = ?", (key,)).fetchone()
+        at = min(row[2], now_ms) if row else now_ms  # a clock set back refills nothing
+        return (_level(quota.rpm or 0, row[0] if row else None, at, now_ms),
+                _level(quota.tpm or 0, row[1] if row else None, at, now_ms))
+
+    def _save(self, key: str, quota: Quota, levels: tuple[float, float], now_ms: float) -> None:
+        full_ms = max([(cap - level) * MINUTE_MS / cap
+                       for cap, level in zip((quota.rpm, quota.tpm), levels, strict=True)
+                       if cap] or [0])
+        self._db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?)",
+                         (key, *levels, now_ms, now_ms + full_ms))
+
+    def _acquire(self, key: str, quota: Quota, cost: int, lease: str, requests: int) -> Decision:
+        now_ms = time.time() * 1000
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if now_ms - self._swept_ms > MINUTE_MS:  # idle callers' full buckets cost nothing
+                self._swept_ms = now_ms
+                self._db.execute("DELETE FROM buckets WHERE full_at < ?", (now_ms,))
+                self._db.execute("DELETE FROM leases WHERE expires < ?", (now_ms,))
+            requests_level, tokens_level = self._levels(key, quota, now_ms)
+            held = 0
+            if quota.concurrency:
+                held = self._db.execute(
+                    "SELECT COUNT(*) FROM leases WHERE key = ? AND expires >= ?",
+                    (key, now_ms)).fetchone()[0]
+            decision = _decide(quota, requests_level, tokens_level, held, cost, requests)
+            if decision.refused is None:
+                self._save(key, quota, (decision.requests_left, decision.tokens_left), now_ms)
+                if quota.concurrency:
+                    self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)",
+                                     (key, lease, now_ms + self._lease_ms))
+        return decision
+
+    def _settle(self, key: str, quota: Quota, refund: int, lease: str) -> None:
+        now_ms = time.time() * 1000
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if quota.tpm and refund:
+                requests_level, tokens_level = self._levels(key, quota, now_ms)
+                self._save(key, quota, (requests_level, min(quota.tpm, tokens_level + refund)),
+                           now_ms)
+            if quota.concurrency:
+                self._db.execute("DELETE FROM leases WHERE key = ? AND lease = ?", (key, lease))
 
 
 # KEYS: bucket hash, concurrency lease set. ARGV: rpm, tpm, concurrency (0: none), cost,

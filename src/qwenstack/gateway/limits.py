@@ -8,15 +8,18 @@ concurrency slot. Concurrent requests cannot overshoot the token budget, as coun
 answer would. When the request ends, the real usage replaces the reservation and the slot is
 released.
 
-The budgets live in one of two stores behind one interface (limit_stores.py): in-process (one
-gateway), or Redis (replicas share budgets).
+The budgets live in one of three stores behind one interface (limit_stores.py): in-process (one
+gateway process), a SQLite file (a gateway's worker processes share budgets), or Redis (gateway
+replicas share budgets).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from prometheus_client import Counter
 from redis.exceptions import RedisError
@@ -30,6 +33,7 @@ from qwenstack.gateway.limit_stores import (
     MemoryStore,
     Quota,
     RedisStore,
+    SqliteStore,
     Store,
 )
 from qwenstack.gateway.protocol import InferenceRequest
@@ -77,13 +81,18 @@ REFUSALS = {
 
 
 class Limiter:
-    def __init__(self, settings: LimitSettings, max_buckets: int) -> None:
+    def __init__(
+        self, settings: LimitSettings, max_buckets: int, shared_file: Path | None = None
+    ) -> None:
+        """`shared_file`: where worker processes share budgets when there is no Redis."""
         self.settings = settings
         if settings.redis_url:
             self.store: Store = RedisStore(
                 settings.redis_url.get_secret_value(), settings.key_prefix,
                 settings.redis_timeout_s, settings.concurrency_lease_s,
             )
+        elif shared_file:
+            self.store = SqliteStore(shared_file, settings.concurrency_lease_s)
         else:
             self.store = MemoryStore(max_buckets)
 
@@ -141,7 +150,7 @@ class Limiter:
             try:
                 refund = cost - used if quota.tpm else 0
                 await self.store.settle(key, quota, refund, exchange.request_id)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError, sqlite3.Error) as exc:
                 log.warning("Could not settle limits of request %s: %r", exchange.request_id, exc)
 
         exchange.on_finish(reconcile)
@@ -155,7 +164,7 @@ class Limiter:
         key = exchange.caller.name
         try:
             decision = await self.store.acquire(key, step, cost, exchange.request_id, requests)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, sqlite3.Error) as exc:
             if self.settings.redis_fail_open:
                 log.warning("Rate limiter unavailable, letting request %s through: %r",
                             exchange.request_id, exc)

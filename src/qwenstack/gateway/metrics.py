@@ -1,9 +1,10 @@
 """The gateway's Prometheus metrics, and the /metrics page that adds the engines' own.
 
 Request metrics are recorded once per request by an exchange finisher, so streaming costs no
-per-chunk work. Engine state (up, requests in flight) is read from the replica pool when
-Prometheus scrapes. Each up engine's vLLM metrics are fetched at scrape time and re-exposed with
-a `replica` label, so one Prometheus job sees the whole stack.
+per-chunk work. Whether each engine is up is read from the replica pool when Prometheus
+scrapes; requests in flight are counted by each request's lease (replicas.py). Each up engine's
+vLLM metrics are fetched at scrape time and re-exposed with a `replica` label, so one Prometheus
+job sees the whole stack.
 
 Labels stay bounded: `model` is a served model name (or "-" when none was routed to, e.g. an
 unknown model's 404), `key` the caller's key name, `replica` the engine's index.
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable, Iterator
 
 import aiohttp
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -115,22 +117,19 @@ class PoolCollector:
             "1 while the engine answers its health check.",
             labels=["replica"],
         )
-        in_flight = GaugeMetricFamily(
-            "qwenstack_requests_in_flight",
-            "Requests forwarded to engines and not yet answered.",
-            labels=["model"],
-        )
-        by_model: dict[str, int] = {}
         for replica in self.pool.replicas:
             up.add_metric([str(replica.index)], 1.0 if replica.up else 0.0)
-            if replica.models:
-                # An engine serves one model (its first card; further ones would be aliases).
-                model = replica.models[0]["id"]
-                by_model[model] = by_model.get(model, 0) + replica.in_flight
-        for model, count in by_model.items():
-            in_flight.add_metric([model], count)
         yield up
-        yield in_flight
+
+
+def registry() -> CollectorRegistry:
+    """What /metrics renders: this process's metrics or, with several worker processes
+    (workers.py sets prometheus_client's multiprocess folder), every worker's, summed."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed)
+    return summed
 
 
 class _Families:
@@ -182,11 +181,13 @@ class Exposition:
         self,
         pool: ReplicaPool,
         session: aiohttp.ClientSession,
+        registry: CollectorRegistry,
         *,
         engine_metrics: bool,
         timeout_s: float,
     ) -> None:
         self.pool = pool
+        self.registry = registry
         self.session = session
         self.engine_metrics = engine_metrics
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -195,7 +196,7 @@ class Exposition:
 
     async def render(self) -> bytes:
         if not self.engine_metrics:
-            return generate_latest(REGISTRY)
+            return generate_latest(self.registry)
         fetched = await asyncio.gather(
             *(
                 self._fetch(str(replica.index), replica.url)
@@ -207,7 +208,7 @@ class Exposition:
         # Parsing ~50 kB per engine takes milliseconds: off the event loop, which serves requests.
         engines = await asyncio.to_thread(relabel_engine_metrics, pages) if pages else b""
         # Rendered last, so the scrape-error counter already counts this scrape's failures.
-        return generate_latest(REGISTRY) + engines
+        return generate_latest(self.registry) + engines
 
     async def _fetch(self, replica: str, url: str) -> tuple[str, str] | None:
         try:

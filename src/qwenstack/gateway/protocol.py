@@ -356,26 +356,33 @@ class InferenceRequest:
             and temperature == 0
         return greedy or _is_int(self._body.get("seed"))
 
-    def canonical_prompt(self) -> bytes:
-        """The prompt as bytes whose prefixes are the prefixes of what the engine sees.
+    def conversation_start(self, prompt_bytes: int, max_bytes: int) -> bytes:
+        """What every turn of this request's conversation starts with, to send them all to the
+        same engine: the chat messages up to and including the first user message, joined in
+        order (role, then content; a Responses request's as the chat messages vLLM makes of
+        it, so a conversation is routed alike through either route), or a raw prompt's first
+        `prompt_bytes` (a later turn extends the prompt); at most `max_bytes` either way.
 
-        Chat messages are joined in order (role, then content), so a conversation's next turn
-        starts with exactly the bytes of its earlier turns, as its chat-templated prompt does;
-        a Responses request's as the chat messages vLLM makes of it, so the same conversation
-        is routed alike through either route."""
+        A shared system prompt alone does not name a conversation, its first question does:
+        conversations that share one still spread over the engines."""
         messages = self.conversation
         if messages is not None:
-            parts = []
+            parts, size = [], 0
             for message in messages:
-                if isinstance(message, dict):
-                    content = message.get("content")
-                    text = content if isinstance(content, str) else orjson.dumps(content).decode()
-                    parts.append(f"{message.get('role')}\x1f{text}\x1e")
-            return "".join(parts).encode()
+                if not isinstance(message, dict):
+                    continue
+                content = message.get("content")
+                text = content if isinstance(content, str) else orjson.dumps(content).decode()
+                parts.append(f"{message.get('role')}\x1f{text}\x1e")
+                size += len(parts[-1])
+                if message.get("role") == "user" or size >= max_bytes:
+                    break
+            return "".join(parts).encode()[:max_bytes]
         prompt = self._body.get("prompt")
         if isinstance(prompt, str):
-            return prompt.encode()
-        return orjson.dumps(prompt) if prompt is not None else b""
+            return prompt.encode()[:min(prompt_bytes, max_bytes)]
+        start = orjson.dumps(prompt) if prompt is not None else b""
+        return start[:min(prompt_bytes, max_bytes)]
 
     # --- changing (the gateway's own additions; every change is seen by every later reader) -
 

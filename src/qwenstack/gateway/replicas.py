@@ -37,6 +37,13 @@ CIRCUIT_OPEN = Gauge(
     "qwenstack_engine_circuit_open",
     "1 while an engine is out of rotation after repeated failures (or being probed).",
     ["replica"],
+    multiprocess_mode="livemax",  # each worker process has its circuits: open in any
+)
+IN_FLIGHT = Gauge(
+    "qwenstack_requests_in_flight",
+    "Requests forwarded to engines and not yet answered.",
+    ["model"],
+    multiprocess_mode="livesum",
 )
 
 
@@ -111,17 +118,21 @@ class Lease:
     """One request's hold on a replica, in its `in_flight` count from taking to release; a
     stream's lease outlives the call that took it, so release is explicit and idempotent."""
 
-    __slots__ = ("replica", "_held")
+    __slots__ = ("replica", "_held", "_gauge")
 
     def __init__(self, replica: Replica) -> None:
         replica.in_flight += 1
         self.replica = replica
         self._held = True
+        # An engine serves one model (its first card; further ones would be aliases).
+        self._gauge = IN_FLIGHT.labels(replica.models[0]["id"] if replica.models else "-")
+        self._gauge.inc()
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self.replica.in_flight -= 1
+            self._gauge.dec()
 
     def __enter__(self) -> Lease:
         return self
@@ -296,6 +307,8 @@ class ReplicaPool:
                     resp.raise_for_status()
                     replica.models = (await resp.json())["data"]
                 self._cards = None
+                if replica.models:  # its in-flight series from 0, before its first request
+                    IN_FLIGHT.labels(replica.models[0]["id"])
                 log.info("Engine %s is up, serving %s", replica.url,
                          [c["id"] for c in replica.models])
                 replica.up = True

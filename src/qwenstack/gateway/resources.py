@@ -11,10 +11,9 @@ import contextlib
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client import REGISTRY
 from starlette.requests import HTTPConnection
 
-from qwenstack.gateway import metrics
+from qwenstack.gateway import metrics, workers
 from qwenstack.gateway.admission import Admission
 from qwenstack.gateway.auth import Authenticator
 from qwenstack.gateway.cache import AnswerCache
@@ -60,7 +59,8 @@ class Resources:
             await usage.start()
             stack.push_async_callback(usage.stop)  # after the last request: none unrecorded
             session = await stack.enter_async_context(engine_session(gateway))
-            limiter = Limiter(settings.limits, max_buckets=settings.auth.jwt.max_subjects)
+            limiter = Limiter(settings.limits, max_buckets=settings.auth.jwt.max_subjects,
+                              shared_file=workers.shared_limits_file(settings))
             stack.push_async_callback(limiter.close)
             if isinstance(limiter.store, RedisStore):
                 await limiter.store.warn_if_evicting()
@@ -73,14 +73,15 @@ class Resources:
             )
             await pool.start()
             stack.push_async_callback(pool.stop)
+            registry = metrics.registry()
             engines = metrics.PoolCollector(pool)
-            REGISTRY.register(engines)
-            stack.callback(REGISTRY.unregister, engines)
+            registry.register(engines)
+            stack.callback(registry.unregister, engines)
             gpus = GpuCollector.start()
             if gpus:
-                REGISTRY.register(gpus)
+                registry.register(gpus)
                 stack.callback(gpus.stop)
-                stack.callback(REGISTRY.unregister, gpus)
+                stack.callback(registry.unregister, gpus)
             cache = await AnswerCache.open(settings.cache, settings.rag)
             stack.push_async_callback(cache.close)
             knowledge = Knowledge(settings)
@@ -93,12 +94,12 @@ class Resources:
                 pool=pool,
                 upstream=Upstream(pool, session, make_policy(settings.routing)),
                 exposition=metrics.Exposition(
-                    pool, session, engine_metrics=settings.observability.engine_metrics,
+                    pool, session, registry, engine_metrics=settings.observability.engine_metrics,
                     timeout_s=settings.observability.engine_metrics_timeout_s,
                 ),
                 cache=cache,
                 limiter=limiter,
-                admission=Admission(settings.admission),
+                admission=Admission(settings.admission, gateway.workers or 1),
                 knowledge=knowledge,
                 _exit=stack.pop_all(),
             )

@@ -2,30 +2,31 @@
 
 Every policy orders the replicas that may take a request (up, serving the model, circuit
 closed): the first gets it, the next is where a request that failed before its first byte is
-retried. Each costs O(replicas) per request, plus, for `prefix_aware`, hashing the prompt's
-leading blocks once; nothing per streamed chunk.
+retried. Each costs O(replicas) per request, plus, for `prefix_aware`, one hash of the start of
+the conversation; nothing per streamed chunk. No policy keeps a table of where requests went, so
+any number of gateways (and of worker processes in one) route alike.
 
 - `round_robin`: in turn, blind to load.
 - `least_outstanding`: the replica with the fewest requests outstanding (see `Replica.load`).
 - `session_affinity`: a session (`x-session-id` header, else the body's `user`) always goes to
   the same replica while it is up (rendezvous hashing: when a replica leaves, only its sessions
   move); requests without a session go least-outstanding.
-- `prefix_aware` (default): to the replica that served the longest matching leading blocks of
-  the prompt most recently, where vLLM's prefix cache most likely still holds their KV, unless
-  that replica has `prefix_load_slack` more requests outstanding than the least busy one; new
-  prefixes go least-outstanding. Chat is multi-turn: every turn resends the whole conversation,
-  so on a long conversation this skips most of the prefill (the slowest part of time to first
-  token), while the slack keeps one popular prefix (a shared system prompt) from pinning
-  everything on one replica.
+- `prefix_aware` (default): a conversation always goes to the same replica, where vLLM's prefix
+  cache holds the KV of its earlier turns: rendezvous hashing of what every turn starts with
+  (`InferenceRequest.conversation_start`: the messages up to the first user message), with
+  bounded load: a replica with more than `prefix_load_slack` requests outstanding beyond the
+  least busy one is passed over for the next in the conversation's order. Chat is multi-turn:
+  every turn resends the whole conversation, so on a long conversation this skips most of the
+  prefill (the slowest part of time to first token). The hash needs no memory of earlier
+  turns, so N gateways send a conversation's turns to the same engine whichever of them each
+  turn reaches; the bound keeps one hot conversation start (many clients sending the same first
+  question) from pinning everything on one replica.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from qwenstack.gateway.exchange import Exchange
@@ -35,21 +36,8 @@ from qwenstack.settings import RoutingSettings
 SESSION_HEADER = "x-session-id"
 
 
-def _forget(replica: Replica) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class Placement:
-    """A routing decision: the replicas to try, in order, and what the policy learns once one of
-    them took the request (its engine answered)."""
-
-    replicas: list[Replica]
-    placed: Callable[[Replica], None] = _forget
-
-
 class RoutingPolicy(Protocol):
-    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
+    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
         """`candidates` (non-empty) in the order to try them."""
         ...
 
@@ -58,8 +46,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
-        return Placement(self.rotate(candidates))
+    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
+        return self.rotate(candidates)
 
     def rotate(self, candidates: list[Replica]) -> list[Replica]:
         start = next(self._turn) % len(candidates)
@@ -71,73 +59,47 @@ class RoundRobin:
 
 
 class LeastOutstanding(RoundRobin):
-    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
-        return Placement(self.by_load(candidates))
+    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
+        return self.by_load(candidates)
 
 
-def _rendezvous(session: str, replica: Replica) -> bytes:
-    return hashlib.blake2b(f"{session}\0{replica.url}".encode(), digest_size=8).digest()
+def rendezvous(key: bytes, candidates: list[Replica]) -> list[Replica]:
+    """The candidates in `key`'s own order (highest random weight first): the same on every
+    gateway, and when a replica leaves only the keys it led move, each to its next."""
+    digest = hashlib.blake2b(key, digest_size=16).digest()  # one pass over a long key
+
+    def weight(replica: Replica) -> bytes:
+        return hashlib.blake2b(digest + replica.url.encode(), digest_size=8).digest()
+
+    return sorted(candidates, key=weight, reverse=True)
 
 
 class SessionAffinity(RoundRobin):
-    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
+    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
         session = exchange.session or exchange.request.get("user")
         if not session or not isinstance(session, str):
-            return Placement(self.by_load(candidates))
-        return Placement(sorted(candidates, key=lambda replica: _rendezvous(session, replica),
-                                reverse=True))
-
-
-def block_hashes(prompt: bytes, block_bytes: int, max_blocks: int) -> list[bytes]:
-    """Chained hashes of the prompt's complete leading blocks: the i-th names the first i+1."""
-    hasher = hashlib.blake2b(digest_size=8)
-    hashes = []
-    for start in range(0, min(len(prompt) // block_bytes, max_blocks) * block_bytes, block_bytes):
-        hasher.update(prompt[start:start + block_bytes])
-        hashes.append(hasher.digest())
-    return hashes
+            return self.by_load(candidates)
+        return rendezvous(session.encode(), candidates)
 
 
 class PrefixAware(RoundRobin):
-    def __init__(
-        self, block_bytes: int, max_blocks: int, max_entries: int, load_slack: int
-    ) -> None:
+    def __init__(self, prompt_bytes: int, max_bytes: int, load_slack: int) -> None:
         super().__init__()
-        self.block_bytes = block_bytes
-        self.max_blocks = max_blocks
-        self.max_entries = max_entries
+        self.prompt_bytes = prompt_bytes
+        self.max_bytes = max_bytes
         self.load_slack = load_slack
-        # block hash -> url of the replica that last served a prompt starting with those blocks,
-        # least recently used first. URLs, not replicas: discovery may replace replica objects.
-        self._where: OrderedDict[bytes, str] = OrderedDict()
 
-    def order(self, candidates: list[Replica], exchange: Exchange) -> Placement:
-        ranked = self.by_load(candidates)
-        prompt = exchange.request.canonical_prompt()
-        hashes = block_hashes(prompt, self.block_bytes, self.max_blocks)
-
-        def placed(replica: Replica) -> None:
-            self._remember(hashes, replica)
-
-        least = ranked[0].load()
-        by_url = {replica.url: replica for replica in ranked}
-        for block_hash in reversed(hashes):  # longest known prefix first
-            url = self._where.get(block_hash)
-            holder = by_url.get(url) if url else None
-            if holder is not None:
-                if holder.load() > least + self.load_slack:
-                    break  # too busy: the prefill elsewhere costs less than the wait here
-                ranked.remove(holder)
-                return Placement([holder, *ranked], placed)
-        return Placement(ranked, placed)
-
-    def _remember(self, hashes: list[bytes], replica: Replica) -> None:
-        where = self._where
-        for block_hash in hashes:
-            where[block_hash] = replica.url
-            where.move_to_end(block_hash)
-        while len(where) > self.max_entries:
-            where.popitem(last=False)
+    def order(self, candidates: list[Replica], exchange: Exchange) -> list[Replica]:
+        start = exchange.request.conversation_start(self.prompt_bytes, self.max_bytes)
+        if not start:
+            return self.by_load(candidates)
+        ranked = rendezvous(start, candidates)
+        bound = min(replica.load() for replica in candidates) + self.load_slack
+        # The first within the bound: the conversation's own replica unless it is too busy,
+        # where a prefill elsewhere costs less than the wait. The least busy always is.
+        home = next(replica for replica in ranked if replica.load() <= bound)
+        ranked.remove(home)
+        return [home, *ranked]
 
 
 def make_policy(settings: RoutingSettings) -> RoutingPolicy:
@@ -147,5 +109,5 @@ def make_policy(settings: RoutingSettings) -> RoutingPolicy:
         return LeastOutstanding()
     if settings.policy == "session_affinity":
         return SessionAffinity()
-    return PrefixAware(settings.prefix_block_bytes, settings.prefix_max_blocks,
-                       settings.prefix_max_entries, settings.prefix_load_slack)
+    return PrefixAware(settings.prefix_prompt_bytes, settings.prefix_max_bytes,
+                       settings.prefix_load_slack)

@@ -1,6 +1,6 @@
 """The gateway's HTTP client to the engines: every call to an engine goes through here.
 
-A request goes to the replicas its routing placement lists, in order, holding a lease on the
+A request goes to the replicas its routing policy lists, in order, holding a lease on the
 one it is at (the replica's in-flight count) and telling the replica's circuit breaker how it
 went. Token counting (vLLM's /tokenize) takes the same path, so it too is counted and breaks
 circuits. A client that goes away closes the upstream connection, which makes vLLM abort the
@@ -51,21 +51,19 @@ class Upstream:
 
     async def forward(self, request: Request, exchange: Exchange) -> Response:
         """Send the exchange to an engine; a stream's response finishes the exchange itself."""
-        placement = self.policy.order(self.pool.candidates(exchange.model), exchange)
+        replicas = self.policy.order(self.pool.candidates(exchange.model), exchange)
         headers = {"content-type": JSON, "x-request-id": exchange.request_id}
         # The gateway accounts tokens for every request, so a stream always asks vLLM for the
         # final usage event; the relay strips it again for a client that did not ask for it.
         body = exchange.request.to_bytes(include_usage=True)
         try:
             lease, upstream = await until_disconnect(
-                request.receive, self._send(placement.replicas, exchange, body, headers)
+                request.receive, self._send(replicas, exchange, body, headers)
             )
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         replica = lease.replica
         exchange.replica = replica.index
-        if upstream.status < 500:
-            placement.placed(replica)
         streamed = upstream.status == 200 and exchange.stream
         content = await self._read(request, upstream, lease, streamed)
         if content is None:

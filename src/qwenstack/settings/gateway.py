@@ -38,6 +38,19 @@ class GatewaySettings(BaseModel):
     max_connections: int = Field(
         2048, ge=1, description="Client connections held at once; more are answered 503.",
     )
+    workers: int | None = Field(
+        None, ge=1, le=256,
+        description="Gateway processes sharing the port. None: one per 10,000 output tokens/s "
+        "the engines are expected to stream (expected_tokens_per_s), at most one per core, "
+        "and 1 while the answer cache or knowledge bases are kept per process (cache.backend "
+        "memory, rag.milvus_uri a Milvus Lite file); more than 1 is refused then.",
+    )
+    expected_tokens_per_s: float | None = Field(
+        None, ge=0,
+        description="Output tokens per second all engines behind the gateway stream at full "
+        "load, to size `workers`. None: 15,000 per engine where this host has a GPU (Qwen3-4B "
+        "on one modern GPU), else 0.",
+    )
 
 
 class RoutingSettings(BaseModel):
@@ -45,19 +58,21 @@ class RoutingSettings(BaseModel):
 
     policy: Literal["round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = Field(
         "prefix_aware",
-        description="prefix_aware: a conversation's turns go where its earlier turns' KV is "
-        "cached, within prefix_load_slack of the least busy replica; new prompts least busy.",
+        description="prefix_aware: a conversation's turns go to one replica, where its earlier "
+        "turns' KV is cached (a hash of its start, the same on every gateway), unless that "
+        "replica is more than prefix_load_slack busier than the least busy one.",
     )
-    prefix_block_bytes: int = Field(
-        256, ge=16, description="Prompt bytes per hashed block (about 64 tokens of English)."
+    prefix_prompt_bytes: int = Field(
+        256, ge=16, description="prefix_aware, raw prompts (/v1/completions): the leading "
+        "bytes that name a conversation (about 64 tokens of English).",
     )
-    prefix_max_blocks: int = Field(64, ge=1, description="Leading blocks hashed per request.")
-    prefix_max_entries: int = Field(
-        100_000, ge=1, description="Block hashes remembered, least recently used dropped."
+    prefix_max_bytes: int = Field(
+        16_384, ge=16, description="prefix_aware: most bytes of a conversation's start (its "
+        "messages up to the first user message) that are hashed.",
     )
     prefix_load_slack: int = Field(
-        4, ge=0, description="Outstanding requests the prefix holder may have beyond the least "
-        "busy replica before a request goes to the least busy instead.",
+        4, ge=0, description="Outstanding requests a conversation's replica may have beyond the "
+        "least busy one before its request goes to the next replica in the conversation's order.",
     )
 
 
