@@ -18,6 +18,7 @@ from qwenstack.gateway import metrics
 from qwenstack.gateway.admission import Admission
 from qwenstack.gateway.auth import Authenticator
 from qwenstack.gateway.cache import AnswerCache
+from qwenstack.gateway.catalogue import ModelCatalogue
 from qwenstack.gateway.gpu_metrics import GpuCollector
 from qwenstack.gateway.knowledge_bases import Knowledge
 from qwenstack.gateway.limit_stores import RedisStore
@@ -41,6 +42,7 @@ class Resources:
     authenticator: Authenticator
     usage: UsageRecorder
     pool: ReplicaPool
+    catalogue: ModelCatalogue
     upstream: Upstream
     exposition: metrics.Exposition
     cache: AnswerCache
@@ -91,6 +93,7 @@ class Resources:
                 authenticator=Authenticator(settings.auth, keys),
                 usage=usage,
                 pool=pool,
+                catalogue=ModelCatalogue(settings, pool),
                 upstream=Upstream(pool, session, make_policy(settings.routing)),
                 exposition=metrics.Exposition(
                     pool, session, engine_metrics=settings.observability.engine_metrics,
