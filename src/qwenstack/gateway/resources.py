@@ -70,7 +70,8 @@ class Resources:
                 engine.replica_urls(), session, gateway.health_interval_s,
                 settings.admission.circuit_failures, settings.admission.circuit_cooldown_s,
                 discovery=DnsDiscovery(
-                    engine.discovery_dns, engine.discovery_port, engine.discovery_interval_s
+                    tuple(engine.discovery_dns), engine.discovery_port,
+                    engine.discovery_interval_s,
                 ) if engine.discovery_dns else None,
             )
             await pool.start()

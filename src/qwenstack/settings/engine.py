@@ -131,10 +131,10 @@ class EngineSettings(ServedModelSettings):
         default_factory=list,
         description="Remote vLLM servers. When set, no local engine is started.",
     )
-    discovery_dns: str | None = Field(
-        None,
-        description="Find engines as this name's DNS records, re-resolved every "
-        "discovery_interval_s: on Kubernetes, the engines' headless Service "
+    discovery_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Find engines as these names' DNS records, re-resolved every "
+        "discovery_interval_s: on Kubernetes, the engines' headless Services, one per model "
         "(qwenstack-engine.<namespace>.svc.cluster.local). Replaces `urls`; no local engine.",
     )
     discovery_port: int = Field(8000, ge=1, le=65535, description="Engines' port under discovery.")
@@ -148,7 +148,7 @@ class EngineSettings(ServedModelSettings):
     restart_backoff_initial_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
 
-    @field_validator("urls", mode="before")
+    @field_validator("urls", "discovery_dns", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
         return split_words(value)

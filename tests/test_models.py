@@ -1,0 +1,139 @@
+"""Two models behind one gateway, from one `engine.models` list: the tiny Qwen3 and the bundled
+SmolLM2, each with an engine of its own. Each answers through the gateway what its engine
+answers; keys are scoped per model; an alias answers as its model; a fallback serves while the
+first model's engine is stopped, and the usage row says which model served.
+
+This module's stack is its own (two vLLM boots): the shared stack serves one model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from helpers import Stack, create_key, metric, start_stack, usage_rows, wait_for
+
+TINY, SMOL = "tiny-qwen3", "smollm2"
+ALIAS = "gpt-4o-mini"  # what an application might hard-code
+CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0,
+        "max_tokens": 8}
+# Two boots on two shared cores, the bundled model prepared first if no earlier test did.
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[Stack]:
+    models = [
+        {"model": str(tiny_qwen3), "served_model_name": TINY},
+        # No model: on a CPU, the bundled SmolLM2, as `up` serves it by default.
+        {"served_model_name": SMOL},
+    ]
+    stack = start_stack(
+        tmp_path_factory.mktemp("models"), "--max-model-len", "1024", "--kv-cache-gib", "1",
+        env={"QWENSTACK_ENGINE__MODELS": json.dumps(models),
+             # The engines must answer, not the answer cache.
+             "QWENSTACK_CACHE__ENABLED": "false",
+             "QWENSTACK_GATEWAY__MODEL_ALIASES": json.dumps({ALIAS: TINY}),
+             "QWENSTACK_GATEWAY__MODEL_FALLBACKS": json.dumps({SMOL: [TINY]})},
+    )
+    yield stack
+    assert stack.stop() == 0, stack.log.read_text()[-5000:]
+
+
+def _engine(stack: Stack, model: str) -> dict:
+    [engine] = [e for e in stack.engine_state() if e["model"] == model]
+    return engine
+
+
+def _chat(url: str, model: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "model": model},
+                      headers={"x-request-id": uuid.uuid4().hex, **(headers or {})}, timeout=120)
+
+
+def _answer(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _database(stack: Stack) -> str:
+    return f"sqlite:///{stack.home / 'qwenstack.db'}"
+
+
+def test_each_model_answers_through_the_gateway_what_its_engine_answers(two_models: Stack):
+    state = two_models.engine_state()
+    assert [(e["model"], e["state"]) for e in state] == [(TINY, "ready"), (SMOL, "ready")]
+    assert len({e["url"] for e in state}) == 2  # ports assigned without collision
+    answers = {}
+    for engine in state:
+        direct = _answer(_chat(engine["url"], engine["model"]))
+        through = _answer(_chat(two_models.gateway, engine["model"], two_models.auth))
+        assert through == direct
+        answers[engine["model"]] = through
+    assert answers[TINY] != answers[SMOL]  # two models, not one engine twice
+
+    client = openai.OpenAI(base_url=f"{two_models.gateway}/v1", api_key=two_models.key)
+    cards = {card.id: card.model_dump() for card in client.models.list().data}
+    assert set(cards) == {TINY, SMOL, ALIAS}
+    assert cards[TINY]["role"] == cards[SMOL]["role"] == "chat"
+    # Each its own parsers: hermes for the Qwen3, none for SmolLM2's family.
+    assert cards[TINY]["capabilities"]["tool_calling"] is True
+    assert cards[SMOL]["capabilities"]["tool_calling"] is False
+    assert cards[ALIAS]["alias_of"] == TINY
+
+
+def test_a_key_scoped_to_one_model_gets_403_for_the_other(two_models: Stack):
+    key = create_key(two_models.home, "--name", "smol-only", "--models", SMOL)
+    auth = {"authorization": f"Bearer {key}"}
+    listed = httpx.get(f"{two_models.gateway}/v1/models", headers=auth, timeout=30).json()
+    assert [card["id"] for card in listed["data"]] == [SMOL]  # nor the alias of the other
+    _answer(_chat(two_models.gateway, SMOL, auth))
+    for other in (TINY, ALIAS):  # an alias is its model: the same scope
+        refused = _chat(two_models.gateway, other, auth)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_an_alias_answers_as_its_model(two_models: Stack):
+    direct = _answer(_chat(_engine(two_models, TINY)["url"], TINY))
+    response = _chat(two_models.gateway, ALIAS, two_models.auth)
+    assert _answer(response) == direct
+    assert response.json()["model"] == TINY
+    request_id = response.headers["x-request-id"]
+    row = usage_rows(_database(two_models), {request_id})[request_id]
+    assert (row.model, row.requested_model) == (TINY, ALIAS)
+
+
+def test_a_fallback_serves_while_the_first_models_engine_is_stopped(two_models: Stack):
+    """SmolLM2's engine is stopped (SIGSTOP: it neither exits nor restarts, its health checks
+    time out), so requests for it go to its fallback, the tiny Qwen3, until it runs again; a
+    key that may not use the fallback gets the 503 it would get without one."""
+    key = create_key(two_models.home, "--name", "smol-only-2", "--models", SMOL)
+    smol_only = {"authorization": f"Bearer {key}"}
+    direct = _answer(_chat(_engine(two_models, TINY)["url"], TINY))
+    group = _engine(two_models, SMOL)["pid"]  # its own process group (processes.py)
+    before = metric(two_models.gateway, two_models.auth, "qwenstack_model_fallbacks_total",
+                    requested=SMOL, served=TINY)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _chat(two_models.gateway, SMOL, smol_only).status_code == 503,
+                 "SmolLM2's engine taken out by the gateway", timeout_s=60, interval_s=1)
+        response = _chat(two_models.gateway, SMOL, two_models.auth)
+        assert _answer(response) == direct
+        assert response.json()["model"] == TINY
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    request_id = response.headers["x-request-id"]
+    row = usage_rows(_database(two_models), {request_id})[request_id]
+    assert (row.model, row.requested_model, row.status) == (TINY, SMOL, 200)
+    assert metric(two_models.gateway, two_models.auth, "qwenstack_model_fallbacks_total",
+                  requested=SMOL, served=TINY) == before + 1
+    # Running again, SmolLM2 serves its own requests once the gateway sees it up.
+    wait_for(lambda: _chat(two_models.gateway, SMOL, smol_only).status_code == 200,
+             "SmolLM2 back", timeout_s=120, interval_s=1)
