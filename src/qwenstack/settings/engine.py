@@ -89,9 +89,10 @@ class ServedModelSettings(BaseModel):
         """What the engines' parsers let clients use, as /v1/models reports it: "auto" is
         resolved by `up` for the engines it starts (engine/families.py); for remote ones it is
         not known, so false."""
+        chat = self.role == "chat"  # a pooling model's engines run no parser
         return {
-            "tool_calling": self.tool_call_parser not in ("auto", "none"),
-            "reasoning": self.reasoning_parser not in ("auto", "none"),
+            "tool_calling": chat and self.tool_call_parser not in ("auto", "none"),
+            "reasoning": chat and self.reasoning_parser not in ("auto", "none"),
         }
 
 
