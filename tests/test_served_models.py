@@ -97,7 +97,7 @@ def test_cpu_engines_of_every_model_split_the_cores(tmp_path, monkeypatch):
 def test_what_cannot_run_is_refused_saying_what_would(tmp_path):
     two_gpus = Hardware((80 * GIB,) * 2, frozenset(), 64 * GIB)
     with pytest.raises(SetupError, match=r"qwen3: 2 replicas x tensor-parallel-size 1.*needs 4 "
-                       r"GPUs; this machine has 2 \(even one replica of each needs 3"):
+                       r"GPUs; there are 2 \(even one replica of each needs 3"):
         _launches(two_gpus, tmp_path)
     three_gpus = Hardware((80 * GIB,) * 3, frozenset(), 64 * GIB)
     with pytest.raises(SetupError, match="each fits at most: qwen3 1, embedder 1, reranker 1"):

@@ -74,18 +74,17 @@ def _refuse_what_cannot_run(
     if twice:
         raise SetupError(f"Two models are served as {', '.join(twice)}: give each its own "
                          "served_model_name")
-    if hardware.has_gpu:
-        _refuse_more_gpus_than_there_are(served, names, len(hardware.gpu_memory_bytes))
+    if hardware.has_gpu and (refusal := gpus_refusal(
+            served, names, len(hardware.gpu_memory_bytes))):
+        raise SetupError(f"On this machine: {refusal}")
 
 
-def _refuse_more_gpus_than_there_are(
-    served: list[ServedModelSettings], names: list[str], gpus: int
-) -> None:
-    """Each replica has GPUs of its own; the refusal lists what each model asks, and how many
-    replicas of each would fit with the others kept at one."""
+def gpus_refusal(served: list[ServedModelSettings], names: list[str], gpus: int) -> str | None:
+    """Why these models' replicas do not fit on `gpus` GPUs (each replica has GPUs of its own),
+    listing what each asks and how many replicas of each would fit; None when they do."""
     needed = sum(model.replicas * model.tensor_parallel_size for model in served)
     if needed <= gpus:
-        return
+        return None
     asks = ", ".join(f"{name}: {model.replicas} replicas x tensor-parallel-size "
                      f"{model.tensor_parallel_size}" for model, name in zip(served, names,
                                                                            strict=True))
@@ -98,7 +97,7 @@ def _refuse_more_gpus_than_there_are(
         fits = ", ".join(f"{name} {1 + spare // model.tensor_parallel_size}"
                          for model, name in zip(served, names, strict=True))
         advice = f"with the others at one replica, each fits at most: {fits}"
-    raise SetupError(f"{asks}: needs {needed} GPUs; this machine has {gpus} ({advice})")
+    return f"{asks}: needs {needed} GPUs; there are {gpus} ({advice})"
 
 
 def _tuning_flags(
