@@ -20,11 +20,11 @@ HELP = (
 
 
 def plan(
+    gpu: Annotated[str, typer.Option(
+        help="A GPU name (A10, L4, A100-80GB, H100 ...) or memory, e.g. 24GB.")],
     model: Annotated[str | None, typer.Argument(
         help="Hub id, local model folder, or a config.json file. Omitted: every model of "
         "--config's engine.models, on --gpu-count GPUs.")] = None,
-    gpu: Annotated[str, typer.Option(
-        help="A GPU name (A10, L4, A100-80GB, H100 ...) or memory, e.g. 24GB.")] = ...,
     gpus: Annotated[int, typer.Option(help="GPUs (tensor parallel).")] = 1,
     context: Annotated[int | None, typer.Option(
         help="Tokens per sequence. Default: the model's maximum.")] = None,
