@@ -119,3 +119,10 @@ def test_models_from_the_environment_and_printed_by_config(tmp_path):
     models = json.loads(shown)["engine"]["models"]
     assert [(m["served_model_name"], m["role"]) for m in models] == [
         ("embedder", "embed"), ("reranker", "rerank")]
+
+
+def test_an_alias_names_a_served_model_not_another_alias():
+    with pytest.raises(ValueError, match="model_aliases: b name another alias"):
+        load_settings(**{"gateway.model_aliases": {"a": "served", "b": "a"}})
+    settings = load_settings(**{"gateway.model_fallbacks": {"big": ["small", "tiny"]}})
+    assert settings.gateway.model_fallbacks == {"big": ["small", "tiny"]}

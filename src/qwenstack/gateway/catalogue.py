@@ -59,7 +59,7 @@ class ModelCatalogue:
         """The model that serves the exchange (see the module's doc), named in its body;
         404 and 503 as ReplicaPool.resolve says when neither it nor a fallback can."""
         asked = exchange.request.model
-        name = self.aliases.get(asked, asked) if asked else self._default
+        name = self._default if asked is None else self.aliases.get(asked, asked)
         try:
             served = self.pool.resolve(name)
         except GatewayError as refusal:
