@@ -34,7 +34,6 @@ FALLBACKS = Counter(
     "Requests served by a fallback model while no engine of the model asked for was ready.",
     ["requested", "served"],
 )
-CHAT = "chat"
 # Why a model cannot take a request now, and a fallback may: nobody serves it (yet), or no
 # engine of it is ready.
 UNAVAILABLE = (404, 503)
@@ -48,8 +47,8 @@ class ModelCatalogue:
         self._engine = settings.engine
         self._described = {model.served_model_name: model for model in settings.engine.served()
                            if model.served_model_name}
-        self._default = next((name for name, model in self._described.items()
-                              if model.role == CHAT), None)
+        self._default = next((model.served_model_name for model in settings.engine.chat_models()
+                              if model.served_model_name), None)
 
     def describe(self, name: str) -> ServedModelSettings:
         """The served model's settings; for one not started here, the `engine` section's."""

@@ -165,6 +165,10 @@ class EngineSettings(ServedModelSettings):
         return [ServedModelSettings.model_validate({**defaults, **entry.model_dump(
             exclude_unset=True)}) for entry in entries]
 
+    def chat_models(self) -> list[ServedModelSettings]:
+        """The served models whose role is chat, in order: the first is the default model."""
+        return [model for model in self.served() if model.role == "chat"]
+
     def replica_urls(self) -> list[str]:
         if self.discovery_dns:
             return []  # found at run time
