@@ -98,8 +98,9 @@ class Engine(SupervisedProcess):
 
     def _log_phase(self, phase: str, detail: str = "") -> None:
         log_phase(
-            f"Engine {self.launch.index}", phase, time.monotonic() - self.started_at, detail,
-            engine=self.launch.index,
+            f"Engine {self.launch.index} {self.launch.model}", phase,
+            time.monotonic() - self.started_at, detail, engine=self.launch.index,
+            model=self.launch.model,
         )
 
 
