@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import Stack, create_key, metric, start_stack, usage_rows, wait_for
+from helpers import Stack, create_key, metric, start_gateway, start_stack, usage_rows, wait_for
+from ui_browser import Chat, running_chat_ui
 
 TINY, SMOL = "tiny-qwen3", "smollm2"
 ALIAS = "gpt-4o-mini"  # what an application might hard-code
@@ -98,6 +99,30 @@ def test_a_key_scoped_to_one_model_gets_403_for_the_other(two_models: Stack):
         refused = _chat(two_models.gateway, other, auth)
         assert refused.status_code == 403, refused.text
         assert refused.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_the_chat_uis_model_list_is_the_chat_models_of_the_users_key(
+    two_models: Stack, browser: object, tmp_path: Path
+):
+    """A gateway in front of the two engines started elsewhere, told what they serve by
+    engine.models (as Compose and Helm tell theirs), with a third name that is only an alias:
+    the settings panel offers the two chat models, not the alias."""
+    engines = {e["model"]: e["url"] for e in two_models.engine_state()}
+    described = [{"served_model_name": TINY, "tool_call_parser": "hermes"},
+                 {"served_model_name": SMOL, "tool_call_parser": "none"}]
+    gateway = start_gateway(
+        tmp_path, engines[TINY], "--engine-url", engines[SMOL], auth=True,
+        env={"QWENSTACK_ENGINE__MODELS": json.dumps(described),
+             "QWENSTACK_GATEWAY__MODEL_ALIASES": json.dumps({ALIAS: TINY})})
+    with running_chat_ui(gateway, tmp_path, {"ann": "ann-password-1"}, {}) as ui:
+        ann = Chat(browser, ui, "ann")
+        ann.wait_for_text("Welcome to the")
+        ann.page.locator("#chat-settings-open-modal").click()
+        ann.page.locator("#model").click()
+        options = ann.page.locator("[role=option]")
+        options.first.wait_for()
+        assert sorted(options.all_inner_texts()) == sorted([TINY, SMOL])
+        ann.close()
 
 
 def test_an_alias_answers_as_its_model(two_models: Stack):
