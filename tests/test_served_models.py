@@ -89,9 +89,15 @@ def test_roles_become_vllms_flags(tmp_path):
 
 def test_cpu_engines_of_every_model_split_the_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(launch.cpu_tuning, "allowed_cores", lambda: list(range(9)))
-    engines = _launches(CPU, tmp_path)
+    big = Hardware((), frozenset({"avx2"}), 512 * GIB)
+    engines = _launches(big, tmp_path)
     assert [e.env["VLLM_CPU_OMP_THREADS_BIND"] for e in engines] == ["0-1", "2-3", "4-5", "6-7"]
     assert all(_value(e.argv, "--kv-cache-memory-bytes") == str(4 * GIB) for e in engines)
+    # Four Qwen3-4B engines in float32 (16 GB of weights each) do not fit in 24 GiB: refused
+    # before any starts, each model's share named.
+    with pytest.raises(SetupError, match=r"qwen3: 2 x \(15.0 GiB weights \+ 4.0 GiB KV cache\)"
+                       r".*but this machine has 24.0 GiB available; give the engines less KV"):
+        _launches(CPU, tmp_path)
 
 
 def test_what_cannot_run_is_refused_saying_what_would(tmp_path):

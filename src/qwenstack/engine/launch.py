@@ -134,9 +134,17 @@ def _cpu_env(engine: EngineSettings, python: Path) -> tuple[dict[str, str], list
     return env, missing
 
 
-def _sizing(
-    engine: ServedModelSettings, model: ResolvedModel, hardware: Hardware
-) -> tuple[str, int, capacity.KvBudget]:
+@dataclass(frozen=True)
+class Sizing:
+    """How one model's engines are sized: what each replica is given."""
+
+    dtype: str
+    max_model_len: int
+    budget: capacity.KvBudget
+    weight_bytes: int  # all of its weights, in `dtype`
+
+
+def _sizing(engine: ServedModelSettings, model: ResolvedModel, hardware: Hardware) -> Sizing:
     """The dtype, the context to serve and the KV-cache budget; a context shorter than the
     model's is said in the log."""
     shape = capacity.ModelShape.from_config(model.config)
@@ -158,25 +166,44 @@ def _sizing(
             "cache (raise it with %s).", model.served_name,
             max_model_len, shape.max_positions, budget.bytes / capacity.GIB, budget.how_to_raise,
         )
-    return dtype, max_model_len, budget
+    return Sizing(dtype, max_model_len, budget, shape.num_params * weight_bytes)
+
+
+def _refuse_more_memory_than_there_is(
+    served: list[ServedModelSettings], names: list[str], sizings: list[Sizing],
+    hardware: Hardware,
+) -> None:
+    """CPU engines hold their weights and KV caches in this machine's memory: all of them
+    together must fit in what is available now."""
+    needs = [entry.replicas * (sizing.weight_bytes + sizing.budget.bytes)
+             for entry, sizing in zip(served, sizings, strict=True)]
+    if not hardware.ram_available_bytes or sum(needs) <= hardware.ram_available_bytes:
+        return
+    each = ", ".join(
+        f"{name}: {entry.replicas} x ({sizing.weight_bytes / capacity.GIB:.1f} GiB weights + "
+        f"{sizing.budget.bytes / capacity.GIB:.1f} GiB KV cache)"
+        for entry, name, sizing in zip(served, names, sizings, strict=True))
+    raise SetupError(
+        f"{each}: {sum(needs) / capacity.GIB:.1f} GiB, but this machine has "
+        f"{hardware.ram_available_bytes / capacity.GIB:.1f} GiB available; give the engines "
+        "less KV cache (--kv-cache-gib, or kv_cache_gib per model) or fewer replicas")
 
 
 def model_argv(
-    engine: ServedModelSettings, model: ResolvedModel, hardware: Hardware, python: Path,
-    allowed_media_domains: list[str], *, tuning: EngineSettings,
+    engine: ServedModelSettings, model: ResolvedModel, sizing: Sizing, python: Path,
+    allowed_media_domains: list[str], *, tuning: EngineSettings, hardware: Hardware,
 ) -> list[str]:
     """One model's vLLM command line, but its port: the same for each of its replicas."""
-    dtype, max_model_len, budget = _sizing(engine, model, hardware)
     return [
         str(python), "-m", VLLM_SERVER,
         "--model", model.source,
         "--served-model-name", model.served_name,
         "--host", ENGINE_HOST,
-        "--dtype", dtype,
-        "--max-model-len", str(max_model_len),
+        "--dtype", sizing.dtype,
+        "--max-model-len", str(sizing.max_model_len),
         "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
         *roles.flags(engine.role, model.config),
-        *_tuning_flags(tuning, engine, hardware, budget),
+        *_tuning_flags(tuning, engine, hardware, sizing.budget),
         *parsers(engine, model).flags(),
     ]
 
@@ -200,9 +227,15 @@ def build_launches(
     `allowed_media_domains`: hosts the engines may fetch media URLs from, the gateway's own
     allowlist (a request naming another is refused before either)."""
     served = engine.served()
-    _refuse_what_cannot_run(served, [model.served_name for model in models], hardware)
-    commons = [model_argv(entry, model, hardware, python, allowed_media_domains, tuning=engine)
-               for entry, model in zip(served, models, strict=True)]
+    names = [model.served_name for model in models]
+    _refuse_what_cannot_run(served, names, hardware)
+    sizings = [_sizing(entry, model, hardware) for entry, model in zip(served, models,
+                                                                        strict=True)]
+    if not hardware.has_gpu:
+        _refuse_more_memory_than_there_is(served, names, sizings, hardware)
+    commons = [model_argv(entry, model, sizing, python, allowed_media_domains, tuning=engine,
+                          hardware=hardware)
+               for entry, model, sizing in zip(served, models, sizings, strict=True)]
     # Bytecode written: the engine venv is installed without it (venv.py), so each module vLLM
     # imports is compiled on the first start and kept; an inherited PYTHONDONTWRITEBYTECODE
     # would compile them all again at every start.
