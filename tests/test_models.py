@@ -1,9 +1,10 @@
-"""Two models behind one gateway, from one `engine.models` list: the tiny Qwen3 and the bundled
-SmolLM2, each with an engine of its own. Each answers through the gateway what its engine
-answers; keys are scoped per model; an alias answers as its model; a fallback serves while the
-first model's engine is stopped, and the usage row says which model served.
+"""Several models behind one gateway, from one `engine.models` list: the tiny Qwen3 and the
+bundled SmolLM2 as chat models, and the tiny Qwen3 again as an embedding model (vLLM's pooling
+runner), each with an engine of its own. Each chat model answers through the gateway what its
+engine answers; keys are scoped per model; an alias answers as its model; a fallback serves
+while the first model's engine is stopped, and the usage row says which model served.
 
-This module's stack is its own (two vLLM boots): the shared stack serves one model.
+This module's stack is its own (three vLLM boots): the shared stack serves one model.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import pytest
 from helpers import Stack, create_key, metric, start_gateway, start_stack, usage_rows, wait_for
 from ui_browser import Chat, running_chat_ui
 
-TINY, SMOL = "tiny-qwen3", "smollm2"
+TINY, SMOL, EMBED = "tiny-qwen3", "smollm2", "tiny-embed"
 ALIAS = "gpt-4o-mini"  # what an application might hard-code
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0,
         "max_tokens": 8}
-# Two boots on two shared cores, the bundled model prepared first if no earlier test did.
+# Three boots on two shared cores, the bundled model prepared first if no earlier test did.
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -35,6 +36,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> It
         {"model": str(tiny_qwen3), "served_model_name": TINY},
         # No model: on a CPU, the bundled SmolLM2, as `up` serves it by default.
         {"served_model_name": SMOL},
+        {"model": str(tiny_qwen3), "served_model_name": EMBED, "role": "embed"},
     ]
     stack = start_stack(
         tmp_path_factory.mktemp("models"), "--max-model-len", "1024", "--kv-cache-gib", "1",
@@ -69,10 +71,11 @@ def _database(stack: Stack) -> str:
 
 def test_each_model_answers_through_the_gateway_what_its_engine_answers(two_models: Stack):
     state = two_models.engine_state()
-    assert [(e["model"], e["state"]) for e in state] == [(TINY, "ready"), (SMOL, "ready")]
-    assert len({e["url"] for e in state}) == 2  # ports assigned without collision
+    assert [(e["model"], e["state"]) for e in state] == [
+        (TINY, "ready"), (SMOL, "ready"), (EMBED, "ready")]
+    assert len({e["url"] for e in state}) == 3  # ports assigned without collision
     answers = {}
-    for engine in state:
+    for engine in state[:2]:
         direct = _answer(_chat(engine["url"], engine["model"]))
         through = _answer(_chat(two_models.gateway, engine["model"], two_models.auth))
         assert through == direct
@@ -81,12 +84,27 @@ def test_each_model_answers_through_the_gateway_what_its_engine_answers(two_mode
 
     client = openai.OpenAI(base_url=f"{two_models.gateway}/v1", api_key=two_models.key)
     cards = {card.id: card.model_dump() for card in client.models.list().data}
-    assert set(cards) == {TINY, SMOL, ALIAS}
+    assert set(cards) == {TINY, SMOL, EMBED, ALIAS}
     assert cards[TINY]["role"] == cards[SMOL]["role"] == "chat"
+    assert cards[EMBED]["role"] == "embed"
+    assert cards[EMBED]["capabilities"] == {"tool_calling": False, "reasoning": False}
     # Each its own parsers: hermes for the Qwen3, none for SmolLM2's family.
     assert cards[TINY]["capabilities"]["tool_calling"] is True
     assert cards[SMOL]["capabilities"]["tool_calling"] is False
     assert cards[ALIAS]["alias_of"] == TINY
+
+
+def test_an_embedding_role_engine_embeds(two_models: Stack):
+    """Its role's flags (`--runner pooling --convert embed`) make vLLM serve embeddings, and no
+    chat parser (the gateway's /v1/embeddings route is the pooling work's)."""
+    engine = _engine(two_models, EMBED)
+    argv = Path(f"/proc/{engine['pid']}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--runner") + 1] == "pooling" and "--tool-call-parser" not in argv
+    answer = httpx.post(f"{engine['url']}/v1/embeddings",
+                        json={"model": EMBED, "input": ["one", "two"]}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    vectors = [item["embedding"] for item in answer.json()["data"]]
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0
 
 
 def test_a_key_scoped_to_one_model_gets_403_for_the_other(two_models: Stack):
@@ -104,14 +122,16 @@ def test_a_key_scoped_to_one_model_gets_403_for_the_other(two_models: Stack):
 def test_the_chat_uis_model_list_is_the_chat_models_of_the_users_key(
     two_models: Stack, browser: object, tmp_path: Path
 ):
-    """A gateway in front of the two engines started elsewhere, told what they serve by
-    engine.models (as Compose and Helm tell theirs), with a third name that is only an alias:
-    the settings panel offers the two chat models, not the alias."""
+    """A gateway in front of the three engines started elsewhere, told what they serve by
+    engine.models (as Compose and Helm tell theirs), and an alias: the settings panel offers
+    the two chat models, not the embedder nor the alias."""
     engines = {e["model"]: e["url"] for e in two_models.engine_state()}
     described = [{"served_model_name": TINY, "tool_call_parser": "hermes"},
-                 {"served_model_name": SMOL, "tool_call_parser": "none"}]
+                 {"served_model_name": SMOL, "tool_call_parser": "none"},
+                 {"served_model_name": EMBED, "role": "embed"}]
     gateway = start_gateway(
-        tmp_path, engines[TINY], "--engine-url", engines[SMOL], auth=True,
+        tmp_path, engines[TINY], "--engine-url", engines[SMOL], "--engine-url", engines[EMBED],
+        auth=True,
         env={"QWENSTACK_ENGINE__MODELS": json.dumps(described),
              "QWENSTACK_GATEWAY__MODEL_ALIASES": json.dumps({ALIAS: TINY})})
     with running_chat_ui(gateway, tmp_path, {"ann": "ann-password-1"}, {}) as ui:
