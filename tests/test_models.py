@@ -39,7 +39,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> It
         {"model": str(tiny_qwen3), "served_model_name": EMBED, "role": "embed"},
     ]
     stack = start_stack(
-        tmp_path_factory.mktemp("models"), "--max-model-len", "1024", "--kv-cache-gib", "1",
+        tmp_path_factory.mktemp("models"), "--max-model-len", "1024", "--kv-cache-gib", "0.25",
         env={"QWENSTACK_ENGINE__MODELS": json.dumps(models),
              # The engines must answer, not the answer cache.
              "QWENSTACK_CACHE__ENABLED": "false",
@@ -155,30 +155,41 @@ def test_an_alias_answers_as_its_model(two_models: Stack):
     assert (row.model, row.requested_model) == (TINY, ALIAS)
 
 
+def _up_in_gateway(stack: Stack, url: str) -> bool:
+    """Whether the gateway has the engine at `url` in rotation (/ready's detail, for admins)."""
+    engines = httpx.get(f"{stack.gateway}/ready", headers=stack.auth, timeout=30).json()
+    return next(engine["up"] for engine in engines["engines"] if engine["url"] == url)
+
+
 def test_a_fallback_serves_while_the_first_models_engine_is_stopped(two_models: Stack):
-    """SmolLM2's engine is stopped (SIGSTOP: it neither exits nor restarts, its health checks
-    time out), so requests for it go to its fallback, the tiny Qwen3, until it runs again; a
-    key that may not use the fallback gets the 503 it would get without one."""
+    """SmolLM2's engine is stopped (SIGSTOP: it neither exits nor restarts; its health checks
+    time out until the gateway takes it out), so requests for it go to its fallback, the tiny
+    Qwen3, until it runs again; a key that may not use the fallback gets the 503 it would get
+    without one."""
     key = create_key(two_models.home, "--name", "smol-only-2", "--models", SMOL)
     smol_only = {"authorization": f"Bearer {key}"}
     direct = _answer(_chat(_engine(two_models, TINY)["url"], TINY))
-    group = _engine(two_models, SMOL)["pid"]  # its own process group (processes.py)
+    smol = _engine(two_models, SMOL)
     before = metric(two_models.gateway, two_models.auth, "qwenstack_model_fallbacks_total",
                     requested=SMOL, served=TINY)
-    os.killpg(group, signal.SIGSTOP)
+    os.killpg(smol["pid"], signal.SIGSTOP)  # its own process group (processes.py)
     try:
-        wait_for(lambda: _chat(two_models.gateway, SMOL, smol_only).status_code == 503,
+        wait_for(lambda: not _up_in_gateway(two_models, smol["url"]),
                  "SmolLM2's engine taken out by the gateway", timeout_s=60, interval_s=1)
+        refused = _chat(two_models.gateway, SMOL, smol_only)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "engine_unavailable"
         response = _chat(two_models.gateway, SMOL, two_models.auth)
         assert _answer(response) == direct
         assert response.json()["model"] == TINY
     finally:
-        os.killpg(group, signal.SIGCONT)
+        os.killpg(smol["pid"], signal.SIGCONT)
     request_id = response.headers["x-request-id"]
     row = usage_rows(_database(two_models), {request_id})[request_id]
     assert (row.model, row.requested_model, row.status) == (TINY, SMOL, 200)
     assert metric(two_models.gateway, two_models.auth, "qwenstack_model_fallbacks_total",
                   requested=SMOL, served=TINY) == before + 1
     # Running again, SmolLM2 serves its own requests once the gateway sees it up.
-    wait_for(lambda: _chat(two_models.gateway, SMOL, smol_only).status_code == 200,
-             "SmolLM2 back", timeout_s=120, interval_s=1)
+    wait_for(lambda: _up_in_gateway(two_models, smol["url"]), "SmolLM2 back", timeout_s=120,
+             interval_s=1)
+    assert _chat(two_models.gateway, SMOL, smol_only).json()["model"] == SMOL
