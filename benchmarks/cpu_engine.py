@@ -59,8 +59,9 @@ def engine_launch(home: Path, variant: str, port: int) -> EngineLaunch:
     settings = load_settings(home=home, **{"engine.base_port": port, **VARIANTS[variant]})
     machine = hardware.detect()
     python = home / "engine-venv" / "bin" / "python"
-    model = models.resolve(settings, machine, python)
-    [engine] = launch.build_launches(settings.engine, model, machine, python, Path("/tmp"), [])
+    [served] = settings.engine.served()
+    model = models.resolve(served, settings, machine, python)
+    [engine] = launch.build_launches(settings.engine, [model], machine, python, Path("/tmp"), [])
     if variant == "before":
         engine = replace(
             engine, env={k: v for k, v in engine.env.items() if k not in ADDED_ENV}, unset=(),

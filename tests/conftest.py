@@ -1,8 +1,9 @@
 """The fixtures: one shared engine stack, Redis and PostgreSQL; helpers.py has the rest.
 
-vLLM boots at most four times per run: the run's two-replica tiny Qwen3 stack (two boots),
+vLLM boots at most seven times per run: the run's two-replica tiny Qwen3 stack (two boots),
 the one restart its single disruptive test causes (tests marked `disruptive` run last and have
-the engines to themselves), and the bundled-model stack of test_up_default_model.py. A test that
+the engines to themselves), the bundled-model stack of test_up_default_model.py, and the
+several-model stack of test_models.py (three boots). A test that
 needs an engine takes `engine_url` or `stack` rather than starting its own.
 
 scripts/test runs two test processes (pytest-xdist, a module per process at a time): they share

@@ -268,19 +268,21 @@ def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Sta
     )
     try:
         stack.wait_ready()
-        stack.key = _printed_admin_key(log)
+        stack.key = _printed_admin_key(process, log)
     except BaseException:
         stack.stop()
         raise
     return stack
 
 
-def _printed_admin_key(log: Path, timeout_s: float = 10) -> str:
-    """The admin key in the file the ready banner names (printed just after /ready turns 200);
-    not a terminal, `up` does not print the key itself."""
+def _printed_admin_key(
+    process: subprocess.Popen[bytes], log: Path, timeout_s: float = STARTUP_TIMEOUT_S
+) -> str:
+    """The admin key in the file the ready banner names, printed once every engine serves
+    (/ready turns 200 with the first); not a terminal, `up` does not print the key itself."""
     deadline = time.monotonic() + timeout_s
     while not (match := re.search(r"admin key file +(\S+)", log.read_text())):
-        if time.monotonic() > deadline:
+        if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"no admin key file in {log}:\n{log.read_text()[-5000:]}")
         time.sleep(0.2)
     return Path(match[1]).read_text().strip()

@@ -500,3 +500,61 @@ def test_engine_stream_interval_is_a_chart_value_and_a_compose_variable():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert "--stream-interval=${QWENSTACK_STREAM_INTERVAL:-1}" in compose["services"]["engine"][
         "command"]
+
+
+def test_helm_chart_gives_each_model_its_deployment_and_service():
+    from qwenstack.engine import roles
+
+    reranker = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    manifests = by_kind(render_chart({**CHART_SECRETS, "engine": {"models": [
+        {"name": "chat", "model": "Qwen/Qwen3-4B-Instruct-2507", "replicas": 2},
+        {"name": "embed", "model": "Qwen/Qwen3-Embedding-0.6B", "role": "embed", "replicas": 1,
+         "args": ["--max-model-len=8192"]},
+        {"name": "rerank", "model": "Qwen/Qwen3-Reranker-0.6B", "role": "rerank",
+         "hfOverrides": roles.QWEN3_RERANKER_OVERRIDES},
+    ]}}))
+    engines = {name: m for (kind, name), m in manifests.items()
+               if kind == "Deployment" and name.startswith("qs-engine")}
+    assert set(engines) == {"qs-engine-chat", "qs-engine-embed", "qs-engine-rerank"}
+    assert [engines[f"qs-engine-{n}"]["spec"]["replicas"] for n in ("chat", "embed", "rerank")] \
+        == [2, 1, 2]  # a replica count left out is engine.replicas
+    args = {name.removeprefix("qs-engine-"): m["spec"]["template"]["spec"]["containers"][0][
+        "args"] for name, m in engines.items()}
+    assert args["chat"][:2] == ["Qwen/Qwen3-4B-Instruct-2507",
+                                "--served-model-name=Qwen/Qwen3-4B-Instruct-2507"]
+    assert "--tool-call-parser=hermes" in args["chat"]
+
+    # The roles' flags are the ones `up` gives (engine/roles.py).
+    def read(flags: dict[str, str]) -> dict[str, object]:
+        return {flag: json.loads(value) if flag == "--hf-overrides" else value
+                for flag, value in flags.items()}
+
+    for role, config in (("embed", {}), ("rerank", reranker)):
+        flags = roles.flags(role, config)
+        given = dict(arg.split("=", 1) for arg in args[role] if "=" in arg)
+        role_flags = {flag: value for flag, value in given.items()
+                      if flag in (*roles.ROLE_FLAGS, "--hf-overrides")}
+        assert read(role_flags) == read(dict(zip(flags[::2], flags[1::2], strict=True)))
+        assert "--tool-call-parser" not in given and "--enable-auto-tool-choice" not in args[role]
+    assert args["embed"][-1] == "--max-model-len=8192"
+    # Each Service selects its model's pods only; the engines' policy covers them all.
+    pods = {name: m["spec"]["template"]["metadata"]["labels"] for name, m in engines.items()}
+    for name in engines:
+        selector = manifests["Service", name]["spec"]["selector"].items()
+        assert [pod for pod, labels in pods.items() if selector <= labels.items()] == [name]
+        policy = manifests["NetworkPolicy", "qs-engine"]["spec"]["podSelector"]["matchLabels"]
+        assert policy.items() <= pods[name].items()
+    config = manifests["ConfigMap", "qs-gateway"]["data"]
+    assert config["QWENSTACK_ENGINE__DISCOVERY_DNS"].split() == [
+        f"qs-engine-{n}.ai.svc.cluster.local" for n in ("chat", "embed", "rerank")]
+    described = json.loads(config["QWENSTACK_ENGINE__MODELS"])
+    assert [(m["served_model_name"], m["role"], m["tool_call_parser"]) for m in described] == [
+        ("Qwen/Qwen3-4B-Instruct-2507", "chat", "hermes"),
+        ("Qwen/Qwen3-Embedding-0.6B", "embed", "none"),
+        ("Qwen/Qwen3-Reranker-0.6B", "rerank", "none")]
+    # What the gateway reads of it: the settings load, and name the same models.
+    from qwenstack.settings import load_settings
+    settings = load_settings(**{"engine.models": described,
+                                "engine.discovery_dns": config[
+                                    "QWENSTACK_ENGINE__DISCOVERY_DNS"]})
+    assert [m.role for m in settings.engine.served()] == ["chat", "embed", "rerank"]

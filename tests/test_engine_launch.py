@@ -28,7 +28,7 @@ MODEL = ResolvedModel("/models/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", 
 def _plan(tmp_path: Path, hardware: Hardware = CPU, **engine: object) -> list[launch.EngineLaunch]:
     settings = load_settings(**{f"engine.{k}": v for k, v in engine.items()})
     python = tmp_path / "engine-venv" / "bin" / "python"
-    return launch.build_launches(settings.engine, MODEL, hardware, python, tmp_path, [])
+    return launch.build_launches(settings.engine, [MODEL], hardware, python, tmp_path, [])
 
 
 @pytest.fixture
@@ -108,10 +108,10 @@ def test_replicas_split_the_cores_and_ranks_get_their_own(tmp_path, monkeypatch)
 
 def test_core_lists():
     assert cpu_tuning.id_list([0, 1, 2, 3, 6, 8, 9]) == "0-3,6,8-9"
-    assert cpu_tuning.threads_binds([0, 1, 2, 3], 2, 1) == ["0-1", "2"]  # 3 kept back
-    assert cpu_tuning.threads_binds([0, 1], 1, 1) == ["0"]
-    assert cpu_tuning.threads_binds([0], 1, 1) == ["0"]
-    assert cpu_tuning.threads_binds([0], 2, 1) == ["0", "0"]  # fewer cores than replicas: shared
+    assert cpu_tuning.threads_binds([0, 1, 2, 3], [1, 1]) == ["0-1", "2"]  # 3 kept back
+    assert cpu_tuning.threads_binds([0, 1], [1]) == ["0"]
+    assert cpu_tuning.threads_binds([0], [1]) == ["0"]
+    assert cpu_tuning.threads_binds([0], [1, 1]) == ["0", "0"]  # fewer cores than replicas: shared
 
 
 def test_one_thread_per_physical_core(tmp_path):
@@ -185,5 +185,5 @@ def test_engine_started_without_vllm_warning_of_missing_libraries(stack: Stack):
             continue
         assert f"{library} is not found in LD_PRELOAD" not in log
     # vLLM's report of its thread binding names ours: every core of this machine.
-    [bind] = cpu_tuning.threads_binds(cpu_tuning.allowed_cores(), 1, 1)
+    [bind] = cpu_tuning.threads_binds(cpu_tuning.allowed_cores(), [1])
     assert f"VLLM_CPU_OMP_THREADS_BIND={bind!r}" in log

@@ -358,6 +358,9 @@ def test_migrations_keep_old_keys_and_usage_rows(tmp_path: Path):
         (row,) = usage.totals(store.engine, "key", dt.timedelta(days=1))
         assert (row["key"], row["requests"], row["cached"], row["tool_calls"]) == (
             "old-key", 1, 0, 0)
+        with store.engine.connect() as connection:  # asked for as served, as far as it knew
+            assert connection.execute(sa.text(
+                "SELECT requested_model FROM usage_records")).scalar_one() is None
     finally:
         store.engine.dispose()
 

@@ -234,3 +234,25 @@ def test_plan_rate_on_the_command_line():
         out = _cli("plan", MODEL, "--gpu", "H100", "--context", "32768", "--rate", "5", *bad)
         assert out.returncode != 0 and "error" in out.stderr.lower(), bad
         assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_plan_sizes_the_settings_models_on_a_set_of_gpus(tmp_path: Path):
+    settings = tmp_path / "qwenstack.yaml"
+    settings.write_text(
+        "engine:\n  max_model_len: 32768\n  models:\n"
+        f"    - {{model: {CONFIG_FILE}, served_model_name: chat, replicas: 2}}\n"
+        f"    - {{model: {CONFIG_FILE}, served_model_name: wide, tensor_parallel_size: 2,"
+        " role: embed}\n")
+    fits = _cli("plan", "--gpu", "A10", "--gpu-count", "4", "--config", str(settings))
+    assert fits.returncode == 0, fits.stderr
+    assert "chat (chat): 2 replicas, each on 1 GPU(s)" in fits.stdout
+    assert "wide (embed): 1 replicas, each on 2 GPU(s)" in fits.stdout
+    assert "Fits: 4 of 4 GPUs." in fits.stdout
+    refused = _cli("plan", "--gpu", "A10", "--gpu-count", "3", "--config", str(settings))
+    assert refused.returncode == 1
+    assert ("needs 4 GPUs; there are 3 (with the others at one replica, each fits at most: "
+            "chat 1, wide 1)") in refused.stderr.replace("\n", " ")
+    # A context one model's GPUs cannot hold: that model is named with what fits.
+    settings.write_text(settings.read_text().replace("32768", "262144"))
+    too_long = _cli("plan", "--gpu", "A10", "--gpu-count", "4", "--config", str(settings))
+    assert too_long.returncode == 1 and "chat: A context of 262,144 tokens" in too_long.stderr

@@ -187,6 +187,18 @@ def test_dns_discovery_lists_each_address_once():
 
     from qwenstack.gateway.replicas import DnsDiscovery
 
-    urls = asyncio.run(DnsDiscovery("localhost", 8000, 10).urls())
+    urls = asyncio.run(DnsDiscovery(("localhost",), 8000, 10).urls())
     assert "http://127.0.0.1:8000" in urls and len(urls) == len(set(urls))
     assert all(u in ("http://127.0.0.1:8000", "http://[::1]:8000") for u in urls)
+
+
+def test_dns_discovery_of_several_models_keeps_each_names_last_engines():
+    import asyncio
+
+    from qwenstack.gateway.replicas import DnsDiscovery
+
+    discovery = DnsDiscovery(("localhost", "embedder.invalid"), 8000, 10)
+    discovery._last["embedder.invalid"] = ["http://10.0.0.7:8000"]  # found by an earlier lookup
+    urls = asyncio.run(discovery.urls())
+    # The name that no longer resolves (RFC 2606: .invalid never does) keeps its engine.
+    assert "http://10.0.0.7:8000" in urls and "http://127.0.0.1:8000" in urls

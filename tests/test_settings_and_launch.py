@@ -47,7 +47,7 @@ def test_secrets_masked(monkeypatch):
 def _plan(hardware, log_dir, media_domains=(), **engine):
     settings = load_settings(**{f"engine.{k}": v for k, v in engine.items()})
     return launch.build_launches(
-        settings.engine, MODEL, hardware, Path("/venv/bin/python"), log_dir, list(media_domains)
+        settings.engine, [MODEL], hardware, Path("/venv/bin/python"), log_dir, list(media_domains)
     )
 
 
@@ -131,12 +131,12 @@ def test_parser_settings_override_and_reach_the_command_line(tmp_path):
     model = ResolvedModel("Qwen/Qwen3-4B", "qwen3", QWEN3_CONFIG, QWEN3_HYBRID)
     settings = load_settings(**{"engine.reasoning_parser": "none",
                                 "engine.tool_call_parser": "qwen3_xml"})
-    [engine] = launch.build_launches(settings.engine, model, CPU, Path("/venv/bin/python"),
+    [engine] = launch.build_launches(settings.engine, [model], CPU, Path("/venv/bin/python"),
                                      tmp_path, [])
     argv = engine.argv
     assert argv[argv.index("--tool-call-parser") + 1] == "qwen3_xml"
     assert "--enable-auto-tool-choice" in argv and "--reasoning-parser" not in argv
-    [auto] = launch.build_launches(load_settings().engine, model, CPU, Path("/venv/bin/python"),
+    [auto] = launch.build_launches(load_settings().engine, [model], CPU, Path("/venv/bin/python"),
                                    tmp_path, [])
     assert auto.argv[auto.argv.index("--reasoning-parser") + 1] == "qwen3"
     for flag in ("--tool-call-parser=hermes", "--reasoning-parser", "--enable-auto-tool-choice"):

@@ -29,7 +29,7 @@ from qwenstack import cli
 from qwenstack.settings import load_settings
 from qwenstack.ui import store, tools
 from qwenstack.ui.accounts import AccountError, Accounts, password_matches
-from qwenstack.ui.conversation import Conversation, Sampling, estimate_tokens
+from qwenstack.ui.conversation import Conversation, Sampling, chat_models, estimate_tokens
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
 from qwenstack.ui.gateway_keys import UserKey
 from qwenstack.ui.knowledge import (
@@ -91,6 +91,14 @@ def test_sampling_defaults_follow_the_model_card_and_leave_room_in_the_context()
     assert request["extra_body"] == {"top_k": 20, "min_p": 0.0}
     assert request["max_tokens"] == 512
     assert sampling.request(context_len=None)["max_tokens"] == 4096
+
+
+def test_the_model_list_offers_chat_models_only() -> None:
+    cards = [{"id": "qwen3", "role": "chat"}, {"id": "embedder", "role": "embed"},
+             {"id": "reranker", "role": "rerank"}, {"id": "gpt-4o", "role": "chat",
+                                                     "alias_of": "qwen3"},
+             {"id": "from-an-older-gateway"}]
+    assert [card["id"] for card in chat_models(cards)] == ["qwen3", "from-an-older-gateway"]
 
 
 def test_key_names_come_from_account_ids_and_keys_are_encrypted_at_rest(tmp_path: Path) -> None:

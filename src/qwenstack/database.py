@@ -72,7 +72,9 @@ class UsageRecord(Base):
     request_id: Mapped[str] = mapped_column(sa.String(128), index=True)
     caller: Mapped[str] = mapped_column(sa.String(256), index=True)  # key name or "jwt:" + subject
     route: Mapped[str] = mapped_column(sa.String(64))
-    model: Mapped[str] = mapped_column(sa.String(256))
+    model: Mapped[str] = mapped_column(sa.String(256))  # the model that served
+    # The name the client sent, when it was another: an alias, or a model that fell back.
+    requested_model: Mapped[str | None] = mapped_column(sa.String(256))
     status: Mapped[int]
     error_code: Mapped[str | None] = mapped_column(sa.String(64))
     prompt_tokens: Mapped[int]

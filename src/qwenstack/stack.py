@@ -67,9 +67,10 @@ def _listen(settings: Settings) -> socket.socket:
 
 
 async def _start_engines(settings: Settings) -> tuple[Supervisor, Settings]:
-    """The engines' supervisor, and the settings with each "auto" parser resolved to the one
-    the engines run (or "none"): what the gateway reports of the model's capabilities."""
-    parsers, launches = await asyncio.to_thread(prepare_engines, settings)
+    """The engines' supervisor, and the settings with the models as served: each with its
+    served name and each "auto" parser resolved to the one its engines run (or "none"), what the
+    gateway reports of the models' roles and capabilities."""
+    served, launches = await asyncio.to_thread(prepare_engines, settings)
     supervisor = Supervisor(
         launches,
         settings.run_dir / "engines.json",
@@ -78,10 +79,7 @@ async def _start_engines(settings: Settings) -> tuple[Supervisor, Settings]:
         backoff_max_s=settings.engine.restart_backoff_max_s,
     )
     await supervisor.start()
-    engine = settings.engine.model_copy(update={
-        "tool_call_parser": parsers.tool_call or "none",
-        "reasoning_parser": parsers.reasoning or "none",
-    })
+    engine = settings.engine.model_copy(update={"models": served})
     return supervisor, settings.model_copy(update={"engine": engine})
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from qwenstack.cli.common import fail, print_table
+from qwenstack.cli.common import ConfigOpt, fail, print_table, settings_for
 from qwenstack.errors import SetupError
 
 # Sequences an engine runs at once in a simulation (--rate) unless --concurrency says: vLLM's
@@ -23,10 +23,11 @@ HELP = (
 
 
 def plan(
-    model: Annotated[str, typer.Argument(
-        help="Hub id, local model folder, or a config.json file.")],
     gpu: Annotated[str, typer.Option(
         help="A GPU name (A10, L4, A100-80GB, H100 ...) or memory, e.g. 24GB.")],
+    model: Annotated[str | None, typer.Argument(
+        help="Hub id, local model folder, or a config.json file. Omitted: every model of "
+        "--config's engine.models, on --gpu-count GPUs.")] = None,
     gpus: Annotated[int, typer.Option(help="GPUs (tensor parallel).")] = 1,
     context: Annotated[int | None, typer.Option(
         help="Tokens per sequence. Default: the model's maximum.")] = None,
@@ -49,10 +50,16 @@ def plan(
         help="With --rate: a token at least this often, for 90% of requests.")] = 50,
     stream_interval: Annotated[int, typer.Option(
         help="With --rate: tokens per streamed event (engine.stream_interval).")] = 1,
+    gpu_count: Annotated[int | None, typer.Option(
+        help="GPUs of this kind in all, for the models of --config (engine.models).")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     # The help text is HELP, given where the command is registered.
     from qwenstack.engine import deployment_plan, gpu_catalog, serving_simulation
 
+    if model is None:
+        _plan_served_models(gpu, gpu_count, config)
+        return
     # A bare config.json names no model vLLM could load: leave the flag for the user to fill.
     served = "MODEL_FOLDER_OR_HUB_ID" if Path(model).is_file() else model
     if concurrency is None:
@@ -88,3 +95,33 @@ def plan(
     print_table(capacity.figures())
     if capacity.replicas is None:
         raise typer.Exit(1)
+
+
+def _plan_served_models(gpu: str, gpu_count: int | None, config: Path | None) -> None:
+    """Each model of the settings' engine.models on its replicas' GPUs, then the set of them
+    on --gpu-count GPUs; refused (exit 1) where a model or the set does not fit."""
+    from qwenstack.engine import deployment_plan, gpu_catalog
+
+    settings = settings_for(config)
+    served = settings.engine.served()
+    token = settings.engine.hf_token
+    try:
+        plans, refusal = deployment_plan.plan_served_models(
+            served, gpu_catalog.lookup(gpu), gpu_count or 1,
+            token.get_secret_value() if token else None)
+    except SetupError as exc:
+        fail(exc)
+    refusals = []
+    for (name, sized), entry in zip(plans, served, strict=True):
+        typer.echo(f"\n{name} ({entry.role}): {entry.replicas} replicas, each on "
+                   f"{entry.tensor_parallel_size} GPU(s)")
+        print_table(sized.figures())
+        if sized.refusal:
+            refusals.append(f"{name}: {sized.refusal}")
+    if refusal:
+        refusals.append(refusal)
+    if refusals:
+        typer.secho("\nDoes not fit: " + "\n".join(refusals), err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    needed = sum(entry.replicas * entry.tensor_parallel_size for entry in served)
+    typer.echo(f"\nFits: {needed} of {gpu_count or 1} GPUs.")

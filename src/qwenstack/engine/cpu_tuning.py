@@ -114,12 +114,12 @@ def id_list(cpus: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def threads_binds(cores: Sequence[int], replicas: int, ranks: int) -> list[str]:
-    """VLLM_CPU_OMP_THREADS_BIND for each replica: its tensor-parallel ranks' core lists joined
-    by `|`. The last core is kept back when there are more cores than replicas x ranks; the
-    others are split into that many contiguous groups, as even as they go. With fewer cores
-    than groups, groups share cores round-robin."""
-    groups = replicas * ranks
+def threads_binds(cores: Sequence[int], ranks: Sequence[int]) -> list[str]:
+    """VLLM_CPU_OMP_THREADS_BIND for each engine, given its tensor-parallel ranks: its ranks'
+    core lists joined by `|`. The last core is kept back when there are more cores than ranks
+    in all; the others are split into that many contiguous groups, as even as they go. With
+    fewer cores than groups, groups share cores round-robin."""
+    groups = sum(ranks)
     if len(cores) > groups:
         cores = cores[:-1]
     if len(cores) >= groups:
@@ -131,4 +131,8 @@ def threads_binds(cores: Sequence[int], replicas: int, ranks: int) -> list[str]:
             at += n
     else:
         lists = [[cores[g % len(cores)]] for g in range(groups)]
-    return ["|".join(id_list(lists[r * ranks + k]) for k in range(ranks)) for r in range(replicas)]
+    binds, first = [], 0
+    for engine_ranks in ranks:
+        binds.append("|".join(id_list(group) for group in lists[first:first + engine_ranks]))
+        first += engine_ranks
+    return binds

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenstack.engine import capacity, models
+from qwenstack.engine import capacity, launch, models
 from qwenstack.engine.gpu_catalog import Gpu
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.errors import SetupError
+from qwenstack.settings import QWEN3_MODEL
+from qwenstack.settings.engine import ServedModelSettings
 
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the weights' dtype
 
@@ -223,3 +225,21 @@ def plan_deployment(
         sequences_at_context=sequences, concurrency=concurrency,
         decode_bound_single=single, decode_bound_total=total, refusal=refusal,
     )
+
+
+def plan_served_models(
+    served: list[ServedModelSettings], gpu: Gpu, gpus_available: int, hf_token: str | None = None
+) -> tuple[list[tuple[str, DeploymentPlan]], str | None]:
+    """Each model of `engine.models` sized on its replica's GPUs (its tensor-parallel size, its
+    context and sequences), by served name; and why the set does not fit on `gpus_available`
+    GPUs of this kind, with what would (None: it fits)."""
+    plans = []
+    for entry in served:
+        model = entry.model or QWEN3_MODEL  # `up`'s default on a GPU
+        plans.append((entry.served_model_name or model, plan_deployment(
+            model, read_model_config(model, hf_token), gpu,
+            gpu_count=entry.tensor_parallel_size, context=entry.max_model_len,
+            concurrency=entry.max_num_seqs or 1, dtype=entry.dtype,
+            gpu_memory_utilization=entry.gpu_memory_utilization,
+        )))
+    return plans, launch.gpus_refusal(served, [name for name, _ in plans], gpus_available)

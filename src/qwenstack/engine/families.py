@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qwenstack.settings import EngineSettings
+from qwenstack.settings.engine import ServedModelSettings
 
 AUTO, NONE = "auto", "none"
 QWEN_FAMILIES = ("qwen2", "qwen3")
@@ -48,7 +48,7 @@ class Parsers:
         return flags
 
 
-def choose(engine: EngineSettings, config: dict[str, Any], chat_template: str) -> Parsers:
+def choose(engine: ServedModelSettings, config: dict[str, Any], chat_template: str) -> Parsers:
     """The settings' parsers, each "auto" one found from the model (see the module's doc)."""
     return Parsers(
         _setting(engine.tool_call_parser, lambda: tool_call_parser(config, chat_template)),

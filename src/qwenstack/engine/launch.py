@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenstack.engine import capacity, cpu_tuning, families
+from qwenstack.engine import capacity, cpu_tuning, families, roles
 from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
 from qwenstack.settings import ENGINE_HOST, EngineSettings
+from qwenstack.settings.engine import ServedModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ NO_MEDIA_DOMAIN = "media.invalid"
 
 @dataclass(frozen=True)
 class EngineLaunch:
-    index: int
+    index: int  # over every model's replicas: its port is base_port + index
+    model: str  # the served name
     url: str
     port: int
     argv: list[str]
@@ -57,44 +59,73 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def _refuse_what_cannot_run(engine: EngineSettings, hardware: Hardware) -> None:
-    for arg in engine.extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
-            raise SetupError(
-                f"{flag} in the extra vLLM flags: use qwenstack's {MANAGED_FLAGS[flag]}")
-    gpus_needed = engine.replicas * engine.tensor_parallel_size
-    if hardware.has_gpu and gpus_needed > len(hardware.gpu_memory_bytes):
-        raise SetupError(
-            f"{engine.replicas} replicas x tensor-parallel-size {engine.tensor_parallel_size} needs"
-            f" {gpus_needed} GPUs; this machine has {len(hardware.gpu_memory_bytes)}"
-        )
+def _refuse_what_cannot_run(
+    served: list[ServedModelSettings], names: list[str], hardware: Hardware
+) -> None:
+    for model, name in zip(served, names, strict=True):
+        for arg in model.extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                raise SetupError(f"{flag} in the extra vLLM flags of {name}: use qwenstack's "
+                                 f"{MANAGED_FLAGS[flag]}")
+            if flag in roles.ROLE_FLAGS:
+                raise SetupError(f"{flag} in the extra vLLM flags of {name}: set its role "
+                                 "(chat, embed or rerank) instead")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise SetupError(f"Two models are served as {', '.join(twice)}: give each its own "
+                         "served_model_name")
+    if hardware.has_gpu and (refusal := gpus_refusal(
+            served, names, len(hardware.gpu_memory_bytes))):
+        raise SetupError(f"On this machine: {refusal}")
+
+
+def gpus_refusal(served: list[ServedModelSettings], names: list[str], gpus: int) -> str | None:
+    """Why these models' replicas do not fit on `gpus` GPUs (each replica has GPUs of its own),
+    listing what each asks and how many replicas of each would fit; None when they do."""
+    needed = sum(model.replicas * model.tensor_parallel_size for model in served)
+    if needed <= gpus:
+        return None
+    asks = ", ".join(f"{name}: {model.replicas} replicas x tensor-parallel-size "
+                     f"{model.tensor_parallel_size}" for model, name in zip(served, names,
+                                                                           strict=True))
+    minimum = sum(model.tensor_parallel_size for model in served)
+    if minimum > gpus:
+        advice = (f"even one replica of each needs {minimum}: serve fewer models here, or give "
+                  "some a smaller tensor-parallel-size")
+    else:
+        spare = gpus - minimum
+        fits = ", ".join(f"{name} {1 + spare // model.tensor_parallel_size}"
+                         for model, name in zip(served, names, strict=True))
+        advice = f"with the others at one replica, each fits at most: {fits}"
+    return f"{asks}: needs {needed} GPUs; there are {gpus} ({advice})"
 
 
 def _tuning_flags(
-    engine: EngineSettings, hardware: Hardware, budget: capacity.KvBudget
+    engine: EngineSettings, model: ServedModelSettings, hardware: Hardware,
+    budget: capacity.KvBudget,
 ) -> list[str]:
     flags = [
-        "--tensor-parallel-size", str(engine.tensor_parallel_size),
-        "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+        "--tensor-parallel-size", str(model.tensor_parallel_size),
+        "--gpu-memory-utilization", str(model.gpu_memory_utilization),
     ]
-    if engine.enable_chunked_prefill:
+    if model.enable_chunked_prefill and model.role == roles.CHAT:
         flags.append("--enable-chunked-prefill")
-    if engine.max_num_seqs is not None:
-        flags += ["--max-num-seqs", str(engine.max_num_seqs)]
+    if model.max_num_seqs is not None:
+        flags += ["--max-num-seqs", str(model.max_num_seqs)]
     if engine.stream_interval != 1:  # 1 is vLLM's own default
         flags += ["--stream-interval", str(engine.stream_interval)]
-    if engine.kv_cache_gib is not None or not hardware.has_gpu:
+    if model.kv_cache_gib is not None or not hardware.has_gpu:
         # Sized by us, so that vLLM allocates exactly the budget checked above.
         flags += ["--kv-cache-memory-bytes", str(budget.bytes)]
-    if not hardware.has_gpu and engine.cpu_eager and "--enforce-eager" not in engine.extra_args:
+    if not hardware.has_gpu and engine.cpu_eager and "--enforce-eager" not in model.extra_args:
         flags.append("--enforce-eager")
     return flags
 
 
 def _cpu_env(engine: EngineSettings, python: Path) -> tuple[dict[str, str], list[str]]:
-    """What every CPU replica's environment gets (cpu_tuning.py says why); the thread binding,
-    which differs per replica, is added by the caller. Returns the env and a warning per
+    """What every CPU engine's environment gets (cpu_tuning.py says why); the thread binding,
+    which differs per engine, is added by the caller. Returns the env and a warning per
     missing library."""
     env: dict[str, str] = {}
     missing: list[str] = []
@@ -106,9 +137,17 @@ def _cpu_env(engine: EngineSettings, python: Path) -> tuple[dict[str, str], list
     return env, missing
 
 
-def _sizing(
-    engine: EngineSettings, model: ResolvedModel, hardware: Hardware
-) -> tuple[str, int, capacity.KvBudget]:
+@dataclass(frozen=True)
+class Sizing:
+    """How one model's engines are sized: what each replica is given."""
+
+    dtype: str
+    max_model_len: int
+    budget: capacity.KvBudget
+    weight_bytes: int  # all of its weights, in `dtype`
+
+
+def _sizing(engine: ServedModelSettings, model: ResolvedModel, hardware: Hardware) -> Sizing:
     """The dtype, the context to serve and the KV-cache budget; a context shorter than the
     model's is said in the log."""
     shape = capacity.ModelShape.from_config(model.config)
@@ -126,69 +165,117 @@ def _sizing(
     max_model_len = capacity.max_model_len_to_serve(shape, engine.max_model_len, kv_bytes, budget)
     if engine.max_model_len is None and max_model_len < shape.max_positions:
         log.warning(
-            "Serving a context of %d tokens: the model's %d do not fit in %.1f GiB of KV cache "
-            "(raise it with %s).",
+            "%s: serving a context of %d tokens: the model's %d do not fit in %.1f GiB of KV "
+            "cache (raise it with %s).", model.served_name,
             max_model_len, shape.max_positions, budget.bytes / capacity.GIB, budget.how_to_raise,
         )
-    return dtype, max_model_len, budget
+    return Sizing(dtype, max_model_len, budget, shape.num_params * weight_bytes)
+
+
+def _refuse_more_memory_than_there_is(
+    served: list[ServedModelSettings], names: list[str], sizings: list[Sizing],
+    hardware: Hardware,
+) -> None:
+    """CPU engines hold their weights and KV caches in this machine's memory: all of them
+    together must fit in what is available now."""
+    needs = [entry.replicas * (sizing.weight_bytes + sizing.budget.bytes)
+             for entry, sizing in zip(served, sizings, strict=True)]
+    if not hardware.ram_available_bytes or sum(needs) <= hardware.ram_available_bytes:
+        return
+    each = ", ".join(
+        f"{name}: {entry.replicas} x ({sizing.weight_bytes / capacity.GIB:.1f} GiB weights + "
+        f"{sizing.budget.bytes / capacity.GIB:.1f} GiB KV cache)"
+        for entry, name, sizing in zip(served, names, sizings, strict=True))
+    raise SetupError(
+        f"{each}: {sum(needs) / capacity.GIB:.1f} GiB, but this machine has "
+        f"{hardware.ram_available_bytes / capacity.GIB:.1f} GiB available; give the engines "
+        "less KV cache (--kv-cache-gib, or kv_cache_gib per model) or fewer replicas")
+
+
+def model_argv(
+    engine: ServedModelSettings, model: ResolvedModel, sizing: Sizing, python: Path,
+    allowed_media_domains: list[str], *, tuning: EngineSettings, hardware: Hardware,
+) -> list[str]:
+    """One model's vLLM command line, but its port: the same for each of its replicas."""
+    return [
+        str(python), "-m", VLLM_SERVER,
+        "--model", model.source,
+        "--served-model-name", model.served_name,
+        "--host", ENGINE_HOST,
+        "--dtype", sizing.dtype,
+        "--max-model-len", str(sizing.max_model_len),
+        "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
+        *roles.flags(engine.role, model.config),
+        *_tuning_flags(tuning, engine, hardware, sizing.budget),
+        *parsers(engine, model).flags(),
+    ]
+
+
+def parsers(engine: ServedModelSettings, model: ResolvedModel) -> families.Parsers:
+    """The tool-call and reasoning parsers a model's engines run: its family's for chat."""
+    if engine.role != roles.CHAT:
+        return families.Parsers(None, None)
+    return families.choose(engine, model.config, model.chat_template)
 
 
 def build_launches(
     engine: EngineSettings,
-    model: ResolvedModel,
+    models: list[ResolvedModel],
     hardware: Hardware,
     python: Path,
     log_dir: Path,
     allowed_media_domains: list[str],
 ) -> list[EngineLaunch]:
-    """The replicas' launches. `allowed_media_domains`: hosts the engines may fetch media URLs
-    from, the gateway's own allowlist (a request naming another is refused before either)."""
-    _refuse_what_cannot_run(engine, hardware)
-    dtype, max_model_len, budget = _sizing(engine, model, hardware)
-    common = [
-        str(python), "-m", VLLM_SERVER,
-        "--model", model.source,
-        "--served-model-name", model.served_name,
-        "--host", ENGINE_HOST,
-        "--dtype", dtype,
-        "--max-model-len", str(max_model_len),
-        "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
-        *_tuning_flags(engine, hardware, budget),
-        *families.choose(engine, model.config, model.chat_template).flags(),
-    ]
+    """Every engine of every model: `models` are `engine.served()` resolved, in its order.
+    `allowed_media_domains`: hosts the engines may fetch media URLs from, the gateway's own
+    allowlist (a request naming another is refused before either)."""
+    served = engine.served()
+    names = [model.served_name for model in models]
+    _refuse_what_cannot_run(served, names, hardware)
+    sizings = [_sizing(entry, model, hardware) for entry, model in zip(served, models,
+                                                                        strict=True)]
+    if not hardware.has_gpu:
+        _refuse_more_memory_than_there_is(served, names, sizings, hardware)
+    commons = [model_argv(entry, model, sizing, python, allowed_media_domains, tuning=engine,
+                          hardware=hardware)
+               for entry, model, sizing in zip(served, models, sizings, strict=True)]
     # Bytecode written: the engine venv is installed without it (venv.py), so each module vLLM
     # imports is compiled on the first start and kept; an inherited PYTHONDONTWRITEBYTECODE
     # would compile them all again at every start.
     base_env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": ""}
     if engine.hf_token:
         base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()
+    ranks = [entry.tensor_parallel_size for entry in served for _ in range(entry.replicas)]
     binds: list[str] = []
     if not hardware.has_gpu:
         cpu_env, missing = _cpu_env(engine, python)
         base_env.update(cpu_env)
         for what in missing:
             log.warning("CPU engine without %s: slower, as vLLM will warn.", what)
-        binds = ([engine.cpu_threads_bind] * engine.replicas if engine.cpu_threads_bind
-                 else cpu_tuning.threads_binds(
-                     cpu_tuning.allowed_cores(), engine.replicas, engine.tensor_parallel_size))
+        binds = ([engine.cpu_threads_bind] * len(ranks) if engine.cpu_threads_bind
+                 else cpu_tuning.threads_binds(cpu_tuning.allowed_cores(), ranks))
 
-    launches = []
-    for index in range(engine.replicas):
-        port = engine.base_port + index
-        env = dict(base_env)
-        if hardware.has_gpu:
-            first = index * engine.tensor_parallel_size
-            gpus = range(first, first + engine.tensor_parallel_size)
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        else:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = binds[index]
-        launches.append(EngineLaunch(
-            index=index,
-            url=f"http://{ENGINE_HOST}:{port}",
-            port=port,
-            argv=[*common, "--port", str(port), *engine.extra_args],
-            env=env,
-            log_path=log_dir / f"engine-{index}.log",
-            unset=() if hardware.has_gpu else cpu_tuning.UNSET_ENV,
-        ))
+    launches: list[EngineLaunch] = []
+    first_gpu = 0
+    for entry, model, common in zip(served, models, commons, strict=True):
+        for _ in range(entry.replicas):
+            index = len(launches)
+            port = engine.base_port + index
+            env = dict(base_env)
+            if hardware.has_gpu:
+                gpus = range(first_gpu, first_gpu + entry.tensor_parallel_size)
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+                first_gpu += entry.tensor_parallel_size
+            else:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = binds[index]
+            launches.append(EngineLaunch(
+                index=index,
+                model=model.served_name,
+                url=f"http://{ENGINE_HOST}:{port}",
+                port=port,
+                argv=[*common, "--port", str(port), *entry.extra_args],
+                env=env,
+                log_path=log_dir / f"engine-{index}.log",
+                unset=() if hardware.has_gpu else cpu_tuning.UNSET_ENV,
+            ))
     return launches

@@ -17,6 +17,7 @@ from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.phases import PREPARING, log_done
 from qwenstack.errors import SetupError
 from qwenstack.settings import QWEN3_MODEL, Settings
+from qwenstack.settings.engine import ServedModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,12 @@ def folder_chat_template(folder: Path) -> str:
     )
 
 
-def resolve(settings: Settings, hardware: Hardware, engine_python: Path) -> ResolvedModel:
-    engine = settings.engine
-    token = engine.hf_token.get_secret_value() if engine.hf_token else None
+def resolve(
+    engine: ServedModelSettings, settings: Settings, hardware: Hardware, engine_python: Path
+) -> ResolvedModel:
+    """The model one entry of `settings.engine.served()` names, its config read."""
+    hf_token = settings.engine.hf_token
+    token = hf_token.get_secret_value() if hf_token else None
     model = engine.model
     if model is None and not hardware.has_gpu:
         folder = prepare("smollm2", settings.home / "models" / BUNDLED_SMOLLM2, engine_python)

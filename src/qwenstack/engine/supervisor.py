@@ -53,7 +53,7 @@ class Engine(SupervisedProcess):
         backoff_max_s: float,
     ) -> None:
         super().__init__(
-            f"Engine {launch.index} ({launch.url})", launch.argv, launch.log_path,
+            f"Engine {launch.index} {launch.model} ({launch.url})", launch.argv, launch.log_path,
             env={**_inherited(launch.unset), **launch.env}, backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s, stable_after_s=STABLE_AFTER_S,
         )
@@ -98,8 +98,9 @@ class Engine(SupervisedProcess):
 
     def _log_phase(self, phase: str, detail: str = "") -> None:
         log_phase(
-            f"Engine {self.launch.index}", phase, time.monotonic() - self.started_at, detail,
-            engine=self.launch.index,
+            f"Engine {self.launch.index} {self.launch.model}", phase,
+            time.monotonic() - self.started_at, detail, engine=self.launch.index,
+            model=self.launch.model,
         )
 
 
@@ -132,7 +133,8 @@ class Supervisor:
         for engine in self.engines:
             if _port_in_use(engine.launch.port):
                 raise SetupError(
-                    f"Port {engine.launch.port} for engine {engine.launch.index} is in use "
+                    f"Port {engine.launch.port} for engine {engine.launch.index} "
+                    f"({engine.launch.model}) is in use "
                     "(another engine still running?); stop it or set --engine-base-port."
                 )
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -147,13 +149,14 @@ class Supervisor:
                     # Usually a bad flag or model: restarting would fail the same way.
                     # The end of its log was just logged (processes.py): only where it is.
                     raise SetupError(
-                        f"Engine {engine.launch.index} exited while starting; the end of its "
-                        f"log is above, all of it in {engine.launch.log_path}"
+                        f"Engine {engine.launch.index} ({engine.launch.model}) exited while "
+                        f"starting; the end of its log is above, all of it in "
+                        f"{engine.launch.log_path}"
                     )
                 if time.monotonic() > deadline:
                     raise SetupError(
-                        f"Engine {engine.launch.index} not ready after {self.startup_timeout_s:.0f}"
-                        f" s; see {engine.launch.log_path}"
+                        f"Engine {engine.launch.index} ({engine.launch.model}) not ready after "
+                        f"{self.startup_timeout_s:.0f} s; see {engine.launch.log_path}"
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(engine.ready_event.wait(), 1.0)
@@ -170,8 +173,9 @@ class Supervisor:
         """engines.json: what `qwenstack engine status` and operators read."""
         state = [
             {
-                "index": e.launch.index, "url": e.launch.url, "pid": e.pid, "state": e.state.value,
-                "restarts": e.restarts, "log": str(e.launch.log_path),
+                "index": e.launch.index, "model": e.launch.model, "url": e.launch.url,
+                "pid": e.pid, "state": e.state.value, "restarts": e.restarts,
+                "log": str(e.launch.log_path),
             }
             for e in self.engines
         ]

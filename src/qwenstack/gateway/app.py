@@ -146,14 +146,11 @@ async def stored_responses(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, object]:
-    """The served models, each with `capabilities`: what the engines' parsers let a client use
-    (tool calling: `tools` with tool_choice auto; reasoning: a separate `reasoning` field)."""
+    """The served models, each with its `role` (chat, embed, rerank) and `capabilities`: what
+    its engines' parsers let a client use (tool calling: `tools` with tool_choice auto;
+    reasoning: a separate `reasoning` field); then the aliases (catalogue.py)."""
     allowed = request.state.caller.models  # a key scoped to some models sees only those
-    held = resources(request)
-    capabilities = held.settings.engine.capabilities
-    cards = [{**card, "capabilities": capabilities} for card in held.pool.model_cards()
-             if allowed is None or card["id"] in allowed]
-    return {"object": "list", "data": cards}
+    return {"object": "list", "data": resources(request).catalogue.cards(allowed)}
 
 
 @router.get("/metrics")

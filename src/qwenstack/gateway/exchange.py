@@ -62,6 +62,8 @@ class Exchange:
     caller: Caller = ANONYMOUS
     started_s: float = field(default_factory=time.perf_counter)
     model: str = "-"  # the served model, once resolved
+    # The name the client sent when another model serves it (an alias, a fallback): else None.
+    requested_model: str | None = None
     status: int = 0  # 0 until finished
     error_code: str | None = None  # the OpenAI error `code` of a refused or failed request
     first_chunk_s: float | None = None  # seconds from start to the first streamed bytes

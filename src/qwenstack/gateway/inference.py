@@ -1,7 +1,8 @@
 """The path of an inference request through the gateway, step by step.
 
     authenticate (middleware.Authentication, before this) -> read + parse (protocol) -> take
-    knowledge bases (grounding) -> validate (schemas too) -> resolve the model (replicas) ->
+    knowledge bases (grounding) -> validate (schemas too) -> resolve the model (catalogue:
+    aliases, fallbacks; replicas) ->
     check the caller's scope and thinking policy -> ground -> limits reserve -> answer cache
     lookup -> admission queue -> forward (upstream: route, send, retry) -> relay (relay:
     stream or whole answer) -> finish (accounting, usage record, tool calls, cache store)
@@ -41,7 +42,7 @@ async def serve(request: Request, route: Route) -> Response:
         exchange.request = InferenceRequest.parse(route, raw)  # a malformed one is counted too
         knowledge_bases = grounding.take_knowledge_bases(exchange.request)  # a `+kb:` alias too
         validation.check(exchange.request, settings.validation)
-        model = held.pool.resolve(exchange.request.model)
+        model = held.catalogue.resolve(exchange)  # an alias or a fallback named here
         exchange.model = model.name
         validation.check_fits(exchange.request, model)
         check_model(exchange.caller, exchange.model)

@@ -149,21 +149,34 @@ class ServedModel:
     max_model_len: int | None  # the context window, prompt included (None: not reported)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DnsDiscovery:
-    """Engines as the A/AAAA records of a name, e.g. a Kubernetes headless Service's, whose DNS
-    answers with the addresses of its ready pods."""
+    """Engines as the A/AAAA records of names, e.g. Kubernetes headless Services' (one per
+    model), whose DNS answers with the addresses of their ready pods. A name that does not
+    resolve keeps the engines it had (their health checks still run), so a DNS hiccup, or a
+    model with no ready pod for a while, does not take the other models' engines with it."""
 
-    name: str
+    names: tuple[str, ...]
     port: int
     interval_s: float
+    _last: dict[str, list[str]] = field(default_factory=dict)
 
     async def urls(self) -> list[str]:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            self.name, self.port, type=socket.SOCK_STREAM
-        )
-        hosts = {str(info[4][0]) for info in infos}
-        return sorted(f"http://{f'[{h}]' if ':' in h else h}:{self.port}" for h in hosts)
+        found: set[str] = set()
+        for name in self.names:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    name, self.port, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:
+                log.warning("Engine discovery: %s did not resolve (%s); keeping its %d engines",
+                            name, exc, len(self._last.get(name, ())))
+            else:
+                hosts = {str(info[4][0]) for info in infos}
+                self._last[name] = [f"http://{f'[{h}]' if ':' in h else h}:{self.port}"
+                                    for h in hosts]
+            found.update(self._last.get(name, ()))
+        return sorted(found)
 
 
 class ReplicaPool:
@@ -215,16 +228,9 @@ class ReplicaPool:
         self._tasks.append(asyncio.create_task(self._check_forever()))
 
     async def discover(self) -> None:
-        """Refresh the engines from DNS; a failed lookup keeps the last ones (their health
-        checks still run), so a DNS hiccup does not empty the pool."""
+        """Refresh the engines from DNS (DnsDiscovery keeps what a failed lookup had)."""
         assert self._discovery
-        try:
-            urls = await self._discovery.urls()
-        except OSError as exc:
-            log.warning("Engine discovery: %s did not resolve (%s); keeping %d engines",
-                        self._discovery.name, exc, len(self.replicas))
-            return
-        self.set_urls(urls)
+        self.set_urls(await self._discovery.urls())
 
     async def _discover_forever(self, discovery: DnsDiscovery) -> None:
         while True:

@@ -17,6 +17,7 @@ from qwenstack.gateway import metrics, workers
 from qwenstack.gateway.admission import Admission
 from qwenstack.gateway.auth import Authenticator
 from qwenstack.gateway.cache import AnswerCache
+from qwenstack.gateway.catalogue import ModelCatalogue
 from qwenstack.gateway.gpu_metrics import GpuCollector
 from qwenstack.gateway.knowledge_bases import Knowledge
 from qwenstack.gateway.limit_stores import RedisStore
@@ -40,6 +41,7 @@ class Resources:
     authenticator: Authenticator
     usage: UsageRecorder
     pool: ReplicaPool
+    catalogue: ModelCatalogue
     upstream: Upstream
     exposition: metrics.Exposition
     cache: AnswerCache
@@ -68,7 +70,8 @@ class Resources:
                 engine.replica_urls(), session, gateway.health_interval_s,
                 settings.admission.circuit_failures, settings.admission.circuit_cooldown_s,
                 discovery=DnsDiscovery(
-                    engine.discovery_dns, engine.discovery_port, engine.discovery_interval_s
+                    tuple(engine.discovery_dns), engine.discovery_port,
+                    engine.discovery_interval_s,
                 ) if engine.discovery_dns else None,
             )
             await pool.start()
@@ -92,6 +95,7 @@ class Resources:
                 authenticator=Authenticator(settings.auth, keys),
                 usage=usage,
                 pool=pool,
+                catalogue=ModelCatalogue(settings, pool),
                 upstream=Upstream(pool, session, make_policy(settings.routing)),
                 exposition=metrics.Exposition(
                     pool, session, registry, engine_metrics=settings.observability.engine_metrics,

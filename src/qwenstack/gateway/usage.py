@@ -61,6 +61,7 @@ class UsageRecorder:
                 "caller": exchange.caller.name,
                 "route": exchange.route,
                 "model": exchange.model,
+                "requested_model": exchange.requested_model,
                 "status": exchange.status,
                 "error_code": exchange.error_code,
                 "prompt_tokens": exchange.prompt_tokens,

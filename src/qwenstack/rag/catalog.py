@@ -1,7 +1,7 @@
 """Knowledge-base metadata in the gateway's SQL database: names, owners, grants, files.
 
 The chunks themselves live in Milvus (store.py); this is what says who may read a knowledge
-base and which version of each file its chunks belong to. Schema: migrations 0004 and 0006.
+base and which version of each file its chunks belong to. Schema: migrations 0004 and 0007.
 """
 
 from __future__ import annotations

@@ -427,7 +427,8 @@ def open_service(settings: Settings, *, open_access: bool | None = None) -> Know
     try:
         store = MilvusStore(settings.milvus_uri,
                             rag.milvus_token.get_secret_value() if rag.milvus_token else None)
-        counter = token_counter(rag.tokenizer, settings.engine.model)
+        chat = settings.engine.chat_models()  # chunks are sized in the chat model's tokens
+        counter = token_counter(rag.tokenizer, chat[0].model if chat else None)
     except MilvusException as exc:
         engine.dispose()
         # Milvus Lite lets one process at a time open its file.

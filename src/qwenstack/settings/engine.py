@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -18,8 +18,13 @@ ENGINE_HOST = "127.0.0.1"
 PARSER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-class EngineSettings(BaseModel):
-    """The vLLM engines: started and supervised here, or remote ones named by `urls`."""
+# What an engine serves a model for; engine/roles.py maps each to vLLM's flags.
+Role = Literal["chat", "embed", "rerank"]
+
+
+class ServedModelSettings(BaseModel):
+    """One model the engines serve, and how vLLM runs it. In `engine.models`, a field an entry
+    leaves out (but its served name) takes the value `engine` has for it."""
 
     model: str | None = Field(
         None,
@@ -29,9 +34,18 @@ class EngineSettings(BaseModel):
     served_model_name: str | None = Field(
         None, description="Name clients send as `model`; defaults to the model id or folder name."
     )
+    role: Role = Field(
+        "chat",
+        description="chat: generation (/v1/chat/completions, /v1/completions, /v1/responses); "
+        "embed: vLLM's pooling runner converted to embeddings (/v1/embeddings); rerank: "
+        "converted to a classifier (/rerank, /score), a Qwen3 reranker with the overrides "
+        "vLLM's docs give for it.",
+    )
     replicas: int = Field(1, ge=1, le=64)
-    base_port: int = Field(8100, ge=1024, le=65535, description="Replica i listens on base_port+i.")
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1,
+        description="GPUs per replica, each replica pinned to its own with CUDA_VISIBLE_DEVICES.",
+    )
     max_model_len: int | None = Field(
         None,
         ge=16,
@@ -55,23 +69,6 @@ class EngineSettings(BaseModel):
         description="KV-cache size (vLLM's --kv-cache-memory-bytes). Unset: 4 GiB on a CPU; "
         "on a GPU, what --gpu-memory-utilization leaves beside the weights.",
     )
-    cpu_eager: bool = Field(
-        True,
-        description="CPU engines run eagerly (vLLM's --enforce-eager): on 2 cores they start "
-        "in 32 s instead of 90-210 s, decoding 4-9 % slower (benchmarks/RESULTS.md). "
-        "false: vLLM's default, compiled.",
-    )
-    cpu_preload: bool = Field(
-        True,
-        description="CPU engines preload tcmalloc and Intel OpenMP (LD_PRELOAD), as vLLM's "
-        "CPU guide advises.",
-    )
-    cpu_threads_bind: str | None = Field(
-        None,
-        description="vLLM's VLLM_CPU_OMP_THREADS_BIND for every CPU engine (e.g. `0-29`, "
-        "`auto`, `nobind`). Unset: one core kept for serving where there is one to spare, the "
-        "replicas splitting the others, one OpenMP thread per physical core.",
-    )
     tool_call_parser: str = Field(
         "auto", pattern=PARSER_NAME,
         description="vLLM's --tool-call-parser, with --enable-auto-tool-choice. auto: chosen "
@@ -88,14 +85,64 @@ class EngineSettings(BaseModel):
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Further vLLM flags, passed through unchanged."
     )
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _split_words(cls, value: Any) -> Any:
+        return split_words(value)
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        """What the engines' parsers let clients use, as /v1/models reports it: "auto" is
+        resolved by `up` for the engines it starts (engine/families.py); for remote ones it is
+        not known, so false."""
+        chat = self.role == "chat"  # a pooling model's engines run no parser
+        return {
+            "tool_calling": chat and self.tool_call_parser not in ("auto", "none"),
+            "reasoning": chat and self.reasoning_parser not in ("auto", "none"),
+        }
+
+
+class EngineSettings(ServedModelSettings):
+    """The vLLM engines: started and supervised here, or remote ones named by `urls`. The model
+    fields it shares with `ServedModelSettings` describe the one model served when `models` is
+    empty, and are the defaults of the entries of `models` otherwise."""
+
+    models: list[ServedModelSettings] = Field(
+        default_factory=list,
+        description="Several models, each with engines of its own (e.g. a chat model, an "
+        "embedding model and a reranker). Empty: the one model the fields above describe.",
+    )
+    base_port: int = Field(
+        8100, ge=1024, le=65535,
+        description="Engine i listens on base_port+i, counting the replicas of every model in "
+        "the order of `models`.",
+    )
+    cpu_eager: bool = Field(
+        True,
+        description="CPU engines run eagerly (vLLM's --enforce-eager): on 2 cores they start "
+        "in 32 s instead of 90-210 s, decoding 4-9 % slower (benchmarks/RESULTS.md). "
+        "false: vLLM's default, compiled.",
+    )
+    cpu_preload: bool = Field(
+        True,
+        description="CPU engines preload tcmalloc and Intel OpenMP (LD_PRELOAD), as vLLM's "
+        "CPU guide advises.",
+    )
+    cpu_threads_bind: str | None = Field(
+        None,
+        description="vLLM's VLLM_CPU_OMP_THREADS_BIND for every CPU engine (e.g. `0-29`, "
+        "`auto`, `nobind`). Unset: one core kept for serving where there is one to spare, the "
+        "engines splitting the others, one OpenMP thread per physical core.",
+    )
     urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Remote vLLM servers. When set, no local engine is started.",
     )
-    discovery_dns: str | None = Field(
-        None,
-        description="Find engines as this name's DNS records, re-resolved every "
-        "discovery_interval_s: on Kubernetes, the engines' headless Service "
+    discovery_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Find engines as these names' DNS records, re-resolved every "
+        "discovery_interval_s: on Kubernetes, the engines' headless Services, one per model "
         "(qwenstack-engine.<namespace>.svc.cluster.local). Replaces `urls`; no local engine.",
     )
     discovery_port: int = Field(8000, ge=1, le=65535, description="Engines' port under discovery.")
@@ -109,27 +156,37 @@ class EngineSettings(BaseModel):
     restart_backoff_initial_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
 
-    @field_validator("extra_args", "urls", mode="before")
+    @field_validator("urls", "discovery_dns", mode="before")
     @classmethod
-    def _split_words(cls, value: Any) -> Any:
-        # Lets the environment say `--enforce-eager --seed 1` rather than a JSON list.
-        if isinstance(value, str):
-            return json.loads(value) if value.lstrip().startswith("[") else value.split()
-        return value
+    def _split_urls(cls, value: Any) -> Any:
+        return split_words(value)
 
-    @property
-    def capabilities(self) -> dict[str, bool]:
-        """What the engines' parsers let clients use, as /v1/models reports it: "auto" is
-        resolved by `up` for the engines it starts (engine/families.py); for remote ones it is
-        not known, so false."""
-        return {
-            "tool_calling": self.tool_call_parser not in ("auto", "none"),
-            "reasoning": self.reasoning_parser not in ("auto", "none"),
-        }
+    def served(self) -> list[ServedModelSettings]:
+        """The models to serve, each entry of `models` completed with this section's values
+        for the fields it leaves out; without `models`, the one this section describes."""
+        # A served name is one model's own: shared by all, the names would collide.
+        shared = set(ServedModelSettings.model_fields) - {"served_model_name"}
+        defaults = self.model_dump(include=shared) if self.models else self.model_dump(
+            include=set(ServedModelSettings.model_fields))
+        entries = self.models or [ServedModelSettings()]
+        return [ServedModelSettings.model_validate({**defaults, **entry.model_dump(
+            exclude_unset=True)}) for entry in entries]
+
+    def chat_models(self) -> list[ServedModelSettings]:
+        """The served models whose role is chat, in order: the first is the default model."""
+        return [model for model in self.served() if model.role == "chat"]
 
     def replica_urls(self) -> list[str]:
         if self.discovery_dns:
             return []  # found at run time
         if self.urls:
             return [url.rstrip("/") for url in self.urls]
-        return [f"http://{ENGINE_HOST}:{self.base_port + i}" for i in range(self.replicas)]
+        engines = sum(model.replicas for model in self.served())
+        return [f"http://{ENGINE_HOST}:{self.base_port + i}" for i in range(engines)]
+
+
+def split_words(value: Any) -> Any:
+    """Lets the environment say `--enforce-eager --seed 1` rather than a JSON list."""
+    if isinstance(value, str):
+        return json.loads(value) if value.lstrip().startswith("[") else value.split()
+    return value

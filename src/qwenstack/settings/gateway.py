@@ -51,6 +51,30 @@ class GatewaySettings(BaseModel):
         "load, to size `workers`. None: 15,000 per engine where this host has a GPU (Qwen3-4B "
         "on one modern GPU), else 0.",
     )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Other names clients may send as `model` (alias -> served name), so "
+        "applications that hard-code a model name work unchanged. Resolved before scopes, "
+        "limits and the answer cache, which all see the served name; /v1/models lists each "
+        "alias whose model it lists, with `alias_of` naming that model.",
+    )
+    model_fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Model -> models to serve a request instead, in order, while no engine of "
+        "it is ready (decided before anything is sent to an engine). Only models the caller's "
+        "key may use are tried. The usage row names the model that served (`model`) and the "
+        "one asked for (`requested_model`); qwenstack_model_fallbacks_total counts them.",
+    )
+
+    @model_validator(mode="after")
+    def _aliases_name_models(self) -> GatewaySettings:
+        # One step from a name to a model: an alias of an alias would depend on the order.
+        chained = sorted(alias for alias, model in self.model_aliases.items()
+                         if model in self.model_aliases)
+        if chained:
+            raise ValueError(f"model_aliases: {', '.join(chained)} name another alias; name the "
+                             "served model")
+        return self
 
 
 class RoutingSettings(BaseModel):

@@ -26,7 +26,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from qwenstack.settings import load_settings
 from qwenstack.ui import server, store, tools
-from qwenstack.ui.conversation import Capabilities, Conversation, Sampling
+from qwenstack.ui.conversation import Capabilities, Conversation, Sampling, chat_models
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
 from qwenstack.ui.gateway_keys import KeyUnavailable, UserKeys
 from qwenstack.ui.knowledge import KnowledgeBaseClient, ServiceKey, UploadRefused, sources
@@ -136,13 +136,14 @@ async def _document_count() -> int:
 
 
 async def _models() -> list[dict[str, Any]]:
+    """The chat models the user's key may use, for the settings panel's list."""
     client = await _client()
     try:
         page = await client.models.list()
     except openai.AuthenticationError:
         client = await _client(refused=client.api_key)
         page = await client.models.list()
-    return [model.model_dump() for model in page.data]
+    return chat_models([model.model_dump() for model in page.data])
 
 
 async def _start_session(conversation: Conversation) -> None:

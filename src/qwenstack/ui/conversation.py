@@ -22,6 +22,14 @@ def estimate_tokens(message: dict[str, Any]) -> int:
     return len(message["content"].encode()) // BYTES_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS
 
 
+def chat_models(cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The models a chat can use, of the gateway's /v1/models list (already cut to the user's
+    key): role chat (a card without one, from a gateway of before roles, counts as chat), and
+    no alias, which would only list its model twice under two names."""
+    return [card for card in cards
+            if card.get("role", "chat") == "chat" and not card.get("alias_of")]
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a served model can do beyond chat, as the gateway's /v1/models describes it."""
