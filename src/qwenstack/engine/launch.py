@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenstack.engine import capacity, cpu_tuning, families
+from qwenstack.engine import capacity, cpu_tuning, families, lora
 from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
@@ -30,6 +30,7 @@ MANAGED_FLAGS = {
     "--enable-auto-tool-choice": "engine.tool_call_parser",
     "--tool-call-parser": "engine.tool_call_parser",
     "--reasoning-parser": "engine.reasoning_parser",
+    **dict.fromkeys(lora.LORA_FLAGS, "engine.lora"),
 }
 # vLLM fetches media URLs from any host unless given --allowed-media-domains; with no domain
 # allowed, this reserved name (RFC 2606: never resolves) is the only one, so it fetches none.
@@ -152,11 +153,13 @@ def build_launches(
         "--allowed-media-domains", *(allowed_media_domains or [NO_MEDIA_DOMAIN]),
         *_tuning_flags(engine, hardware, budget),
         *families.choose(engine, model.config, model.chat_template).flags(),
+        *lora.flags(engine.lora),
     ]
     # Bytecode written: the engine venv is installed without it (venv.py), so each module vLLM
     # imports is compiled on the first start and kept; an inherited PYTHONDONTWRITEBYTECODE
     # would compile them all again at every start.
-    base_env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": ""}
+    base_env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "",
+                **lora.environment(engine.lora)}
     if engine.hf_token:
         base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()
     binds: list[str] = []

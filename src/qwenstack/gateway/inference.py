@@ -41,6 +41,7 @@ async def serve(request: Request, route: Route) -> Response:
         exchange.request = InferenceRequest.parse(route, raw)  # a malformed one is counted too
         knowledge_bases = grounding.take_knowledge_bases(exchange.request)  # a `+kb:` alias too
         validation.check(exchange.request, settings.validation)
+        validation.check_pooling(exchange.request, settings.rag)
         model = held.pool.resolve(exchange.request.model)
         exchange.model = model.name
         validation.check_fits(exchange.request, model)
