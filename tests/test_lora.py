@@ -153,6 +153,33 @@ def test_only_admins_load_adapters_and_only_through_the_gateway(
     assert _greedy(gateway.url, LOADED, admin).status_code == 404
 
 
+def test_adapter_settings_become_vllm_flags(tmp_path: Path) -> None:
+    """No engine: the launch `up` and `engine` would run."""
+    from test_engine_launch import _plan
+
+    from qwenstack.engine.lora import RUNTIME_UPDATES
+    from qwenstack.errors import SetupError
+    from qwenstack.settings import load_settings
+
+    [plain] = _plan(tmp_path)
+    assert "--enable-lora" not in plain.argv and RUNTIME_UPDATES not in plain.env
+    adapters = {"team-a": "/adapters/a=1", "team-b": "org/adapter"}
+    [served] = _plan(tmp_path, lora={"adapters": adapters, "max_lora_rank": 32})
+    argv = served.argv
+    assert argv[argv.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in argv
+    modules = argv[argv.index("--lora-modules") + 1:argv.index("--lora-modules") + 3]
+    assert [json.loads(module) for module in modules] == [  # JSON: a folder may hold `=`
+        {"name": name, "path": path} for name, path in adapters.items()]
+    assert RUNTIME_UPDATES not in served.env
+    [runtime] = _plan(tmp_path, lora={"runtime_loading": True})
+    assert "--enable-lora" in runtime.argv and runtime.env[RUNTIME_UPDATES] == "True"
+    assert "--lora-modules" not in runtime.argv
+    with pytest.raises(SetupError, match="engine.lora"):
+        _plan(tmp_path, extra_args=["--enable-lora"])
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        load_settings(**{"engine.lora": {"adapters": {"bad name": "/x"}}})
+
+
 def _models(gateway: Gateway, key: str) -> set[str]:
     listed = httpx.get(f"{gateway.url}/v1/models", headers=_bearer(key), timeout=30)
     return {card["id"] for card in listed.json()["data"]}

@@ -1,7 +1,8 @@
 """The gateway's ASGI app: OpenAI-compatible routes in front of the engines.
 
-Only the routes below are forwarded; everything else vLLM exposes (tokenize, LoRA loading,
-sleep/wake, ...) stays unreachable from clients. The parts the handlers use are one
+Only the routes below (and pooling.py's) are forwarded; everything else vLLM exposes
+(tokenize, LoRA loading, sleep/wake, ...) stays unreachable from clients: admins load LoRA
+adapters through the gateway's own route (lora.py). The parts the handlers use are one
 `Resources` object (resources.py), opened with the app and closed after its last request; what
 every request passes through is in middleware.py; an inference request's path is inference.py.
 """
