@@ -281,11 +281,15 @@ async def embed_in_process(raw: bytes, request: Request, response: Response) -> 
             raise GatewayError(400, "`input` must be a non-empty string or list of them.",
                                param="input", code="invalid_input")
         check_texts(texts, held.settings.rag, "input")
+        # Named before anything loads: an unknown name costs no model load.
+        name = held.settings.rag.embedding_model
+        if body.model not in (None, name):
+            served = ", ".join(card["id"] for card in held.pool.model_cards())
+            raise GatewayError(404, f"No engine serves {body.model!r} and the gateway's own "
+                               f"embedding model is {name!r} (engines serve: {served}).",
+                               param="model", code="model_not_found")
         service = await _service(request)
         model = await call(lambda: service.embedder)
-        if body.model not in (None, model.name):
-            raise GatewayError(404, f"The embedding model is {model.name!r}, not "
-                               f"{body.model!r}.", param="model", code="model_not_found")
         exchange.model = model.name
         check_model(exchange.caller, model.name)
         await reserve_texts(exchange, held, service, texts, response)
