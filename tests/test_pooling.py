@@ -25,6 +25,9 @@ QWEN3_RERANKER = json.dumps({"architectures": ["Qwen3ForSequenceClassification"]
                              "classifier_from_token": ["no", "yes"],
                              "is_original_qwen3_reranker": True})
 COMMON = ("--max-model-len", "1024", "--kv-cache-gib", "0.25")
+# A pooling model writes no text: no tool-call or reasoning parser.
+NO_PARSERS = {"QWENSTACK_ENGINE__TOOL_CALL_PARSER": "none",
+              "QWENSTACK_ENGINE__REASONING_PARSER": "none"}
 TEXTS = ["大熊猫主要吃竹子。", "长城东起山海关。", "giant pandas eat bamboo"]
 FILES = {"pandas.md": "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。",
          "wall.txt": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。",
@@ -36,11 +39,12 @@ def engines(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Itera
         tuple[Engines, Engines]]:
     embed = start_engines(tmp_path_factory.mktemp("embed"), "--model", str(tiny_qwen3),
                           "--served-model-name", EMBED, *COMMON, "--runner", "pooling",
-                          "--convert", "embed")
+                          "--convert", "embed", env=NO_PARSERS)
     try:
         rerank = start_engines(tmp_path_factory.mktemp("rerank"), "--model", str(tiny_qwen3),
                                "--served-model-name", RERANK, *COMMON, "--runner", "pooling",
-                               "--convert", "classify", "--hf-overrides", QWEN3_RERANKER)
+                               "--convert", "classify", "--hf-overrides", QWEN3_RERANKER,
+                               env=NO_PARSERS)
     except BaseException:
         embed.stop()
         raise
