@@ -157,6 +157,28 @@ def test_pooling_routes_refuse_before_the_engine(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
 
 
+def test_a_rerank_is_bounded_before_its_pairs_are_built() -> None:
+    """No engine: an 8 MB query beside 100,000 one-letter documents (a 9 MB body) would be
+    800 GB of joined pairs; it is measured, and refused, in milliseconds."""
+    import time
+
+    from qwenstack.gateway.errors import GatewayError
+    from qwenstack.gateway.protocol import RERANK, SCORE, InferenceRequest
+    from qwenstack.gateway.validation import check_pooling
+    from qwenstack.settings import RagSettings
+
+    hostile = InferenceRequest(RERANK, {"model": RERANK, "query": "q" * 8_000_000,
+                                        "documents": ["a"] * 100_000})
+    started = time.perf_counter()
+    with pytest.raises(GatewayError) as refused:
+        check_pooling(hostile, RagSettings())
+    assert time.perf_counter() - started < 1
+    assert (refused.value.status, refused.value.param) == (400, "documents")
+    fine = InferenceRequest(SCORE, {"model": RERANK, "text_1": ["a", "b"], "text_2": ["c", "d"]})
+    check_pooling(fine, RagSettings())
+    assert fine.prompts == ["a\nc", "b\nd"] and fine.pooled_size == (2, 4)
+
+
 def test_knowledge_base_embeds_and_reranks_with_the_engines(
     gateway: Gateway, engines: tuple[Engines, Engines]
 ) -> None:

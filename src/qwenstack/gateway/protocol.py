@@ -148,19 +148,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _pairs(first: Any, second: Any) -> list[Prompt]:
-    """The texts a rerank or score request has the engine encode, one per score: one text
-    beside each of a list, or two lists side by side ([] when malformed)."""
+def _sides(first: Any, second: Any) -> tuple[list[str], list[str]] | None:
+    """A rerank's or score's two sides as lists of one length, a single text on one side
+    standing beside each of the other's (None when malformed). Not joined: the texts are
+    bounded before anything is built of them (validation.check_pooling)."""
     firsts = [first] if isinstance(first, str) else first
     seconds = [second] if isinstance(second, str) else second
     if not (isinstance(firsts, list) and isinstance(seconds, list) and firsts and seconds
             and all(isinstance(text, str) for text in (*firsts, *seconds))):
-        return []
+        return None
     if len(firsts) == 1:
-        firsts = firsts * len(seconds)
-    if len(firsts) != len(seconds):
-        return []
-    return [f"{a}\n{b}" for a, b in zip(firsts, seconds, strict=True)]
+        firsts = firsts * len(seconds)  # references to one string
+    return (firsts, seconds) if len(firsts) == len(seconds) else None
 
 
 def _strict(tool: Any) -> bool:
@@ -350,13 +349,11 @@ class InferenceRequest:
         """A completion request's prompts, one per answer set: a batch of strings or of token
         lists, or a single prompt. On a pooling route, what the engine encodes: an embedding
         request's inputs (the same shapes), a rerank's query joined to each document, a score's
-        pairs of texts ([] on other routes, or when malformed)."""
-        if self.route == RERANK or self.route == RERANK_UNVERSIONED:
-            return _pairs(self._body.get("query"), self._body.get("documents"))
-        if self.route == SCORE:
-            if "queries" in self._body or "documents" in self._body:
-                return _pairs(self._body.get("queries"), self._body.get("documents"))
-            return _pairs(self._body.get("text_1"), self._body.get("text_2"))
+        pairs of texts ([] on other routes, or when malformed). Joined texts are built here:
+        read `pooled_size` first (validation does)."""
+        sides = self._pooled_sides()
+        if sides is not None:
+            return [f"{a}\n{b}" for a, b in zip(*sides, strict=True)]
         if self.route not in (COMPLETIONS, EMBEDDINGS):
             return []
         prompt = self._body.get(self.input_field)
@@ -367,6 +364,24 @@ class InferenceRequest:
         if all(_is_int(token) for token in prompt):
             return [prompt]  # one prompt of token ids
         return list(prompt)
+
+    @property
+    def pooled_size(self) -> tuple[int, int]:
+        """How many texts a pooling request has the engine encode, and their characters (a
+        query counted with each document; a token list by its ids), without building them."""
+        sides = self._pooled_sides()
+        texts: list[Prompt] = [*sides[0], *sides[1]] if sides is not None else self.prompts
+        return (len(sides[1]) if sides is not None else len(texts)), sum(map(len, texts))
+
+    def _pooled_sides(self) -> tuple[list[str], list[str]] | None:
+        """A rerank's query and documents, a score's two sides; None on other routes."""
+        if self.route in (RERANK, RERANK_UNVERSIONED):
+            return _sides(self._body.get("query"), self._body.get("documents"))
+        if self.route != SCORE:
+            return None
+        if "queries" in self._body or "documents" in self._body:
+            return _sides(self._body.get("queries"), self._body.get("documents"))
+        return _sides(self._body.get("text_1"), self._body.get("text_2"))
 
     @property
     def question(self) -> str:

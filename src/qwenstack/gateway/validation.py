@@ -182,27 +182,31 @@ def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> No
 
 def check_pooling(request: InferenceRequest, settings: RagSettings) -> None:
     """Bound what a pooling request has the engine encode (no-op on other routes): an embedding
-    request's inputs, a rerank's documents or a score's pairs, each with its query, by count
-    and by characters (a token list counts its ids), as the gateway's own embedder is
-    bounded. A score's two lists of unequal lengths (neither of one text) pair nothing."""
+    request's inputs, a rerank's documents or a score's pairs, by count and by characters
+    (each document with its query; a token list by its ids), as the gateway's own embedder is
+    bounded; measured before any text is built of them. A score's two lists of unequal
+    lengths (neither of one text) pair nothing."""
     if request.route not in POOLING:
         return
-    texts = request.prompts
-    if not texts:  # the routes' own fields are checked first: only a score's can be amiss
+    count, characters = request.pooled_size
+    if not count:  # the routes' own fields are checked first: only a score's can be amiss
         raise GatewayError(400, "Give `queries` and `documents` (or `text_1` and `text_2`): "
                            "each a string or a non-empty list of strings, one of them a single "
                            "text or both of one length.", code="invalid_request",
                            param="documents")
-    check_texts(texts, settings, request.input_field)
+    _bound_texts(count, characters, settings, request.input_field)
 
 
-def check_texts(texts: Sequence[str | list[int]], settings: RagSettings, param: str) -> None:
+def check_texts(texts: Sequence[str], settings: RagSettings, param: str) -> None:
     """Bound one request's embedding work: how many texts, how many characters in all."""
-    if len(texts) > settings.max_embedding_inputs:
+    _bound_texts(len(texts), sum(map(len, texts)), settings, param)
+
+
+def _bound_texts(count: int, characters: int, settings: RagSettings, param: str) -> None:
+    if count > settings.max_embedding_inputs:
         raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_inputs} "
-                           f"texts; it has {len(texts)}.", param=param,
+                           f"texts; it has {count}.", param=param,
                            code="array_above_max_length")
-    characters = sum(map(len, texts))
     if characters > settings.max_embedding_chars:
         raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_chars} "
                            f"characters in all; it has {characters}.", param=param,
