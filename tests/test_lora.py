@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from helpers import Engines, Gateway, create_key, start_engines, start_gateway
 from safetensors.numpy import save_file
+from test_responses import bearer
 
 BASE, ADAPTER, LOADED = "tiny-base", "tiny-adapter", "tiny-adapter-2"
 RANK = 8
@@ -78,19 +79,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, engine: Engines) -> Iterat
     assert gateway.stop() == 0
 
 
-def _bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
-
-
 def _greedy(url: str, model: str, key: str | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", headers=_bearer(key) if key else {}, timeout=120,
+    return httpx.post(f"{url}/v1/completions", headers=bearer(key) if key else {}, timeout=120,
                       json={"model": model, "prompt": "The capital of France is",
                             "max_tokens": 12, "temperature": 0})
 
 
 def test_an_adapter_is_a_model_of_its_own(gateway: Gateway, engine: Engines) -> None:
     key = create_key(gateway.home, "--name", "lora-user")
-    listed = httpx.get(f"{gateway.url}/v1/models", headers=_bearer(key), timeout=30).json()
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(key), timeout=30).json()
     cards = {card["id"]: card for card in listed["data"]}
     assert set(cards) == {BASE, ADAPTER} and cards[ADAPTER]["parent"] == BASE
     base = _greedy(gateway.url, BASE, key)
@@ -109,7 +106,7 @@ def test_keys_are_scoped_to_adapters_by_name(gateway: Gateway) -> None:
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
     assert _greedy(gateway.url, ADAPTER, adapter_only).status_code == 200
     assert _greedy(gateway.url, BASE, adapter_only).status_code == 403
-    listed = httpx.get(f"{gateway.url}/v1/models", headers=_bearer(adapter_only), timeout=30)
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(adapter_only), timeout=30)
     assert [card["id"] for card in listed.json()["data"]] == [ADAPTER]
 
 
@@ -122,15 +119,15 @@ def test_only_admins_load_adapters_and_only_through_the_gateway(
     # vLLM's own routes are not forwarded, to anyone.
     for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         for key in (tenant, admin):
-            engine_route = httpx.post(f"{gateway.url}{route}", headers=_bearer(key), timeout=30,
+            engine_route = httpx.post(f"{gateway.url}{route}", headers=bearer(key), timeout=30,
                                       json={"lora_name": LOADED, "lora_path": str(adapters[1])})
             assert engine_route.status_code == 404, engine_route.text
-    refused = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=_bearer(tenant),
+    refused = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(tenant),
                          json=load, timeout=30)
     assert refused.status_code == 403, refused.text
     assert LOADED not in _models(gateway, admin)
 
-    loaded = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=_bearer(admin), json=load,
+    loaded = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), json=load,
                         timeout=120)
     assert loaded.status_code == 200, loaded.text
     assert LOADED in _models(gateway, admin)
@@ -138,16 +135,16 @@ def test_only_admins_load_adapters_and_only_through_the_gateway(
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["text"] != _greedy(gateway.url, BASE, admin).json()[
         "choices"][0]["text"]
-    again = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=_bearer(admin), json=load,
+    again = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), json=load,
                        timeout=30)
     assert again.status_code == 409, again.text
-    bad = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=_bearer(admin), timeout=60,
+    bad = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), timeout=60,
                      json={**load, "name": "no-such-folder", "path": "/nonexistent/adapter"})
     assert bad.status_code == 502 and bad.json()["error"]["code"] == "lora_adapter_failed"
     assert "no-such-folder" not in _models(gateway, admin)
 
     unloaded = httpx.delete(f"{gateway.url}/admin/lora_adapters/{LOADED}",
-                            headers=_bearer(admin), timeout=60)
+                            headers=bearer(admin), timeout=60)
     assert unloaded.status_code == 200, unloaded.text
     assert LOADED not in _models(gateway, admin)
     assert _greedy(gateway.url, LOADED, admin).status_code == 404
@@ -181,5 +178,5 @@ def test_adapter_settings_become_vllm_flags(tmp_path: Path) -> None:
 
 
 def _models(gateway: Gateway, key: str) -> set[str]:
-    listed = httpx.get(f"{gateway.url}/v1/models", headers=_bearer(key), timeout=30)
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(key), timeout=30)
     return {card["id"] for card in listed.json()["data"]}

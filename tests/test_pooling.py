@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import Engines, Gateway, create_key, start_engines, start_gateway, usage_rows
-from test_responses import database
+from test_responses import bearer, database
 
 EMBED, RERANK = "tiny-embed", "tiny-rerank"
 QWEN3_RERANKER = json.dumps({"architectures": ["Qwen3ForSequenceClassification"],
@@ -68,12 +68,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, engines: tuple[Engines, En
     assert gateway.stop() == 0
 
 
-def _bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
-
-
 def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
-    return httpx.post(url, json=body, headers=_bearer(key) if key else {}, timeout=120)
+    return httpx.post(url, json=body, headers=bearer(key) if key else {}, timeout=120)
 
 
 def test_embeddings_through_the_gateway_are_the_engines(
@@ -187,7 +183,7 @@ def test_knowledge_base_embeds_and_reranks_with_the_engines(
     assert created.status_code == 201, created.text
     assert created.json()["embedding_model"] == EMBED
     uploaded = httpx.post(f"{gateway.url}/v1/knowledge_bases/served/files",
-                          headers=_bearer(owner), timeout=300,
+                          headers=bearer(owner), timeout=300,
                           files=[("file", (name, text.encode())) for name, text in FILES.items()])
     assert uploaded.status_code == 200, uploaded.text
     query = "大熊猫吃什么？"
@@ -226,7 +222,7 @@ def test_another_embedder_is_refused_rather_than_mixed(
         assert query.json()["error"]["code"] == "embedding_model_mismatch"
         assert EMBED in query.json()["error"]["message"]
         upload = httpx.post(f"{other.url}/v1/knowledge_bases/mixed/files", timeout=300,
-                            headers=_bearer(owner), files=[("file", ("a.txt", b"text"))])
+                            headers=bearer(owner), files=[("file", ("a.txt", b"text"))])
         assert upload.status_code == 409, upload.text
     finally:
         assert other.stop() == 0
