@@ -77,6 +77,9 @@ class Endpoint:
                 if position < len(bases) - 1:
                     continue
                 raise self.failure(f"{base} refused the connection") from None
+            except httpx.HTTPStatusError as exc:
+                raise self.failure(f"{base} answered {exc.response.status_code}: "
+                                   f"{exc.response.text[:300]}") from None
             except (httpx.HTTPError, ValueError) as exc:
                 raise self.failure(f"{base}: {exc}") from None
         raise AssertionError("unreachable")
@@ -100,8 +103,9 @@ class RemoteEmbedder:
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         vectors: list[list[float]] = []
         for start in range(0, len(texts), self.batch_size):
-            answer = self.endpoint.post(
-                "/v1/embeddings", {"input": list(texts[start:start + self.batch_size])})
+            # vLLM refuses an empty prompt (a local model embeds it): one space stands for it.
+            batch = [text or " " for text in texts[start:start + self.batch_size]]
+            answer = self.endpoint.post("/v1/embeddings", {"input": batch})
             try:
                 data = sorted(answer["data"], key=lambda item: item["index"])
                 vectors += [item["embedding"] for item in data]
