@@ -244,9 +244,8 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
         raise
 
 
-def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Stack:
-    """`qwenstack up` on free ports, its home in `tmp` but sharing the engine venv and models;
-    `env` adds QWENSTACK_* settings."""
+def _stack_home(tmp: Path) -> Path:
+    """A home in `tmp` sharing the engine venv and models, counted in the run's vLLM boots."""
     home = tmp / "home"
     home.mkdir(parents=True, exist_ok=True)
     for shared in ("engine-venv", "models"):
@@ -254,6 +253,46 @@ def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Sta
         (home / shared).symlink_to(HOME / shared)
     with open(run_dir() / "stack-homes", "a") as homes:  # for the boot count at the end
         homes.write(f"{home}\n")
+    return home
+
+
+@dataclass
+class Engines:
+    """`qwenstack engine`: vLLM replicas started and supervised, with no gateway."""
+
+    process: subprocess.Popen[bytes]
+    url: str  # the first replica's
+    home: Path
+    log: Path
+
+    def stop(self) -> int:
+        return _stop(self.process)
+
+
+def start_engines(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Engines:
+    """`qwenstack engine ARGS` (vLLM flags among them) on a free port, with its own home;
+    `env` adds QWENSTACK_* settings. Returns once the first replica lists its models."""
+    home = _stack_home(tmp)
+    port = free_port()
+    log = tmp / "engine.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwenstack", "engine", "--engine-base-port", str(port),
+         "--home", str(home), *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )
+    engines = Engines(process, f"http://127.0.0.1:{port}", home, log)
+    try:
+        wait_until_answering(process, f"{engines.url}/v1/models", log, STARTUP_TIMEOUT_S)
+    except BaseException:
+        engines.stop()
+        raise
+    return engines
+
+
+def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Stack:
+    """`qwenstack up` on free ports, its home in `tmp` but sharing the engine venv and models;
+    `env` adds QWENSTACK_* settings."""
+    home = _stack_home(tmp)
     gateway_port, engine_port = free_port(), free_port()
     log = tmp / "up.log"
     process = subprocess.Popen(

@@ -82,7 +82,7 @@ def test_non_admin_announcing_200_mb_to_admin_gets_403_without_sending_it(gatewa
 
 @pytest.mark.parametrize("path", [
     "/admin/keys", "/v1/embeddings", "/v1/knowledge_bases", "/v1/knowledge_bases/any/files",
-    "/v1/chat/completions",
+    "/v1/chat/completions", "/v1/rerank", "/rerank", "/v1/score", "/admin/lora_adapters",
 ])
 def test_an_announced_body_over_the_limit_gets_413_before_it_is_sent(gateway, keys, path):
     status, body = answer_to_head(gateway, head(

@@ -142,7 +142,7 @@ def test_embeddings_route(gateway: Gateway) -> None:
     assert [item["index"] for item in body["data"]] == [0, 1]
     assert len(body["data"][0]["embedding"]) == 384 and body["model"] == "all-MiniLM-L6-v2"
     # The gateway's own endpoint serves as an OpenAI-compatible embedding backend too.
-    from qwenstack.rag.embeddings import RemoteEmbedder
+    from qwenstack.rag.remote import RemoteEmbedder
 
     remote = RemoteEmbedder(gateway.url, "all-MiniLM-L6-v2", key, batch_size=1)
     assert remote.dimension == 384

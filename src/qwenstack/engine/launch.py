@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenstack.engine import capacity, cpu_tuning, families, roles
+from qwenstack.engine import capacity, cpu_tuning, families, lora, roles
 from qwenstack.engine.hardware import Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
@@ -32,6 +32,7 @@ MANAGED_FLAGS = {
     "--enable-auto-tool-choice": "engine.tool_call_parser",
     "--tool-call-parser": "engine.tool_call_parser",
     "--reasoning-parser": "engine.reasoning_parser",
+    **dict.fromkeys(lora.LORA_FLAGS, "engine.lora"),
 }
 # vLLM fetches media URLs from any host unless given --allowed-media-domains; with no domain
 # allowed, this reserved name (RFC 2606: never resolves) is the only one, so it fetches none.
@@ -208,6 +209,7 @@ def model_argv(
         *roles.flags(engine.role, model.config),
         *_tuning_flags(tuning, engine, hardware, sizing.budget),
         *parsers(engine, model).flags(),
+        *(lora.flags(engine.lora) if engine.role == roles.CHAT else []),
     ]
 
 
@@ -261,7 +263,7 @@ def build_launches(
         for _ in range(entry.replicas):
             index = len(launches)
             port = engine.base_port + index
-            env = dict(base_env)
+            env = {**base_env, **lora.environment(entry.lora)}
             if hardware.has_gpu:
                 gpus = range(first_gpu, first_gpu + entry.tensor_parallel_size)
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))

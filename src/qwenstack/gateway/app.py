@@ -1,7 +1,8 @@
 """The gateway's ASGI app: OpenAI-compatible routes in front of the engines.
 
-Only the routes below are forwarded; everything else vLLM exposes (tokenize, LoRA loading,
-sleep/wake, ...) stays unreachable from clients. The parts the handlers use are one
+Only the routes below (and pooling.py's) are forwarded; everything else vLLM exposes
+(tokenize, LoRA loading, sleep/wake, ...) stays unreachable from clients: admins load LoRA
+adapters through the gateway's own route (lora.py). The parts the handlers use are one
 `Resources` object (resources.py), opened with the app and closed after its last request; what
 every request passes through is in middleware.py; an inference request's path is inference.py.
 """
@@ -18,11 +19,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from qwenstack.gateway import admin, inference, knowledge_bases, metrics, quota
+from qwenstack.gateway import admin, inference, knowledge_bases, lora, metrics, pooling, quota
 from qwenstack.gateway.errors import GatewayError, error_response
 from qwenstack.gateway.exchange import CLIENT_CLOSED
 from qwenstack.gateway.middleware import Authentication, BodyLimit, RequestContext
-from qwenstack.gateway.protocol import CHAT, COMPLETIONS, RESPONSES
+from qwenstack.gateway.protocol import CHAT, COMPLETIONS, RERANK_UNVERSIONED, RESPONSES
 from qwenstack.gateway.resources import Resources, resources
 from qwenstack.gateway.responses import NO_STATE
 from qwenstack.settings import Settings
@@ -52,13 +53,16 @@ def create_app(settings: Settings) -> FastAPI:
     # Innermost of the three: a body is judged only once its sender may send it at all.
     app.add_middleware(BodyLimit, max_body_bytes=settings.validation.max_body_bytes,
                        max_upload_bytes=settings.rag.max_upload_bytes)
-    protected = (*ADMIN_ONLY, "/v1/", *(("/metrics",) if settings.auth.protect_metrics else ()))
+    protected = (*ADMIN_ONLY, "/v1/", RERANK_UNVERSIONED,
+                 *(("/metrics",) if settings.auth.protect_metrics else ()))
     app.add_middleware(Authentication, protected=protected, admin_only=ADMIN_ONLY)
     # Outermost: refusals get a request id and a log line too.
     app.add_middleware(RequestContext, tracer=tracer)
     app.include_router(admin.router)
+    app.include_router(lora.router)
     app.include_router(knowledge_bases.router)
     app.include_router(quota.router)
+    app.include_router(pooling.router)
     app.include_router(router)
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)

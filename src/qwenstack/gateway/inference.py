@@ -42,6 +42,7 @@ async def serve(request: Request, route: Route) -> Response:
         exchange.request = InferenceRequest.parse(route, raw)  # a malformed one is counted too
         knowledge_bases = grounding.take_knowledge_bases(exchange.request)  # a `+kb:` alias too
         validation.check(exchange.request, settings.validation)
+        validation.check_pooling(exchange.request, settings.rag)
         model = held.catalogue.resolve(exchange)  # an alias or a fallback named here
         exchange.model = model.name
         validation.check_fits(exchange.request, model)

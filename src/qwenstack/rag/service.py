@@ -43,6 +43,7 @@ from qwenstack.rag.catalog import (
 from qwenstack.rag.chunking import Chunk, TokenCounter, chunk_sections
 from qwenstack.rag.embeddings import Embedder
 from qwenstack.rag.parse_worker import ParseWorkers
+from qwenstack.rag.remote import EngineUrls, RemoteReranker, probed_engines
 from qwenstack.rag.store import Hit, MilvusException, MilvusStore, Mode, StoredChunk
 from qwenstack.settings import RagSettings, Settings
 
@@ -79,6 +80,7 @@ class SearchedBase:
     name: str
     id: int
     embedding_model: str
+    dimension: int
     dense_weight: float | None
 
 
@@ -99,6 +101,15 @@ def load_reranker(spec: str | None) -> Reranker | None:
     return getattr(importlib.import_module(module), name)
 
 
+def make_reranker(settings: RagSettings, engines: EngineUrls) -> Reranker | None:
+    """The configured reranker: a served model (rag.rerank_model) at rag.rerank_url or among
+    `engines`, a `module:callable` (rag.reranker), or none."""
+    if settings.rerank_model:
+        key = settings.rerank_api_key.get_secret_value() if settings.rerank_api_key else None
+        return RemoteReranker(settings.rerank_url or engines, settings.rerank_model, key)
+    return load_reranker(settings.reranker)
+
+
 class KnowledgeService:
     def close(self) -> None:
         self.store.close()
@@ -109,6 +120,7 @@ class KnowledgeService:
         engine: sa.Engine,
         store: MilvusStore,
         embedder_factory: Callable[[], Embedder],
+        reranker: Reranker | None,
         counter: TokenCounter,
         settings: RagSettings,
         open_access: bool,
@@ -120,7 +132,7 @@ class KnowledgeService:
         self.settings = settings
         self.open_access = open_access  # auth off: every caller may do everything
         self.ui_service_key = ui_service_key  # the only caller that makes `ui-...` bases
-        self.reranker = load_reranker(settings.reranker)
+        self.reranker = reranker
         self.parse_workers = ParseWorkers(settings)
         self._embedder_factory = embedder_factory
         self._embedder: Embedder | None = None
@@ -223,12 +235,12 @@ class KnowledgeService:
         stage (parse, embed, write) and each file or chunk done."""
         with Session(self.engine) as session:
             kb = self._writable(session, name, caller)
-            kb_id, kb_model = kb.id, kb.embedding_model
+            kb_id, kb_model, kb_dimension = kb.id, kb.embedding_model, kb.dimension
             known = dict(session.execute(
                 sa.select(KnowledgeBaseFile.name, KnowledgeBaseFile.sha256)
                 .where(KnowledgeBaseFile.knowledge_base_id == kb_id)
             ).all())
-        self._check_model(name, kb_model)
+        self._check_model(name, kb_model, kb_dimension)
         progress.stage("parsing files", len(files))
         prepared = []
         for file_name, data in files:
@@ -330,28 +342,34 @@ class KnowledgeService:
         top_k = top_k or self.settings.top_k
         mode = mode or self.settings.mode
         with Session(self.engine) as session:
-            kbs = [SearchedBase(kb.name, kb.id, kb.embedding_model, kb.dense_weight)
+            kbs = [SearchedBase(kb.name, kb.id, kb.embedding_model, kb.dimension, kb.dense_weight)
                    for kb in (self._readable(session, name, caller) for name in names)]
         vector = query_vector
 
         def embedded(kb: SearchedBase) -> builtins.list[float]:
             nonlocal vector
-            self._check_model(kb.name, kb.embedding_model)
+            self._check_model(kb.name, kb.embedding_model, kb.dimension)
             if vector is None:
                 vector = self.embedder.embed([query])[0]
             return vector
 
+        # A reranker reorders more candidates than are kept: what it promotes may have ranked
+        # below top_k.
+        fetched = max(top_k, self.settings.rerank_candidates) if self.reranker else top_k
         # Each knowledge base ranks its own chunks; several are merged by rank (RRF), as their
         # scores are not comparable across collections.
         rankings = [[Retrieved(kb.name, hit)
-                     for hit in self._rank(kb, query, mode, top_k, embedded, dense_weight)]
+                     for hit in self._rank(kb, query, mode, fetched, embedded, dense_weight)]
                     for kb in kbs]
         merged = rankings[0] if len(rankings) == 1 else fusion.reciprocal_rank_fusion(
             rankings, self.settings.rrf_k)
         if self.reranker:
             hits = self.reranker(query, [item.hit for item in merged])
-            by_hit = {id(item.hit): item for item in merged}
-            merged = [by_hit[id(hit)] for hit in hits]
+            # A reranker may hand back new hits (with its own scores): matched by position in
+            # the store's order, not by identity.
+            by_hit = {(hit.file_id, hit.chunk): item.knowledge_base
+                      for item, hit in ((item, item.hit) for item in merged)}
+            merged = [Retrieved(by_hit[hit.file_id, hit.chunk], hit) for hit in hits]
         return merged[:top_k]
 
     def _rank(
@@ -407,17 +425,26 @@ class KnowledgeService:
                            code="knowledge_base_forbidden")
         return kb
 
-    def _check_model(self, name: str, model: str) -> None:
-        if model != self.embedder.name:
+    def _check_model(self, name: str, model: str, dimension: int) -> None:
+        """Vectors of one base come from one model: a base embedded with another (by name, or
+        by the size of its vectors where a server's model changed under one name) is refused,
+        never searched or filled with vectors of another space."""
+        embedder = self.embedder
+        if (model, dimension) != (embedder.name, embedder.dimension):
             raise RagError(
-                f"The knowledge base {name!r} was embedded with {model!r}, but rag.embedding_model "
-                f"is {self.embedder.name!r}; re-create it or configure that model.",
+                f"The knowledge base {name!r} was embedded with {model!r} ({dimension} "
+                f"dimensions), but the embedder is {embedder.name!r} ({embedder.dimension}); "
+                "re-create the base (and ingest its files again) or configure that model.",
                 status=409, code="embedding_model_mismatch",
             )
 
 
-def open_service(settings: Settings, *, open_access: bool | None = None) -> KnowledgeService:
-    """The service over the settings' database and Milvus, embedder loaded on first use."""
+def open_service(
+    settings: Settings, *, open_access: bool | None = None, engines: EngineUrls | None = None
+) -> KnowledgeService:
+    """The service over the settings' database and Milvus, embedder loaded on first use.
+    `engines`: where this stack's engines serve a model (the gateway's pool); unset, the
+    configured engines are asked (rag.embedding_engines, rag.rerank_model)."""
     from qwenstack import database as db
     from qwenstack.rag.chunking import token_counter
     from qwenstack.rag.embeddings import make_embedder
@@ -439,8 +466,12 @@ def open_service(settings: Settings, *, open_access: bool | None = None) -> Know
     except BaseException:
         engine.dispose()
         raise
+    if engines is None:
+        engines = probed_engines(settings.engine.replica_urls())
+    served = engines
     return KnowledgeService(
-        engine, store, lambda: make_embedder(rag), counter, rag,
+        engine, store, lambda: make_embedder(rag, served), make_reranker(rag, served), counter,
+        rag,
         open_access=not settings.auth.enabled if open_access is None else open_access,
         ui_service_key=settings.auth.ui_service_key,
     )

@@ -23,7 +23,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from qwenstack.settings.engine import ENGINE_HOST, QWEN3_MODEL, EngineSettings
+from qwenstack.settings.engine import ENGINE_HOST, QWEN3_MODEL, EngineSettings, LoraSettings
 from qwenstack.settings.gateway import (
     AdmissionSettings,
     AuthSettings,
@@ -42,8 +42,8 @@ from qwenstack.settings.ui import UiSettings
 __all__ = [
     "AdmissionSettings", "AuthSettings", "CONFIG_ENV", "CacheSettings", "ENGINE_HOST",
     "EngineSettings", "GatewaySettings", "JWTClaimNames", "JWTSettings", "LimitSettings",
-    "ObservabilitySettings", "QWEN3_MODEL", "RagSettings", "RoutingSettings", "Settings",
-    "UiSettings", "ValidationSettings", "load_settings",
+    "LoraSettings", "ObservabilitySettings", "QWEN3_MODEL", "RagSettings", "RoutingSettings",
+    "Settings", "UiSettings", "ValidationSettings", "load_settings",
 ]
 
 CONFIG_ENV = "QWENSTACK_CONFIG"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -16,6 +17,45 @@ QWEN3_MODEL = "Qwen/Qwen3-4B-Instruct-2507"
 ENGINE_HOST = "127.0.0.1"
 # A vLLM parser's name as its command line takes it (one word: it becomes an argv item).
 PARSER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A LoRA adapter's name: a model name clients send, one argv word, no `=` (--lora-modules).
+ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}"
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapters an engine serves beside its base model (engine/lora.py makes the flags):
+    each is a model of its own to clients, listed by /v1/models and scoped by keys by name."""
+
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapter name (the `model` clients send) -> its folder (adapter_config.json "
+        "and adapter_model.safetensors) or hub id; vLLM's --lora-modules.",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, description="Largest adapter rank the engine makes room for (--max-lora-rank)."
+    )
+    max_loras: int = Field(
+        1, ge=1, description="Adapters one batch may mix (--max-loras); more wait their turn.",
+    )
+    runtime_loading: bool = Field(
+        False,
+        description="Admins may load and unload adapters while the engines run, through the "
+        "gateway's /admin/lora_adapters (the engines get VLLM_ALLOW_RUNTIME_LORA_UPDATING; "
+        "their own routes stay on loopback). Loaded adapters last until an engine restarts: "
+        "keep lasting ones in `adapters`.",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _names_are_model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not re.fullmatch(ADAPTER_NAME, name) or not path.strip():
+                raise ValueError(f"LoRA adapter {name!r}: a name of letters, digits and "
+                                 "`._-/:` (a model name), and a folder or hub id")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.adapters) or self.runtime_loading
 
 
 # What an engine serves a model for; engine/roles.py maps each to vLLM's flags.
@@ -81,6 +121,9 @@ class ServedModelSettings(BaseModel):
         description="vLLM's --reasoning-parser. auto: qwen3 for a Qwen3 model whose chat "
         "template can think (not Qwen3-Instruct-2507); none: off. Remote engines: as for "
         "tool_call_parser.",
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRA adapters served beside the model."
     )
     extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Further vLLM flags, passed through unchanged."
@@ -164,8 +207,9 @@ class EngineSettings(ServedModelSettings):
     def served(self) -> list[ServedModelSettings]:
         """The models to serve, each entry of `models` completed with this section's values
         for the fields it leaves out; without `models`, the one this section describes."""
-        # A served name is one model's own: shared by all, the names would collide.
-        shared = set(ServedModelSettings.model_fields) - {"served_model_name"}
+        # A served name is one model's own: shared by all, the names would collide; so are
+        # LoRA adapters, each made for one base model.
+        shared = set(ServedModelSettings.model_fields) - {"served_model_name", "lora"}
         defaults = self.model_dump(include=shared) if self.models else self.model_dump(
             include=set(ServedModelSettings.model_fields))
         entries = self.models or [ServedModelSettings()]

@@ -28,6 +28,13 @@ class RagSettings(BaseModel):
         "an embedding model); when set, `embedding_model` is the model name sent there.",
     )
     embedding_api_key: SecretStr | None = Field(None, description="Bearer key for `embedding_url`.")
+    embedding_engines: bool = Field(
+        False,
+        description="Embed with this stack's engines: `embedding_model` is the served name of "
+        "an engine started as an embedding model (vLLM --runner pooling --convert embed). The "
+        "gateway routes to its up replicas; the `kb` commands find them among engine.urls (or "
+        "the engines `up` starts). Not with `embedding_url`.",
+    )
     embedding_batch_size: int = Field(32, ge=1)
     tokenizer: str | None = Field(
         None,
@@ -57,15 +64,33 @@ class RagSettings(BaseModel):
     reranker: str | None = Field(
         None, description="`module:callable` taking (query, chunks) and returning them reordered.",
     )
+    rerank_model: str | None = Field(
+        None,
+        description="A reranker that reorders the retrieved chunks by relevance to the query: "
+        "the served name of a model behind vLLM's /v1/rerank (an engine started with --runner "
+        "pooling --convert classify, e.g. a Qwen3-Reranker), at `rerank_url` or, unset, among "
+        "this stack's engines. Not with `reranker`.",
+    )
+    rerank_url: str | None = Field(
+        None, description="Base URL of a server of /v1/rerank for `rerank_model` (vLLM's, "
+        "Cohere's or Jina's shape). Unset: this stack's engines.",
+    )
+    rerank_api_key: SecretStr | None = Field(None, description="Bearer key for `rerank_url`.")
+    rerank_candidates: int = Field(
+        20, ge=1, le=100, description="Chunks retrieved for the reranker to reorder; the best "
+        "`top_k` (or the query's) of its order are kept.",
+    )
     max_upload_bytes: int = Field(
         20 * 2**20, ge=1, description="Largest upload (all its files), in bytes."
     )
     max_embedding_inputs: int = Field(
-        256, ge=1, description="Most texts one /v1/embeddings request may embed; more: 400."
+        256, ge=1, description="Most texts one /v1/embeddings request may embed (or documents "
+        "one /v1/rerank request may rank, or pairs one /v1/score request may score); more: 400."
     )
     max_embedding_chars: int = Field(
         200_000, ge=1, description="Most characters (all texts together) one /v1/embeddings "
-        "request, or a knowledge-base query, may embed; more: 400.",
+        "request, or a knowledge-base query, may embed (a rerank or score request: each "
+        "document with its query); more: 400.",
     )
     # What parsing one uploaded file may inflate, produce and use (README "Knowledge bases").
     # Real documents stay far below each cap: text compresses about 5-20x, images are stored
@@ -109,4 +134,12 @@ class RagSettings(BaseModel):
     def _overlap_below_size(self) -> RagSettings:
         if self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ValueError("rag.chunk_overlap_tokens must be below rag.chunk_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> RagSettings:
+        if self.embedding_engines and self.embedding_url:
+            raise ValueError("rag.embedding_engines and rag.embedding_url: set one of them")
+        if self.rerank_model and self.reranker:
+            raise ValueError("rag.rerank_model and rag.reranker: set one of them")
         return self

@@ -1,0 +1,182 @@
+"""LoRA adapters as models: an engine of the tiny Qwen3 started with an adapter (engine.lora),
+behind a gateway with keys.
+
+The adapters are made here, as the tiny model is: random weights in PEFT's layout
+(adapter_config.json, adapter_model.safetensors) on the attention's q and v projections, with a
+B matrix that is not zero (PEFT starts it at zero, which would change nothing), so greedy text
+through an adapter differs from the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from helpers import Engines, Gateway, create_key, start_engines, start_gateway
+from safetensors.numpy import save_file
+from test_responses import bearer
+
+BASE, ADAPTER, LOADED = "tiny-base", "tiny-adapter", "tiny-adapter-2"
+RANK = 8
+
+
+def make_adapter(model: Path, folder: Path, seed: int) -> Path:
+    """A random rank-8 LoRA adapter for `model` (a Qwen3 folder) in `folder`."""
+    config = json.loads((model / "config.json").read_text())
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    outputs = {"q_proj": config["num_attention_heads"] * head_dim,
+               "v_proj": config["num_key_value_heads"] * head_dim}
+    random = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for projection, width in outputs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
+            tensors[f"{prefix}.lora_A.weight"] = random.normal(
+                0, 1 / np.sqrt(hidden), (RANK, hidden)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = random.normal(
+                0, 1.0, (width, RANK)).astype(np.float32)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": list(outputs),
+        "base_model_name_or_path": str(model), "fan_in_fan_out": False,
+        "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("adapters")
+    return (make_adapter(tiny_qwen3, folder / "first", seed=1),
+            make_adapter(tiny_qwen3, folder / "second", seed=2))
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path,
+           adapters: tuple[Path, Path]) -> Iterator[Engines]:
+    engines = start_engines(
+        tmp_path_factory.mktemp("lora-engine"), "--model", str(tiny_qwen3),
+        "--served-model-name", BASE, "--max-model-len", "1024", "--kv-cache-gib", "0.25",
+        env={"QWENSTACK_ENGINE__LORA__ADAPTERS": json.dumps({ADAPTER: str(adapters[0])}),
+             "QWENSTACK_ENGINE__LORA__MAX_LORA_RANK": str(RANK),
+             "QWENSTACK_ENGINE__LORA__RUNTIME_LOADING": "true"},
+    )
+    yield engines
+    assert engines.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, engine: Engines) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("lora-gateway"), engine.url, auth=True,
+                            env={"QWENSTACK_CACHE__ENABLED": "false"})
+    yield gateway
+    assert gateway.stop() == 0
+
+
+def _greedy(url: str, model: str, key: str | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", headers=bearer(key) if key else {}, timeout=120,
+                      json={"model": model, "prompt": "The capital of France is",
+                            "max_tokens": 12, "temperature": 0})
+
+
+def test_an_adapter_is_a_model_of_its_own(gateway: Gateway, engine: Engines) -> None:
+    key = create_key(gateway.home, "--name", "lora-user")
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(key), timeout=30).json()
+    cards = {card["id"]: card for card in listed["data"]}
+    assert set(cards) == {BASE, ADAPTER} and cards[ADAPTER]["parent"] == BASE
+    base = _greedy(gateway.url, BASE, key)
+    adapted = _greedy(gateway.url, ADAPTER, key)
+    assert base.status_code == 200 and adapted.status_code == 200, adapted.text
+    base_text, adapted_text = (r.json()["choices"][0]["text"] for r in (base, adapted))
+    assert adapted_text != base_text
+    assert adapted_text == _greedy(engine.url, ADAPTER).json()["choices"][0]["text"]
+    assert adapted.json()["model"] == ADAPTER
+
+
+def test_keys_are_scoped_to_adapters_by_name(gateway: Gateway) -> None:
+    base_only = create_key(gateway.home, "--name", "base-only", "--models", BASE)
+    adapter_only = create_key(gateway.home, "--name", "adapter-only", "--models", ADAPTER)
+    denied = _greedy(gateway.url, ADAPTER, base_only)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+    assert _greedy(gateway.url, ADAPTER, adapter_only).status_code == 200
+    assert _greedy(gateway.url, BASE, adapter_only).status_code == 403
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(adapter_only), timeout=30)
+    assert [card["id"] for card in listed.json()["data"]] == [ADAPTER]
+
+
+def test_only_admins_load_adapters_and_only_through_the_gateway(
+    gateway: Gateway, adapters: tuple[Path, Path]
+) -> None:
+    tenant = create_key(gateway.home, "--name", "lora-tenant")
+    admin = create_key(gateway.home, "--name", "lora-admin", "--admin")
+    load = {"name": LOADED, "path": str(adapters[1]), "model": BASE}
+    # vLLM's own routes are not forwarded, to anyone.
+    for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        for key in (tenant, admin):
+            engine_route = httpx.post(f"{gateway.url}{route}", headers=bearer(key), timeout=30,
+                                      json={"lora_name": LOADED, "lora_path": str(adapters[1])})
+            assert engine_route.status_code == 404, engine_route.text
+    refused = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(tenant),
+                         json=load, timeout=30)
+    assert refused.status_code == 403, refused.text
+    assert LOADED not in _models(gateway, admin)
+
+    loaded = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), json=load,
+                        timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    assert LOADED in _models(gateway, admin)
+    answer = _greedy(gateway.url, LOADED, admin)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] != _greedy(gateway.url, BASE, admin).json()[
+        "choices"][0]["text"]
+    again = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), json=load,
+                       timeout=30)
+    assert again.status_code == 409, again.text
+    bad = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), timeout=60,
+                     json={**load, "name": "no-such-folder", "path": "/nonexistent/adapter"})
+    assert bad.status_code == 502 and bad.json()["error"]["code"] == "lora_adapter_failed"
+    assert "no-such-folder" not in _models(gateway, admin)
+
+    unloaded = httpx.delete(f"{gateway.url}/admin/lora_adapters/{LOADED}",
+                            headers=bearer(admin), timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    assert LOADED not in _models(gateway, admin)
+    assert _greedy(gateway.url, LOADED, admin).status_code == 404
+
+
+def test_adapter_settings_become_vllm_flags(tmp_path: Path) -> None:
+    """No engine: the launch `up` and `engine` would run."""
+    from test_engine_launch import _plan
+
+    from qwenstack.engine.lora import RUNTIME_UPDATES
+    from qwenstack.errors import SetupError
+    from qwenstack.settings import load_settings
+
+    [plain] = _plan(tmp_path)
+    assert "--enable-lora" not in plain.argv and RUNTIME_UPDATES not in plain.env
+    adapters = {"team-a": "/adapters/a=1", "team-b": "org/adapter"}
+    [served] = _plan(tmp_path, lora={"adapters": adapters, "max_lora_rank": 32})
+    argv = served.argv
+    assert argv[argv.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in argv
+    modules = argv[argv.index("--lora-modules") + 1:argv.index("--lora-modules") + 3]
+    assert [json.loads(module) for module in modules] == [  # JSON: a folder may hold `=`
+        {"name": name, "path": path} for name, path in adapters.items()]
+    assert RUNTIME_UPDATES not in served.env
+    [runtime] = _plan(tmp_path, lora={"runtime_loading": True})
+    assert "--enable-lora" in runtime.argv and runtime.env[RUNTIME_UPDATES] == "True"
+    assert "--lora-modules" not in runtime.argv
+    with pytest.raises(SetupError, match="engine.lora"):
+        _plan(tmp_path, extra_args=["--enable-lora"])
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        load_settings(**{"engine.lora": {"adapters": {"bad name": "/x"}}})
+
+
+def _models(gateway: Gateway, key: str) -> set[str]:
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(key), timeout=30)
+    return {card["id"] for card in listed.json()["data"]}
