@@ -152,8 +152,11 @@ def test_engine_phases_from_vllms_real_log(stack: Stack) -> None:
 
     said = [entry for line in stack.log.read_text().splitlines() if line.startswith("{")
             if "phase" in (entry := json.loads(line)) and entry.get("engine") == 0]
-    assert [entry["phase"] for entry in said][-1] == READY, said
-    assert [entry["phase"] for entry in said] == [p for p in ORDER if p in found], said
+    # The engine's last boot: the disruptive test, in the other test process, may have
+    # restarted it before this test ran.
+    phases = [entry["phase"] for entry in said]
+    last_boot = phases[len(phases) - 1 - phases[::-1].index(LOADING):]
+    assert last_boot == [p for p in ORDER if p in found], said
     assert all(entry["elapsed_s"] >= 0 for entry in said)
     assert "Waiting for engine" not in stack.log.read_text()
 

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from qwenstack.engine import launch, roles
+from qwenstack.engine import deployment_plan, launch, roles
 from qwenstack.engine.hardware import GIB, Hardware
 from qwenstack.engine.models import ResolvedModel
 from qwenstack.errors import SetupError
 from qwenstack.settings import load_settings
 
-QWEN3_CONFIG = json.loads(
-    (Path(__file__).parent / "data" / "qwen3-4b-instruct-2507.config.json").read_text()
-)
+QWEN3_CONFIG = deployment_plan.read_model_config("Qwen/Qwen3-4B-Instruct-2507")  # shipped
 CPU = Hardware((), frozenset({"avx2"}), 24 * GIB)
 FOUR_GPUS = Hardware((80 * GIB,) * 4, frozenset(), 256 * GIB)
 CHAT_TEMPLATE = "{{- '<tool_call>\\n' }}{%- if add_generation_prompt %}{%- endif %}"
