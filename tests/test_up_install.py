@@ -18,7 +18,6 @@ import httpx
 import pytest
 from helpers import free_port, up_venv
 
-ROOT = Path(__file__).resolve().parent.parent
 # Modules that need an extra `up` does not install: they say so when imported without it.
 NEEDS_OTHER_EXTRAS = {"qwenstack.gateway.tracing": "otel"}
 UI_START_TIMEOUT_S = 180
@@ -36,7 +35,7 @@ def test_dependencies_are_consistent(up_python: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_every_module_imports(up_python: Path) -> None:
+def test_every_module_imports(up_python: Path, tmp_path: Path) -> None:
     script = f"""
 import importlib, pkgutil, sys
 import qwenstack
@@ -53,8 +52,9 @@ for module in pkgutil.walk_packages(qwenstack.__path__, "qwenstack."):
 print("\\n".join(failed))
 sys.exit(1 if failed else 0)
 """
+    # In a folder of its own: importing Chainlit (ui.turn does) writes .chainlit/ where it runs.
     result = subprocess.run([str(up_python), "-c", script], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT, env=up_venv.env())
+                            timeout=600, cwd=tmp_path, env=up_venv.env())
     assert result.returncode == 0, result.stdout + result.stderr
 
 
