@@ -26,7 +26,9 @@ router = APIRouter()
 @router.post(EMBEDDINGS, response_model=None)
 async def embeddings(request: Request, response: Response) -> Response | dict[str, Any]:
     raw = await request.body()  # bounded as it arrives, by middleware.BodyLimit
-    if _named_model(raw) in {card["id"] for card in resources(request).pool.model_cards()}:
+    held, named = resources(request), _named_model(raw)
+    # An alias of a served embedding model is that model (catalogue.py).
+    if held.catalogue.aliases.get(named or "", named) in {c["id"] for c in held.pool.model_cards()}:
         return await inference.serve(request, EMBEDDINGS)
     return await knowledge_bases.embed_in_process(raw, request, response)
 
