@@ -210,7 +210,7 @@ def test_a_killed_parent_takes_its_workers_with_it(tmp_path: Path):
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in pids)
-    assert refused(gateway.url)
+    wait_for(lambda: refused(gateway.url), "the port refused", 10)
 
 
 def alive(pid: int) -> bool:

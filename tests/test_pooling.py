@@ -11,7 +11,6 @@ they are the engines'.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +20,10 @@ from helpers import Engines, Gateway, create_key, start_engines, start_gateway, 
 from test_responses import bearer, database
 
 EMBED, RERANK = "tiny-embed", "tiny-rerank"
-QWEN3_RERANKER = json.dumps({"architectures": ["Qwen3ForSequenceClassification"],
-                             "classifier_from_token": ["no", "yes"],
-                             "is_original_qwen3_reranker": True})
 COMMON = ("--max-model-len", "1024", "--kv-cache-gib", "0.25")
-# A pooling model writes no text: no tool-call or reasoning parser.
-NO_PARSERS = {"QWENSTACK_ENGINE__TOOL_CALL_PARSER": "none",
-              "QWENSTACK_ENGINE__REASONING_PARSER": "none"}
+# Engines started in a role (engine/roles.py gives vLLM's pooling flags, and a Qwen3 causal LM
+# as a reranker Qwen3-Reranker's overrides).
+EMBED_ROLE, RERANK_ROLE = {"QWENSTACK_ENGINE__ROLE": "embed"}, {"QWENSTACK_ENGINE__ROLE": "rerank"}
 TEXTS = ["大熊猫主要吃竹子。", "长城东起山海关。", "giant pandas eat bamboo"]
 FILES = {"pandas.md": "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。",
          "wall.txt": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。",
@@ -38,13 +34,10 @@ FILES = {"pandas.md": "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十
 def engines(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[
         tuple[Engines, Engines]]:
     embed = start_engines(tmp_path_factory.mktemp("embed"), "--model", str(tiny_qwen3),
-                          "--served-model-name", EMBED, *COMMON, "--runner", "pooling",
-                          "--convert", "embed", env=NO_PARSERS)
+                          "--served-model-name", EMBED, *COMMON, env=EMBED_ROLE)
     try:
         rerank = start_engines(tmp_path_factory.mktemp("rerank"), "--model", str(tiny_qwen3),
-                               "--served-model-name", RERANK, *COMMON, "--runner", "pooling",
-                               "--convert", "classify", "--hf-overrides", QWEN3_RERANKER,
-                               env=NO_PARSERS)
+                               "--served-model-name", RERANK, *COMMON, env=RERANK_ROLE)
     except BaseException:
         embed.stop()
         raise
