@@ -1,9 +1,10 @@
 """The fixtures: one shared engine stack, Redis and PostgreSQL; helpers.py has the rest.
 
-vLLM boots at most seven times per run: the run's two-replica tiny Qwen3 stack (two boots),
+vLLM boots at most ten times per run: the run's two-replica tiny Qwen3 stack (two boots),
 the one restart its single disruptive test causes (tests marked `disruptive` run last and have
-the engines to themselves), the bundled-model stack of test_up_default_model.py, and the
-several-model stack of test_models.py (three boots). A test that
+the engines to themselves), the bundled-model stack of test_up_default_model.py, the
+several-model stack of test_models.py (three boots), the embedder and reranker of
+test_pooling.py and the LoRA engine of test_lora.py. A test that
 needs an engine takes `engine_url` or `stack` rather than starting its own.
 
 scripts/test runs two test processes (pytest-xdist, a module per process at a time): they share
