@@ -162,6 +162,11 @@ def servers(args: argparse.Namespace) -> Iterator[tuple[str, list[Target], dict[
                     pids[name], target = start_gateway(name, source, engine_url, home / name,
                                                        start)
                     targets.append(target)
+            if args.workers > 1:
+                name = f"gateway x{args.workers} workers"
+                pids[name], target = start_gateway(name, None, engine_url, home / "workers",
+                                                   start, args.workers)
+                targets.append(target)
 
             if args.litellm:
                 executable = litellm_venv(args.litellm_venv)
@@ -198,10 +203,17 @@ def servers(args: argparse.Namespace) -> Iterator[tuple[str, list[Target], dict[
 def start_gateway(
     name: str, source: Path | None, engine_url: str, home: Path,
     start: Callable[[str, list[str], dict[str, str] | None], subprocess.Popen[bytes]],
+    workers: int = 1,
 ) -> tuple[int, Target]:
     """`qwenstack gateway` with a key of its own (limits set too high to refuse); `source`: the
-    qwenstack source folder (a checkout's `src`) to run instead of this one."""
+    qwenstack source folder (a checkout's `src`) to run instead of this one; `workers` worker
+    processes (their CPU counts as the gateway's: they are its children)."""
     env = {"PYTHONPATH": str(source)} if source else {}
+    if workers > 1:
+        # What more than one worker needs (gateway.workers): no per-process answer cache (this
+        # benchmark never hits it anyway) and knowledge bases on a server (never contacted).
+        env |= {"QWENSTACK_GATEWAY__WORKERS": str(workers), "QWENSTACK_CACHE__ENABLED": "false",
+                "QWENSTACK_RAG__MILVUS_URI": "http://127.0.0.1:19530"}
     qwenstack = [sys.executable, "-m", "qwenstack"]
     key = subprocess.run(
         [*qwenstack, "keys", "create", "--name", "bench", "--home", str(home),
@@ -378,6 +390,8 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS))
     parser.add_argument("--rounds", type=int, default=2, help="per level; the order alternates")
     parser.add_argument("--no-litellm", dest="litellm", action="store_false")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also a gateway of this many worker processes (gateway.workers)")
     parser.add_argument("--baseline", type=Path, metavar="SRC",
                         help="also a gateway run from this qwenstack source folder (another "
                         "checkout's src), e.g. the commit before a change: before and after "
