@@ -7,6 +7,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -314,3 +315,36 @@ def test_a_key_cannot_claim_a_ui_name_or_grant_to_a_key_not_yet_made(gateway: Ga
     assert trap.json()["error"]["param"] == "writers"
     assert "ui-alice" in trap.json()["error"]["message"]
     assert httpx.get(url, headers=attacker, timeout=60).json()["data"] == []
+
+
+def test_hybrid_queries_a_thousand_times_larger_are_bounded(gateway: Gateway) -> None:
+    """Hybrid (the default mode, fused by score) as an attacker with an ordinary key tries it:
+    a query over the character cap is a 400 before any retrieval; one a thousand times a
+    question's length (mixed scripts, which the language check and jieba both read) is
+    answered; a thousand times the chunks asked for is a 4xx; /health answers throughout."""
+    key = create_key(gateway.home, "--name", "hostile-searcher")
+    created = httpx.post(f"{gateway.url}/v1/knowledge_bases", headers=_bearer(key),
+                         json={"name": "hostile-hybrid"}, timeout=300)
+    assert created.status_code == 201, created.text
+    url = f"{gateway.url}/v1/knowledge_bases/hostile-hybrid/query"
+    uploaded = httpx.post(f"{url.removesuffix('/query')}/files", headers=_bearer(key),
+                          files=[("file", ("wall.txt", WALL))], timeout=300)
+    assert uploaded.status_code == 200, uploaded.text
+    with ThreadPoolExecutor(1) as pool:
+        over_cap = pool.submit(httpx.post, url, headers=_bearer(key), timeout=120,
+                               json={"query": "长城 wall " * 30_000, "mode": "hybrid"})
+        assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+        refused = over_cap.result()
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "string_above_max_length"
+    long_query = "长城东起山海关 the wall " * 2_500  # 50,000 characters, under the cap
+    with ThreadPoolExecutor(1) as pool:
+        answered = pool.submit(httpx.post, url, headers=_bearer(key), timeout=300,
+                               json={"query": long_query, "mode": "hybrid"})
+        assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+        assert answered.result().status_code == 200, answered.result().text
+    many = httpx.post(url, headers=_bearer(key), json={"query": "长城", "top_k": 4_000},
+                      timeout=60)
+    assert many.status_code in (400, 422), many.text
+    assert "error" in many.json()
+    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
