@@ -64,6 +64,9 @@ class Replica:
     engine_queue: int = 0
     kv_cache_usage: float = 0.0
     in_flight_at_poll: int = 0
+    # Its model's series of qwenstack_requests_in_flight, looked up once its models are read
+    # (not per request).
+    in_flight_gauge: Gauge | None = None
 
     def load(self) -> int:
         """Requests outstanding at the engine: its last reported queue, corrected by what this
@@ -124,8 +127,7 @@ class Lease:
         replica.in_flight += 1
         self.replica = replica
         self._held = True
-        # An engine serves one model (its first card; further ones would be aliases).
-        self._gauge = IN_FLIGHT.labels(replica.models[0]["id"] if replica.models else "-")
+        self._gauge = replica.in_flight_gauge or IN_FLIGHT.labels("-")
         self._gauge.inc()
 
     def release(self) -> None:
@@ -340,8 +342,10 @@ class ReplicaPool:
             resp.raise_for_status()
             replica.models = (await resp.json())["data"]
         self._cards = None
-        if replica.models:  # its in-flight series from 0, before its first request
-            IN_FLIGHT.labels(replica.models[0]["id"])
+        # An engine serves one model (its first card; adapters follow it): its series, from 0
+        # before its first request.
+        if replica.models:
+            replica.in_flight_gauge = IN_FLIGHT.labels(replica.models[0]["id"])
 
     async def refresh_models(self, replicas: list[Replica]) -> None:
         """Read again what these replicas serve (after a LoRA adapter was loaded or unloaded);
