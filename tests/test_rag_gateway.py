@@ -337,7 +337,7 @@ def test_hybrid_queries_a_thousand_times_larger_are_bounded(gateway: Gateway) ->
         refused = over_cap.result()
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["code"] == "string_above_max_length"
-    long_query = "长城东起山海关 the wall " * 2_500  # 50,000 characters, under the cap
+    long_query = "长城东起山海关 the wall " * 2_500  # 42,500 characters, under the cap
     with ThreadPoolExecutor(1) as pool:
         answered = pool.submit(httpx.post, url, headers=_bearer(key), timeout=300,
                                json={"query": long_query, "mode": "hybrid"})
