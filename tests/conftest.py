@@ -1,11 +1,11 @@
 """The fixtures: one shared engine stack, Redis and PostgreSQL; helpers.py has the rest.
 
-vLLM boots at most ten times per run: the run's two-replica tiny Qwen3 stack (two boots),
-the one restart its single disruptive test causes (tests marked `disruptive` run last and have
-the engines to themselves), the bundled-model stack of test_up_default_model.py, the
-several-model stack of test_models.py (three boots), the embedder and reranker of
-test_pooling.py and the LoRA engine of test_lora.py. A test that
-needs an engine takes `engine_url` or `stack` rather than starting its own.
+vLLM boots six times per run: the run's shared stack (five engines: two replicas of the tiny
+Qwen3, the bundled SmolLM2 with a LoRA adapter, the tiny Qwen3 as an embedding model and as a
+reranker) and the one restart its single disruptive test causes (tests marked `disruptive` run
+last and have the engines to themselves). A test that needs an engine takes `engine_url` or
+`stack` rather than starting its own; one that needs a gateway set otherwise starts one in
+front of the stack's engines (helpers.start_gateway).
 
 scripts/test runs two test processes (pytest-xdist, a module per process at a time): they share
 the one stack, and a test marked `engine_exclusive` has its engines to itself while it runs.
@@ -13,6 +13,7 @@ the one stack, and a test marked `engine_exclusive` has its engines to itself wh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,18 +22,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 from helpers import (
+    ADAPTER,
+    EMBED,
+    LORA_RANK,
+    RERANK,
     RUN_DIR_VARIABLE,
+    TINY,
     RedisServer,
     SharedStack,
     Stack,
     engine_access,
+    make_adapter,
     run_dir,
     start_stack,
     up_venv,
@@ -42,6 +49,7 @@ from ui_browser import chromium
 
 CONTROLLER = "PYTEST_XDIST_WORKER" not in os.environ  # xdist's controller, or the only process
 STACK_STOP_FAILURE = pytest.StashKey[str]()
+STACK_BOOT = pytest.StashKey[Future[Stack]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,14 +75,30 @@ def _needs_stack(item: pytest.Item) -> bool:
                                 and not os.environ.get("QWENSTACK_TEST_ENGINE_URL"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that need no engine first (they run while the shared stack boots: `stack_boot`),
-    the disruptive test last."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that need no engine first (they run while the shared stack boots, in a thread
+    started here), the disruptive test last."""
     engine_modules = {item.path for item in items if _needs_stack(item)}
     items.sort(key=lambda item: (item.get_closest_marker("disruptive") is not None,
                                  item.path in engine_modules))
+    if engine_modules:
+        factory = config._tmp_path_factory  # type: ignore[attr-defined]  # tmp_path_factory's
+        pool = ThreadPoolExecutor(1)
+        config.stash[STACK_BOOT] = pool.submit(
+            SharedStack("stack").get, lambda: _start_shared_stack(factory))
+        pool.shutdown(wait=False)  # the boot goes on; a test waits for it (below)
     if any(item.path.name == "test_up_install.py" for item in items):
         up_venv.start()  # pip runs while the tests before test_up_install.py do
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """The shared stack's boot is no test's time: a test that needs it waits for it here, out
+    of pytest-timeout's clock (its hook runs inside this one), within the boot's own deadline
+    (helpers.STARTUP_TIMEOUT_S); `stack` then has it, or its error."""
+    if _needs_stack(item) and (boot := item.config.stash.get(STACK_BOOT, None)):
+        wait([boot])
+    yield
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -119,37 +143,37 @@ def tiny_qwen3() -> Path:
 
 
 def _tiny_qwen3() -> Path:
+    return _prepared()
+
+
+@pytest.fixture(scope="session")
+def bundled_smollm2() -> Path:
+    return _prepared("--bundled")
+
+
+def _prepared(*args: str) -> Path:
+    """`qwenstack test-model ARGS`' folder (scripts/test has built it: this only reads it)."""
     out = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "test-model"],
+        [sys.executable, "-m", "qwenstack", "test-model", *args],
         capture_output=True, text=True, check=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session", autouse=True)
-def stack_boot(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Future[Stack] | None]:
-    """The shared stack, booting from the session's start in a thread when some test will need
-    it: the modules that need no engine, collected first, run meanwhile."""
-    if not any(map(_needs_stack, request.session.items)):
-        yield None
-        return
-    with ThreadPoolExecutor(1) as pool:
-        yield pool.submit(SharedStack("stack").get, lambda: _start_shared_stack(tmp_path_factory))
-
-
 @pytest.fixture(scope="session")
-def stack(stack_boot: Future[Stack] | None) -> Stack:
-    """`qwenstack up` with two replicas of the tiny Qwen3, shared by every test that needs an
-    engine: single-engine tests use the first replica (`engine_url`), routing tests both.
-    Started by the first test process to reach `stack_boot`; stopped at the end of the run.
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """`qwenstack up` with every model the tests serve, shared by every test that needs an
+    engine: two replicas of the tiny Qwen3 (single-engine tests use the first, `engine_url`,
+    routing tests both, `Stack.engines`), the bundled SmolLM2 with a LoRA adapter, and the tiny
+    Qwen3 as an embedder and as a reranker (helpers.py names them). Started by the first test
+    process to collect its tests (`pytest_collection_modifyitems`); stopped at the end of the
+    run.
 
     The stack's answer cache is off: tests through its gateway check the engine's answers, and a
     hit left by an earlier test would answer in its place (the cache's tests run their own
     gateways with it on).
 
-    Its engines get the tool-call parser `up` picks for the tiny Qwen3 (hermes) and, as a
+    The tiny Qwen3's engines get the tool-call parser `up` picks for it (hermes) and, as a
     thinking Qwen3 would, the qwen3 reasoning parser with thinking off unless a request turns it
     on (`enable_thinking`): answers stay `content`, but a test can have the random model's text
     come as `reasoning`. Guided decoding is set so random weights finish what they start
@@ -157,18 +181,28 @@ def stack(stack_boot: Future[Stack] | None) -> Stack:
     engine's config only), and tool calls that must be made (tool_choice required or named)
     guided through vLLM's JSON-schema path, which honours that setting, rather than its
     structural tags, which leave whitespace free."""
-    assert stack_boot is not None, "stack_boot saw no test that needs the stack"
-    return stack_boot.result()
+    return request.config.stash[STACK_BOOT].result()
 
 
 def _start_shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    tmp = tmp_path_factory.mktemp("shared")
+    tiny = str(_tiny_qwen3())
+    adapter = make_adapter(_prepared("--bundled"), tmp / "adapter", seed=1)
+    models = [
+        {"model": tiny, "served_model_name": TINY, "replicas": 2, "kv_cache_gib": 1,
+         "reasoning_parser": "qwen3", "extra_args": [
+             "--enable-prefix-caching",
+             "--structured-outputs-config", GUIDED_JSON_WITHOUT_WHITESPACE,
+             "--default-chat-template-kwargs", '{"enable_thinking": false}']},
+        # No model: on a CPU, the bundled SmolLM2, as `up` serves it by default.
+        {"kv_cache_gib": 0.5, "lora": {"adapters": {ADAPTER: str(adapter)},
+                                       "max_lora_rank": LORA_RANK, "runtime_loading": True}},
+        {"model": tiny, "served_model_name": EMBED, "role": "embed", "kv_cache_gib": 0.25},
+        {"model": tiny, "served_model_name": RERANK, "role": "rerank", "kv_cache_gib": 0.25},
+    ]
     return start_stack(
-        tmp_path_factory.mktemp("tiny"), "--model", str(_tiny_qwen3()),
-        "--served-model-name", "tiny-qwen3", "--replicas", "2", "--max-model-len", "1024",
-        "--kv-cache-gib", "1", "--enable-prefix-caching",
-        "--structured-outputs-config", GUIDED_JSON_WITHOUT_WHITESPACE,
-        "--default-chat-template-kwargs", '{"enable_thinking": false}',
-        env={"QWENSTACK_CACHE__ENABLED": "false", "QWENSTACK_ENGINE__REASONING_PARSER": "qwen3",
+        tmp, "--max-model-len", "1024",
+        env={"QWENSTACK_ENGINE__MODELS": json.dumps(models), "QWENSTACK_CACHE__ENABLED": "false",
              "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"},
     )
 

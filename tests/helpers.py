@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -29,11 +30,18 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 900
+# The shared stack's models (conftest.py): the tiny Qwen3 (two replicas), the bundled SmolLM2
+# with a LoRA adapter, and the tiny Qwen3 again as an embedding model and as a reranker.
+TINY, SMOLLM2, ADAPTER = "tiny-qwen3", "SmolLM2-135M-Instruct", "smollm2-adapter"
+EMBED, RERANK = "tiny-embed", "tiny-rerank"
+LORA_RANK = 8
 HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
 ROOT = Path(__file__).resolve().parent.parent
 # A folder of this run that every test process sees (pytest-xdist's workers inherit it from
 # the controller, which makes it: conftest.py): the shared stack's record, the locks, the homes.
 RUN_DIR_VARIABLE = "QWENSTACK_TEST_RUN_DIR"
+# Ports kept for one stack's engines (base port + index): more than any test starts.
+ENGINE_PORTS = 8
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float,
@@ -46,10 +54,33 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float,
         time.sleep(interval_s)
 
 
-def free_port() -> int:
+# Ports the tests listen on come from below the kernel's ephemeral range (32768 and up on
+# Linux), from which vLLM's own sockets and every outgoing connection draw theirs: an engine
+# listens on base port + index, and a port that was free when a test chose it could be taken by
+# another test process's engine before it binds. Each test process has its own block.
+_PORT_BLOCK = 3000
+_ports = itertools.count(
+    20000 + _PORT_BLOCK * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+)
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive free ports of this test process's block."""
+    while True:
+        first = next(_ports)
+        for _ in range(count - 1):
+            next(_ports)
+        if all(_bindable(first + offset) for offset in range(count)):
+            return first
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def run_dir() -> Path:
@@ -75,8 +106,14 @@ class Stack:
 
     @property
     def engines(self) -> list[str]:
-        """Every replica's URL, in replica order (`engine` is the first)."""
-        return [engine["url"] for engine in self.engine_state()]
+        """The URLs of the first model's replicas, in replica order (`engine` is the first);
+        the shared stack's other models follow them (conftest.py)."""
+        state = self.engine_state()
+        return [engine["url"] for engine in state if engine["model"] == state[0]["model"]]
+
+    def engine_of(self, model: str) -> str:
+        """The URL of the (first) engine serving `model`."""
+        return next(e["url"] for e in self.engine_state() if e["model"] == model)
 
     def pid(self, url: str) -> int:
         """The process (and process group) of the replica at `url`."""
@@ -273,7 +310,7 @@ def start_engines(tmp: Path, *args: str, env: dict[str, str] | None = None) -> E
     """`qwenstack engine ARGS` (vLLM flags among them) on a free port, with its own home;
     `env` adds QWENSTACK_* settings. Returns once the first replica lists its models."""
     home = _stack_home(tmp)
-    port = free_port()
+    port = free_port(ENGINE_PORTS)
     log = tmp / "engine.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "qwenstack", "engine", "--engine-base-port", str(port),
@@ -291,9 +328,21 @@ def start_engines(tmp: Path, *args: str, env: dict[str, str] | None = None) -> E
 
 def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Stack:
     """`qwenstack up` on free ports, its home in `tmp` but sharing the engine venv and models;
-    `env` adds QWENSTACK_* settings."""
+    `env` adds QWENSTACK_* settings. Returns once every engine serves."""
+    stack = launch_stack(tmp, *args, env=env)
+    try:
+        stack.wait_ready()
+        stack.key = _printed_admin_key(stack.process, stack.log)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def launch_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Stack:
+    """`start_stack`'s `qwenstack up`, returned as soon as it is started."""
     home = _stack_home(tmp)
-    gateway_port, engine_port = free_port(), free_port()
+    gateway_port, engine_port = free_port(), free_port(ENGINE_PORTS)
     log = tmp / "up.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "qwenstack", "up", "--port", str(gateway_port),
@@ -302,16 +351,9 @@ def start_stack(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Sta
         # The chat UI has its own tests (test_ui.py); here it would only contend for port 8008.
         env={**os.environ, "QWENSTACK_UI__ENABLED": "false", **(env or {})},
     )
-    stack = Stack(
+    return Stack(
         process, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{engine_port}", home, log
     )
-    try:
-        stack.wait_ready()
-        stack.key = _printed_admin_key(process, log)
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
 
 
 def _printed_admin_key(
@@ -506,3 +548,37 @@ class UpVenv:
 
 
 up_venv = UpVenv()
+
+
+def make_adapter(model: Path, folder: Path, seed: int) -> Path:
+    """A random LoRA adapter (rank LORA_RANK) for `model`, a Llama-like folder, in `folder`:
+    PEFT's layout (adapter_config.json, adapter_model.safetensors) on the attention's q and v
+    projections, with a B matrix that is not zero (PEFT starts it at zero, which would change
+    nothing), so greedy text through it differs from the base model's."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    config = json.loads((model / "config.json").read_text())
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    outputs = {"q_proj": config["num_attention_heads"] * head_dim,
+               "v_proj": config["num_key_value_heads"] * head_dim}
+    random = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for projection, width in outputs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
+            tensors[f"{prefix}.lora_A.weight"] = random.normal(
+                0, 1 / np.sqrt(hidden), (LORA_RANK, hidden)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = random.normal(
+                0, 1.0, (width, LORA_RANK)).astype(np.float32)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": LORA_RANK,
+        "lora_alpha": 2 * LORA_RANK, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": list(outputs), "base_model_name_or_path": str(model),
+        "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False,
+        "use_dora": False,
+    }))
+    return folder

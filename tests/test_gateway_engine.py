@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from helpers import Stack, request_log, wait_for
+from helpers import ADAPTER, EMBED, RERANK, SMOLLM2, Stack, request_log, wait_for
 
 MODEL = "tiny-qwen3"
 CHAT = {
@@ -46,9 +46,11 @@ def _streamed_text(events: list[str]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
-def test_models_lists_served_name(stack: Stack):
+def test_models_lists_served_names(stack: Stack):
+    """Served names, in engine.models' order (the first chat model is the default); a LoRA
+    adapter after its base model."""
     client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=stack.key)
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, SMOLLM2, ADAPTER, EMBED, RERANK]
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,6 @@
-"""LoRA adapters as models: an engine of the tiny Qwen3 started with an adapter (engine.lora),
-behind a gateway with keys.
-
-The adapters are made here, as the tiny model is: random weights in PEFT's layout
-(adapter_config.json, adapter_model.safetensors) on the attention's q and v projections, with a
-B matrix that is not zero (PEFT starts it at zero, which would change nothing), so greedy text
-through an adapter differs from the base model's.
+"""LoRA adapters as models: the shared stack's (conftest.py) bundled SmolLM2 serves one
+(engine.lora, made as helpers.make_adapter makes them: random, so greedy text through it differs
+from the base model's) and takes others at run time; this module's gateway, with keys, fronts it.
 """
 
 from __future__ import annotations
@@ -14,66 +10,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from helpers import Engines, Gateway, create_key, start_engines, start_gateway
-from safetensors.numpy import save_file
+from helpers import ADAPTER, SMOLLM2, Gateway, Stack, create_key, make_adapter, start_gateway
 from test_responses import bearer
 
-BASE, ADAPTER, LOADED = "tiny-base", "tiny-adapter", "tiny-adapter-2"
-RANK = 8
-
-
-def make_adapter(model: Path, folder: Path, seed: int) -> Path:
-    """A random rank-8 LoRA adapter for `model` (a Qwen3 folder) in `folder`."""
-    config = json.loads((model / "config.json").read_text())
-    hidden, head_dim = config["hidden_size"], config["head_dim"]
-    outputs = {"q_proj": config["num_attention_heads"] * head_dim,
-               "v_proj": config["num_key_value_heads"] * head_dim}
-    random = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for projection, width in outputs.items():
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
-            tensors[f"{prefix}.lora_A.weight"] = random.normal(
-                0, 1 / np.sqrt(hidden), (RANK, hidden)).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = random.normal(
-                0, 1.0, (width, RANK)).astype(np.float32)
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK,
-        "lora_dropout": 0.0, "bias": "none", "target_modules": list(outputs),
-        "base_model_name_or_path": str(model), "fan_in_fan_out": False,
-        "modules_to_save": None, "use_rslora": False, "use_dora": False,
-    }))
-    return folder
+BASE, LOADED = SMOLLM2, "smollm2-adapter-2"
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("adapters")
-    return (make_adapter(tiny_qwen3, folder / "first", seed=1),
-            make_adapter(tiny_qwen3, folder / "second", seed=2))
+def engine(stack: Stack) -> str:
+    return stack.engine_of(BASE)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path,
-           adapters: tuple[Path, Path]) -> Iterator[Engines]:
-    engines = start_engines(
-        tmp_path_factory.mktemp("lora-engine"), "--model", str(tiny_qwen3),
-        "--served-model-name", BASE, "--max-model-len", "1024", "--kv-cache-gib", "0.25",
-        env={"QWENSTACK_ENGINE__LORA__ADAPTERS": json.dumps({ADAPTER: str(adapters[0])}),
-             "QWENSTACK_ENGINE__LORA__MAX_LORA_RANK": str(RANK),
-             "QWENSTACK_ENGINE__LORA__RUNTIME_LOADING": "true"},
-    )
-    yield engines
-    assert engines.stop() == 0
+def second_adapter(tmp_path_factory: pytest.TempPathFactory, bundled_smollm2: Path) -> Path:
+    return make_adapter(bundled_smollm2, tmp_path_factory.mktemp("adapters") / "second", seed=2)
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, engine: Engines) -> Iterator[Gateway]:
-    gateway = start_gateway(tmp_path_factory.mktemp("lora-gateway"), engine.url, auth=True,
+def gateway(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("lora-gateway"), engine, auth=True,
                             env={"QWENSTACK_CACHE__ENABLED": "false"})
     yield gateway
     assert gateway.stop() == 0
@@ -85,7 +41,7 @@ def _greedy(url: str, model: str, key: str | None = None) -> httpx.Response:
                             "max_tokens": 12, "temperature": 0})
 
 
-def test_an_adapter_is_a_model_of_its_own(gateway: Gateway, engine: Engines) -> None:
+def test_an_adapter_is_a_model_of_its_own(gateway: Gateway, engine: str) -> None:
     key = create_key(gateway.home, "--name", "lora-user")
     listed = httpx.get(f"{gateway.url}/v1/models", headers=bearer(key), timeout=30).json()
     cards = {card["id"]: card for card in listed["data"]}
@@ -95,7 +51,7 @@ def test_an_adapter_is_a_model_of_its_own(gateway: Gateway, engine: Engines) -> 
     assert base.status_code == 200 and adapted.status_code == 200, adapted.text
     base_text, adapted_text = (r.json()["choices"][0]["text"] for r in (base, adapted))
     assert adapted_text != base_text
-    assert adapted_text == _greedy(engine.url, ADAPTER).json()["choices"][0]["text"]
+    assert adapted_text == _greedy(engine, ADAPTER).json()["choices"][0]["text"]
     assert adapted.json()["model"] == ADAPTER
 
 
@@ -110,17 +66,18 @@ def test_keys_are_scoped_to_adapters_by_name(gateway: Gateway) -> None:
     assert [card["id"] for card in listed.json()["data"]] == [ADAPTER]
 
 
+@pytest.mark.engine_exclusive  # the adapter it loads would show in the others' model lists
 def test_only_admins_load_adapters_and_only_through_the_gateway(
-    gateway: Gateway, adapters: tuple[Path, Path]
+    gateway: Gateway, second_adapter: Path
 ) -> None:
     tenant = create_key(gateway.home, "--name", "lora-tenant")
     admin = create_key(gateway.home, "--name", "lora-admin", "--admin")
-    load = {"name": LOADED, "path": str(adapters[1]), "model": BASE}
+    load = {"name": LOADED, "path": str(second_adapter), "model": BASE}
     # vLLM's own routes are not forwarded, to anyone.
     for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         for key in (tenant, admin):
             engine_route = httpx.post(f"{gateway.url}{route}", headers=bearer(key), timeout=30,
-                                      json={"lora_name": LOADED, "lora_path": str(adapters[1])})
+                                      json={"lora_name": LOADED, "lora_path": str(second_adapter)})
             assert engine_route.status_code == 404, engine_route.text
     refused = httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(tenant),
                          json=load, timeout=30)

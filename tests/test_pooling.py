@@ -1,12 +1,12 @@
 """Embedding and reranking served by vLLM, through the gateway and in the knowledge bases.
 
-Two engines of the tiny Qwen3, started as `qwenstack engine` does with a role's vLLM flags: an
-embedding model (`--runner pooling --convert embed`) and a reranker (`--convert classify`, read
-as vLLM's recipe for the original Qwen3-Reranker: the score is the softmax of the "yes" and
-"no" tokens' logits, so a causal LM checkpoint serves as one). The gateway in front of both
-must answer what each engine answers, with auth, scopes, bounds and usage; the knowledge bases
-embed and rerank with them. Random weights: the vectors and scores mean nothing, only that
-they are the engines'.
+The shared stack's (conftest.py) two pooling engines of the tiny Qwen3, started by `up` with a
+role's vLLM flags: an embedding model (`--runner pooling --convert embed`) and a reranker
+(`--convert classify`, read as vLLM's recipe for the original Qwen3-Reranker: the score is the
+softmax of the "yes" and "no" tokens' logits, so a causal LM checkpoint serves as one). A gateway
+in front of both must answer what each engine answers, with auth, scopes, bounds and usage; the
+knowledge bases embed and rerank with them. Random weights: the vectors and scores mean
+nothing, only that they are the engines'.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Engines, Gateway, create_key, start_engines, start_gateway, usage_rows
+from helpers import EMBED, RERANK, Gateway, Stack, create_key, start_gateway, usage_rows
 from test_responses import bearer, database
 
-EMBED, RERANK = "tiny-embed", "tiny-rerank"
-COMMON = ("--max-model-len", "1024", "--kv-cache-gib", "0.25")
-# Engines started in a role (engine/roles.py gives vLLM's pooling flags, and a Qwen3 causal LM
-# as a reranker Qwen3-Reranker's overrides).
-EMBED_ROLE, RERANK_ROLE = {"QWENSTACK_ENGINE__ROLE": "embed"}, {"QWENSTACK_ENGINE__ROLE": "rerank"}
 TEXTS = ["大熊猫主要吃竹子。", "长城东起山海关。", "giant pandas eat bamboo"]
 FILES = {"pandas.md": "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。",
          "wall.txt": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。",
@@ -31,26 +26,17 @@ FILES = {"pandas.md": "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[
-        tuple[Engines, Engines]]:
-    embed = start_engines(tmp_path_factory.mktemp("embed"), "--model", str(tiny_qwen3),
-                          "--served-model-name", EMBED, *COMMON, env=EMBED_ROLE)
-    try:
-        rerank = start_engines(tmp_path_factory.mktemp("rerank"), "--model", str(tiny_qwen3),
-                               "--served-model-name", RERANK, *COMMON, env=RERANK_ROLE)
-    except BaseException:
-        embed.stop()
-        raise
-    yield embed, rerank
-    assert rerank.stop() == 0 and embed.stop() == 0
+def engines(stack: Stack) -> tuple[str, str]:
+    """The embedder's and the reranker's URLs."""
+    return stack.engine_of(EMBED), stack.engine_of(RERANK)
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, engines: tuple[Engines, Engines],
+def gateway(tmp_path_factory: pytest.TempPathFactory, engines: tuple[str, str],
             tiny_qwen3: Path) -> Iterator[Gateway]:
     embed, rerank = engines
     gateway = start_gateway(
-        tmp_path_factory.mktemp("pooling-gateway"), embed.url, "--engine-url", rerank.url,
+        tmp_path_factory.mktemp("pooling-gateway"), embed, "--engine-url", rerank,
         auth=True, env={
             "QWENSTACK_RAG__EMBEDDING_ENGINES": "true", "QWENSTACK_RAG__EMBEDDING_MODEL": EMBED,
             "QWENSTACK_RAG__RERANK_MODEL": RERANK, "QWENSTACK_RAG__MODE": "dense",
@@ -66,11 +52,11 @@ def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
 
 
 def test_embeddings_through_the_gateway_are_the_engines(
-    gateway: Gateway, engines: tuple[Engines, Engines]
+    gateway: Gateway, engines: tuple[str, str]
 ) -> None:
     key = create_key(gateway.home, "--name", "embedder")
     body = {"model": EMBED, "input": TEXTS}
-    direct = _post(f"{engines[0].url}/v1/embeddings", body)
+    direct = _post(f"{engines[0]}/v1/embeddings", body)
     assert direct.status_code == 200, direct.text
     routed = _post(f"{gateway.url}/v1/embeddings", body, key)
     assert routed.status_code == 200, routed.text
@@ -88,11 +74,11 @@ def test_embeddings_through_the_gateway_are_the_engines(
 
 
 def test_rerank_and_score_through_the_gateway_are_the_engines(
-    gateway: Gateway, engines: tuple[Engines, Engines]
+    gateway: Gateway, engines: tuple[str, str]
 ) -> None:
     key = create_key(gateway.home, "--name", "ranker")
     rerank = {"model": RERANK, "query": "大熊猫吃什么？", "documents": TEXTS, "top_n": 2}
-    direct = _post(f"{engines[1].url}/rerank", rerank)
+    direct = _post(f"{engines[1]}/rerank", rerank)
     assert direct.status_code == 200, direct.text
     for route in ("/v1/rerank", "/rerank"):
         routed = _post(f"{gateway.url}{route}", rerank, key)
@@ -102,7 +88,7 @@ def test_rerank_and_score_through_the_gateway_are_the_engines(
     for shape in ({"queries": "大熊猫吃什么？", "documents": TEXTS},
                   {"text_1": "大熊猫吃什么？", "text_2": TEXTS}):
         body = {"model": RERANK, **shape}
-        direct_scores = _post(f"{engines[1].url}/v1/score", body)
+        direct_scores = _post(f"{engines[1]}/v1/score", body)
         routed_scores = _post(f"{gateway.url}/v1/score", body, key)
         assert routed_scores.status_code == 200, routed_scores.text
         assert routed_scores.json()["data"] == direct_scores.json()["data"]
@@ -169,7 +155,7 @@ def test_a_rerank_is_bounded_before_its_pairs_are_built() -> None:
 
 
 def test_knowledge_base_embeds_and_reranks_with_the_engines(
-    gateway: Gateway, engines: tuple[Engines, Engines]
+    gateway: Gateway, engines: tuple[str, str]
 ) -> None:
     owner = create_key(gateway.home, "--name", "kb-owner")
     created = _post(f"{gateway.url}/v1/knowledge_bases", {"name": "served"}, owner)
@@ -186,7 +172,7 @@ def test_knowledge_base_embeds_and_reranks_with_the_engines(
     hits = every.json()["data"]
     assert len(hits) >= len(FILES)
     # The reranker's order of every candidate, as the engine ranks them: the query's order.
-    ranked = _post(f"{engines[1].url}/rerank", {"model": RERANK, "query": query,
+    ranked = _post(f"{engines[1]}/rerank", {"model": RERANK, "query": query,
                                                 "documents": [hit["text"] for hit in hits]})
     order = [result["index"] for result in ranked.json()["results"]]
     assert order == list(range(len(hits)))
@@ -198,7 +184,7 @@ def test_knowledge_base_embeds_and_reranks_with_the_engines(
 
 
 def test_another_embedder_is_refused_rather_than_mixed(
-    gateway: Gateway, engines: tuple[Engines, Engines]
+    gateway: Gateway, engines: tuple[str, str]
 ) -> None:
     """A base embedded by tiny-embed, and then the gateway's embedder changed (to its own
     MiniLM) on the same home: searching it, or filling it, is a 409, never two vector spaces
@@ -207,7 +193,7 @@ def test_another_embedder_is_refused_rather_than_mixed(
     owner = create_key(gateway.home, "--name", "mixer")
     assert _post(f"{gateway.url}/v1/knowledge_bases", {"name": "mixed"}, owner).status_code == 201
     assert gateway.stop() == 0
-    other = start_gateway(gateway.home.parent, engines[0].url, auth=True,
+    other = start_gateway(gateway.home.parent, engines[0], auth=True,
                           env={"QWENSTACK_RAG__MODE": "dense"})  # same home: tmp/home
     try:
         query = _post(f"{other.url}/v1/knowledge_bases/mixed/query", {"query": "熊猫"}, owner)

@@ -208,16 +208,22 @@ def config(config: ConfigOpt = None) -> None:
 
 def test_model(
     out_dir: Annotated[Path | None, typer.Argument(
-        help="Default: <home>/models/tiny-qwen3.")] = None,
+        help="Default: <home>/models/tiny-qwen3 (with --bundled: the folder `up` uses).")] = None,
+    bundled: Annotated[bool, typer.Option(
+        "--bundled", help="The bundled SmolLM2-135M-Instruct instead, as `up` prepares it "
+        "on a CPU without --model.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Build the tiny random-weight Qwen3 model (real Qwen3 tokenizer) used by the tests."""
+    """Build the tiny random-weight Qwen3 model (real Qwen3 tokenizer) the tests serve, or the
+    bundled SmolLM2 they serve beside it; print its folder."""
     from qwenstack.engine import engine_venv, models
 
     settings = settings_for(config)
-    target = out_dir or settings.home / "models" / models.TINY_QWEN3
+    script, name = ("smollm2", models.BUNDLED_SMOLLM2) if bundled else (
+        "tiny_qwen3", models.TINY_QWEN3)
     try:
-        folder = models.prepare("tiny_qwen3", target, engine_venv(settings).ensure())
+        folder = models.prepare(script, out_dir or settings.home / "models" / name,
+                                engine_venv(settings).ensure())
     except SetupError as exc:
         fail(exc)
     typer.echo(folder)
