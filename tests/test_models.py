@@ -62,7 +62,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, stack: Stack) -> Iterator[
 
 @pytest.fixture(scope="module")
 def admin(gateway: Gateway) -> dict[str, str]:
-    return {"authorization": f"Bearer {create_key(gateway.home, '--name', 'models-admin', '--admin')}"}
+    key = create_key(gateway.home, "--name", "models-admin", "--admin")
+    return {"authorization": f"Bearer {key}"}
 
 
 def _engine(stack: Stack, model: str) -> dict:
