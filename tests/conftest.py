@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from helpers import (
     ADAPTER,
     EMBED,
     LORA_RANK,
+    PORT_BASE_VARIABLE,
+    PORT_BLOCK,
     RERANK,
     RUN_DIR_VARIABLE,
     TINY,
@@ -53,8 +56,10 @@ STACK_BOOT = pytest.StashKey[Future[Stack]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if CONTROLLER:
+    if CONTROLLER:  # what the test processes inherit
         os.environ[RUN_DIR_VARIABLE] = tempfile.mkdtemp(prefix="qwenstack-tests-")
+        # Room for four test processes' blocks below 32768 (helpers.free_port).
+        os.environ[PORT_BASE_VARIABLE] = str(random.randrange(20000, 32768 - 4 * PORT_BLOCK))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

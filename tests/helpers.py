@@ -57,10 +57,13 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float,
 # Ports the tests listen on come from below the kernel's ephemeral range (32768 and up on
 # Linux), from which vLLM's own sockets and every outgoing connection draw theirs: an engine
 # listens on base port + index, and a port that was free when a test chose it could be taken by
-# another test process's engine before it binds. Each test process has its own block.
-_PORT_BLOCK = 3000
+# another test process's engine before it binds. Each test process of a run has its own block,
+# after the run's first port (conftest.py draws it, so that runs side by side rarely meet).
+PORT_BASE_VARIABLE = "QWENSTACK_TEST_PORT_BASE"
+PORT_BLOCK = 600
 _ports = itertools.count(
-    20000 + _PORT_BLOCK * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    int(os.environ.get(PORT_BASE_VARIABLE, "20000"))
+    + PORT_BLOCK * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 )
 
 
