@@ -10,17 +10,16 @@ timed apart on the same questions. Hybrid is a BM25 search, a dense search and t
 as `RagService` runs them. A built collection is kept in `--cache` and reused.
 
     .venv/bin/python benchmarks/kb_latency.py --sizes 3000 30000 --cache /tmp/kbscale
-    .venv/bin/python benchmarks/kb_latency.py --sizes 30000 --profile bm25      # where time goes
+    py-spy record --format raw -o bm25.txt -- .venv/bin/python benchmarks/kb_latency.py \
+        --sizes 30000 --modes bm25          # where the time goes (Milvus Lite's server thread too)
     python benchmarks/kb_latency.py --uri http://127.0.0.1:19530 --modes dense  # a Milvus server
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,6 @@ from pymilvus import DataType
 from qwenstack.rag import fusion
 from qwenstack.rag.store import MAX_TEXT_BYTES, MilvusStore, StoredChunk, collection_name
 
-KB_ID = 1
 CHUNKS_PER_FILE = 20
 BATCH = 2000  # rows per insert: one gRPC message stays well under its 64 MiB limit
 DIMENSION = 384  # all-MiniLM-L6-v2's, the default embedder's
@@ -89,7 +87,7 @@ def unit_vectors(rng: np.random.Generator, count: int) -> list[list[float]]:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tolist()
 
 
-def create_dense_only(store: MilvusStore) -> None:
+def create_dense_only(store: MilvusStore, kb_id: int) -> None:
     """The collection as MilvusStore.create makes it, less the BM25 field and function, which
     Milvus 2.3 (the embedded server on PyPI, `pip install milvus`) lacks."""
     schema = store.client.create_schema(auto_id=False)
@@ -101,20 +99,21 @@ def create_dense_only(store: MilvusStore) -> None:
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=DIMENSION)
     index = store.client.prepare_index_params()
     index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
-    store.client.create_collection(collection_name(KB_ID), schema=schema, index_params=index)
+    store.client.create_collection(collection_name(kb_id), schema=schema, index_params=index)
 
 
-def build(store: MilvusStore, size: int, corpus: Corpus, seal: bool, dense_only: bool) -> float:
+def build(store: MilvusStore, kb_id: int, size: int, corpus: Corpus, seal: bool,
+          dense_only: bool) -> float:
     """Insert `size` chunks as ingest does (and seal them, as it does); seconds taken."""
     started = time.perf_counter()
     if dense_only:
-        create_dense_only(store)
+        create_dense_only(store, kb_id)
     else:
-        store.create(KB_ID, DIMENSION)
+        store.create(kb_id, DIMENSION)
     for first in range(0, size, BATCH):
         count = min(BATCH, size - first)
         texts = [corpus.chunk() for _ in range(count)]
-        store.insert(KB_ID, [
+        store.insert(kb_id, [
             StoredChunk(file_id=(first + i) // CHUNKS_PER_FILE, version=1,
                         source=f"doc-{(first + i) // CHUNKS_PER_FILE}.txt",
                         chunk=(first + i) % CHUNKS_PER_FILE, text=text, page=None,
@@ -125,10 +124,10 @@ def build(store: MilvusStore, size: int, corpus: Corpus, seal: bool, dense_only:
         print(f"  inserted {first + count:,}/{size:,} ({time.perf_counter() - started:.0f} s)",
               flush=True)
     if seal:
-        store.seal(KB_ID)
+        store.seal(kb_id)
     if seal and not store.lite:  # a server seals by itself, in time: here at once, then indexed
-        store.client.flush(collection_name(KB_ID))
-        store.client.load_collection(collection_name(KB_ID))
+        store.client.flush(collection_name(kb_id))
+        store.client.load_collection(collection_name(kb_id))
     return time.perf_counter() - started
 
 
@@ -138,26 +137,22 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "p95": round(float(np.percentile(ms, 95)), 1)}
 
 
-def timed(run: Callable[[int], object], count: int, profile: cProfile.Profile | None
-          ) -> list[float]:
+def timed(run: Callable[[int], object], count: int) -> list[float]:
     samples = []
     for index in range(count):
         started = time.perf_counter()
-        if profile:
-            profile.runcall(run, index)
-        else:
-            run(index)
+        run(index)
         samples.append(time.perf_counter() - started)
     return samples
 
 
-def measure(store: MilvusStore, questions: list[str], vectors: list[list[float]], modes: list[str],
-            limit: int, weight: float, profile_mode: str | None) -> dict[str, dict[str, float]]:
+def measure(store: MilvusStore, kb_id: int, questions: list[str], vectors: list[list[float]],
+            modes: list[str], limit: int, weight: float) -> dict[str, dict[str, float]]:
     def dense(i: int) -> object:
-        return store.search(KB_ID, "dense", questions[i], vectors[i], limit)
+        return store.search(kb_id, "dense", questions[i], vectors[i], limit)
 
     def bm25(i: int) -> object:
-        return store.search(KB_ID, "bm25", questions[i], None, limit)
+        return store.search(kb_id, "bm25", questions[i], None, limit)
 
     def hybrid(i: int) -> object:
         return fusion.relative_score_fusion(dense(i), bm25(i), weight)[:limit]
@@ -166,12 +161,9 @@ def measure(store: MilvusStore, questions: list[str], vectors: list[list[float]]
     figures = {}
     for mode in modes:
         # Warm-up, the first query apart: it loads or builds the indexes.
-        first, *_ = timed(runs[mode], min(10, len(questions)), None)
-        profile = cProfile.Profile() if profile_mode == mode else None
-        figures[mode] = {**percentiles(timed(runs[mode], len(questions), profile)),
+        first, *_ = timed(runs[mode], min(10, len(questions)))
+        figures[mode] = {**percentiles(timed(runs[mode], len(questions))),
                          "first": round(first * 1000, 1)}
-        if profile:
-            pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
     return figures
 
 
@@ -181,7 +173,7 @@ def embedder_times(questions: list[str]) -> dict[str, float]:
 
     embedder = make_embedder(RagSettings())
     embedder.embed(questions[:2])
-    return percentiles(timed(lambda i: embedder.embed([questions[i]]), len(questions), None))
+    return percentiles(timed(lambda i: embedder.embed([questions[i]]), len(questions)))
 
 
 def main() -> None:
@@ -195,7 +187,6 @@ def main() -> None:
                         help="Milvus Lite files, one per size, reused when complete")
     parser.add_argument("--uri", help="a Milvus server instead of Milvus Lite")
     parser.add_argument("--token")
-    parser.add_argument("--profile", choices=MODES, help="print a cProfile of this mode's searches")
     parser.add_argument("--unsealed", action="store_true",
                         help="search the rows where an insert leaves them, as before ingest "
                              "sealed them (Milvus Lite: its in-memory table); never cached")
@@ -209,26 +200,27 @@ def main() -> None:
     report: dict[str, object] = {"load_before": os.getloadavg()[0], "sizes": {}}
     for size in args.sizes:
         uri = args.uri or str(args.cache.resolve() / f"kb-{size}.db")
+        kb_id = size if args.uri else 1  # a server holds every size, a collection each
         store = MilvusStore(uri, args.token)
-        cached = (not args.uri and not args.unsealed
-                  and store.client.has_collection(collection_name(KB_ID))
-                  and store.count(KB_ID) == size)
+        name = collection_name(kb_id)
+        cached = (not args.unsealed and store.client.has_collection(name)
+                  and store.client.get_collection_stats(name)["row_count"] == size)
         build_seconds = None
         if not cached:
             print(f"building {size:,} chunks into {uri}", flush=True)
-            store.drop(KB_ID)
+            store.drop(kb_id)
             dense_only = args.modes == ["dense"]
-            build_seconds = round(build(store, size, Corpus(seed=size), not args.unsealed,
-                                        dense_only), 1)
+            build_seconds = round(build(store, kb_id, size, Corpus(seed=size),
+                                        not args.unsealed, dense_only), 1)
         else:  # a cache a stopped build left has its last rows unsealed
-            store.seal(KB_ID)
+            store.seal(kb_id)
         if args.build_only:
             store.close()
             continue
-        figures = measure(store, questions, query_vectors, args.modes, args.limit,
-                          args.dense_weight, args.profile)
+        figures = measure(store, kb_id, questions, query_vectors, args.modes, args.limit,
+                          args.dense_weight)
         if args.unsealed:  # closing would seal it: not a cache of the sealed state
-            store.drop(KB_ID)
+            store.drop(kb_id)
         store.close()
         report["sizes"][size] = {"build_seconds": build_seconds, "load": os.getloadavg()[0],
                                  **figures}
