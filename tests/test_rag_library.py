@@ -68,6 +68,16 @@ def test_ingest_query_and_dedup(service: KnowledgeService) -> None:
     assert info["files"] == 2 and info["chunks"] < chunks + 1
 
 
+def test_ingest_seals_its_chunks(service: KnowledgeService) -> None:
+    """Milvus Lite keeps inserted rows in an in-memory table, which a BM25 search walks row by
+    row; an ingest hands them to a segment on disk, whose indexes are built once."""
+    service.create("sealed", OWNER.name, OWNER)
+    service.ingest("sealed", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
+    collection = Path(service.store.uri, "collections", f"qwenstack_kb_{_kb_id(service, 'sealed')}")
+    assert list(collection.glob("partitions/*/data/*.parquet"))
+    assert service.search(["sealed"], "长城", OWNER, mode="bm25")[0].hit.source == "wall.txt"
+
+
 def test_failed_ingest_leaves_the_previous_version(
     service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
 ) -> None:

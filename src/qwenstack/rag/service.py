@@ -254,9 +254,18 @@ class KnowledgeService:
         embedded = {id(item): [next(vectors) for _ in item.chunks] for item in changed}
         progress.stage("writing files", len(prepared))
         results = []
-        for item in prepared:
-            results.append(self._ingest_one(kb_id, item, embedded.get(id(item))))
-            progress.advance()
+        try:
+            for item in prepared:
+                results.append(self._ingest_one(kb_id, item, embedded.get(id(item))))
+                progress.advance()
+        finally:
+            # Once per request, as each seal writes a segment. A failed seal costs speed, not
+            # chunks: they are written, and searched, unsealed.
+            if changed:
+                try:
+                    self.store.seal(kb_id)
+                except Exception:
+                    log.exception("Chunks of %s stay unsealed until its next ingest", name)
         return results
 
     def embed_all(

@@ -152,6 +152,16 @@ class MilvusStore:
         with self.lock:
             self.client.insert(collection_name(kb_id), rows)
 
+    def seal(self, kb_id: int) -> None:
+        """Make what was just inserted searchable through indexes. Milvus Lite keeps inserted
+        rows in an in-memory table until 128 MiB of them, and a BM25 search there rebuilds an
+        inverted index over every row of it, each query; flushing writes them to a segment
+        whose indexes are built once. A Milvus server seals and indexes segments by itself
+        (and rate-limits flush calls), so it is left alone."""
+        if self.lite:
+            with self.lock:
+                self.client.flush(self._loaded(kb_id))
+
     def delete_version(self, kb_id: int, file_id: int, version: int) -> None:
         self._delete(kb_id, f"file_id == {int(file_id)} and version == {int(version)}")
 
