@@ -24,7 +24,7 @@ from qwenstack.settings import RagSettings
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # "__main__" too: imported once in the fork server, rather than by every worker.
-_CONTEXT.set_forkserver_preload(["__main__", "qwenstack.rag.parsers", "bs4", "pypdf"])
+_CONTEXT.set_forkserver_preload(["__main__", "qwenstack.rag.parse_worker_imports"])
 
 # A worker's outcome: its sections, or a RagError's (message, status, code).
 _Outcome = list[Section] | tuple[str, int, str]
