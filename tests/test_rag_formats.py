@@ -189,3 +189,48 @@ def test_chunks_are_counted_in_the_served_models_tokens_when_they_are_local(
         "no local tokenizer: chunk sizes are estimated"] * 2
     with pytest.raises(FileNotFoundError, match="rag.tokenizer"):
         token_counter(str(tmp_path / "nowhere"), str(tiny_qwen3))
+
+
+def test_cli_ingests_a_folder_of_every_format_and_a_changed_file_replaces_its_chunks(
+    tmp_path: Path,
+) -> None:
+    """`qwenstack kb ingest` twice over a folder: the changed spreadsheet replaces its chunks,
+    the rest is skipped, and one set of its chunks answers (`kb query`, JSON lines)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qwenstack.cli import app
+
+    home = ["--home", str(tmp_path / "home")]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "review.pptx").write_bytes(pptx())
+    (docs / "notes.txt").write_bytes("年假有十五天。".encode("gbk"))
+    (docs / "staff.csv").write_bytes("姓名,部门\n张三,销售\n".encode("gbk"))
+    (docs / "prices.xlsx").write_bytes(xlsx({"价格表": [["产品", "价格"], ["茶叶", 30]]}))
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(app, ["kb", *args, *home])
+        assert result.exit_code == 0, result.output[-3000:]
+        return result.stdout
+
+    def ingest() -> dict[str, str]:
+        return {line.split()[1]: line.split()[0]
+                for line in run("ingest", "docs", str(docs)).splitlines()}
+
+    run("create", "docs")
+    assert ingest() == {"notes.txt": "ingested", "prices.xlsx": "ingested",
+                        "review.pptx": "ingested", "staff.csv": "ingested"}
+    (docs / "prices.xlsx").write_bytes(xlsx({"价格表": [["产品", "价格"], ["茶叶", 45]]}))
+    assert ingest() == {"notes.txt": "unchanged", "prices.xlsx": "replaced",
+                        "review.pptx": "unchanged", "staff.csv": "unchanged"}
+    hits = [json.loads(line) for line in run(
+        "query", "docs", "-q", "茶叶 价格", "--mode", "bm25", "--top-k", "10").splitlines()]
+    assert [(h["source"], h["heading"], h["text"]) for h in hits if h["source"] == "prices.xlsx"] \
+        == [("prices.xlsx", "价格表", "- 产品: 茶叶 | 价格: 45")]
+    # Two files of one name in the folders given: refused by name, nothing written.
+    (docs / "more").mkdir()
+    (docs / "more" / "notes.txt").write_bytes(b"other notes")
+    refused = CliRunner().invoke(app, ["kb", "ingest", "docs", str(docs), *home])
+    assert refused.exit_code != 0 and "notes.txt" in refused.output, refused.output
