@@ -2,8 +2,10 @@
 
 The three files of the issue, built here, each uploaded while /health is polled: a Markdown
 heading line the old regex backtracked on, 80 KB of nested HTML the old parser took 13 s over,
-and a DOCX zip bomb. /health answers in under 100 ms throughout (the bound the issue sets), and
-the gateway's own memory stays where it was.
+and a DOCX zip bomb; and those of the formats added since (issue 17): the bomb as XLSX and
+PPTX, a CSV of a million columns, one of a single 19 MiB line (and of 50 MiB, over the upload
+cap), text in no encoding we read. /health answers in under 100 ms throughout (the bound the
+issue sets), and the gateway's own memory stays where it was.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import httpx
 import pytest
 from helpers import Gateway, start_gateway
 from test_rag_chunking import HOSTILE_HTML, HOSTILE_MARKDOWN, docx_bomb
+from test_rag_formats import office_bomb
 
 HEALTH_BOUND_S = 0.1
 
@@ -83,7 +86,16 @@ def test_hostile_uploads_leave_the_gateway_answering(gateway: Gateway) -> None:
     bomb = docx_bomb(300 * 2**20)
     cases = [("hostile.md", HOSTILE_MARKDOWN, 200, None),
              ("hostile.html", HOSTILE_HTML, 200, None),
-             ("bomb.docx", bomb, 413, "archive_too_large")]
+             ("bomb.docx", bomb, 413, "archive_too_large"),
+             # The same bomb as a spreadsheet and as slides; tables too wide or too long.
+             ("bomb.xlsx", office_bomb("xl/worksheets/sheet1.xml", 300 * 2**20), 413,
+              "archive_too_large"),
+             ("bomb.pptx", office_bomb("ppt/slides/slide1.xml", 300 * 2**20), 413,
+              "archive_too_large"),
+             ("wide.csv", b"," * 1_000_000 + b"\nx\n", 413, "table_too_large"),
+             ("line.csv", b"x" * 19 * 2**20, 413, "table_too_large"),  # under the upload cap
+             ("line.csv", b"x" * 50 * 2**20, 413, "request_too_large"),  # refused as it comes
+             ("latin1.txt", "café crème".encode("latin-1"), 400, "unreadable_file")]
     rss_before = _rss_bytes(gateway.process.pid)
     for name, data, status, code in cases:
         with HealthProbe(gateway.url) as health:
@@ -96,11 +108,13 @@ def test_hostile_uploads_leave_the_gateway_answering(gateway: Gateway) -> None:
         assert response.status_code == status, response.text
         if code:
             error = response.json()["error"]
-            assert error["code"] == code and "rag.max_" in error["message"], error
+            assert error["code"] == code, error
+            if code == "archive_too_large":
+                assert "rag.max_" in error["message"], error
         assert health.polls > 0 and not health.failures, (name, health.failures)
         assert health.worst_s < HEALTH_BOUND_S, (name, health.worst_s)
     growth = _rss_bytes(gateway.process.pid) - rss_before
-    print(f"gateway RSS growth over the three uploads: {growth / 2**20:.1f} MiB")
+    print(f"gateway RSS growth over the uploads: {growth / 2**20:.1f} MiB")
     assert growth < 100 * 2**20
     listed = httpx.get(f"{kb}/hostile/files", timeout=60).json()["data"]
     assert sorted(f["name"] for f in listed) == ["a.txt", "hostile.html", "hostile.md"]

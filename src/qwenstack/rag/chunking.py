@@ -56,19 +56,35 @@ class EstimatedCounter:
 
 
 def token_counter(tokenizer: str | None, model: str | None) -> TokenCounter:
-    """The tokenizer at `tokenizer` (a folder or tokenizer.json), else the model folder's."""
-    for candidate in (tokenizer, model):
-        if not candidate:
-            continue
-        path = Path(candidate).expanduser()
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if path.is_file():
-            return TokenizerCounter(path)
-        if candidate is tokenizer:
+    """The tokenizer at `tokenizer` (a folder or tokenizer.json), else the served chat model's
+    when it is local: its folder's, or a hub model's in the Hugging Face cache (where the
+    engine downloaded it; never fetched from here). Else an estimate, said once in the log."""
+    if tokenizer:
+        path = Path(tokenizer).expanduser()
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
             raise FileNotFoundError(f"rag.tokenizer {tokenizer}: no tokenizer.json there")
-    log.info("No local tokenizer: chunk sizes are estimated")
+        return TokenizerCounter(path)
+    found = _local_tokenizer(model) if model else None
+    if found is not None:
+        log.info("Chunk sizes are counted in the tokens of %s", model)
+        return TokenizerCounter(found)
+    log.info("no local tokenizer: chunk sizes are estimated (set rag.tokenizer to the chat "
+             "model's folder to count them)")
     return EstimatedCounter()
+
+
+def _local_tokenizer(model: str) -> Path | None:
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        path = folder / "tokenizer.json"
+        return path if path.is_file() else None
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        return None  # a folder not there (yet), not a hub id
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "tokenizer.json")
+    return Path(cached) if isinstance(cached, str) else None
 
 
 @dataclass(frozen=True)

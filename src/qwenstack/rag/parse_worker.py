@@ -23,8 +23,10 @@ from qwenstack.rag.parsers import Section, parse
 from qwenstack.settings import RagSettings
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-# "__main__" too: imported once in the fork server, rather than by every worker.
-_CONTEXT.set_forkserver_preload(["__main__", "qwenstack.rag.parsers", "bs4", "pypdf"])
+# "__main__" too: imported once in the fork server, rather than by every worker. Not openpyxl:
+# it imports numpy, whose ~100 MB of address space (OpenBLAS's buffers) would then count against
+# every worker's rag.parse_memory_bytes; an XLSX's worker imports it (0.3 s of CPU time).
+_CONTEXT.set_forkserver_preload(["__main__", "qwenstack.rag.parsers", "bs4", "pypdf", "pptx"])
 
 # A worker's outcome: its sections, or a RagError's (message, status, code).
 _Outcome = list[Section] | tuple[str, int, str]

@@ -1,4 +1,5 @@
-"""Text out of txt, md, html, pdf and docx files, as sections that keep their page or heading.
+"""Text out of txt, md, html, pdf, docx, csv, xlsx and pptx files, as sections that keep their
+page (PDF page, PPTX slide) or heading (md, html and docx heading, XLSX sheet).
 
 Offsets of chunks are character offsets in the concatenated text of a file's sections, so a
 citation can point back into the document as it was extracted.
@@ -11,11 +12,11 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from lxml import etree
 
-from qwenstack.rag import RagError
+from qwenstack.rag import RagError, tabular
 from qwenstack.settings import RagSettings
 
 if TYPE_CHECKING:
@@ -25,25 +26,44 @@ if TYPE_CHECKING:
 DEFAULT_LIMITS = RagSettings()
 
 
-
 @dataclass(frozen=True)
 class Section:
     text: str
-    page: int | None = None  # 1-based, for PDFs
-    heading: str | None = None  # the nearest heading above, for md, html and docx
+    page: int | None = None  # 1-based: a PDF's page, a PPTX's slide
+    # The nearest heading above (md, html, docx), a slide's title, a spreadsheet's sheet name.
+    heading: str | None = None
 
 
 def _decode(data: bytes, name: str) -> str:
-    for encoding in ("utf-8-sig", "gb18030"):  # gb18030 covers GBK/GB2312, common for Chinese files
+    """UTF-8 (a BOM dropped), UTF-16 by its BOM (Excel's "Unicode text"), else GB18030, which
+    covers GBK and GB2312, as Chinese Windows writes text and CSV files. Text holding NUL is
+    binary that happened to decode."""
+    encodings = ["utf-8-sig", "gb18030"]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encodings.insert(0, "utf-16")
+    for encoding in encodings:
         try:
-            return data.decode(encoding)
+            text = data.decode(encoding)
         except UnicodeDecodeError:
             continue
-    raise RagError(f"{name}: not UTF-8 or GB18030 text.", code="unreadable_file")
+        if "\0" not in text:
+            return text
+    raise RagError(f"{name}: not text in UTF-8, UTF-16 (with a BOM) or GB18030/GBK; save it "
+                   "as UTF-8.", code="unreadable_file")
 
 
 def _text(data: bytes, name: str, limits: RagSettings) -> list[Section]:
     return [Section(_decode(data, name))]
+
+
+def _csv(data: bytes, name: str, limits: RagSettings) -> list[Section]:
+    tsv = PurePath(name).suffix.lower() == ".tsv"
+    return [Section(tabular.delimited(_decode(data, name), name, limits, "\t" if tsv else None))]
+
+
+def _xlsx(data: bytes, name: str, limits: RagSettings) -> list[Section]:
+    _archive(data, name, limits)  # before openpyxl inflates anything
+    return [Section(text, heading=sheet) for sheet, text in tabular.workbook(data, name, limits)]
 
 
 def _markdown(data: bytes, name: str, limits: RagSettings) -> list[Section]:
@@ -139,8 +159,8 @@ def _pdf(data: bytes, name: str, limits: RagSettings) -> list[Section]:
         raise RagError(f"{name}: the PDF cannot be read ({exc}).", code="unreadable_file") from None
 
 
-# A DOCX is a zip of XML: its caps (rag.max_archive_members, max_inflated_bytes,
-# max_compression_ratio) bound what one upload can make the parser inflate and hold.
+# DOCX, XLSX and PPTX are zips of XML: their caps (rag.max_archive_members, max_inflated_bytes,
+# max_compression_ratio) bound what one upload can make a parser inflate and hold.
 WORD_NAMESPACE = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
 
 
@@ -225,6 +245,47 @@ def _docx_paragraphs(xml: IO[bytes], heading_styles: set[str]) -> Iterator[tuple
 _XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 
 
+def _pptx(data: bytes, name: str, limits: RagSettings) -> list[Section]:
+    """One section per slide, its number as the page and its title as the heading: the text
+    of its shapes (inside groups too) and tables in the slide's order, then its notes.
+    python-pptx parses with entities unresolved; the zip is checked before it opens it."""
+    from pptx import Presentation
+    from pptx.exc import PackageNotFoundError
+
+    _archive(data, name, limits)
+    try:
+        presentation = Presentation(io.BytesIO(data))
+        sections = []
+        for number, slide in enumerate(presentation.slides, 1):
+            texts = list(_slide_texts(slide.shapes))
+            if slide.has_notes_slide and slide.notes_slide.notes_text_frame is not None:
+                texts.append(slide.notes_slide.notes_text_frame.text)
+            title = slide.shapes.title.text_frame.text if slide.shapes.title else ""
+            sections.append(Section("\n\n".join(t.strip() for t in texts if t.strip()),
+                                    page=number, heading=" ".join(title.split()) or None))
+        return sections
+    except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile,
+            etree.XMLSyntaxError, OSError) as exc:
+        raise RagError(f"{name}: the PPTX cannot be read ({exc}).", code="unreadable_file") \
+            from None
+
+
+def _slide_texts(shapes: Iterable[Any]) -> Iterator[str]:
+    """Text frames and tables, groups entered without recursion (a group can hold groups)."""
+    from pptx.shapes.group import GroupShape
+
+    pending = list(reversed(list(shapes)))
+    while pending:
+        shape = pending.pop()
+        if isinstance(shape, GroupShape):
+            pending.extend(reversed(list(shape.shapes)))
+        elif shape.has_text_frame:
+            yield shape.text_frame.text
+        elif shape.has_table:
+            yield "\n".join(" | ".join(cell.text for cell in row.cells)
+                             for row in shape.table.rows)
+
+
 def _under_headings(blocks: Iterable[tuple[str, bool]]) -> list[Section]:
     """(text, is a heading) blocks in document order, as one section per heading's body."""
     sections: list[Section] = []
@@ -253,6 +314,10 @@ PARSERS: dict[str, Callable[[bytes, str, RagSettings], list[Section]]] = {
     ".htm": _html,
     ".pdf": _pdf,
     ".docx": _docx,
+    ".csv": _csv,
+    ".tsv": _csv,
+    ".xlsx": _xlsx,
+    ".pptx": _pptx,
 }
 
 

@@ -96,16 +96,22 @@ class RagSettings(BaseModel):
     # Real documents stay far below each cap: text compresses about 5-20x, images are stored
     # already compressed; a 300 KiB DOCX "zip bomb" can declare 300 MiB of XML.
     max_archive_members: int = Field(
-        2_000, ge=1, description="Most parts in a DOCX (a zip), checked before inflating any."
+        2_000, ge=1, description="Most parts in a DOCX, XLSX or PPTX (zips), checked before "
+        "inflating any.",
     )
     max_inflated_bytes: int = Field(
-        64 * 2**20, ge=1, description="Most bytes a DOCX's parts may inflate to, together."
+        64 * 2**20, ge=1, description="Most bytes a DOCX's, XLSX's or PPTX's parts may inflate "
+        "to, together.",
     )
     max_compression_ratio: int = Field(
-        200, ge=1, description="Highest inflated:compressed ratio of a DOCX part over 1 MiB "
-        "inflated (only a zip bomb compresses further).",
+        200, ge=1, description="Highest inflated:compressed ratio of a DOCX, XLSX or PPTX part "
+        "over 1 MiB inflated (only a zip bomb compresses further).",
     )
     max_pdf_pages: int = Field(2_000, ge=1, description="Most pages in a PDF.")
+    max_table_cells: int = Field(
+        1_000_000, ge=1, description="Most cells read from one CSV or XLSX (empty ones too; "
+        "all sheets together).",
+    )
     max_extracted_chars: int = Field(
         10_000_000, ge=1, description="Most characters of text extracted from one file."
     )
