@@ -171,10 +171,12 @@ def test_citations_become_literal_sources_and_answers_load_no_images() -> None:
         "look!\\[x](https://evil.example/p.png) done!")
 
 
-def test_only_bases_the_session_offered_are_picked_or_deleted_from() -> None:
+def test_only_bases_the_session_offered_are_picked_or_deleted_from(tmp_path: Path) -> None:
     """The pick and a delete button's payload come back from the browser: anything this
     session did not offer (as writable, for a delete) falls back to the user's own base, or
     does nothing."""
+    # Importing chainlit writes its config files into its app root: not into the checkout.
+    os.environ.setdefault("CHAINLIT_APP_ROOT", str(tmp_path))
     from qwenstack.ui import documents
     from qwenstack.ui.knowledge import Readable
 
