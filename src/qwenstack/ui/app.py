@@ -193,7 +193,7 @@ async def _start_session(conversation: Conversation) -> None:
                initial=ui.top_p, min=0.05, max=1, step=0.05),
         NumberInput(id="max_tokens", label=text("setting_max_tokens", language),
                     initial=ui.max_tokens),
-        # On: grounded on the user's documents whenever they have uploaded some.
+        # On: grounded on the picked base (the user's own uploads: once there are some).
         Switch(id="use_documents", label=text("setting_use_documents", language), initial=True),
         documents.picker(readable, language),
         *thinking,
