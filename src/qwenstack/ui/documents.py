@@ -19,8 +19,10 @@ from qwenstack.ui.markdown import literal_block
 from qwenstack.ui.texts import text
 
 SETTING = "knowledge_base"  # the settings panel's select
-SHOW_FILES = "show_files"  # action names, with their callbacks in app.py
-DELETE_FILE = "delete_file"
+# Action names, with their callbacks in app.py. Chainlit names a chat after its first
+# interaction, which may be a click: these read as a chat's name.
+SHOW_FILES = "Files"
+DELETE_FILE = "Delete a file"
 MAX_LISTED_FILES = 50  # delete buttons per list: a base of thousands of files is not a chat's job
 PASSAGE_CHARS = 4000  # a chunk is far smaller; bounds what a citation can put in the page
 
