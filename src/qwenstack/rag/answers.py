@@ -16,6 +16,7 @@ too long, a timeout) is counted as failed, scores 0 and is kept in the report wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import string
 import unicodedata
@@ -35,6 +36,9 @@ TOKEN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]|[^\W_]+")
 PUNCTUATION = frozenset(string.punctuation) | frozenset(
     "，。、；：？！“”‘’（）《》〈〉【】『』「」﹃﹄〔〕…—～·～-")
 MAX_ERROR_CHARS = 300
+# The OpenAI SDK's HTTP client (httpx2) logs each request at info level: a line per question,
+# thousands of them, where the progress bar and the summary say what matters.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
