@@ -49,7 +49,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 ANSWER_TOKENS = 24
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "dave": "dave-password-333",
              "erin": "erin-password-4444", "frank": "frank-password-55555",
-             "gina": "gina-password-666666"}
+             "gina": "gina-password-666666", "hana": "hana-password-7777777"}
 PROXY_SECRET = "proxy-secret-for-tests"
 # Knowledge bases sized for the tiny model's 1,024-token context: two small chunks at most.
 RAG_ENV = {"QWENSTACK_RAG__CHUNK_TOKENS": "64", "QWENSTACK_RAG__CHUNK_OVERLAP_TOKENS": "8",
@@ -170,6 +170,29 @@ def test_citations_become_literal_sources_and_answers_load_no_images() -> None:
     pieces = ["look!", "[x](http", "s://evil.example/p.png)", " done!"]
     assert "".join([*map(guard.feed, pieces), guard.flush()]) == (
         "look!\\[x](https://evil.example/p.png) done!")
+
+
+def test_only_bases_the_session_offered_are_picked_or_deleted_from(tmp_path: Path) -> None:
+    """The pick and a delete button's payload come back from the browser: anything this
+    session did not offer (as writable, for a delete) falls back to the user's own base, or
+    does nothing."""
+    # Importing chainlit writes its config files into its app root: not into the checkout.
+    os.environ.setdefault("CHAINLIT_APP_ROOT", str(tmp_path))
+    from qwenstack.ui import documents
+    from qwenstack.ui.knowledge import Readable
+
+    own, team, read_only = (Readable("ui-1", True, True), Readable("handbook", False, True),
+                            Readable("policies", False, False))
+    offered = [own, team, read_only]
+    assert documents.picker(offered, "en").items == {
+        "My uploads": "ui-1", "handbook": "handbook", "policies": "policies"}
+    assert documents.chosen({"knowledge_base": "handbook"}, offered) == team
+    for picked in ("vault", None, ["handbook"]):
+        assert documents.chosen({"knowledge_base": picked}, offered) == own
+    assert documents.deletable({"base": "handbook", "file": "a.txt"}, offered) == (team, "a.txt")
+    for payload in ({"base": "policies", "file": "a.txt"}, {"base": "vault", "file": "a.txt"},
+                    {"base": "handbook", "file": 3}, "handbook", None):
+        assert documents.deletable(payload, offered) is None
 
 
 def _status_error(status: int, body: dict, headers: dict[str, str] | None = None) -> Exception:
@@ -493,6 +516,58 @@ def test_uploads_ground_their_owners_answers_with_citations_and_stay_theirs(
         assert finds in run_async(search.run({"query": "the keeper's secret code word"}))
     frank.close()
     erin.close()
+
+
+def test_a_team_base_picked_in_the_settings_grounds_the_chat_and_lists_its_files(
+    chat_ui: ChatUI, browser: object, screenshots: Path
+) -> None:
+    """Hana's key may write the team base `handbook` (granted by an admin) and not read
+    `vault`: the settings offer her own uploads (the default) and `handbook` only; picked, it
+    grounds her answers, cited by file with each passage a click away, and its file list
+    deletes a file."""
+    hana = Chat(browser, chat_ui, "hana")
+    hana.wait_for_text("Welcome to the")
+    key, _ = chat_ui.user_key("hana")
+    gateway, admin = chat_ui.gateway.url, {"authorization": f"Bearer {chat_ui.service_key}"}
+    for name, writers in (("handbook", [key]), ("vault", [])):
+        made = httpx.post(f"{gateway}/v1/knowledge_bases", headers=admin, timeout=300,
+                          json={"name": name, "writers": writers})
+        assert made.status_code == 201, made.text
+        uploaded = httpx.post(f"{gateway}/v1/knowledge_bases/{name}/files", headers=admin,
+                              timeout=300, files=[("file", (f"{name}-notes.txt", NOTES)),
+                                                  ("file", ("old-memo.txt", b"Lunch at noon."))])
+        assert uploaded.status_code == 200, uploaded.text
+
+    hana.page.reload()  # a new session: the settings list the bases her key may read now
+    hana.wait_for_text("Welcome to the")
+    hana.page.locator("#chat-settings-open-modal").click()
+    hana.page.locator("#knowledge_base").click()
+    options = hana.page.get_by_role("option")
+    options.first.wait_for()
+    assert options.all_inner_texts() == ["My uploads", "handbook"]
+    options.filter(has_text="handbook").click()
+    hana.page.locator("#confirm").click()
+    hana.wait_for_text("Answers now draw on")
+
+    hana.page.get_by_role("button", name="Files").last.click()
+    hana.wait_for_text("Files in")
+    hana.page.get_by_role("button", name="Delete old-memo.txt").click()
+    hana.wait_for_text("Deleted from")
+    files = httpx.get(f"{gateway}/v1/knowledge_bases/handbook/files", headers=admin, timeout=60)
+    assert [f["name"] for f in files.json()["data"]] == ["handbook-notes.txt"]
+
+    hana.send("What is the secret code word of the Kestrel Point lighthouse keeper?")
+    cited = hana.page.locator("[data-step-type=assistant_message]", has_text="Sources:").last
+    cited.wait_for()
+    assert "handbook-notes.txt" in cited.inner_text(), cited.inner_text()
+    assert "vault" not in cited.inner_text()
+    # The whole passage, a click away: the notice links it by name.
+    cited.get_by_text("Passage 1").first.click()
+    hana.page.get_by_text("Its keeper's secret code word is amber-falcon.").last.wait_for()
+    grounded = chat_ui.requests(key)[-1]
+    assert grounded["status"] == 200 and grounded["prompt_tokens"] > 100, grounded
+    hana.page.screenshot(path=str(screenshots / "hana-team-base.png"))
+    hana.close()
 
 
 STACK_WITH_UI = """

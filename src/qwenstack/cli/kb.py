@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -15,6 +16,7 @@ from qwenstack.cli.common import ConfigOpt, HomeOpt, opened, print_table, settin
 from qwenstack.errors import SetupError
 
 if TYPE_CHECKING:
+    from qwenstack.rag.answers import AnswerOptions
     from qwenstack.rag.service import KnowledgeService
 
 app = typer.Typer(help="Knowledge bases (RAG over Milvus): create, ingest, query, evaluate.",
@@ -138,10 +140,32 @@ def kb_eval(
     paragraphs: Annotated[int | None, typer.Option(help="Use only the first N paragraphs.")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object instead of a table.")] = False,
+    answers: Annotated[bool, typer.Option(
+        "--answers", help="Also ask a chat model each question with the passages a grounded "
+        "chat gets, and score its answers (exact match, F1).")] = False,
+    base_url: Annotated[str | None, typer.Option(
+        help="--answers: an OpenAI-compatible API (with /v1). Default: this machine's "
+        "gateway.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="QWENSTACK_KEY", help="--answers: its bearer key.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="--answers: the chat model. Default: the first the API lists.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="--answers: longest answer.")] = 128,
+    concurrency: Annotated[int, typer.Option(
+        min=1, max=64, help="--answers: requests at a time.")] = 4,
+    report: Annotated[Path | None, typer.Option(
+        help="Write the whole report as JSON here (with --answers, every answer).")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Recall@1, recall@5 and MRR@10 for dense, BM25 and hybrid retrieval; ingest chunks/s."""
-    _evaluate(path, paragraphs, as_json, config, tune=False)
+    """Recall@1, recall@5 and MRR@10 for dense, BM25 and hybrid retrieval; ingest chunks/s;
+    with --answers, answer exact match and F1 (CMRC 2018's, character-level for Chinese)."""
+    from qwenstack.rag.answers import AnswerOptions
+
+    settings = settings_for(config)
+    asked = AnswerOptions(
+        base_url or f"http://127.0.0.1:{settings.gateway.port}/v1", api_key, model, max_tokens,
+        concurrency) if answers else None
+    _evaluate(path, paragraphs, as_json, config, tune=False, answers=asked, report_path=report)
 
 
 @app.command("tune")
@@ -168,14 +192,20 @@ def kb_tune(
 
 
 def _evaluate(
-    path: Path, paragraphs: int | None, as_json: bool, config: Path | None, tune: bool
+    path: Path, paragraphs: int | None, as_json: bool, config: Path | None, tune: bool,
+    answers: AnswerOptions | None = None, report_path: Path | None = None,
 ) -> float | None:
     """Runs the evaluation, shows its report; the best weight when tuned."""
     from qwenstack.rag.eval import evaluate
 
     settings = settings_for(config)
     with console.progress() as shown:
-        report = evaluate(settings, path, paragraphs, shown, tune=tune)
+        report = evaluate(settings, path, paragraphs, shown, tune=tune, answers=answers)
+    if report_path is not None:
+        whole = report.as_json()
+        if report.answers:
+            whole["answers"] = dataclasses.asdict(report.answers)
+        report_path.write_text(json.dumps(whole, ensure_ascii=False, indent=1), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps(report.as_json()))
         return report.best_weight
@@ -189,4 +219,9 @@ def _evaluate(
     ])
     if tune:
         typer.echo(f"best dense weight: {report.best_weight}")
+    if scored := report.answers:
+        typer.echo(f"answers of {scored.model} ({scored.questions} questions, {scored.failed} "
+                   f"failed): exact match {scored.exact_match:.3f}, F1 {scored.f1:.3f}; the "
+                   f"top passage holds the answer {scored.top_holds_answer:.3f}, a cited one "
+                   f"{scored.cited_holds_answer:.3f} (answers citing {scored.citing:.3f})")
     return report.best_weight

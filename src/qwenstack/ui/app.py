@@ -2,8 +2,10 @@
 
 Each turn sends the whole conversation to the gateway's /v1/chat/completions with the user's own
 key and streams the answer into the chat. Files sent with a message go into the user's own
-knowledge base (knowledge.py); once it holds documents, turns ask the gateway to ground the answer
-on it and its citations are shown as sources. Nothing here talks to an engine.
+knowledge base (knowledge.py); turns ask the gateway to ground the answer on the base picked in
+the settings (documents.py: that one by default, once it holds documents, or a team base the
+user's key may read), and its citations are shown as sources, each passage a click away.
+Nothing here talks to an engine.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from chainlit.types import ThreadDict
 from openai.types.chat import ChatCompletionMessageParam
 
 from qwenstack.settings import load_settings
-from qwenstack.ui import server, store, tools
+from qwenstack.ui import documents, server, store, tools
 from qwenstack.ui.conversation import Capabilities, Conversation, Sampling, chat_models
 from qwenstack.ui.failures import MessageTooLong, context_too_long, explain
 from qwenstack.ui.gateway_keys import KeyUnavailable, UserKeys
-from qwenstack.ui.knowledge import KnowledgeBaseClient, ServiceKey, UploadRefused, sources
+from qwenstack.ui.knowledge import KnowledgeBaseClient, Readable, ServiceKey, UploadRefused
 from qwenstack.ui.quota import own_quota, summary
 from qwenstack.ui.texts import language_of, starters, text
 from qwenstack.ui.turn import Stream, Turn
@@ -119,10 +121,24 @@ async def _client(refused: str | None = None) -> openai.AsyncOpenAI:
     return client
 
 
-async def _knowledge_base(refused: str | None = None) -> KnowledgeBaseClient:
+async def _knowledge_base(
+    refused: str | None = None, base: str | None = None
+) -> KnowledgeBaseClient:
+    """The calls on `base`, by default the user's own uploads base."""
     await _client(refused)
     return KnowledgeBaseClient(gateway_url, cl.user_session.get("key"), service_key,
-                               ui.request_timeout_s)
+                               ui.request_timeout_s, base)
+
+
+async def _readable() -> list[Readable]:
+    """The bases the settings panel offers: the user's own alone when the gateway lists none
+    (no knowledge bases there, or unreachable: the chat works without)."""
+    own = await _knowledge_base()
+    try:
+        return await own.readable()
+    except (UploadRefused, httpx.TransportError) as exc:
+        log.info("No team knowledge bases for this chat: %r", exc)
+        return [Readable(own.name, True, True)]
 
 
 async def _document_count() -> int:
@@ -156,6 +172,8 @@ async def _start_session(conversation: Conversation) -> None:
     except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
         await _report(exc)
     cl.user_session.set("documents", await _document_count() if models else 0)
+    readable = await _readable() if models else [Readable("", True, True)]
+    cl.user_session.set("readable", readable)
     context_lens = {m["id"]: m.get("max_model_len") for m in models or ()}
     cl.user_session.set("context_lens", context_lens)
     capabilities = {m["id"]: Capabilities.of(m, ui.model_capabilities) for m in models or ()}
@@ -175,8 +193,9 @@ async def _start_session(conversation: Conversation) -> None:
                initial=ui.top_p, min=0.05, max=1, step=0.05),
         NumberInput(id="max_tokens", label=text("setting_max_tokens", language),
                     initial=ui.max_tokens),
-        # On: grounded on the user's documents whenever they have uploaded some.
+        # On: grounded on the picked base (the user's own uploads: once there are some).
         Switch(id="use_documents", label=text("setting_use_documents", language), initial=True),
+        documents.picker(readable, language),
         *thinking,
     ]).send()
     _apply_settings(values)
@@ -202,6 +221,7 @@ def _apply_settings(values: dict[str, Any]) -> None:
         thinking=bool(values.get("thinking", ui.thinking)) if reasons else None,
     ))
     cl.user_session.set("use_documents", bool(values.get("use_documents", True)))
+    cl.user_session.set("knowledge_base", documents.chosen(values, cl.user_session.get("readable")))
 
 
 def _capabilities(model: str) -> Capabilities:
@@ -214,6 +234,7 @@ async def on_chat_start() -> None:
     sampling: Sampling = cl.user_session.get("sampling")
     if sampling.model != NO_MODEL:
         await cl.Message(content=text("welcome", _language(), model=sampling.model),
+                         actions=[documents.files_button(_language())],
                          metadata={"kind": "notice"}).send()
 
 
@@ -233,7 +254,39 @@ async def on_chat_resume(thread: ThreadDict) -> None:
 
 @cl.on_settings_update
 async def on_settings_update(values: dict[str, Any]) -> None:
+    before: Readable = cl.user_session.get("knowledge_base")
     _apply_settings(values)
+    after: Readable = cl.user_session.get("knowledge_base")
+    if after != before:
+        await documents.chosen_notice(after, _language()).send()
+
+
+@cl.action_callback(documents.SHOW_FILES)
+async def on_show_files(action: cl.Action) -> None:
+    base: Readable = cl.user_session.get("knowledge_base")
+    try:
+        files = await (await _knowledge_base(base=base.name)).files()
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
+        await _report(exc)
+        return
+    await documents.files_message(base, files, _language()).send()
+
+
+@cl.action_callback(documents.DELETE_FILE)
+async def on_delete_file(action: cl.Action) -> None:
+    deletable = documents.deletable(action.payload, cl.user_session.get("readable") or [])
+    if deletable is None:
+        return
+    base, file_name = deletable
+    try:
+        await (await _knowledge_base(base=base.name)).delete_file(file_name)
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the user is told in the chat
+        await _report(exc)
+        return
+    await action.remove()
+    if base.own:
+        cl.user_session.set("documents", await _document_count())
+    await documents.deleted_notice(base, file_name, _language()).send()
 
 
 @cl.on_message
@@ -270,7 +323,7 @@ async def on_message(message: cl.Message) -> None:
     await (answer if answer.content else _say("no_answer")).send()
     if turn.citations:
         # A notice, not part of the answer: the model never sees it in later turns.
-        await _say("sources", sources=sources(turn.citations)).send()
+        await documents.sources_notice(turn.citations, _language()).send()
     quota = await own_quota(gateway_url, cl.user_session.get("key"), ui.request_timeout_s)
     await cl.Message(content=summary(turn.usage, quota, _language()),
                      metadata={"kind": "notice"}).send()
@@ -304,14 +357,18 @@ async def _answer(conversation: Conversation, sampling: Sampling, answer: cl.Mes
     and running the tools the model calls (turn.py)."""
     context_len = cl.user_session.get("context_lens", {}).get(sampling.model)
     request = sampling.request(context_len)
-    # Counted afresh each turn: counting checks the base is still the user's own (knowledge.py).
-    documents = bool(cl.user_session.get("use_documents") and cl.user_session.get("documents")
-                     and await _document_count())
-    if documents:
+    base: Readable = cl.user_session.get("knowledge_base")
+    # The own base's files counted afresh each turn: counting checks the base is still the
+    # user's own (knowledge.py). A team base is the gateway's to check: it answers 404 to a key
+    # that lost its grant.
+    grounded = bool(cl.user_session.get("use_documents") and (
+        not base.own or (cl.user_session.get("documents") and await _document_count())))
+    name = cl.user_session.get("key").name if base.own else base.name
+    if grounded:
         # The gateway retrieves from it with the newest message and answers with citations.
-        request["extra_body"]["knowledge_bases"] = [cl.user_session.get("key").name]
+        request["extra_body"]["knowledge_bases"] = [name]
     offered = tools.offered(ui.tools, _capabilities(sampling.model).tool_calling,
-                            await _knowledge_base() if documents else None)
+                            await _knowledge_base(base=name) if grounded else None)
     turn = Turn(answer, offered, ui.max_tool_rounds, text("thinking", _language()))
     budget = context_len - request["max_tokens"] if context_len else None
     client = await _client()

@@ -1,10 +1,14 @@
-"""Each UI user's own knowledge base: files uploaded in the chat go there, through the gateway's
-knowledge-base API with the user's own key, so the gateway's access rules keep it theirs.
+"""Each UI user's own knowledge base, and the team bases their key may read: files uploaded in
+the chat go into their own, through the gateway's knowledge-base API with the user's own key, so
+the gateway's access rules keep it theirs; a chat may be grounded on either.
 
 The base is named after the user's gateway key (`ui-<account id>`) and made on the first upload
 by the UI's own service key, the only one the gateway lets make `ui-...` bases, with the user's key
 as its one writer. Before uploading to it or grounding on it the UI checks it is so: owned by the
 service key, shared with nobody else. Answers grounded on it carry citations, shown as sources.
+
+A team base (any other the gateway lists for the user's key) is used as the gateway says: it
+scopes what each key may read and write.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from qwenstack.rag.catalog import UI_PREFIX
 from qwenstack.ui.gateway_keys import UserKey
 from qwenstack.ui.markdown import literal_block
 
@@ -30,6 +36,7 @@ ACCEPTED_UPLOADS: dict[str, list[str]] = {
 }
 MAX_FILES_PER_MESSAGE = 10
 SNIPPET_CHARS = 160
+MAX_OFFERED_BASES = 100  # the settings panel's list; a key granted more sees the first by name
 
 
 class UploadRefused(Exception):
@@ -61,13 +68,23 @@ class ServiceKey:
     secret: str | None
 
 
+@dataclass(frozen=True)
+class Readable:
+    """A knowledge base the user's key may read, as the settings panel offers it."""
+
+    name: str
+    own: bool  # the user's own uploads base
+    writable: bool  # the key may delete (and ingest) files
+
+
 class KnowledgeBaseClient:
-    """One user's calls to the gateway's /v1/knowledge_bases routes, on the base named after
-    their key."""
+    """One user's calls to the gateway's /v1/knowledge_bases routes, on one base: by default
+    the one named after their key (their uploads), else a team base the key may read."""
 
     def __init__(self, gateway_url: str, key: UserKey, service: ServiceKey,
-                 timeout_s: float) -> None:
-        self.name = key.name
+                 timeout_s: float, base: str | None = None) -> None:
+        self.name = base or key.name
+        self.own = self.name == key.name
         self.key = key
         self.service = service
         self._base_url = f"{gateway_url}/v1"
@@ -89,8 +106,38 @@ class KnowledgeBaseClient:
         base = await self._base()
         return int(base.get("files") or 0) if base else 0
 
+    async def readable(self) -> list[Readable]:
+        """The bases the user's key may read, as the gateway lists them for it: their own
+        uploads base (whether or not it exists yet) first, then team bases by name. Other
+        users' `ui-` bases are never offered, whatever grants they carry."""
+        response = await self._request("GET", "/knowledge_bases")
+        _check(response)
+        team = [Readable(str(base["name"]), False, self.key.name == base.get("owner")
+                         or self.key.name in base.get("writers", ()))
+                for base in response.json()["data"]
+                if not str(base["name"]).startswith(UI_PREFIX)]
+        return [Readable(self.key.name, True, True), *team[:MAX_OFFERED_BASES]]
+
+    async def files(self) -> list[dict[str, Any]]:
+        """The base's files (name, bytes, chunks, ...) by name; [] while it does not exist."""
+        if await self._base() is None:
+            return []
+        response = await self._request("GET", f"/knowledge_bases/{self.name}/files")
+        _check(response)
+        return list(response.json()["data"])
+
+    async def delete_file(self, file_name: str) -> None:
+        """Take one file and its chunks out of the base; the gateway refuses a key that may
+        not write it."""
+        if await self._base() is None:
+            raise UploadRefused(404, f"No knowledge base {self.name!r}.")
+        response = await self._request(
+            "DELETE", f"/knowledge_bases/{self.name}/files/{quote(file_name, safe='')}")
+        _check(response)
+
     async def upload(self, files: list[tuple[str, bytes]]) -> list[Ingested]:
-        """Ingest the files into the user's base, making it on the first upload."""
+        """Ingest the files into the user's own base, making it on the first upload."""
+        assert self.own, "uploads go to the user's own base"
         if await self._base() is None:
             created = await self._request(
                 "POST", "/knowledge_bases", self.service.secret,
@@ -116,16 +163,18 @@ class KnowledgeBaseClient:
         return list(response.json()["data"])
 
     async def _base(self) -> dict[str, Any] | None:
-        """The user's base as the gateway describes it, None when there is none; UploadRefused
-        when it is not the UI's own for this user (made by another key before the gateway
-        reserved `ui-` names, or shared since), so the user's files never go to, and their
-        answers never come from, a base anyone else can write or read."""
+        """The base as the gateway describes it, None when there is none (or the key may not
+        read it); for the user's own, UploadRefused when it is not the UI's own for this user
+        (made by another key before the gateway reserved `ui-` names, or shared since), so the
+        user's files never go to, and their answers never come from, a base anyone else can
+        write or read."""
         response = await self._request("GET", f"/knowledge_bases/{self.name}")
         if response.status_code == 404 and _code(response) == "knowledge_base_not_found":
             return None
         _check(response)
         base: dict[str, Any] = response.json()
-        if self.service.secret is None:  # auth off: every caller may use every base anyway
+        # A team base is shared by design; auth off: every caller may use every base anyway.
+        if not self.own or self.service.secret is None:
             return base
         grantees = {*base.get("readers", ()), *base.get("writers", ())}
         if base.get("owner") != self.service.name or grantees != {self.name}:

@@ -102,8 +102,21 @@ TEXTS: dict[str, dict[str, str]] = {
     "setting_top_p": {"zh": "Top P", "en": "Top P"},
     "setting_max_tokens": {"zh": "最大回答长度 (token)", "en": "Max answer tokens"},
     "setting_use_documents": {
-        "zh": "根据我上传的文档回答", "en": "Answer from my uploaded documents",
+        "zh": "根据文档库回答", "en": "Answer from documents",
     },
+    "setting_knowledge_base": {"zh": "文档库", "en": "Documents"},
+    "own_documents": {"zh": "我上传的文档", "en": "My uploads"},
+    "documents_chosen": {
+        "zh": "回答将根据文档库 **{base}**。", "en": "Answers now draw on **{base}**.",
+    },
+    "files_button": {"zh": "文件", "en": "Files"},
+    "files": {"zh": "**{base}** 中的文件({count} 个):", "en": "Files in **{base}** ({count}):"},
+    "no_files": {"zh": "**{base}** 中还没有文件。", "en": "**{base}** holds no files yet."},
+    "delete_button": {"zh": "删除 {file}", "en": "Delete {file}"},
+    "file_deleted": {"zh": "已从 **{base}** 删除:", "en": "Deleted from **{base}**:"},
+    "passage": {"zh": "段落 {number}", "en": "Passage {number}"},
+    "passage_page": {"zh": ",第 {page} 页", "en": ", p. {page}"},
+    "passages": {"zh": "原文:{passages}", "en": "Passages: {passages}"},
 }
 
 STARTERS: dict[str, list[tuple[str, str]]] = {

@@ -104,7 +104,8 @@ CALCULATOR = Tool(
 
 
 def document_search(knowledge_base: KnowledgeBaseClient) -> Tool:
-    """A search of the user's own knowledge base, through the gateway with their key."""
+    """A search of the knowledge base the chat draws on (the user's own uploads, or a team base
+    picked in the settings), through the gateway with their key."""
 
     async def search(arguments: dict[str, Any]) -> str:
         query = arguments.get("query")
@@ -124,7 +125,7 @@ def document_search(knowledge_base: KnowledgeBaseClient) -> Tool:
             for hit in hits]}, ensure_ascii=False)
 
     return Tool(
-        "search_documents", "Search the documents the user uploaded to this chat.",
+        "search_documents", "Search the documents this chat draws on.",
         {"type": "object", "required": ["query"], "properties": {"query": {
             "type": "string", "maxLength": 500, "description": "What to look for."}}},
         search,
