@@ -37,9 +37,9 @@ def test_full_queue_gets_503_while_health_stays_fast(tmp_path: Path, engine_url:
                 error = refused.json()["error"]
                 assert error["code"] == "server_overloaded" and error["type"] == "server_error"
                 assert int(refused.headers["retry-after"]) >= 1
-                started = time.perf_counter()
-                assert client.get(f"{gateway.url}/health").status_code == 200
-                assert time.perf_counter() - started < 0.1
+                # Not behind the queue, whose wait is 60 s: answered at once (seconds allowed
+                # for a busy machine; a timing claim belongs to a benchmark, not here).
+                assert client.get(f"{gateway.url}/health", timeout=5).status_code == 200
             assert not queued.done()
         # The stream ended (its client left): the queued request gets the slot.
         assert queued.result().status_code == 200
