@@ -118,6 +118,8 @@ def test_hostile_tables_and_undecodable_text_are_refused_within_a_cpu_second() -
         ("wide.csv", b"," * 1_000_000 + b"\nx\n", 413, "table_too_large"),  # a million columns
         ("line.csv", b"x" * 50 * 2**20, 413, "table_too_large"),  # one 50 MiB line
         ("quote.csv", b'a,"' + b"b" * 200_000, 413, "table_too_large"),  # a quote never closed
+        # 3.8 MB whose every row repeats 2 MB of header names: gigabytes once rendered.
+        ("headers.csv", header_bomb(), 413, "too_much_text"),
         ("latin1.txt", "café crème brûlée".encode("latin-1"), 400, "unreadable_file"),
         ("binary.txt", bytes(range(256)) * 64, 400, "unreadable_file"),
         ("broken.xlsx", b"PK not a zip", 400, "unreadable_file"),
@@ -138,6 +140,13 @@ def test_a_sheet_over_the_cell_cap_is_refused_naming_it() -> None:
             ParseWorkers(limits).parse(name, data)
         assert (caught.value.status, caught.value.code) == (413, "table_too_large")
         assert "rag.max_table_cells" in str(caught.value)
+    # Rows of no cells count too: blank lines, and the rows a sheet's row numbers skip (a few
+    # bytes saying row 1,000,000 make openpyxl yield 999,998 empty rows first).
+    gap = row_gap(xlsx({"s": [["k", "v"], ["a", 1]]}), 1_000_000)
+    for name, data in [("blank.csv", b"k,v\n" + b"\n" * 10_000), ("gap.xlsx", gap)]:
+        with pytest.raises(RagError) as caught:
+            ParseWorkers(limits).parse(name, data)
+        assert (caught.value.status, caught.value.code) == (413, "table_too_large"), name
     # A sheet declaring itself A1:XFD1048576 is read as wide as its cells are.
     assert parse("declared.xlsx", lying_dimension(xlsx({"s": [["k", "v"], ["a", 1]]})),
                  limits)[0].text == "- k: a | v: 1"
@@ -153,6 +162,22 @@ def zip_of(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def header_bomb() -> bytes:
+    header = ",".join(f"{'h' * 2000}{column}" for column in range(1000))
+    return (header + "\n" + ("1," * 1000 + "\n") * 900).encode()
+
+
+def row_gap(data: bytes, row: int) -> bytes:
+    """The XLSX with its first sheet's second row numbered `row`."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    sheet = "xl/worksheets/sheet1.xml"
+    members[sheet] = (members[sheet].replace(b'<row r="2"', f'<row r="{row}"'.encode())
+                      .replace(b'r="A2"', f'r="A{row}"'.encode())
+                      .replace(b'r="B2"', f'r="B{row}"'.encode()))
+    return zip_of(members)
 
 
 def lying_dimension(data: bytes) -> bytes:

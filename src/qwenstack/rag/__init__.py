@@ -12,3 +12,8 @@ class RagError(Exception):
         self.status = status
         self.code = code
         self.param = param  # the request field at fault, when there is one
+
+
+def too_much_text(name: str, extracted: int, limit: int) -> RagError:
+    return RagError(f"{name}: {extracted} characters of text, over the limit of {limit} "
+                    "(rag.max_extracted_chars).", status=413, code="too_much_text")

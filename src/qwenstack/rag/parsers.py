@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lxml import etree
 
-from qwenstack.rag import RagError, tabular
+from qwenstack.rag import RagError, tabular, too_much_text
 from qwenstack.settings import RagSettings
 
 if TYPE_CHECKING:
@@ -337,7 +337,5 @@ def parse(name: str, data: bytes, limits: RagSettings = DEFAULT_LIMITS) -> list[
         raise RagError(f"{name}: no text could be extracted.", code="empty_file")
     extracted = sum(len(s.text) for s in sections)
     if extracted > limits.max_extracted_chars:
-        raise RagError(f"{name}: {extracted} characters of text, over the limit of "
-                       f"{limits.max_extracted_chars} (rag.max_extracted_chars).",
-                       status=413, code="too_much_text")
+        raise too_much_text(name, extracted, limits.max_extracted_chars)
     return sections

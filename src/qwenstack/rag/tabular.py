@@ -1,8 +1,10 @@
 """Spreadsheets (CSV, TSV, XLSX) as text a model can read: each row one line of
 `header: value` pairs, so a chunk cut anywhere between rows still says what each value is.
 
-Rows are read as a stream and counted as they come: a file past rag.max_table_cells, or a row
-wider than a spreadsheet can be, is refused before it is all read or rendered.
+Rows are read as a stream and counted as they come: a file past rag.max_table_cells, a row
+wider than a spreadsheet can be, or text past rag.max_extracted_chars (each row repeats the
+header's names, so a small file can render to gigabytes) is refused before it is all read or
+rendered.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import io
 import zipfile
 from collections.abc import Iterable, Sequence
 
-from qwenstack.rag import RagError
+from qwenstack.rag import RagError, too_much_text
 from qwenstack.settings import RagSettings
 
 # Excel's widest sheet; a wider "row" is no table (and a CSV line of a million commas is a
@@ -86,24 +88,33 @@ def rows_as_text(rows: Iterable[Sequence[object]], cells: CellCount) -> str:
             continue
         pairs = [f"{header[i] if i < len(header) else f'column {i + 1}'}: {value}"
                  for i, value in enumerate(values) if value]
-        lines.append("- " + " | ".join(pairs))
+        lines.append(cells.written("- " + " | ".join(pairs)))
     if header is not None and not lines:  # a header alone is still the file's text
         lines.append("- " + " | ".join(header))
     return "\n".join(lines)
 
 
 class CellCount:
-    """Cells read so far in one file (empty ones too: they cost the reading as much)."""
+    """Cells read and characters written so far in one file. Empty cells count, and a row of
+    none counts as one: they cost the reading as much (openpyxl yields every row a gap skips,
+    and a CSV of blank lines is all rows)."""
 
     def __init__(self, name: str, limits: RagSettings) -> None:
         self.name, self.limit, self.seen = name, limits.max_table_cells, 0
+        self.max_chars, self.chars = limits.max_extracted_chars, 0
+
+    def written(self, line: str) -> str:
+        self.chars += len(line) + 1
+        if self.chars > self.max_chars:
+            raise too_much_text(self.name, self.chars, self.max_chars)
+        return line
 
     def counted(self, row: Sequence[object]) -> Sequence[object]:
         if len(row) > MAX_COLUMNS:
             raise RagError(f"{self.name}: a row of {len(row)} cells, wider than a spreadsheet "
                            f"can be ({MAX_COLUMNS} columns).", status=413,
                            code="table_too_large")
-        self.seen += len(row)
+        self.seen += max(len(row), 1)
         if self.seen > self.limit:
             raise RagError(f"{self.name}: more than {self.limit} cells (rag.max_table_cells).",
                            status=413, code="table_too_large")
