@@ -394,3 +394,24 @@ def test_hybrid_queries_a_thousand_times_larger_are_bounded(gateway: Gateway) ->
     assert many.status_code in (400, 422), many.text
     assert "error" in many.json()
     assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+
+
+def test_embeddings_a_thousand_times_more_items_are_refused_by_their_count(
+    gateway: Gateway,
+) -> None:
+    """Three million inputs of the wrong type (a 6 MB body) from an ordinary key, to the
+    gateway's own embedder: a 400 for the list's length, not three million errors built on
+    the event loop (a minute, before the list's length was bounded in the body's model);
+    /health answers meanwhile."""
+    key = create_key(gateway.home, "--name", "hostile-embedder")
+    body = b'{"input": [' + b",".join([b"1"] * 3_000_000) + b"]}"
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(httpx.post, f"{gateway.url}/v1/embeddings", content=body,
+                           headers={**_bearer(key), "content-type": "application/json"},
+                           timeout=120)
+        assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+        refused = sent.result()
+    assert refused.status_code == 400, refused.text[:500]
+    error = refused.json()["error"]
+    assert error["param"] == "input" and len(refused.content) < 10_000, refused.text[:500]
+    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,7 @@ from qwenstack.gateway.protocol import (
 )
 from qwenstack.gateway.validation import check_texts
 from qwenstack.settings import Settings
+from qwenstack.settings.rag import MAX_EMBEDDING_INPUTS
 
 if TYPE_CHECKING:
     from qwenstack.gateway.resources import Resources
@@ -127,7 +128,10 @@ class Query(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
-    input: str | list[str]
+    # The list's length is checked before its items (rag.max_embedding_inputs, at most this,
+    # is checked after): three million wrong items would otherwise be three million errors
+    # built, a minute of the event loop.
+    input: str | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)]
     model: str | None = None
     encoding_format: Literal["float"] = "float"
 
@@ -264,11 +268,15 @@ async def query(name: str, body: Query, request: Request, response: Response) ->
     return {"object": "list", "data": data}
 
 
-async def embed_in_process(raw: bytes, request: Request, response: Response) -> dict[str, Any]:
+async def embed_in_process(
+    raw: bytes, parsed: dict[str, Any] | None, request: Request, response: Response
+) -> dict[str, Any]:
     """/v1/embeddings answered by the gateway's own embedder (rag.embedding_*), for a request
-    that names no model some engine serves (pooling.embeddings decides)."""
+    that names no model some engine serves (pooling.embeddings decides, and passes the body
+    `parsed` when it is a JSON object)."""
     try:
-        body = EmbeddingRequest.model_validate_json(raw)
+        body = (EmbeddingRequest.model_validate(parsed) if parsed is not None
+                else EmbeddingRequest.model_validate_json(raw))
     except ValidationError as exc:
         # As FastAPI reports a body's errors, located under `body` (app.invalid_fields).
         raise RequestValidationError(
@@ -284,10 +292,11 @@ async def embed_in_process(raw: bytes, request: Request, response: Response) -> 
         # Named before anything loads: an unknown name costs no model load.
         name = held.settings.rag.embedding_model
         if body.model not in (None, name):
-            served = ", ".join(card["id"] for card in held.pool.model_cards())
+            # Not the engines' models: this key may not be allowed to know them (/v1/models
+            # lists the ones it may use).
             raise GatewayError(404, f"No engine serves {body.model!r} and the gateway's own "
-                               f"embedding model is {name!r} (engines serve: {served}).",
-                               param="model", code="model_not_found")
+                               f"embedding model is {name!r}.", param="model",
+                               code="model_not_found")
         service = await _service(request)
         model = await call(lambda: service.embedder)
         exchange.model = model.name

@@ -26,11 +26,13 @@ router = APIRouter()
 @router.post(EMBEDDINGS, response_model=None)
 async def embeddings(request: Request, response: Response) -> Response | dict[str, Any]:
     raw = await request.body()  # bounded as it arrives, by middleware.BodyLimit
-    held, named = resources(request), _named_model(raw)
+    held, body = resources(request), _json_object(raw)
+    named = body.get("model") if body is not None else None
+    named = named if isinstance(named, str) else None
     # An alias of a served embedding model is that model (catalogue.py).
     if held.catalogue.aliases.get(named or "", named) in {c["id"] for c in held.pool.model_cards()}:
         return await inference.serve(request, EMBEDDINGS)
-    return await knowledge_bases.embed_in_process(raw, request, response)
+    return await knowledge_bases.embed_in_process(raw, body, request, response)
 
 
 @router.post(RERANK)
@@ -51,12 +53,11 @@ async def score(request: Request) -> Response:
     return await inference.serve(request, SCORE)
 
 
-def _named_model(raw: bytes) -> str | None:
-    """The body's `model`, if it is a JSON object that names one (anything else is for the
-    parser that answers it to judge)."""
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The body, if it is a JSON object (anything else is for the parser that answers it to
+    judge)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    model = body.get("model") if isinstance(body, dict) else None
-    return model if isinstance(model, str) else None
+    return body if isinstance(body, dict) else None

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
+# The most rag.max_embedding_inputs may be: what a request's body model admits before it
+# reads the items (gateway/knowledge_bases.py).
+MAX_EMBEDDING_INPUTS = 4096
+
 
 class RagSettings(BaseModel):
     """Knowledge bases: parsing, chunking, embeddings, the Milvus store and retrieval."""
@@ -84,8 +88,9 @@ class RagSettings(BaseModel):
         20 * 2**20, ge=1, description="Largest upload (all its files), in bytes."
     )
     max_embedding_inputs: int = Field(
-        256, ge=1, description="Most texts one /v1/embeddings request may embed (or documents "
-        "one /v1/rerank request may rank, or pairs one /v1/score request may score); more: 400."
+        256, ge=1, le=MAX_EMBEDDING_INPUTS,
+        description="Most texts one /v1/embeddings request may embed (or documents one "
+        "/v1/rerank request may rank, or pairs one /v1/score request may score); more: 400."
     )
     max_embedding_chars: int = Field(
         200_000, ge=1, description="Most characters (all texts together) one /v1/embeddings "
