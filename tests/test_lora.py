@@ -105,6 +105,16 @@ def test_only_admins_load_adapters_and_only_through_the_gateway(
     assert unloaded.status_code == 200, unloaded.text
     assert LOADED not in _models(gateway, admin)
     assert _greedy(gateway.url, LOADED, admin).status_code == 404
+    # A base model is no adapter to unload; an adapter's name may hold `/`, and unloads.
+    base = httpx.delete(f"{gateway.url}/admin/lora_adapters/{BASE}", headers=bearer(admin),
+                        timeout=60)
+    assert base.status_code == 404 and BASE in _models(gateway, admin), base.text
+    slashed = {**load, "name": "team/adapter"}
+    assert httpx.post(f"{gateway.url}/admin/lora_adapters", headers=bearer(admin), json=slashed,
+                      timeout=120).status_code == 200
+    unloaded = httpx.delete(f"{gateway.url}/admin/lora_adapters/team/adapter",
+                            headers=bearer(admin), timeout=60)
+    assert unloaded.status_code == 200 and "team/adapter" not in _models(gateway, admin)
 
 
 def test_adapter_settings_become_vllm_flags(tmp_path: Path) -> None:

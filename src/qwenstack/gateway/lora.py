@@ -54,10 +54,12 @@ async def load_adapter(body: NewAdapter, request: Request) -> dict[str, Any]:
     return await _on_replicas(request, replicas, "/v1/load_lora_adapter", payload, body.name)
 
 
-@router.delete("/lora_adapters/{name}")
+@router.delete("/lora_adapters/{name:path}")  # an adapter's name may hold `/` (org/adapter)
 async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     pool = resources(request).pool
-    replicas = [r for r in pool.replicas if r.up and r.serves(name)]
+    # Only an adapter (a card with a parent): a base model's name is no adapter to unload.
+    is_adapter = any(card["id"] == name and card.get("parent") for card in pool.model_cards())
+    replicas = [r for r in pool.replicas if r.up and r.serves(name)] if is_adapter else []
     if not replicas:
         raise GatewayError(404, f"No engine serves an adapter named {name!r}.",
                            code="model_not_found", param="name")
