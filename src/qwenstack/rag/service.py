@@ -395,6 +395,9 @@ class KnowledgeService:
         merged = rankings[0] if len(rankings) == 1 else fusion.reciprocal_rank_fusion(
             rankings, self.settings.rrf_k)
         if self.reranker:
+            # The fused list of several bases is as long as all of theirs: the reranker takes
+            # as many as one base gives it (rag.rerank_candidates), not bases times that.
+            merged = merged[:fetched]
             hits = self.reranker(query, [item.hit for item in merged])
             # A reranker may hand back new hits (with its own scores): matched by position in
             # the store's order, not by identity.
