@@ -14,11 +14,11 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -128,12 +128,21 @@ class Query(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
-    # The list's length is checked before its items (rag.max_embedding_inputs, at most this,
-    # is checked after): three million wrong items would otherwise be three million errors
-    # built, a minute of the event loop.
-    input: str | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)]
+    input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float"] = "float"
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_error_for_a_list(cls, value: Any) -> Any:
+        """A list is judged whole before pydantic reads its items: three million wrong ones
+        would be three million errors built, a minute of the event loop. (How many it may hold,
+        rag.max_embedding_inputs, is checked once the request is accounted.)"""
+        if isinstance(value, list) and (len(value) > MAX_EMBEDDING_INPUTS or not all(
+                isinstance(item, str) for item in value)):
+            raise ValueError(f"must be a string or a list of at most {MAX_EMBEDDING_INPUTS} "
+                             "strings")
+        return value
 
 
 @router.get("/knowledge_bases")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 
 # The most rag.max_embedding_inputs may be: what a request's body model admits before it
 # reads the items (gateway/knowledge_bases.py).
-MAX_EMBEDDING_INPUTS = 4096
+MAX_EMBEDDING_INPUTS = 65_536
 
 
 class RagSettings(BaseModel):
