@@ -21,8 +21,9 @@ from typing import Any
 import orjson
 
 from qwenstack.callers import ANONYMOUS, Caller
+from qwenstack.gateway import responses
 from qwenstack.gateway.errors import GatewayError
-from qwenstack.gateway.protocol import InferenceRequest
+from qwenstack.gateway.protocol import RESPONSES, InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Exchange:
         usage = self.request.token_usage(answer)
         if usage is not None:
             self.prompt_tokens, self.completion_tokens = usage
+            if self.route == RESPONSES:  # the answer that reports usage lists every output item
+                self.tool_calls = responses.function_calls(answer)
 
     def on_finish(self, finisher: Finisher) -> None:
         self._finishers.append(finisher)

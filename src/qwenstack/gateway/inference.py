@@ -68,7 +68,8 @@ async def serve(request: Request, route: Route) -> Response:
         if response is None:
             if settings.validation.prefix_cache_per_caller:
                 exchange.request.set("cache_salt", cache_salt(held, exchange.caller))
-            if exchange.request.get("tools"):
+            # A Responses answer's calls are its output items, counted with its usage (exchange).
+            if exchange.request.get("tools") and exchange.route != RESPONSES:
                 tool_calls.count_relayed(exchange)
             response = await held.upstream.forward(request, exchange)
         cache.label(response, exchange)

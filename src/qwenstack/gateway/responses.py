@@ -67,6 +67,17 @@ def check(request: InferenceRequest) -> None:
     request.set("store", False)
 
 
+def function_calls(answer: dict[str, Any]) -> int:
+    """The function calls in a Responses answer: whole, or the `response.completed` event that
+    carries the whole response. Its output items are counted, not byte marks as for chat
+    (tool_calls.py): the response echoes the request's `tools`, each `"type":"function"`."""
+    response = answer.get("response", answer)
+    output = response.get("output") if isinstance(response, dict) else None
+    if not isinstance(output, list):
+        return 0
+    return sum(isinstance(item, dict) and item.get("type") == "function_call" for item in output)
+
+
 def _check_tools(tools: Any, tool_choice: Any) -> None:
     if tools is not None and not isinstance(tools, list):
         raise GatewayError(400, "`tools` must be a list.", code="invalid_type", param="tools")
