@@ -24,6 +24,10 @@ import sqlalchemy as sa
 from helpers import Gateway, Stack, create_key, request_log, start_gateway, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from qwenstack.callers import Caller
+from qwenstack.gateway import protocol, validation
+from qwenstack.settings.gateway import ValidationSettings
+
 MODEL = "tiny-qwen3"
 README = Path(__file__).resolve().parent.parent / "README.md"
 CHAT_URL = "/v1/chat/completions"
@@ -348,6 +352,24 @@ def test_thinking_off_for_the_whole_server(tmp_path: Path, engine_url: str):
     assert results == ["miss", "hit"] and unasked == "hit"
 
 
+@pytest.mark.parametrize("route, body", [
+    (protocol.CHAT, {"messages": [{"role": "user", "content": "Hi"}]}),
+    (protocol.RESPONSES, {"input": "Hi"}),
+])
+@pytest.mark.parametrize("caller_thinks, server_allows", [(False, True), (True, False)])
+def test_thinking_is_held_off_on_both_routes_that_render_the_chat_template(
+    route: protocol.Route, body: dict, caller_thinks: bool, server_allows: bool
+):
+    """A --no-thinking key, or a server without thinking, cannot think through /v1/responses
+    either: it renders the same chat template. (What the engine is sent; the tiny model's
+    template reads no switch, so its answer cannot tell, as the cache does for chat above.)"""
+    request = protocol.InferenceRequest(route, {
+        "model": MODEL, **body, "chat_template_kwargs": {"enable_thinking": True}})
+    validation.hold_thinking(request, Caller("no-thinker", thinking=caller_thinks),
+                             ValidationSettings(allow_thinking=server_allows))
+    assert request.get("chat_template_kwargs") == {"enable_thinking": False}
+
+
 def test_models_report_what_the_engines_parsers_allow(gateway: Gateway, key: str,
                                                       tmp_path: Path, engine_url: str):
     cards = httpx.get(f"{gateway.url}/v1/models", headers={"authorization": f"Bearer {key}"},
@@ -398,6 +420,7 @@ def readme_example(first_line: str) -> str:
     ("# Tools:", "called GetWeather"),  # the call made, its arguments parsed, the answer asked
     ("# Structured output:", "is_capital="),  # the City the SDK parsed
     ("# The Responses API", "tokens"),  # the streamed second turn's usage line
+    ("# Thinking,", "without thinking:"),  # three answers, each to the end of the context
 ])
 def test_the_readme_examples_run_against_up(stack: Stack, tmp_path: Path, example: str,
                                             printed: str):

@@ -239,9 +239,9 @@ def _check_chat_template(request: InferenceRequest, allow_chat_template: bool) -
 
 def hold_thinking(request: InferenceRequest, caller: Caller, settings: ValidationSettings) -> None:
     """Thinking off for a caller (`keys create --no-thinking`) or a server
-    (`validation.allow_thinking: false`) that allows none: the chat request goes with
-    `enable_thinking` false, whatever it asked."""
-    if request.messages is None or (settings.allow_thinking and caller.thinking):
+    (`validation.allow_thinking: false`) that allows none: a chat or Responses request (both
+    render the chat template) goes with `enable_thinking` false, whatever it asked."""
+    if request.route not in (CHAT, RESPONSES) or (settings.allow_thinking and caller.thinking):
         return
     kwargs = request.get("chat_template_kwargs")
     request.set("chat_template_kwargs",
