@@ -2,6 +2,8 @@
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,38 @@ def test_parser_settings_override_and_reach_the_command_line(tmp_path):
 def test_config_prints_the_parser_settings():
     engine = json.loads(load_settings().masked_json())["engine"]
     assert (engine["tool_call_parser"], engine["reasoning_parser"]) == ("auto", "auto")
+
+
+def test_config_prints_the_parsers_each_model_would_run(tmp_path):
+    """`qwenstack config --parsers` chooses as `up` does, from each model's folder, without
+    installing or starting anything; a setting overrides; remote engines are as described."""
+    folders = {"hybrid": ("qwen3", QWEN3_HYBRID), "plain": ("llama", "{{ messages }}")}
+    for name, (model_type, template) in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": model_type}))
+        (tmp_path / name / models.CHAT_TEMPLATE_FILE).write_text(template)
+    entries = [{"model": str(tmp_path / "hybrid")},
+               {"model": str(tmp_path / "hybrid"), "served_model_name": "no-thinking",
+                "reasoning_parser": "none"},
+               {"model": str(tmp_path / "plain")},
+               {"model": str(tmp_path / "hybrid"), "served_model_name": "embedder",
+                "role": "embed"}]
+    env = {"QWENSTACK_ENGINE__MODELS": json.dumps(entries), "QWENSTACK_HOME": str(tmp_path),
+           "PATH": "/usr/bin:/bin"}
+
+    def shown(**more: str) -> list[tuple[str, str, str, str]]:
+        printed = subprocess.run(
+            [sys.executable, "-m", "qwenstack", "config", "--parsers"], env={**env, **more},
+            capture_output=True, text=True, check=True).stdout
+        return [(m["served_model_name"], m["role"], m["tool_call_parser"], m["reasoning_parser"])
+                for m in json.loads(printed)]
+
+    assert shown() == [("hybrid", "chat", "hermes", "qwen3"),
+                       ("no-thinking", "chat", "hermes", "none"),
+                       ("plain", "chat", "none", "none"),
+                       ("embedder", "embed", "none", "none")]
+    remote = shown(QWENSTACK_ENGINE__URLS="http://engine:8000")
+    assert remote[1] == ("no-thinking", "chat", "auto", "none")
 
 
 def test_chat_templates_are_read_as_transformers_reads_them(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -201,9 +202,23 @@ def gateway(
     _run(settings, engines=False, gateway=True)
 
 
-def config(config: ConfigOpt = None) -> None:
+def config(
+    config: ConfigOpt = None,
+    parsers: Annotated[bool, typer.Option(
+        "--parsers", help="Instead: each model's role and the tool-call and reasoning parsers "
+        "its engines would run, chosen from the model as `up` chooses them (`auto`).")] = False,
+) -> None:
     """Print the effective settings, secrets masked."""
-    typer.echo(settings_for(config).masked_json())
+    settings = settings_for(config)
+    if not parsers:
+        typer.echo(settings.masked_json())
+        return
+    from qwenstack.engine import chosen_parsers
+
+    try:
+        typer.echo(json.dumps(chosen_parsers(settings), indent=2))
+    except SetupError as exc:
+        fail(exc)
 
 
 def test_model(
