@@ -20,7 +20,9 @@ import yaml
 from helpers import start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
+from qwenstack.engine import roles
 from qwenstack.gateway import gpu_metrics
+from qwenstack.settings.engine import EngineSettings
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "qwenstack.json"
@@ -248,6 +250,49 @@ def test_compose_file_brings_up_the_whole_stack():
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     [target] = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert target == "gateway:8000"  # the compose service
+
+
+def test_compose_models_file_adds_an_engine_per_model_the_gateway_is_told_of():
+    """compose.models.yaml laid over compose.yaml (Compose merges a service's maps key by key):
+    every model the gateway is told of has a vLLM service serving it under that name, in its
+    role's flags as `up` gives them, found by the gateway's DNS names, each on a GPU of its own;
+    the knowledge bases' embedder and reranker are two of them."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    extra = yaml.safe_load((DEPLOY / "compose.models.yaml").read_text())
+    services = compose["services"]
+    for name, service in extra["services"].items():
+        merged = services.setdefault(name, {})
+        for field, value in service.items():
+            merged[field] = {**merged.get(field, {}), **value} if isinstance(value, dict) \
+                and field in ("environment", "depends_on") else value
+    gateway = services["gateway"]["environment"]
+    engines = {name: service for name, service in services.items()
+               if service.get("image", "").startswith("vllm/vllm-openai:")}
+    assert set(gateway["QWENSTACK_ENGINE__DISCOVERY_DNS"].split()) == set(engines)
+    assert set(services["gateway"]["depends_on"]) >= set(engines)
+    served = EngineSettings(models=json.loads(gateway["QWENSTACK_ENGINE__MODELS"])).served()
+
+    def serving(model: str) -> list[str]:
+        [command] = [service["command"] for service in engines.values()
+                     if f"--served-model-name={model}" in service["command"]]
+        return command
+
+    for entry in served:
+        command = " ".join(serving(entry.served_model_name or ""))
+        if entry.role == "chat":
+            assert "--runner" not in command
+            continue
+        conversion = roles.POOLING_CONVERSION[entry.role]
+        assert f"--runner=pooling --convert={conversion}" in command
+    overrides = next(arg for arg in serving("Qwen3-Reranker-0.6B")
+                     if arg.startswith("--hf-overrides="))
+    assert json.loads(overrides.partition("=")[2]) == roles.QWEN3_RERANKER_OVERRIDES
+    roles_of = {entry.served_model_name: entry.role for entry in served}
+    assert roles_of[gateway["QWENSTACK_RAG__EMBEDDING_MODEL"]] == "embed"
+    assert roles_of[gateway["QWENSTACK_RAG__RERANK_MODEL"]] == "rerank"
+    gpus = [device["device_ids"] for name in extra["services"] if name in engines
+            for device in engines[name]["deploy"]["resources"]["reservations"]["devices"]]
+    assert len(gpus) == 2 and "0" not in sum(gpus, []) and gpus[0] != gpus[1]
 
 
 def test_compose_keeps_limits_unevictable_and_monitoring_on_this_host():
