@@ -11,12 +11,22 @@ nothing, only that they are the engines'.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import EMBED, RERANK, Gateway, Stack, create_key, start_gateway, usage_rows
+from helpers import (
+    EMBED,
+    RERANK,
+    Gateway,
+    Stack,
+    create_key,
+    metric,
+    start_gateway,
+    usage_rows,
+)
 from test_responses import bearer, database
 
 TEXTS = ["大熊猫主要吃竹子。", "长城东起山海关。", "giant pandas eat bamboo"]
@@ -51,6 +61,12 @@ def _post(url: str, body: dict, key: str | None = None) -> httpx.Response:
     return httpx.post(url, json=body, headers=bearer(key) if key else {}, timeout=120)
 
 
+def _tokens(answer: httpx.Response) -> int:
+    """The tokens an engine's pooling answer reports (a rerank may give only its total)."""
+    usage = answer.json()["usage"]
+    return usage.get("prompt_tokens") or usage["total_tokens"]
+
+
 def test_embeddings_through_the_gateway_are_the_engines(
     gateway: Gateway, engines: tuple[str, str]
 ) -> None:
@@ -76,15 +92,18 @@ def test_embeddings_through_the_gateway_are_the_engines(
 def test_rerank_and_score_through_the_gateway_are_the_engines(
     gateway: Gateway, engines: tuple[str, str]
 ) -> None:
-    key = create_key(gateway.home, "--name", "ranker")
+    name = f"ranker-{time.monotonic_ns()}"
+    key = create_key(gateway.home, "--name", name)
     rerank = {"model": RERANK, "query": "大熊猫吃什么？", "documents": TEXTS, "top_n": 2}
     direct = _post(f"{engines[1]}/rerank", rerank)
     assert direct.status_code == 200, direct.text
+    accounted = {}  # request id: (route, model, the engine's token count)
     for route in ("/v1/rerank", "/rerank"):
         routed = _post(f"{gateway.url}{route}", rerank, key)
         assert routed.status_code == 200, routed.text
         assert routed.json()["results"] == direct.json()["results"]
         assert len(routed.json()["results"]) == 2
+        accounted[routed.headers["x-request-id"]] = (route, RERANK, _tokens(direct))
     for shape in ({"queries": "大熊猫吃什么？", "documents": TEXTS},
                   {"text_1": "大熊猫吃什么？", "text_2": TEXTS}):
         body = {"model": RERANK, **shape}
@@ -92,9 +111,24 @@ def test_rerank_and_score_through_the_gateway_are_the_engines(
         routed_scores = _post(f"{gateway.url}/v1/score", body, key)
         assert routed_scores.status_code == 200, routed_scores.text
         assert routed_scores.json()["data"] == direct_scores.json()["data"]
+        accounted[routed_scores.headers["x-request-id"]] = (
+            "/v1/score", RERANK, _tokens(direct_scores))
     # The embedding model ranks too (cosine), as vLLM serves it.
     by_embedding = _post(f"{gateway.url}/v1/rerank", {**rerank, "model": EMBED}, key)
     assert by_embedding.status_code == 200, by_embedding.text
+
+    # Each accounted as chat is: a usage row with the engine's tokens, and the metrics.
+    rows = usage_rows(database(gateway), set(accounted))
+    assert {request_id: (row.route, row.model, row.prompt_tokens)
+            for request_id, row in rows.items()} == accounted
+    assert all(row.status == 200 and row.caller == name for row in rows.values())
+    admin = bearer(create_key(gateway.home, "--name", f"{name}-admin", "--admin"))
+    requests = {route: metric(gateway.url, admin, "qwenstack_requests_total", route=route,
+                              key=name, status="200")
+                for route in ("/v1/rerank", "/rerank", "/v1/score")}
+    assert requests == {"/v1/rerank": 2, "/rerank": 1, "/v1/score": 2}
+    assert metric(gateway.url, admin, "qwenstack_prompt_tokens_total", key=name, model=RERANK) \
+        == sum(tokens for _, _, tokens in accounted.values())
 
 
 def test_pooling_routes_refuse_before_the_engine(gateway: Gateway) -> None:
