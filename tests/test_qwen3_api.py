@@ -427,7 +427,12 @@ def test_the_readme_examples_run_against_up(stack: Stack, tmp_path: Path, exampl
     script = tmp_path / "example.py"
     script.write_text(readme_example(example))
     env = {**os.environ, "OPENAI_BASE_URL": f"{stack.gateway}/v1", "OPENAI_API_KEY": stack.key}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=240, check=False)
+    for _ in range(3):
+        run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                             text=True, timeout=240, check=False)
+        # xgrammar's JSON grammar lets a string hold raw control characters, which JSON (and
+        # so the SDK's parse) does not; random weights sometimes write one. Sampled anew.
+        if "control character" not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     assert printed in run.stdout, run.stdout
