@@ -85,6 +85,18 @@ CASES = [
      "array_above_max_length", "messages"),
     ("too many prompts", COMPLETION_URL, {**COMPLETION, "prompt": ["Hi"] * 9}, 400,
      "array_above_max_length", "prompt"),
+    # A list is judged by its length before any check reads its items: a long list of anything
+    # is refused for its count (a 16 MiB body holds millions of items), not walked item by item.
+    ("too many messages, none of them one", CHAT_URL, {**CHAT, "messages": [None] * 9}, 400,
+     "array_above_max_length", "messages"),
+    ("too many prompts, none of them one", COMPLETION_URL, {**COMPLETION, "prompt": [None] * 9},
+     400, "array_above_max_length", "prompt"),
+    ("too many documents, none of them text", "/v1/rerank",
+     {"model": MODEL, "query": "q", "documents": [None] * 257}, 400, "array_above_max_length",
+     "documents"),
+    ("too many score texts, none of them text", "/v1/score",
+     {"model": MODEL, "text_1": "q", "text_2": [None] * 257}, 400, "array_above_max_length",
+     "text_2"),
     # Fields of vLLM's that no client may set; and one the gateway sets itself (cache_salt).
     *((f"{field} on {route}", route, {**(CHAT if route == CHAT_URL else COMPLETION),
                                       field: value}, 400, "unsupported_parameter", field)
@@ -176,10 +188,11 @@ def test_headers_under_the_limit_and_valid_requests_pass(gateway: Gateway):
     ok = httpx.post(gateway.url + CHAT_URL, json={**CHAT, "n": 4}, headers={"x-filler": "a" * 4000},
                     timeout=60)
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+    # A list of token ids is one prompt, however many more ids than max_prompts it holds.
     token_ids = httpx.post(
-        gateway.url + COMPLETION_URL, json={**COMPLETION, "prompt": [9707, 1052]}, timeout=60
+        gateway.url + COMPLETION_URL, json={**COMPLETION, "prompt": [9707, 1052] * 10}, timeout=60
     )
-    assert token_ids.status_code == 200
+    assert token_ids.status_code == 200, token_ids.text
 
 
 def test_vllm_sampling_extras_pass(gateway: Gateway):

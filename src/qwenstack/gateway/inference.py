@@ -41,7 +41,7 @@ async def serve(request: Request, route: Route) -> Response:
     async with finished_on_error(exchange):
         exchange.request = InferenceRequest.parse(route, raw)  # a malformed one is counted too
         knowledge_bases = grounding.take_knowledge_bases(exchange.request)  # a `+kb:` alias too
-        validation.check(exchange.request, settings.validation)
+        validation.check(exchange.request, settings.validation, settings.rag)
         validation.check_pooling(exchange.request, settings.rag)
         model = held.catalogue.resolve(exchange)  # an alias or a fallback named here
         exchange.model = model.name

@@ -40,6 +40,12 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _token_ids(values: list[Any]) -> bool:
+    """A list of token ids. `type(...) is int` leaves bools out and is the fast test: a prompt
+    of token ids may run to the context window's length."""
+    return all(type(value) is int for value in values)
+
+
 def _positive_int(value: Any) -> bool:
     return _int(value) and value >= 1
 
@@ -66,8 +72,8 @@ def _prompt(value: Any) -> bool:
         return True
     if not isinstance(value, list) or not value:
         return False
-    return (all(isinstance(p, str) for p in value) or all(_int(t) for t in value)
-            or all(isinstance(p, list) and p and all(_int(t) for t in p) for p in value))
+    return (all(isinstance(p, str) for p in value) or _token_ids(value)
+            or all(isinstance(p, list) and p and _token_ids(p) for p in value))
 
 
 def _input(value: Any) -> bool:
@@ -128,17 +134,17 @@ REQUIRED: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
 }
 
 
-def check(request: InferenceRequest, settings: ValidationSettings) -> None:
+def check(request: InferenceRequest, settings: ValidationSettings, rag: RagSettings) -> None:
     """Refuse what the engine should never see (`fits` checks against the model's window)."""
     unknown = request.unknown_fields
     if unknown:
         raise GatewayError(400, f"`{unknown[0]}` is not accepted on {request.route}.",
                            code="unsupported_parameter", param=unknown[0])
+    _check_counts(request, settings, rag)
     for name, accepts, expected in REQUIRED[request.route]:
         if not accepts(request.get(name)):
             raise GatewayError(400, f"`{name}` must be {expected}.", code="invalid_type",
                                param=name)
-    _check_counts(request, settings)
     for field, (accepts, expected) in FIELDS.items():
         value = request.get(field)
         if value is not None and not accepts(value):
@@ -169,13 +175,22 @@ def check(request: InferenceRequest, settings: ValidationSettings) -> None:
         request.set(field, cap)
 
 
-def _check_counts(request: InferenceRequest, settings: ValidationSettings) -> None:
-    """Bound the work one request may ask for before anything counts its tokens."""
-    for name, items, cap in (("messages", request.messages, settings.max_messages),
-                             ("input", request.input_items, settings.max_messages),
-                             ("prompt", request.prompts if request.route == COMPLETIONS
-                              else None, settings.max_prompts)):
-        if items is not None and len(items) > cap:
+def _check_counts(request: InferenceRequest, settings: ValidationSettings,
+                  rag: RagSettings) -> None:
+    """Bound the work one request may ask for by its lists' lengths alone, before any check
+    looks at their items (a 16 MiB body holds millions): messages, input items, a batch of
+    prompts, a pooling request's texts. A list of token ids is one prompt, whatever its length
+    (the context window bounds it)."""
+    texts = rag.max_embedding_inputs
+    caps = {CHAT: (("messages", settings.max_messages),),
+            RESPONSES: (("input", settings.max_messages),),
+            COMPLETIONS: (("prompt", settings.max_prompts),),
+            EMBEDDINGS: (("input", texts),),
+            RERANK: (("documents", texts),), RERANK_UNVERSIONED: (("documents", texts),),
+            SCORE: tuple((name, texts) for name in ("queries", "documents", "text_1", "text_2"))}
+    for name, cap in caps.get(request.route, ()):
+        items = request.get(name)
+        if isinstance(items, list) and len(items) > cap and not _int(items[0]):
             raise GatewayError(400, f"`{name}` may hold at most {cap} items; it has {len(items)}.",
                                code="array_above_max_length", param=name)
 
