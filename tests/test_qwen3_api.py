@@ -199,6 +199,22 @@ def _assert_refused(answer: httpx.Response, code: str | int | None = None) -> di
     return error
 
 
+def test_vllms_structured_output_extras_hold_the_answer(gateway: Gateway, key: str,
+                                                        engine_url: str):
+    """vLLM's own `structured_outputs` (the allowlist admits them; a structural tag it does
+    not): a choice and a regular expression, each answer the engine's own and inside them."""
+    choices = ["yes", "no", "maybe"]
+    for constraint, holds in (({"choice": choices}, choices.__contains__),
+                              ({"regex": "[0-9]{3}-[a-z]{2}"},
+                               re.compile("[0-9]{3}-[a-z]{2}").fullmatch)):
+        body = chat(structured_outputs=constraint, max_tokens=16)
+        answer = post(gateway.url, body, key)
+        assert answer.status_code == 200, answer.text
+        text = answer.json()["choices"][0]["message"]["content"]
+        assert holds(text), (constraint, text)
+        assert text == post(engine_url, body).json()["choices"][0]["message"]["content"]
+
+
 BAD_SCHEMAS = {
     "unknown type": {"type": "nonsense"},  # vLLM cannot compile it: its 400
     "dangling $ref": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},

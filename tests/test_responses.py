@@ -122,12 +122,14 @@ def test_function_tools_and_their_results_pass(gateway: Gateway):
 def test_function_calls_are_counted_as_the_answer_lists_them(gateway: Gateway):
     """A usage row's and the metric's tool calls are the answer's `function_call` items, whole
     or streamed: not the tool definitions a response echoes back (one per event of a stream
-    that carries the whole response)."""
+    that carries the whole response). A named function makes vLLM call it (`required` gave
+    no output item at all with the tiny model)."""
     name, secret = new_key(gateway)
     admin = bearer(new_key(gateway, "--admin")[1])
     client = sdk(gateway, secret)
     ask = {"model": MODEL, "tools": [TOOL, {**TOOL, "name": "get_time"}],
-           "tool_choice": "required", "input": "Weather in Paris?", "max_output_tokens": 64}
+           "tool_choice": {"type": "function", "name": "get_weather"},
+           "input": "Weather in Paris?", "max_output_tokens": 64}
     answer = client.responses.create(**ask, extra_headers={"x-request-id": f"{name}-plain"})
     with client.responses.create(**ask, stream=True,
                                  extra_headers={"x-request-id": f"{name}-stream"}) as stream:
@@ -135,6 +137,7 @@ def test_function_calls_are_counted_as_the_answer_lists_them(gateway: Gateway):
 
     calls = [sum(item.type == "function_call" for item in response.output)
              for response in (answer, streamed)]
+    assert calls == [1, 1]
     rows = usage_rows(database(gateway), {f"{name}-plain", f"{name}-stream"})
     assert [rows[f"{name}-{kind}"].tool_calls for kind in ("plain", "stream")] == calls
     assert metric(gateway.url, admin, "qwenstack_tool_calls_total", key=name) == sum(calls)
