@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from helpers import (
@@ -115,6 +116,32 @@ def test_each_model_answers_through_the_gateway_what_its_engine_answers(
     assert {card["id"]: card.get("alias_of") for card in listed}[ALIAS] == TINY
 
 
+def test_the_bundled_cpu_model_has_no_tools_but_holds_json_to_a_schema(stack: Stack):
+    """README "The bundled CPU model": SmolLM2's engine runs no tool-call parser, so `tools`
+    (tool_choice `auto` by default) is vLLM's 400, relayed in OpenAI's error shape, and
+    `tool_choice: none` answers; a `json_schema` response format holds its output to the
+    schema (guided decoding), whatever a 135M model puts there."""
+    client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=stack.key, max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    tool = {"type": "function", "function": {
+        "name": "capital", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=SMOLLM2, messages=question, tools=[tool],
+                                       max_tokens=8)
+    assert "tool-call-parser" in refused.value.message
+    plain = client.chat.completions.create(model=SMOLLM2, messages=question, tools=[tool],
+                                           tool_choice="none", max_tokens=8)
+    assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 24}},
+              "required": ["capital"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=SMOLLM2, messages=question, max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": schema, "strict": True}},
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content or ""), schema)
+
+
 def test_an_embedding_role_engine_embeds(stack: Stack):
     """Its role's flags (`--runner pooling --convert embed`) make vLLM serve embeddings, and no
     chat parser (the gateway's /v1/embeddings route is the pooling work's)."""
@@ -149,6 +176,12 @@ def test_an_alias_answers_as_its_model(stack: Stack, gateway: Gateway, admin: di
     request_id = response.headers["x-request-id"]
     row = usage_rows(_database(gateway), {request_id})[request_id]
     assert (row.model, row.requested_model) == (TINY, ALIAS)
+    # Resolved before the answer cache keys it: asked by either name, one answer is kept.
+    body = {**CHAT, "messages": [{"role": "user", "content": f"Name a colour, {uuid.uuid4()}."}]}
+    served = [httpx.post(f"{gateway.url}/v1/chat/completions", json={**body, "model": model},
+                         headers=admin, timeout=120) for model in (ALIAS, TINY)]
+    assert [answer.headers["x-qwenstack-cache"] for answer in served] == ["miss", "hit"]
+    assert _answer(served[0]) == _answer(served[1])
 
 
 def _up_in_gateway(url: str, auth: dict[str, str], engine: str) -> bool:
