@@ -149,6 +149,13 @@ def test_pooling_routes_refuse_before_the_engine(gateway: Gateway) -> None:
         (rerank_url, {**query, "priority": -100}, "priority", "unsupported_parameter"),
         (f"{gateway.url}/v1/embeddings", {"model": EMBED, "input": "x" * 200_001}, "input",
          "string_above_max_length"),
+        # Token ids count as characters, judged by the list's length (a million here).
+        (f"{gateway.url}/v1/embeddings", {"model": EMBED, "input": [1] * 1_000_000}, "input",
+         "string_above_max_length"),
+        # A list is judged by its length even where its first item would pass.
+        (f"{gateway.url}/v1/score", {"model": RERANK, "text_1": "q",
+                                     "text_2": [1] + ["a"] * 1_000_000}, "text_2",
+         "array_above_max_length"),
         (f"{gateway.url}/v1/embeddings", {"model": EMBED, "input": "x",
                                           "encoding_format": "bytes"}, "encoding_format",
          "invalid_type"),

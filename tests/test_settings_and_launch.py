@@ -182,7 +182,8 @@ def test_config_prints_the_parsers_each_model_would_run(tmp_path):
                        ("plain", "chat", "none", "none"),
                        ("embedder", "embed", "none", "none")]
     remote = shown(QWENSTACK_ENGINE__URLS="http://engine:8000")
-    assert remote[1] == ("no-thinking", "chat", "auto", "none")
+    assert (remote[1], remote[3]) == (("no-thinking", "chat", "auto", "none"),
+                                      ("embedder", "embed", "none", "none"))
 
 
 def test_chat_templates_are_read_as_transformers_reads_them(tmp_path):

@@ -91,6 +91,8 @@ CASES = [
      "array_above_max_length", "messages"),
     ("too many prompts, none of them one", COMPLETION_URL, {**COMPLETION, "prompt": [None] * 9},
      400, "array_above_max_length", "prompt"),
+    ("a prompt of token ids longer than the context window", COMPLETION_URL,
+     {**COMPLETION, "prompt": [9707] * 1025}, 400, "context_length_exceeded", "prompt"),
     ("too many documents, none of them text", "/v1/rerank",
      {"model": MODEL, "query": "q", "documents": [None] * 257}, 400, "array_above_max_length",
      "documents"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qwenstack.engine import hardware, launch, models
+from qwenstack.engine import hardware, launch, models, roles
 from qwenstack.engine.launch import EngineLaunch
 from qwenstack.engine.venv import EngineVenv, default_package
 from qwenstack.errors import SetupError
@@ -47,7 +47,10 @@ def chosen_parsers(settings: Settings) -> list[dict[str, str | None]]:
     own command says; the settings describe them, and are printed as they are."""
     fields = {"served_model_name", "role", "tool_call_parser", "reasoning_parser"}
     if settings.engine.urls or settings.engine.discovery_dns:
-        return [entry.model_dump(include=fields) for entry in settings.engine.served()]
+        return [entry.model_dump(include=fields) if entry.role == roles.CHAT else
+                {**entry.model_dump(include=fields), "tool_call_parser": "none",
+                 "reasoning_parser": "none"}  # pooling engines run none (roles.py)
+                for entry in settings.engine.served()]
     machine = hardware.detect()
     python = engine_venv(settings).python
     chosen = []

@@ -11,6 +11,7 @@ way out, and only when the gateway changed it (parse tries once that it can be, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any, Final, Literal, cast
 
@@ -155,7 +156,7 @@ def _sides(first: Any, second: Any) -> tuple[list[str], list[str]] | None:
     firsts = [first] if isinstance(first, str) else first
     seconds = [second] if isinstance(second, str) else second
     if not (isinstance(firsts, list) and isinstance(seconds, list) and firsts and seconds
-            and all(isinstance(text, str) for text in (*firsts, *seconds))):
+            and all(isinstance(text, str) for text in itertools.chain(firsts, seconds))):
         return None
     if len(firsts) == 1:
         firsts = firsts * len(seconds)  # references to one string
@@ -361,7 +362,7 @@ class InferenceRequest:
             return [prompt]
         if not isinstance(prompt, list) or not prompt:
             return []
-        if all(_is_int(token) for token in prompt):
+        if all(type(token) is int for token in prompt):  # not bools; the fast test
             return [prompt]  # one prompt of token ids
         return list(prompt)
 

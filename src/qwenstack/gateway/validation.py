@@ -40,6 +40,10 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Routes whose prompt may be one list of token ids (a list of many, not of prompts).
+TOKEN_ID_ROUTES = (COMPLETIONS, EMBEDDINGS)
+
+
 def _token_ids(values: list[Any]) -> bool:
     """A list of token ids. `type(...) is int` leaves bools out and is the fast test: a prompt
     of token ids may run to the context window's length."""
@@ -190,9 +194,15 @@ def _check_counts(request: InferenceRequest, settings: ValidationSettings,
             SCORE: tuple((name, texts) for name in ("queries", "documents", "text_1", "text_2"))}
     for name, cap in caps.get(request.route, ()):
         items = request.get(name)
-        if isinstance(items, list) and len(items) > cap and not _int(items[0]):
-            raise GatewayError(400, f"`{name}` may hold at most {cap} items; it has {len(items)}.",
-                               code="array_above_max_length", param=name)
+        if not isinstance(items, list) or len(items) <= cap:
+            continue
+        if request.route in TOKEN_ID_ROUTES and _int(items[0]):
+            # One prompt of token ids: an embedding's ids count as its characters.
+            if request.route == EMBEDDINGS and len(items) > rag.max_embedding_chars:
+                _bound_texts(1, len(items), rag, name)
+            continue
+        raise GatewayError(400, f"`{name}` may hold at most {cap} items; it has {len(items)}.",
+                           code="array_above_max_length", param=name)
 
 
 def check_pooling(request: InferenceRequest, settings: RagSettings) -> None:
@@ -279,8 +289,15 @@ def _check_media(request: InferenceRequest, allowed_domains: list[str]) -> None:
 
 
 def check_fits(request: InferenceRequest, model: ServedModel) -> None:
-    """Refuse an output limit that the model's context window cannot hold."""
+    """Refuse an output limit, or a completion's prompt of token ids, that the model's context
+    window cannot hold (before anything counts or sends the ids)."""
     window = model.max_model_len
+    prompt = request.get("prompt") if request.route == COMPLETIONS else None
+    if window is not None and isinstance(prompt, list) and len(prompt) > window \
+            and _int(prompt[0]):
+        raise GatewayError(400, f"`prompt` holds {len(prompt)} token ids, but this model's "
+                           f"context window is {window} tokens.",
+                           code="context_length_exceeded", param="prompt")
     for field, max_tokens in request.output_limits:
         if window is not None and max_tokens >= window:
             raise GatewayError(
