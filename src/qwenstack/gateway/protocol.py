@@ -149,6 +149,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def token_ids(values: list[Any]) -> bool:
+    """A list of token ids. `type(...) is int` leaves bools out and is the fast test: a prompt
+    of token ids may run to the context window's length."""
+    return all(type(value) is int for value in values)
+
+
 def _sides(first: Any, second: Any) -> tuple[list[str], list[str]] | None:
     """A rerank's or score's two sides as lists of one length, a single text on one side
     standing beside each of the other's (None when malformed). Not joined: the texts are
@@ -362,7 +368,7 @@ class InferenceRequest:
             return [prompt]
         if not isinstance(prompt, list) or not prompt:
             return []
-        if all(type(token) is int for token in prompt):  # not bools; the fast test
+        if token_ids(prompt):
             return [prompt]  # one prompt of token ids
         return list(prompt)
 

@@ -31,6 +31,7 @@ from qwenstack.gateway.protocol import (
     SAFE_CHAT_TEMPLATE_KWARGS,
     SCORE,
     InferenceRequest,
+    token_ids,
 )
 from qwenstack.gateway.replicas import ServedModel
 from qwenstack.settings import RagSettings, ValidationSettings
@@ -42,12 +43,18 @@ def _int(value: Any) -> bool:
 
 # Routes whose prompt may be one list of token ids (a list of many, not of prompts).
 TOKEN_ID_ROUTES = (COMPLETIONS, EMBEDDINGS)
-
-
-def _token_ids(values: list[Any]) -> bool:
-    """A list of token ids. `type(...) is int` leaves bools out and is the fast test: a prompt
-    of token ids may run to the context window's length."""
-    return all(type(value) is int for value in values)
+# Each route's lists bounded by their length (_check_counts), and the setting that bounds them:
+# validation's, or rag.max_embedding_inputs for a pooling request's texts.
+COUNTED_LISTS: dict[str, tuple[tuple[str, str], ...]] = {
+    CHAT: (("messages", "max_messages"),),
+    RESPONSES: (("input", "max_messages"),),
+    COMPLETIONS: (("prompt", "max_prompts"),),
+    EMBEDDINGS: (("input", "max_embedding_inputs"),),
+    RERANK: (("documents", "max_embedding_inputs"),),
+    RERANK_UNVERSIONED: (("documents", "max_embedding_inputs"),),
+    SCORE: tuple((name, "max_embedding_inputs")
+                 for name in ("queries", "documents", "text_1", "text_2")),
+}
 
 
 def _positive_int(value: Any) -> bool:
@@ -76,8 +83,8 @@ def _prompt(value: Any) -> bool:
         return True
     if not isinstance(value, list) or not value:
         return False
-    return (all(isinstance(p, str) for p in value) or _token_ids(value)
-            or all(isinstance(p, list) and p and _token_ids(p) for p in value))
+    return (all(isinstance(p, str) for p in value) or token_ids(value)
+            or all(isinstance(p, list) and p and token_ids(p) for p in value))
 
 
 def _input(value: Any) -> bool:
@@ -185,14 +192,8 @@ def _check_counts(request: InferenceRequest, settings: ValidationSettings,
     looks at their items (a 16 MiB body holds millions): messages, input items, a batch of
     prompts, a pooling request's texts. A list of token ids is one prompt, whatever its length
     (the context window bounds it)."""
-    texts = rag.max_embedding_inputs
-    caps = {CHAT: (("messages", settings.max_messages),),
-            RESPONSES: (("input", settings.max_messages),),
-            COMPLETIONS: (("prompt", settings.max_prompts),),
-            EMBEDDINGS: (("input", texts),),
-            RERANK: (("documents", texts),), RERANK_UNVERSIONED: (("documents", texts),),
-            SCORE: tuple((name, texts) for name in ("queries", "documents", "text_1", "text_2"))}
-    for name, cap in caps.get(request.route, ()):
+    for name, bound in COUNTED_LISTS.get(request.route, ()):
+        cap = getattr(rag if bound == "max_embedding_inputs" else settings, bound)
         items = request.get(name)
         if not isinstance(items, list) or len(items) <= cap:
             continue
