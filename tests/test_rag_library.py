@@ -78,6 +78,17 @@ def test_ingest_seals_its_chunks(service: KnowledgeService) -> None:
     assert service.search(["sealed"], "长城", OWNER, mode="bm25")[0].hit.source == "wall.txt"
 
 
+
+def test_bm25_skips_words_in_every_chunk(service: KnowledgeService) -> None:
+    """Punctuation and function words are stop words (rag/store.py): no BM25 match on them
+    alone, no error for a question made only of them, the content words still match."""
+    service.create("stops", OWNER.name, OWNER)
+    service.ingest("stops", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
+    for question in ("的，。", "是在和？", "the of and"):
+        assert service.search(["stops"], question, OWNER, mode="bm25") == [], question
+    hits = service.search(["stops"], "长城的东边是什么？", OWNER, mode="bm25")
+    assert [item.hit.source for item in hits] == ["wall.txt"]
+
 def test_failed_ingest_leaves_the_previous_version(
     service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
 ) -> None:

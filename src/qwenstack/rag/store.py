@@ -35,7 +35,22 @@ jieba.setLogLevel(logging.WARNING)
 
 Mode = Literal["dense", "bm25", "hybrid"]
 Leg = Literal["dense", "bm25"]
-ANALYZER = {"tokenizer": "jieba"}
+# Words in nearly every chunk: jieba keeps punctuation as tokens, and each query term is a walk
+# over its posting list (in Python, in Milvus Lite), so "，" or "的" cost a step per chunk while
+# their IDF is near zero. Measured in benchmarks/RESULTS.md ("Knowledge-base query latency").
+STOP_WORDS = [
+    *"，。、；：？！“”‘’（）《》【】「」『』…—·～",
+    *",.;:?!'\"()[]{}<>-_/\\|*&^%$#@`~+=",
+    "的", "了", "是", "在", "和", "有", "也", "就", "都", "而", "及", "与", "或", "这", "那",
+    "之", "其", "对", "等", "被", "把", "从", "到", "为", "以", "于", "着", "又", "还", "并",
+    "但", "个", "我", "你", "他", "她", "它", "们", "我们", "你们", "他们", "吗", "呢", "吧",
+    "啊", "么", "一个",
+    "a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is",
+    "are", "was", "were", "be", "been", "and", "or", "but", "if", "than", "that", "this",
+    "these", "those", "it", "its", "into", "there", "their", "they", "them", "he", "she", "his",
+    "her", "we", "our", "you", "your", "i", "me", "my",
+]
+ANALYZER = {"tokenizer": "jieba", "filter": [{"type": "stop", "stop_words": STOP_WORDS}]}
 OUTPUT_FIELDS = ["file_id", "source", "chunk", "text", "page", "heading", "start", "end"]
 MAX_TEXT_BYTES = 65535  # Milvus's VARCHAR limit
 NO_PAGE = 0  # Milvus has no NULL for these fields here
