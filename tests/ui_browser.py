@@ -93,7 +93,7 @@ def running_chat_ui(
         while "chat UI is ready" not in log.read_text():
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield ui
     finally:
         process.terminate()
