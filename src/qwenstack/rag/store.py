@@ -38,6 +38,7 @@ Leg = Literal["dense", "bm25"]
 # Words in nearly every chunk: jieba keeps punctuation as tokens, and each query term is a walk
 # over its posting list (in Python, in Milvus Lite), so "，" or "的" cost a step per chunk while
 # their IDF is near zero. Measured in benchmarks/RESULTS.md ("Knowledge-base query latency").
+# Lowercase first, as Milvus Lite's jieba does by itself and a server's does not.
 STOP_WORDS = [
     *"，。、；：？！“”‘’（）《》【】「」『』…—·～",
     *",.;:?!'\"()[]{}<>-_/\\|*&^%$#@`~+=",
@@ -50,7 +51,8 @@ STOP_WORDS = [
     "these", "those", "it", "its", "into", "there", "their", "they", "them", "he", "she", "his",
     "her", "we", "our", "you", "your", "i", "me", "my",
 ]
-ANALYZER = {"tokenizer": "jieba", "filter": [{"type": "stop", "stop_words": STOP_WORDS}]}
+ANALYZER = {"tokenizer": "jieba",
+            "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}]}
 OUTPUT_FIELDS = ["file_id", "source", "chunk", "text", "page", "heading", "start", "end"]
 MAX_TEXT_BYTES = 65535  # Milvus's VARCHAR limit
 NO_PAGE = 0  # Milvus has no NULL for these fields here
