@@ -7,7 +7,7 @@ last and have the engines to themselves). A test that needs an engine takes `eng
 `stack` rather than starting its own; one that needs a gateway set otherwise starts one in
 front of the stack's engines (helpers.start_gateway).
 
-scripts/test runs two test processes (pytest-xdist, a module per process at a time): they share
+scripts/test runs four test processes (pytest-xdist, a module per process at a time): they share
 the one stack, and a test marked `engine_exclusive` has its engines to itself while it runs.
 """
 
@@ -116,7 +116,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture(autouse=True)
 def engine_use(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests that take the shared engines share them with the other test process, unless
+    """Tests that take the shared engines share them with the other test processes, unless
     marked `engine_exclusive` (or `disruptive`): then they have them alone."""
     if not {"engine_url", "stack"} & set(request.fixturenames):
         yield

@@ -241,7 +241,8 @@ def start_gateway(
     )
     gateway = Gateway(process, f"http://127.0.0.1:{port}", home, log)
     try:
-        wait_until_answering(process, f"{gateway.url}{until}", log, timeout_s=60)
+        # A start is no test's subject here: 67 s once, two workers on a box short of memory.
+        wait_until_answering(process, f"{gateway.url}{until}", log, timeout_s=120)
     except BaseException:
         gateway.stop()
         raise

@@ -152,7 +152,7 @@ def test_engine_phases_from_vllms_real_log(stack: Stack) -> None:
 
     said = [entry for line in stack.log.read_text().splitlines() if line.startswith("{")
             if "phase" in (entry := json.loads(line)) and entry.get("engine") == 0]
-    # The engine's last boot: the disruptive test, in the other test process, may have
+    # The engine's last boot: the disruptive test, in another test process, may have
     # restarted it before this test ran.
     phases = [entry["phase"] for entry in said]
     last_boot = phases[len(phases) - 1 - phases[::-1].index(LOADING):]
