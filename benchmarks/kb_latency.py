@@ -18,6 +18,7 @@ as `RagService` runs them. A built collection is kept in `--cache` and reused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -29,13 +30,20 @@ import numpy as np
 from pymilvus import DataType
 
 from qwenstack.rag import fusion
-from qwenstack.rag.store import MAX_TEXT_BYTES, MilvusStore, StoredChunk, collection_name
+from qwenstack.rag.store import (
+    ANALYZER,
+    MAX_TEXT_BYTES,
+    MilvusStore,
+    StoredChunk,
+    collection_name,
+)
 
 CHUNKS_PER_FILE = 20
 BATCH = 2000  # rows per insert: one gRPC message stays well under its 64 MiB limit
 DIMENSION = 384  # all-MiniLM-L6-v2's, the default embedder's
 MODES = ("dense", "bm25", "hybrid")
 PUNCTUATION = "，，，。、；："
+ANALYZER_TAG = hashlib.sha256(json.dumps(ANALYZER, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class Corpus:
@@ -199,7 +207,8 @@ def main() -> None:
     query_vectors = unit_vectors(np.random.default_rng(18), len(questions))
     report: dict[str, object] = {"load_before": os.getloadavg()[0], "sizes": {}}
     for size in args.sizes:
-        uri = args.uri or str(args.cache.resolve() / f"kb-{size}.db")
+        # A collection keeps the analyzer it was made with: a cache is one analyzer's.
+        uri = args.uri or str(args.cache.resolve() / f"kb-{size}-{ANALYZER_TAG}.db")
         kb_id = size if args.uri else 1  # a server holds every size, a collection each
         store = MilvusStore(uri, args.token)
         name = collection_name(kb_id)
@@ -212,9 +221,9 @@ def main() -> None:
             dense_only = args.modes == ["dense"]
             build_seconds = round(build(store, kb_id, size, Corpus(seed=size),
                                         not args.unsealed, dense_only), 1)
-            if store.lite and not args.unsealed:
+            if store.lite and not args.unsealed and not args.build_only:
                 # Milvus Lite compacts and indexes a flushed segment in a background thread
-                # (dense p95 244 ms at 30k while it ran, 32 ms after); closing waits for it.
+                # (dense p95 244 ms at 30k while it ran, 31 ms after); closing waits for it.
                 store.close()
                 store = MilvusStore(uri, args.token)
         else:  # a cache a stopped build left has its last rows unsealed

@@ -428,13 +428,20 @@ def create_key(home: Path, *args: str, env: dict[str, str] | None = None) -> str
     new key's secret. `env` is QWENSTACK_* settings for the command."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    umask = os.umask(0o022)
+    os.umask(umask)
     try:
-        result = CliRunner().invoke(app, ["keys", "create", "--home", str(home), *args], env=env)
-    finally:  # the command pointed the root logger at the runner's stream, closed by now
+        result = CliRunner().invoke(app, ["keys", "create", "--home", str(home), *args], env=env,
+                                    catch_exceptions=False)
+    finally:
+        # The command pointed the root logger at the runner's stream, closed by now, and set
+        # this process's umask to keep a home private: the processes tests start must make
+        # their homes private by themselves, as they would alone.
         root.handlers[:] = handlers
         root.setLevel(level)
+        os.umask(umask)
     assert result.exit_code == 0, result.output
-    return result.stdout.strip()
+    return result.stdout.splitlines()[0]  # the secret, then (on stderr) what it is
 
 
 class RedisServer:

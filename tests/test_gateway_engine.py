@@ -112,10 +112,10 @@ def test_stream_without_usage_option_is_the_engines_stream_but_still_counted(sta
 @pytest.mark.engine_exclusive  # reads the engine's counters
 def test_closing_a_stream_early_frees_the_engine(stack: Stack):
     """A client that closes its stream stops the engine's work: it stops short of max_tokens
-    and ends with nothing running. On the bundled SmolLM2, which decodes about 20 tokens a second
-    on this CPU, so 900 tokens take most of a minute: the tiny Qwen3 decoded all 900 into socket
-    buffers before a busy test process closed, three tries in a row, in a run of three test
-    processes."""
+    and ends with nothing running. The model is the bundled SmolLM2, which decodes about 20
+    tokens a second on this CPU, so 900 take most of a minute; the tiny Qwen3 decoded all 900
+    into socket buffers before a busy test process closed, three tries in a row, in a run of
+    three test processes."""
     engine = stack.engine_of(SMOLLM2)
     body = {**COMPLETION, "model": SMOLLM2, "max_tokens": 900, "ignore_eos": True,
             "stream": True}

@@ -82,12 +82,16 @@ def test_ingest_seals_its_chunks(service: KnowledgeService) -> None:
 def test_bm25_skips_words_in_every_chunk(service: KnowledgeService) -> None:
     """Punctuation and function words are stop words (rag/store.py): no BM25 match on them
     alone, no error for a question made only of them, the content words still match."""
+    river = b"The Yangtze is the longest river of China, and it flows to the sea."
     service.create("stops", OWNER.name, OWNER)
-    service.ingest("stops", [("pandas.txt", PANDAS), ("wall.txt", WALL)], OWNER)
-    for question in ("的，。", "是在和？", "the of and"):
+    service.ingest("stops", [("pandas.txt", PANDAS), ("wall.txt", WALL), ("river.txt", river)],
+                   OWNER)
+    for question in ("的，。", "是在和？", "The of and"):
         assert service.search(["stops"], question, OWNER, mode="bm25") == [], question
-    hits = service.search(["stops"], "长城的东边是什么？", OWNER, mode="bm25")
-    assert [item.hit.source for item in hits] == ["wall.txt"]
+    for question, source in (("长城的东边是什么？", "wall.txt"), ("Which IT river?", "river.txt")):
+        hits = service.search(["stops"], question, OWNER, mode="bm25")
+        assert [item.hit.source for item in hits] == [source], question
+
 
 def test_failed_ingest_leaves_the_previous_version(
     service: KnowledgeService, monkeypatch: pytest.MonkeyPatch

@@ -35,12 +35,13 @@ jieba.setLogLevel(logging.WARNING)
 
 Mode = Literal["dense", "bm25", "hybrid"]
 Leg = Literal["dense", "bm25"]
-# Words in nearly every chunk: jieba keeps punctuation as tokens, and each query term is a walk
-# over its posting list (in Python, in Milvus Lite), so "，" or "的" cost a step per chunk while
-# their IDF is near zero. Measured in benchmarks/RESULTS.md ("Knowledge-base query latency").
-# Lowercase first, as Milvus Lite's jieba does by itself and a server's does not.
+# Words in most chunks: jieba keeps punctuation as tokens, and each query term is a walk over its
+# posting list (in Python, in Milvus Lite), so "，" or "的" cost a step per chunk while their IDF
+# is near zero (benchmarks/RESULTS.md, "Knowledge-base query latency"). Lowercase first, as
+# Milvus Lite's jieba does by itself and a server's does not; so not "it", which would drop "IT".
+# A base keeps the analyzer it was made with (Milvus stores it in the collection's schema).
 STOP_WORDS = [
-    *"，。、；：？！“”‘’（）《》【】「」『』…—·～",
+    *"，。、；：？！“”‘’（）《》【】「」『』〈〉…—·～•＂＃＄％＆＇＊＋－．／＜＝＞＠［＼］＾＿｀｛｜｝",
     *",.;:?!'\"()[]{}<>-_/\\|*&^%$#@`~+=",
     "的", "了", "是", "在", "和", "有", "也", "就", "都", "而", "及", "与", "或", "这", "那",
     "之", "其", "对", "等", "被", "把", "从", "到", "为", "以", "于", "着", "又", "还", "并",
@@ -48,7 +49,7 @@ STOP_WORDS = [
     "啊", "么", "一个",
     "a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is",
     "are", "was", "were", "be", "been", "and", "or", "but", "if", "than", "that", "this",
-    "these", "those", "it", "its", "into", "there", "their", "they", "them", "he", "she", "his",
+    "these", "those", "its", "into", "there", "their", "they", "them", "he", "she", "his",
     "her", "we", "our", "you", "your", "i", "me", "my",
 ]
 ANALYZER = {"tokenizer": "jieba",
