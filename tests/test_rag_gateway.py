@@ -367,7 +367,8 @@ def test_hybrid_queries_a_thousand_times_larger_are_bounded(gateway: Gateway) ->
     """Hybrid (the default mode, fused by score) as an attacker with an ordinary key tries it:
     a query over the character cap is a 400 before any retrieval; one a thousand times a
     question's length (mixed scripts, which the language check and jieba both read) is
-    answered; a thousand times the chunks asked for is a 4xx; /health answers throughout."""
+    answered, and one of stop words only finds nothing; a thousand times the chunks asked for
+    is a 4xx; /health answers throughout."""
     key = create_key(gateway.home, "--name", "hostile-searcher")
     created = httpx.post(f"{gateway.url}/v1/knowledge_bases", headers=_bearer(key),
                          json={"name": "hostile-hybrid"}, timeout=300)
@@ -389,6 +390,10 @@ def test_hybrid_queries_a_thousand_times_larger_are_bounded(gateway: Gateway) ->
                                json={"query": long_query, "mode": "hybrid"})
         assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
         assert answered.result().status_code == 200, answered.result().text
+    # Nearly the cap in BM25's stop words (rag/store.py): nothing left to search, no error.
+    stop_words = httpx.post(url, headers=_bearer(key), timeout=120,
+                            json={"query": "的，是。the of " * 15_000, "mode": "bm25"})
+    assert stop_words.status_code == 200 and stop_words.json()["data"] == [], stop_words.text
     many = httpx.post(url, headers=_bearer(key), json={"query": "长城", "top_k": 4_000},
                       timeout=60)
     assert many.status_code in (400, 422), many.text
