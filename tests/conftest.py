@@ -19,13 +19,13 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import forkhost
 import psycopg
 import pytest
 import redis
@@ -60,6 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[RUN_DIR_VARIABLE] = tempfile.mkdtemp(prefix="qwenstack-tests-")
         # Room for four test processes' blocks below 32768 (helpers.free_port).
         os.environ[PORT_BASE_VARIABLE] = str(random.randrange(20000, 32768 - 4 * PORT_BLOCK))
+    if not CONTROLLER or not config.getoption("numprocesses", None):  # a process that runs tests
+        forkhost.start_host()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -158,10 +160,7 @@ def bundled_smollm2() -> Path:
 
 def _prepared(*args: str) -> Path:
     """`qwenstack test-model ARGS`' folder (scripts/test has built it: this only reads it)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "test-model", *args],
-        capture_output=True, text=True, check=True,
-    )
+    out = forkhost.run(["test-model", *args], check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,7 +1,8 @@
 """What the tests share: the stacks and gateways they start, the servers they stop, polling.
 
 Everything here starts or talks to real parts: `qwenstack up` with a real vLLM engine, a
-`qwenstack gateway` process, a real redis-server. The few fake servers live beside the one test
+`qwenstack gateway` process (forked from one that has imported qwenstack: forkhost.py), a real
+redis-server. The few fake servers live beside the one test
 that needs them, each saying what no real part can be made to do on demand.
 """
 
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import forkhost
 import httpx
 import redis
 import sqlalchemy as sa
@@ -199,13 +201,17 @@ def engine_access(exclusive: bool) -> Iterator[None]:
 class Gateway:
     """`qwenstack gateway` alone, in front of an engine that is already up."""
 
-    process: subprocess.Popen[bytes]
+    process: forkhost.Forked
     url: str  # base URL, no /v1
     home: Path
     log: Path
 
     def stop(self) -> int:
         return _stop(self.process)
+
+
+# A process a test started: a command forked by forkhost.py, or one started as users do.
+Process = forkhost.Forked | subprocess.Popen[bytes]
 
 
 def request_log(log: Path, request_id: str) -> dict:
@@ -234,10 +240,9 @@ def start_gateway(
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = tmp / f"gateway-{port}.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", engine_url,
-         "--port", str(port), "--home", str(home), *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env},
+    process = forkhost.start(
+        ["gateway", "--engine-url", engine_url, "--port", str(port), "--home", str(home), *args],
+        stdout=log, env={**os.environ, **env},
     )
     gateway = Gateway(process, f"http://127.0.0.1:{port}", home, log)
     try:
@@ -261,7 +266,7 @@ def refused(base_url: str) -> bool:
 
 
 def wait_until_answering(
-    process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float
+    process: Process, url: str, log: Path, timeout_s: float
 ) -> None:
     """Until a GET of `url` answers 200; fails at once, with the end of `log`, if `process`
     exits first."""
@@ -280,7 +285,7 @@ def wait_until_answering(
     raise TimeoutError(f"{url} not 200 in {timeout_s} s:\n{log.read_text()[-5000:]}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> int:
+def _stop(process: Process) -> int:
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(60)
@@ -305,7 +310,7 @@ def _stack_home(tmp: Path) -> Path:
 class Engines:
     """`qwenstack engine`: vLLM replicas started and supervised, with no gateway."""
 
-    process: subprocess.Popen[bytes]
+    process: forkhost.Forked
     url: str  # the first replica's
     home: Path
     log: Path
@@ -320,10 +325,9 @@ def start_engines(tmp: Path, *args: str, env: dict[str, str] | None = None) -> E
     home = _stack_home(tmp)
     port = free_port(ENGINE_PORTS)
     log = tmp / "engine.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qwenstack", "engine", "--engine-base-port", str(port),
-         "--home", str(home), *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    process = forkhost.start(
+        ["engine", "--engine-base-port", str(port), "--home", str(home), *args],
+        stdout=log, env={**os.environ, **(env or {})},
     )
     engines = Engines(process, f"http://127.0.0.1:{port}", home, log)
     try:

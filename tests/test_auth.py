@@ -8,8 +8,6 @@ import hmac
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import forkhost
 import httpx
 import jwt
 import openai
@@ -334,13 +333,7 @@ def _b64(data: bytes) -> bytes:
 
 
 def _cli(auth: AuthGateway, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "qwenstack", *args, "--home", str(auth.gateway.home)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **auth.env},
-        check=False,
-    )
+    out = forkhost.run([*args, "--home", str(auth.gateway.home)], env={**os.environ, **auth.env})
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -482,8 +475,7 @@ def test_jwt_without_issuer_or_audience_refuses_to_start(tmp_path: Path, unset: 
     env = {**os.environ, "QWENSTACK_HOME": str(tmp_path), "QWENSTACK_AUTH__JWT__SECRET": JWT_SECRET,
            "QWENSTACK_AUTH__JWT__ISSUER": ISSUER, "QWENSTACK_AUTH__JWT__AUDIENCE": AUDIENCE}
     del env[f"QWENSTACK_AUTH__JWT__{unset}"]
-    started = subprocess.run([sys.executable, "-m", "qwenstack", "gateway"], env=env,
-                             capture_output=True, text=True, timeout=120)
+    started = forkhost.run(["gateway"], env=env, timeout=120)
     assert started.returncode != 0
     # One clear sentence naming the setting, not a traceback.
     assert f"auth.jwt.{unset.lower()}" in started.stderr and "Traceback" not in started.stderr

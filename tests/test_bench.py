@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import forkhost
 import httpx
 import pytest
 import uvloop
@@ -29,9 +29,7 @@ COUNTERS = (
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qwenstack", *args], capture_output=True, text=True, timeout=600
-    )
+    return forkhost.run(list(args), timeout=600)
 
 
 def _counters(engine_url: str) -> dict[str, float]:

@@ -9,12 +9,11 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import forkhost
 import httpx
 import pytest
 from helpers import (
@@ -103,11 +102,10 @@ def test_worker_count_follows_the_expected_token_rate_and_the_cores():
 
 
 def test_workers_are_refused_where_state_would_be_per_process(tmp_path: Path):
-    out = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", "http://127.0.0.1:9",
-         "--home", str(tmp_path / "home"), "--port", str(free_port())],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "QWENSTACK_GATEWAY__WORKERS": "2"},
+    out = forkhost.run(
+        ["gateway", "--engine-url", "http://127.0.0.1:9", "--home", str(tmp_path / "home"),
+         "--port", str(free_port())],
+        timeout=60, env={**os.environ, "QWENSTACK_GATEWAY__WORKERS": "2"},
     )
     assert out.returncode != 0
     message = " ".join(out.stderr.split())
@@ -198,10 +196,10 @@ def test_a_killed_parent_takes_its_workers_with_it(tmp_path: Path):
     # Its port is held: a second gateway on it is refused, rather than taking half the
     # connections through a socket of its own (SO_REUSEPORT).
     port = gateway.url.rsplit(":", 1)[1]
-    second = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "gateway", "--engine-url", "http://127.0.0.1:9",
-         "--home", str(tmp_path / "second"), "--port", port],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **WORKERS},
+    second = forkhost.run(
+        ["gateway", "--engine-url", "http://127.0.0.1:9", "--home", str(tmp_path / "second"),
+         "--port", port],
+        timeout=60, env={**os.environ, **WORKERS},
     )
     assert second.returncode != 0 and "cannot listen" in second.stderr, second.stderr
     gateway.process.kill()

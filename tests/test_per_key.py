@@ -11,13 +11,12 @@ import asyncio
 import datetime as dt
 import functools
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import forkhost
 import httpx
 import jwt
 import pytest
@@ -262,10 +261,8 @@ def test_cache_all_key_is_served_sampled_answers_from_the_cache(keyed: KeyedGate
     assert results == ["miss", "hit"] and choices[0] == choices[1]
     assert _sampled_twice(post_as(plain), body)[0] == ["bypass", "bypass"]
 
-    listing = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "keys", "list", "--home", str(keyed.home)],
-        capture_output=True, text=True, env={**os.environ, **keyed.env}, check=True,
-    ).stdout.splitlines()
+    listing = forkhost.run(["keys", "list", "--home", str(keyed.home)],
+                           env={**os.environ, **keyed.env}, check=True).stdout.splitlines()
     column = listing[0].split().index("CACHE_ALL")
     rows = {line.split()[0]: line.split()[column] for line in listing[1:]}
     assert rows["cache-all-cli"] == "yes" and rows["no-cache-all-cli"] == "no"

@@ -17,9 +17,9 @@ layers, 32 query and 8 KV heads of 128 dims, MLP 9,728, vocab 151,936, tied embe
 import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import forkhost
 import pytest
 
 from qwenstack.engine import deployment_plan, gpu_catalog, serving_simulation
@@ -128,9 +128,7 @@ def test_gpu_by_memory_size_and_unknown_names():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qwenstack", *args], capture_output=True, text=True
-    )
+    return forkhost.run(list(args))
 
 
 def test_plan_command_prints_figures_and_refuses_clearly(tmp_path: Path):
@@ -175,10 +173,8 @@ def test_qwen3_configs_ship_with_qwenstack(monkeypatch):
 
 def test_plan_by_hub_id_works_offline():
     # No network here and no hub cache for it: HF_HUB_OFFLINE makes any hub access fail at once.
-    out = subprocess.run(
-        [sys.executable, "-m", "qwenstack", "plan", MODEL, "--gpu", "A10", "--context", "32768",
-         "--concurrency", "8"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = forkhost.run(["plan", MODEL, "--gpu", "A10", "--context", "32768", "--concurrency", "8"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert "85,536" in out.stdout  # KV tokens, as test_qwen3_4b_on_a10 works out
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+import forkhost
 
 
 def test_config_masks_url_passwords(tmp_path: Path) -> None:
@@ -19,8 +19,7 @@ def test_config_masks_url_passwords(tmp_path: Path) -> None:
         "QWENSTACK_LIMITS__REDIS_URL": "redis://default:limits-password@redis:6379/1",
         "QWENSTACK_RAG__MILVUS_URI": "http://root:milvus-password@milvus:19530",
     }
-    shown = subprocess.run([sys.executable, "-m", "qwenstack", "config"], env=env,
-                           capture_output=True, text=True, check=True, timeout=120).stdout
+    shown = forkhost.run(["config"], env=env, check=True, timeout=120).stdout
     assert "-password" not in shown
     settings = json.loads(shown)
     assert settings["database_url"] == "postgresql+psycopg://keys:***@db/qwenstack"

@@ -1,10 +1,9 @@
 """Several models from one settings list: how their engines are launched (no engine needed)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import forkhost
 import pytest
 
 from qwenstack.engine import deployment_plan, launch, roles
@@ -118,8 +117,7 @@ def test_what_cannot_run_is_refused_saying_what_would(tmp_path):
 def test_models_from_the_environment_and_printed_by_config(tmp_path):
     env = {"QWENSTACK_ENGINE__MODELS": json.dumps(THREE_MODELS[1:]),
            "QWENSTACK_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    shown = subprocess.run([sys.executable, "-m", "qwenstack", "config"], env=env,
-                           capture_output=True, text=True, check=True).stdout
+    shown = forkhost.run(["config"], env=env, check=True).stdout
     models = json.loads(shown)["engine"]["models"]
     assert [(m["served_model_name"], m["role"]) for m in models] == [
         ("embedder", "embed"), ("reranker", "rerank")]

@@ -2,10 +2,9 @@
 
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import forkhost
 import pytest
 
 from qwenstack.engine import deployment_plan, families, launch, models
@@ -171,9 +170,7 @@ def test_config_prints_the_parsers_each_model_would_run(tmp_path):
            "PATH": "/usr/bin:/bin"}
 
     def shown(**more: str) -> list[tuple[str, str, str, str]]:
-        printed = subprocess.run(
-            [sys.executable, "-m", "qwenstack", "config", "--parsers"], env={**env, **more},
-            capture_output=True, text=True, check=True).stdout
+        printed = forkhost.run(["config", "--parsers"], env={**env, **more}, check=True).stdout
         return [(m["served_model_name"], m["role"], m["tool_call_parser"], m["reasoning_parser"])
                 for m in json.loads(printed)]
 

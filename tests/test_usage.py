@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+import forkhost
 import httpx
 import pytest
 from helpers import Gateway, create_key, start_gateway, usage_rows
@@ -102,24 +101,8 @@ def test_usage_rows_match_the_requests(engine_url: str, database_url: str, tmp_p
         assert mine["requests"] == len(expected) and mine["errors"] == len(expected) - len(answered)
         assert mine["completion_tokens"] == TOKENS * len(answered)
         assert mine["prompt_tokens"] == sum(rows[i].prompt_tokens for i in expected)
-        cli = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qwenstack",
-                "usage",
-                "--by",
-                "key",
-                "--since",
-                "1d",
-                "--home",
-                str(gateway.home),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-            check=True,
-        ).stdout
+        cli = forkhost.run(["usage", "--by", "key", "--since", "1d", "--home", str(gateway.home)],
+                           env={**os.environ, **env}, check=True).stdout
         [line] = [line.split() for line in cli.splitlines() if line.startswith(name)]
         assert line[1:5] == [
             str(mine["requests"]),

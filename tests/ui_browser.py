@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import forkhost
 import httpx
 import pytest
 from helpers import Gateway, create_key, free_port
@@ -41,7 +40,7 @@ WAIT_MS = 90_000
 class ChatUI:
     url: str
     gateway: Gateway
-    process: subprocess.Popen[bytes]
+    process: forkhost.Forked
     log: Path
     service_key: str  # the UI's own admin key
     passwords: dict[str, str]  # its password users
@@ -78,11 +77,9 @@ def running_chat_ui(
         accounts.engine.dispose()
         port = free_port()
         log = tmp / "ui.out"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "qwenstack", "ui", "--home", str(gateway.home),
-             "--port", str(port), "--gateway-url", gateway.url],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key},
+        process = forkhost.start(
+            ["ui", "--home", str(gateway.home), "--port", str(port), "--gateway-url", gateway.url],
+            stdout=log, env={**os.environ, **env, "QWENSTACK_UI__GATEWAY_ADMIN_KEY": admin_key},
         )
     except BaseException:
         gateway.stop()

@@ -1,0 +1,214 @@
+"""qwenstack's own commands started by forking a process that has imported them already.
+
+`python -m qwenstack gateway` spends about 3.5 s of CPU on imports (FastAPI, SQLAlchemy, ...)
+before any code a test is about runs, and the tests start well over a hundred such processes on
+two cores. So each test process keeps one fork host: a Python process that has imported
+qwenstack's commands and forks a child per command. The child takes the command's arguments,
+environment, working directory and output files, runs `qwenstack`'s command line, and exits as
+`python -m qwenstack` would (SystemExit through the interpreter's own exit: threads joined,
+atexit run). Only the imports came first; qwenstack reads no setting at import.
+
+Multiprocessing's fork server is the same idea, but one per process with one list of modules,
+and the gateway's parse workers (rag/parse_worker.py) have it. Tests whose subject is the start
+of a process (the console's, the shared stack's `up`) run `python -m qwenstack` itself.
+
+Run as a script, this file is the host: `python forkhost.py SOCKET` prints "ready" once it has
+imported, then serves one JSON request per connection and answers the child's pid, then, when
+the child has ended, its exit code (negative: the signal that ended it, as subprocess says).
+It ends when its standard input closes, as when the test process that started it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# The commands, and what a gateway or `kb` command imports on its first knowledge-base request:
+# the knowledge bases (Milvus's client, jieba) and the local embedder's library (14 s of CPU
+# here, for torch and transformers). Imports only: nothing here starts a thread or runs torch,
+# which would not survive a fork.
+PRELOADED = ("qwenstack.cli", "qwenstack.gateway.app", "qwenstack.stack", "qwenstack.rag.service",
+             "sentence_transformers")
+
+
+class Forked:
+    """A command forked by the host: the part of subprocess.Popen the tests use."""
+
+    def __init__(self, args: list[str], connection: socket.socket) -> None:
+        self.args = args
+        self.returncode: int | None = None
+        self._answers = connection.makefile("rb")
+        self.pid = int(self._answers.readline())
+
+    def poll(self) -> int | None:
+        return self._collect(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if (code := self._collect(timeout)) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return code
+
+    def send_signal(self, number: int) -> None:
+        if self.poll() is None:  # not yet reaped: the pid is still the child's
+            os.kill(self.pid, number)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _collect(self, timeout: float | None) -> int | None:
+        if self.returncode is None and select.select([self._answers], [], [], timeout)[0]:
+            self.returncode = int(self._answers.readline())
+            self._answers.close()
+        return self.returncode
+
+
+def start(
+    args: list[str], *, stdout: Path, stderr: Path | None = None,
+    env: dict[str, str] | None = None, cwd: Path | None = None,
+) -> Forked:
+    """`qwenstack ARGS`, its output written to `stdout` (and `stderr`, else the same file),
+    which exist, empty, on return (as with Popen and files opened for it)."""
+    for path in (stdout, stderr):
+        if path:
+            path.write_bytes(b"")
+    request = {"args": args, "env": dict(os.environ if env is None else env),
+               "cwd": str(cwd) if cwd else None,
+               "stdout": str(stdout), "stderr": str(stderr or stdout)}
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(_host_socket())
+    connection.sendall(json.dumps(request).encode() + b"\n")
+    return Forked(["qwenstack", *args], connection)
+
+
+def run(
+    args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+    timeout: float | None = None, check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """`qwenstack ARGS` to its end, its output captured as text: subprocess.run's result, and
+    its CalledProcessError with `check`."""
+    with tempfile.TemporaryDirectory(prefix="qwenstack-run-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = start(args, stdout=out, stderr=err, env=env, cwd=cwd)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        done = subprocess.CompletedProcess(process.args, code, out.read_text(), err.read_text())
+    if check:
+        done.check_returncode()
+    return done
+
+
+def start_host() -> None:
+    """Starts this process's host in a thread: its imports then overlap the first tests."""
+    threading.Thread(target=_host_socket, daemon=True).start()
+
+
+_host_lock = threading.Lock()
+_host: tuple[subprocess.Popen[bytes], str] | None = None
+
+
+def _host_socket() -> str:
+    """This test process's host, started on first use (its imports take a few seconds)."""
+    global _host
+    with _host_lock:
+        if _host is None or _host[0].poll() is not None:
+            path = os.path.join(tempfile.mkdtemp(prefix="qwenstack-forkhost-"), "socket")
+            host = subprocess.Popen([sys.executable, __file__, path],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert host.stdout is not None
+            if host.stdout.readline() != b"ready\n":
+                raise RuntimeError(f"the fork host exited {host.wait()} (its error is above)")
+            _host = host, path
+        return _host[1]
+
+
+def _serve(path: str) -> None:
+    import importlib
+
+    for module in PRELOADED:
+        importlib.import_module(module)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    wakeup_read, wakeup_write = os.pipe()
+    os.set_blocking(wakeup_write, False)
+    signal.set_wakeup_fd(wakeup_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd hears it
+    children: dict[int, socket.socket] = {}
+    print("ready", flush=True)
+    while True:
+        try:
+            readable = select.select([listener, wakeup_read, sys.stdin], [], [])[0]
+        except InterruptedError:
+            continue
+        if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1):
+            return  # the test process has ended
+        if wakeup_read in readable:
+            os.read(wakeup_read, 4096)
+            _report_ended(children)
+        if listener in readable:
+            connection = listener.accept()[0]
+            with connection.makefile("rb") as lines:
+                request = json.loads(lines.readline())
+            pid = os.fork()
+            if pid == 0:
+                for inherited in (listener, *children.values()):
+                    inherited.close()
+                for fd in (wakeup_read, wakeup_write):
+                    os.close(fd)
+                connection.close()
+                _become(request)  # returns only by SystemExit, as `python -m qwenstack` does
+            children[pid] = connection
+            connection.sendall(b"%d\n" % pid)
+
+
+def _report_ended(children: dict[int, socket.socket]) -> None:
+    while children and (ended := os.waitpid(-1, os.WNOHANG))[0]:
+        with children.pop(ended[0]) as connection, contextlib.suppress(OSError):
+            # OSError: the test process no longer listens (it has ended, or dropped the child)
+            connection.sendall(b"%d\n" % os.waitstatus_to_exitcode(ended[1]))
+
+
+def _become(request: dict) -> None:
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _redirect(0, os.devnull, os.O_RDONLY)
+    _redirect(1, request["stdout"], os.O_WRONLY)
+    if request["stderr"] == request["stdout"]:
+        os.dup2(1, 2)  # one open file: neither stream's writes overwrite the other's
+    else:
+        _redirect(2, request["stderr"], os.O_WRONLY)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if request["cwd"]:
+        os.chdir(request["cwd"])
+    sys.argv = ["qwenstack", *request["args"]]
+    from qwenstack.cli import app
+
+    app(args=request["args"], prog_name="qwenstack")
+    sys.exit(0)  # typer exits by itself; never back into the host's loop
+
+
+def _redirect(fd: int, path: str, flags: int) -> None:
+    opened = os.open(path, flags)
+    os.dup2(opened, fd)
+    os.close(opened)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
