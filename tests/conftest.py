@@ -3,9 +3,9 @@
 vLLM boots six times per run: the run's shared stack (five engines: two replicas of the tiny
 Qwen3, the bundled SmolLM2 with a LoRA adapter, the tiny Qwen3 as an embedding model and as a
 reranker) and the one restart its single disruptive test causes (tests marked `disruptive` run
-last and have the engines to themselves). A test that needs an engine takes `engine_url` or
-`stack` rather than starting its own; one that needs a gateway set otherwise starts one in
-front of the stack's engines (helpers.start_gateway).
+last in their module and have the engines to themselves). A test that needs an engine takes
+`engine_url` or `stack` rather than starting its own; one that needs a gateway set otherwise
+starts one in front of the stack's engines (helpers.start_gateway).
 
 scripts/test runs four test processes (pytest-xdist, a module per process at a time): they share
 the one stack, and a test marked `engine_exclusive` has its engines to itself while it runs.
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -84,10 +85,13 @@ def _needs_stack(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules that need no engine first (they run while the shared stack boots, in a thread
-    started here), the disruptive test last."""
+    started here), each group's larger modules first (as xdist's loadscope orders them by
+    itself, which scripts/test turns off: it would put engine modules first, and every test
+    process would wait for the boot); the disruptive test last in its module."""
     engine_modules = {item.path for item in items if _needs_stack(item)}
-    items.sort(key=lambda item: (item.get_closest_marker("disruptive") is not None,
-                                 item.path in engine_modules))
+    sizes = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path in engine_modules, -sizes[item.path], item.path,
+                                 item.get_closest_marker("disruptive") is not None))
     if engine_modules:
         factory = config._tmp_path_factory  # type: ignore[attr-defined]  # tmp_path_factory's
         pool = ThreadPoolExecutor(1)

@@ -262,7 +262,8 @@ def test_killed_engine_is_ejected_then_restarted_and_taken_back(tmp_path: Path, 
     error); once the health check has taken it out, none does; a gateway with no other engine
     answers 503 at once; the supervisor restarts it and it takes load again.
 
-    The suite's one engine restart: it runs last (`disruptive`), on the shared stack."""
+    The suite's one engine restart: it runs last in its module (`disruptive`), with the shared
+    stack's engines to itself."""
     victim = stack.engines[-1]
     killed_pid = stack.pid(victim)
     gateway = gateway_for(tmp_path / "both", stack, routing__policy="least_outstanding")
