@@ -1,16 +1,20 @@
 """qwenstack's own commands started by forking a process that has imported them already.
 
-`python -m qwenstack gateway` spends about 3.5 s of CPU on imports (FastAPI, SQLAlchemy, ...)
-before any code a test is about runs, and the tests start well over a hundred such processes on
-two cores. So each test process keeps one fork host: a Python process that has imported
-qwenstack's commands and forks a child per command. The child takes the command's arguments,
-environment, working directory and output files, runs `qwenstack`'s command line, and exits as
-`python -m qwenstack` would (SystemExit through the interpreter's own exit: threads joined,
-atexit run). Only the imports came first; qwenstack reads no setting at import.
+`python -m qwenstack gateway` spends 2.3-2.5 s of CPU on imports (FastAPI, SQLAlchemy, ...)
+before any code a test is about runs, a fork 0.5 s, and the tests start well over a hundred
+such processes on two cores. So each test process keeps one fork host: a Python process that
+has imported qwenstack's commands and forks a child per command. The child takes the command's
+arguments, environment, working directory and output files, runs `qwenstack`'s command line,
+and exits as `python -m qwenstack` would (SystemExit through the interpreter's own exit:
+threads joined, atexit run).
+
+Only the imports came first. qwenstack reads its settings when a command runs, but a library
+that reads the environment at import (huggingface_hub's HF_HUB_OFFLINE, say) has read the
+host's, which is the test process's: a test whose subject is such a setting, or the start of a
+process itself (the console's, the shared stack's `up`), runs `python -m qwenstack`.
 
 Multiprocessing's fork server is the same idea, but one per process with one list of modules,
-and the gateway's parse workers (rag/parse_worker.py) have it. Tests whose subject is the start
-of a process (the console's, the shared stack's `up`) run `python -m qwenstack` itself.
+and the gateway's parse workers (rag/parse_worker.py) have it.
 
 Run as a script, this file is the host: `python forkhost.py SOCKET` prints "ready" once it has
 imported, then serves one JSON request per connection and answers the child's pid, then, when
@@ -24,6 +28,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +39,8 @@ from pathlib import Path
 
 # The commands, and what a gateway or `kb` command imports on its first knowledge-base request:
 # the knowledge bases (Milvus's client, jieba) and the local embedder's library (14 s of CPU
-# here, for torch and transformers). Imports only: nothing here starts a thread or runs torch,
-# which would not survive a fork.
+# here, for torch and transformers). Imports only, no torch computation: the threads they start
+# (jemalloc's in pyarrow, OpenBLAS's) are ones those libraries rebuild after a fork.
 PRELOADED = ("qwenstack.cli", "qwenstack.gateway.app", "qwenstack.stack", "qwenstack.rag.service",
              "sentence_transformers")
 
@@ -47,7 +52,8 @@ class Forked:
         self.args = args
         self.returncode: int | None = None
         self._answers = connection.makefile("rb")
-        self.pid = int(self._answers.readline())
+        connection.close()  # the file holds the socket open
+        self.pid = self._read()
 
     def poll(self) -> int | None:
         return self._collect(0)
@@ -59,7 +65,8 @@ class Forked:
 
     def send_signal(self, number: int) -> None:
         if self.poll() is None:  # not yet reaped: the pid is still the child's
-            os.kill(self.pid, number)
+            with contextlib.suppress(ProcessLookupError):  # reaped since, as Popen allows
+                os.kill(self.pid, number)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -68,10 +75,19 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
     def _collect(self, timeout: float | None) -> int | None:
+        # The host sends the exit code and closes the connection: the socket is then readable
+        # (at its end, if the code was read into the buffer with the pid).
         if self.returncode is None and select.select([self._answers], [], [], timeout)[0]:
-            self.returncode = int(self._answers.readline())
+            self.returncode = self._read()
             self._answers.close()
         return self.returncode
+
+    def _read(self) -> int:
+        line = self._answers.readline()
+        if not line:
+            raise RuntimeError(f"the fork host ended before {self.args} did (its error is in "
+                               "the test run's output)")
+        return int(line)
 
 
 def start(
@@ -83,12 +99,14 @@ def start(
     for path in (stdout, stderr):
         if path:
             path.write_bytes(b"")
-    request = {"args": args, "env": dict(os.environ if env is None else env),
-               "cwd": str(cwd) if cwd else None,
-               "stdout": str(stdout), "stderr": str(stderr or stdout)}
+    request = json.dumps({
+        "args": [os.fspath(arg) for arg in args], "env": dict(os.environ if env is None else env),
+        "cwd": os.path.abspath(cwd or os.getcwd()),
+        "stdout": os.path.abspath(stdout), "stderr": os.path.abspath(stderr or stdout),
+    }).encode() + b"\n"
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.connect(_host_socket())
-    connection.sendall(json.dumps(request).encode() + b"\n")
+    connection.sendall(request)
     return Forked(["qwenstack", *args], connection)
 
 
@@ -103,7 +121,7 @@ def run(
         process = start(args, stdout=out, stderr=err, env=env, cwd=cwd)
         try:
             code = process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # a timeout, the test's time limit, ^C: the command ends too
             process.kill()
             process.wait()
             raise
@@ -152,10 +170,7 @@ def _serve(path: str) -> None:
     children: dict[int, socket.socket] = {}
     print("ready", flush=True)
     while True:
-        try:
-            readable = select.select([listener, wakeup_read, sys.stdin], [], [])[0]
-        except InterruptedError:
-            continue
+        readable = select.select([listener, wakeup_read, sys.stdin], [], [])[0]
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1):
             return  # the test process has ended
         if wakeup_read in readable:
@@ -163,18 +178,23 @@ def _serve(path: str) -> None:
             _report_ended(children)
         if listener in readable:
             connection = listener.accept()[0]
-            with connection.makefile("rb") as lines:
-                request = json.loads(lines.readline())
-            pid = os.fork()
+            try:
+                with connection.makefile("rb") as lines:
+                    request = json.loads(lines.readline())
+                pid = os.fork()
+            except (OSError, ValueError):  # a client gone before its request, no fork to be had
+                connection.close()
+                continue
             if pid == 0:
-                for inherited in (listener, *children.values()):
+                signal.set_wakeup_fd(-1)
+                for inherited in (listener, connection, *children.values()):
                     inherited.close()
                 for fd in (wakeup_read, wakeup_write):
                     os.close(fd)
-                connection.close()
                 _become(request)  # returns only by SystemExit, as `python -m qwenstack` does
             children[pid] = connection
-            connection.sendall(b"%d\n" % pid)
+            with contextlib.suppress(OSError):  # its client gone: the child runs on, reaped
+                connection.sendall(b"%d\n" % pid)
 
 
 def _report_ended(children: dict[int, socket.socket]) -> None:
@@ -185,7 +205,6 @@ def _report_ended(children: dict[int, socket.socket]) -> None:
 
 
 def _become(request: dict) -> None:
-    signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _redirect(0, os.devnull, os.O_RDONLY)
     _redirect(1, request["stdout"], os.O_WRONLY)
@@ -195,8 +214,7 @@ def _become(request: dict) -> None:
         _redirect(2, request["stderr"], os.O_WRONLY)
     os.environ.clear()
     os.environ.update(request["env"])
-    if request["cwd"]:
-        os.chdir(request["cwd"])
+    os.chdir(request["cwd"])
     sys.argv = ["qwenstack", *request["args"]]
     from qwenstack.cli import app
 
@@ -211,4 +229,9 @@ def _redirect(fd: int, path: str, flags: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    host = os.getpid()
+    try:
+        _serve(sys.argv[1])
+    finally:
+        if os.getpid() == host:  # not a child ending: its SystemExit passes here too
+            shutil.rmtree(os.path.dirname(sys.argv[1]), ignore_errors=True)

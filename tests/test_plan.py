@@ -17,6 +17,7 @@ layers, 32 query and 8 KV heads of 128 dims, MLP 9,728, vocab 151,936, tied embe
 import dataclasses
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import forkhost
@@ -173,8 +174,11 @@ def test_qwen3_configs_ship_with_qwenstack(monkeypatch):
 
 def test_plan_by_hub_id_works_offline():
     # No network here and no hub cache for it: HF_HUB_OFFLINE makes any hub access fail at once.
-    out = forkhost.run(["plan", MODEL, "--gpu", "A10", "--context", "32768", "--concurrency", "8"],
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # A process of its own: huggingface_hub reads HF_HUB_OFFLINE at import (forkhost.py).
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenstack", "plan", MODEL, "--gpu", "A10", "--context", "32768",
+         "--concurrency", "8"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert "85,536" in out.stdout  # KV tokens, as test_qwen3_4b_on_a10 works out
 
