@@ -1,12 +1,14 @@
 """Runs a command, and kills its process group once the qwenstack process that started it ends.
 
-`python -I lifeline.py FD COMMAND...`: processes.py starts engines and the chat UI this way,
-each in a session (process group) of its own. FD is the read end of a pipe whose write end
+`python -I lifeline.py FD CPUS COMMAND...`: processes.py starts engines and the chat UI this
+way, each in a session (process group) of its own. FD is the read end of a pipe whose write end
 only the qwenstack process holds, and never writes to: when that process ends, however it ends
 (Ctrl-C, SIGKILL, the OOM killer), the kernel closes the write end and a read here returns end
 of file. This process forks a watcher for that, then becomes the command (exec: same pid, exit
 code and signals, as if started directly); the watcher kills the group, which holds every
 process the command started too (vLLM's engine core and workers), so none outlives qwenstack.
+CPUS (`0,2`, or `-` for all this process may use) confines the group to those CPUs: set before
+the fork and the exec, so every process and thread the command starts inherits it.
 
 Run as a file, standard library only, so that it starts in milliseconds whatever environment
 the command is given.
@@ -16,9 +18,13 @@ import os
 import signal
 import sys
 
+ALL_CPUS = "-"
+
 
 def main() -> None:
-    lifeline, command = int(sys.argv[1]), sys.argv[2:]
+    lifeline, cpus, command = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    if cpus != ALL_CPUS:
+        os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
     if os.fork() == 0:
         _watch(lifeline)
     os.close(lifeline)

@@ -20,10 +20,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from qwenstack import lifeline as lifeline_script
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 15.0  # after SIGTERM, before SIGKILL
-LIFELINE_SCRIPT = Path(__file__).with_name("lifeline.py")
+LIFELINE_SCRIPT = Path(lifeline_script.__file__)
 _lifeline_read_end: int | None = None
 
 
@@ -75,6 +77,7 @@ class SupervisedProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        cpus: Sequence[int] = (),
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
         stable_after_s: float = 60.0,
@@ -85,6 +88,7 @@ class SupervisedProcess:
         self.log_path = log_path  # None: the output goes where this process's goes
         self.env = dict(env) if env is not None else None  # None: this process's environment
         self.cwd = cwd
+        self.cpus = tuple(cpus)  # empty: every CPU this process may use
         self.stop_grace_s = stop_grace_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -118,8 +122,9 @@ class SupervisedProcess:
                   else contextlib.nullcontext(None)) as log_file:
                 self.run_log_start = log_file.tell() if log_file else 0
                 # -I: the lifeline's Python ignores the command's PYTHON* variables.
+                cpus = ",".join(map(str, self.cpus)) or lifeline_script.ALL_CPUS
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), *self.argv,
+                    sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), cpus, *self.argv,
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT if log_file else None, env=self.env,
                     cwd=self.cwd, start_new_session=True, pass_fds=(lifeline,),
