@@ -4,7 +4,9 @@ stack's engine log is read at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,14 @@ def test_core_lists():
     assert cpu_tuning.threads_binds([0], [1, 1]) == ["0", "0"]  # fewer cores than replicas: shared
 
 
+def test_engines_confined_to_their_cores_only_when_none_is_kept_back():
+    assert cpu_tuning.confined_cpus([0, 1, 2, 3], [1, 1]) == [(), ()]  # 3 kept back
+    assert cpu_tuning.confined_cpus([0, 1], [1]) == [()]
+    assert cpu_tuning.confined_cpus([0, 1], [1, 1]) == [(0,), (1,)]
+    assert cpu_tuning.confined_cpus([0, 1], [1, 1, 1]) == [(0,), (1,), (0,)]
+    assert cpu_tuning.confined_cpus([0, 1, 2, 3], [2, 2]) == [(0, 1), (2, 3)]
+
+
 def test_one_thread_per_physical_core(tmp_path):
     for cpu, core in enumerate([0, 1, 0, 1]):  # 2 cores, 2 hyper-threads each
         topology = tmp_path / f"cpu{cpu}" / "topology"
@@ -184,6 +194,32 @@ def test_engine_started_without_vllm_warning_of_missing_libraries(stack: Stack):
             assert "CPU engine without tcmalloc" in stack.log.read_text()
             continue
         assert f"{library} is not found in LD_PRELOAD" not in log
-    # vLLM's report of its thread binding names ours: every core of this machine.
-    [bind] = cpu_tuning.threads_binds(cpu_tuning.allowed_cores(), [1])
-    assert f"VLLM_CPU_OMP_THREADS_BIND={bind!r}" in log
+    # vLLM's report of its thread binding names ours.
+    cores = cpu_tuning.allowed_cores()
+    ranks = [1] * len(stack.engine_state())
+    assert f"VLLM_CPU_OMP_THREADS_BIND={cpu_tuning.threads_binds(cores, ranks)[0]!r}" in log
+
+
+def test_engines_run_on_their_own_cores_when_none_is_to_spare(stack: Stack):
+    """Every process and thread of each of the session's engines (API server, EngineCore,
+    worker) runs on the cores qwenstack gave it, when there are fewer cores than engines (as on
+    2 cores): each engine's spin-waiting scheduler then yields to its own worker only."""
+    engines = stack.engine_state()
+    expected = cpu_tuning.confined_cpus(cpu_tuning.allowed_cores(), [1] * len(engines))
+    every_cpu = os.sched_getaffinity(0)
+    for engine, cpus in zip(engines, expected, strict=True):
+        group = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+                 if _process_group(stat) == engine["pid"]]
+        assert len(group) >= 3, group  # the API server, its EngineCore and worker at least
+        for pid in group:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                    assert os.sched_getaffinity(int(task.name)) <= (set(cpus) or every_cpu)
+
+
+def _process_group(stat: Path) -> int | None:
+    """The process group in /proc/PID/stat (after the command's closing parenthesis)."""
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):  # a process that just ended
+        return None

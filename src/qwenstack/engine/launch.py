@@ -49,6 +49,7 @@ class EngineLaunch:
     env: dict[str, str]  # over this process's environment
     log_path: Path
     unset: tuple[str, ...] = ()  # variables of this process's environment not passed on
+    cpus: tuple[int, ...] = ()  # the CPUs its processes are confined to; empty: not confined
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -249,13 +250,18 @@ def build_launches(
         base_env["HF_TOKEN"] = engine.hf_token.get_secret_value()
     ranks = [entry.tensor_parallel_size for entry in served for _ in range(entry.replicas)]
     binds: list[str] = []
+    cpus: list[tuple[int, ...]] = [() for _ in ranks]
     if not hardware.has_gpu:
         cpu_env, missing = _cpu_env(engine, python)
         base_env.update(cpu_env)
         for what in missing:
             log.warning("CPU engine without %s: slower, as vLLM will warn.", what)
-        binds = ([engine.cpu_threads_bind] * len(ranks) if engine.cpu_threads_bind
-                 else cpu_tuning.threads_binds(cpu_tuning.allowed_cores(), ranks))
+        if engine.cpu_threads_bind:
+            binds = [engine.cpu_threads_bind] * len(ranks)
+        else:
+            cores = cpu_tuning.allowed_cores()
+            binds = cpu_tuning.threads_binds(cores, ranks)
+            cpus = cpu_tuning.confined_cpus(cores, ranks)
 
     launches: list[EngineLaunch] = []
     first_gpu = 0
@@ -279,5 +285,6 @@ def build_launches(
                 env=env,
                 log_path=log_dir / f"engine-{index}.log",
                 unset=() if hardware.has_gpu else cpu_tuning.UNSET_ENV,
+                cpus=cpus[index],
             ))
     return launches

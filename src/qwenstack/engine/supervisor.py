@@ -54,7 +54,8 @@ class Engine(SupervisedProcess):
     ) -> None:
         super().__init__(
             f"Engine {launch.index} {launch.model} ({launch.url})", launch.argv, launch.log_path,
-            env={**_inherited(launch.unset), **launch.env}, backoff_initial_s=backoff_initial_s,
+            env={**_inherited(launch.unset), **launch.env}, cpus=launch.cpus,
+            backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s, stable_after_s=STABLE_AFTER_S,
         )
         self.launch = launch
