@@ -116,12 +116,17 @@ def test_core_lists():
     assert cpu_tuning.threads_binds([0], [1, 1]) == ["0", "0"]  # fewer cores than replicas: shared
 
 
-def test_engines_confined_to_their_cores_only_when_none_is_kept_back():
-    assert cpu_tuning.confined_cpus([0, 1, 2, 3], [1, 1]) == [(), ()]  # 3 kept back
-    assert cpu_tuning.confined_cpus([0, 1], [1]) == [()]
-    assert cpu_tuning.confined_cpus([0, 1], [1, 1]) == [(0,), (1,)]
-    assert cpu_tuning.confined_cpus([0, 1], [1, 1, 1]) == [(0,), (1,), (0,)]
-    assert cpu_tuning.confined_cpus([0, 1, 2, 3], [2, 2]) == [(0, 1), (2, 3)]
+def test_engines_confined_to_their_cores_only_when_asked(tmp_path, monkeypatch):
+    assert cpu_tuning.engine_cores([0, 1, 2, 3], [1, 1]) == [(0, 1), (2,)]  # 3 kept back
+    assert cpu_tuning.engine_cores([0, 1], [1, 1, 1]) == [(0,), (1,), (0,)]  # shared
+    # Two engines of two ranks on 3 cores: ranks on cores round-robin, each engine on its ranks'.
+    assert cpu_tuning.engine_cores([0, 1, 2], [2, 2]) == [(0, 1), (0, 2)]
+    monkeypatch.setattr(cpu_tuning, "allowed_cores", lambda: [0, 1])
+    assert [e.cpus for e in _plan(tmp_path, replicas=3)] == [(), (), ()]
+    assert [e.cpus for e in _plan(tmp_path, replicas=3, cpu_confine=True)] == [(0,), (1,), (0,)]
+    # Threads bound by hand: their cores are not known here, so nothing is confined.
+    [given] = _plan(tmp_path, cpu_confine=True, cpu_threads_bind="auto")
+    assert given.cpus == ()
 
 
 def test_one_thread_per_physical_core(tmp_path):
@@ -200,13 +205,12 @@ def test_engine_started_without_vllm_warning_of_missing_libraries(stack: Stack):
     assert f"VLLM_CPU_OMP_THREADS_BIND={cpu_tuning.threads_binds(cores, ranks)[0]!r}" in log
 
 
-def test_engines_run_on_their_own_cores_when_none_is_to_spare(stack: Stack):
-    """Every process and thread of each of the session's engines (API server, EngineCore,
-    worker) runs on the cores qwenstack gave it, when there are fewer cores than engines (as on
-    2 cores): each engine's spin-waiting scheduler then yields to its own worker only."""
+def test_confined_engines_run_every_process_and_thread_on_their_cores(stack: Stack):
+    """The session's engines run confined (`engine.cpu_confine`, conftest.py): every process
+    and thread of each (API server, EngineCore, worker) is on the cores its threads are bound
+    to, so each engine's spin-waiting scheduler yields to its own worker."""
     engines = stack.engine_state()
-    expected = cpu_tuning.confined_cpus(cpu_tuning.allowed_cores(), [1] * len(engines))
-    every_cpu = os.sched_getaffinity(0)
+    expected = cpu_tuning.engine_cores(cpu_tuning.allowed_cores(), [1] * len(engines))
     for engine, cpus in zip(engines, expected, strict=True):
         group = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
                  if _process_group(stat) == engine["pid"]]
@@ -214,7 +218,7 @@ def test_engines_run_on_their_own_cores_when_none_is_to_spare(stack: Stack):
         for pid in group:
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                    assert os.sched_getaffinity(int(task.name)) <= (set(cpus) or every_cpu)
+                    assert os.sched_getaffinity(int(task.name)) <= set(cpus)
 
 
 def _process_group(stat: Path) -> int | None:

@@ -12,6 +12,14 @@
   (benchmarks/RESULTS.md): an OpenMP thread that loses its core holds up the others at every
   barrier. vLLM's `auto` binds every replica to the same cores, though; here the replicas
   split them.
+- `engine.cpu_confine` runs all of each engine's processes on its own cores. vLLM's scheduler
+  process (EngineCore) spin-waits on its worker's shared-memory queue for a second after each
+  message (sched_yield; `busy_loop_s`, fixed in vLLM 0.32, whose own binding reserves a core
+  for it), so while its engine generates it keeps a core busy: on its worker's core it yields
+  to the worker. Engines then use less CPU per token and leave more to other work (the test
+  suite's five engines on 2 cores: 629 CPU-seconds instead of 871, the suite 15 % faster), but
+  serve fewer tokens/s when nothing else wants the CPU (3 engines on 2 cores, 8 concurrent
+  requests each: 100 tokens/s against 125-138; benchmarks/RESULTS.md), so it is off by default.
 - The KV-cache size given once: qwenstack passes the budget it checked as
   `--kv-cache-memory-bytes` (exact bytes). vLLM's `VLLM_CPU_KVCACHE_SPACE` (whole GiB) would
   override it, so an inherited one is not passed on.
@@ -144,17 +152,7 @@ def threads_binds(cores: Sequence[int], ranks: Sequence[int]) -> list[str]:
             for engine in _rank_cores(cores, ranks)]
 
 
-def confined_cpus(cores: Sequence[int], ranks: Sequence[int]) -> list[tuple[int, ...]]:
-    """The CPUs each engine's processes are confined to (empty: not confined): its own cores,
-    when no core is kept back for the serving processes.
-
-    vLLM's scheduler process (EngineCore) spin-waits on its worker's shared-memory queue for a
-    second after each message (sched_yield; `busy_loop_s`, fixed in vLLM 0.32, whose own
-    binding reserves a core for it), so while its engine generates it keeps a core busy. With
-    a core kept back it spins there. Without one it would take the CPU of other engines and
-    of everything else; on its own worker's core it yields that core to the worker: a
-    100-token request cost 2.61 CPU-s instead of 4.98, in the same wall time (2 cores)."""
-    if len(cores) > sum(ranks):
-        return [() for _ in ranks]
+def engine_cores(cores: Sequence[int], ranks: Sequence[int]) -> list[tuple[int, ...]]:
+    """The cores each engine's OpenMP threads are bound to (threads_binds' lists, joined)."""
     return [tuple(sorted({core for rank in engine for core in rank}))
             for engine in _rank_cores(cores, ranks)]

@@ -261,7 +261,8 @@ def build_launches(
         else:
             cores = cpu_tuning.allowed_cores()
             binds = cpu_tuning.threads_binds(cores, ranks)
-            cpus = cpu_tuning.confined_cpus(cores, ranks)
+            if engine.cpu_confine:
+                cpus = cpu_tuning.engine_cores(cores, ranks)
 
     launches: list[EngineLaunch] = []
     first_gpu = 0

@@ -172,6 +172,13 @@ class EngineSettings(ServedModelSettings):
         description="CPU engines preload tcmalloc and Intel OpenMP (LD_PRELOAD), as vLLM's "
         "CPU guide advises.",
     )
+    cpu_confine: bool = Field(
+        False,
+        description="Each CPU engine's processes (API server, scheduler, worker) run only on "
+        "the cores its threads are bound to (not with cpu_threads_bind): less CPU per token, "
+        "more left to other work on the machine, fewer tokens/s when there is none "
+        "(benchmarks/RESULTS.md).",
+    )
     cpu_threads_bind: str | None = Field(
         None,
         description="vLLM's VLLM_CPU_OMP_THREADS_BIND for every CPU engine (e.g. `0-29`, "
