@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers import Stack
 
 from qwenstack.engine import cpu_tuning, launch, venv
-from qwenstack.engine.hardware import GIB, Hardware
+from qwenstack.engine.hardware import GIB, Hardware, detect
 from qwenstack.engine.models import ResolvedModel
+from qwenstack.processes import LIFELINE_SCRIPT
 from qwenstack.settings import load_settings
 
 CPU = Hardware((), frozenset({"avx2"}), 24 * GIB)
@@ -205,10 +208,39 @@ def test_engine_started_without_vllm_warning_of_missing_libraries(stack: Stack):
     assert f"VLLM_CPU_OMP_THREADS_BIND={cpu_tuning.threads_binds(cores, ranks)[0]!r}" in log
 
 
+def test_lifeline_confines_its_command_to_the_cpus_it_may_use(tmp_path: Path):
+    """lifeline.py, which starts every engine: a CPU list it is given, `-` for all, and a list
+    of CPUs this process may not use (a shrunk cpuset) taken as all rather than none."""
+    mine = sorted(os.sched_getaffinity(0))
+    read_end, write_end = os.pipe()
+    out = tmp_path / "affinity"
+
+    def affinity(cpus: str) -> list[int]:
+        # Output to a file: lifeline's watcher holds the command's stdout open until the pipe
+        # closes. A session of its own: the watcher then kills its group.
+        with out.open("w") as stdout:
+            subprocess.run(
+                [sys.executable, "-I", str(LIFELINE_SCRIPT), str(read_end), cpus,
+                 sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                pass_fds=(read_end,), start_new_session=True, stdout=stdout, check=True,
+                timeout=30)
+        return json.loads(out.read_text())
+
+    try:
+        assert affinity(str(mine[-1])) == [mine[-1]]
+        assert affinity("-") == mine
+        assert affinity("99999") == mine
+    finally:
+        os.close(write_end)  # the watchers see the end of the pipe and end
+        os.close(read_end)
+
+
 def test_confined_engines_run_every_process_and_thread_on_their_cores(stack: Stack):
     """The session's engines run confined (`engine.cpu_confine`, conftest.py): every process
     and thread of each (API server, EngineCore, worker) is on the cores its threads are bound
     to, so each engine's spin-waiting scheduler yields to its own worker."""
+    if detect().has_gpu:
+        pytest.skip("GPU engines are not confined")
     engines = stack.engine_state()
     expected = cpu_tuning.engine_cores(cpu_tuning.allowed_cores(), [1] * len(engines))
     for engine, cpus in zip(engines, expected, strict=True):

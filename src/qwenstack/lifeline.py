@@ -24,7 +24,11 @@ ALL_CPUS = "-"
 def main() -> None:
     lifeline, cpus, command = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     if cpus != ALL_CPUS:
-        os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
+        # Of those, the ones this process may still use (a container's cpuset can shrink); if
+        # none is left, all of them rather than a command that cannot start.
+        allowed = {int(cpu) for cpu in cpus.split(",")} & os.sched_getaffinity(0)
+        if allowed:
+            os.sched_setaffinity(0, allowed)
     if os.fork() == 0:
         _watch(lifeline)
     os.close(lifeline)

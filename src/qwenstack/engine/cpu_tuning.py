@@ -12,14 +12,15 @@
   (benchmarks/RESULTS.md): an OpenMP thread that loses its core holds up the others at every
   barrier. vLLM's `auto` binds every replica to the same cores, though; here the replicas
   split them.
-- `engine.cpu_confine` runs all of each engine's processes on its own cores. vLLM's scheduler
-  process (EngineCore) spin-waits on its worker's shared-memory queue for a second after each
-  message (sched_yield; `busy_loop_s`, fixed in vLLM 0.32, whose own binding reserves a core
-  for it), so while its engine generates it keeps a core busy: on its worker's core it yields
-  to the worker. Engines then use less CPU per token and leave more to other work (the test
-  suite's five engines on 2 cores: 629 CPU-seconds instead of 871, the suite 15 % faster), but
-  serve fewer tokens/s when nothing else wants the CPU (3 engines on 2 cores, 8 concurrent
-  requests each: 100 tokens/s against 125-138; benchmarks/RESULTS.md), so it is off by default.
+- `engine.cpu_confine` runs all of each engine's processes on its own cores, the kept-back
+  core not among them. vLLM's scheduler process (EngineCore) spin-waits on its worker's
+  shared-memory queue for a second after each message (sched_yield; `busy_loop_s`, hard-coded
+  in vLLM 0.32, whose own binding reserves a core for it), so while its engine generates it
+  keeps a core busy: on its worker's core it yields to the worker. Engines then use less CPU
+  per token and leave more to other work (the test suite's five engines on 2 cores: 629
+  CPU-seconds instead of 871, the suite 15 % faster), but serve fewer tokens/s when nothing
+  else wants the CPU (3 engines on 2 cores, 8 concurrent requests each: 100 tokens/s against
+  125-138; benchmarks/RESULTS.md), so it is off by default.
 - The KV-cache size given once: qwenstack passes the budget it checked as
   `--kv-cache-memory-bytes` (exact bytes). vLLM's `VLLM_CPU_KVCACHE_SPACE` (whole GiB) would
   override it, so an inherited one is not passed on.

@@ -258,6 +258,9 @@ def build_launches(
             log.warning("CPU engine without %s: slower, as vLLM will warn.", what)
         if engine.cpu_threads_bind:
             binds = [engine.cpu_threads_bind] * len(ranks)
+            if engine.cpu_confine:
+                log.warning("engine.cpu_confine is ignored with engine.cpu_threads_bind: the "
+                            "cores of a binding given by hand are vLLM's to read, not ours.")
         else:
             cores = cpu_tuning.allowed_cores()
             binds = cpu_tuning.threads_binds(cores, ranks)

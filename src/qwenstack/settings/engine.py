@@ -175,9 +175,9 @@ class EngineSettings(ServedModelSettings):
     cpu_confine: bool = Field(
         False,
         description="Each CPU engine's processes (API server, scheduler, worker) run only on "
-        "the cores its threads are bound to (not with cpu_threads_bind): less CPU per token, "
-        "more left to other work on the machine, fewer tokens/s when there is none "
-        "(benchmarks/RESULTS.md).",
+        "the cores its threads are bound to, not on the core kept back for serving (ignored "
+        "with cpu_threads_bind): less CPU per token, more left to other work on the machine, "
+        "fewer tokens/s when there is none (benchmarks/RESULTS.md).",
     )
     cpu_threads_bind: str | None = Field(
         None,
