@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,10 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cpu_engine import stop  # run as a script: this folder is on the path
+
 from qwenstack import bench
 from qwenstack.bench import datasets
 from qwenstack.engine import hardware, launch, models
 from qwenstack.engine.launch import EngineLaunch
+from qwenstack.lifeline import ALL_CPUS
+from qwenstack.processes import LIFELINE_SCRIPT
 from qwenstack.settings import load_settings
 
 START_TIMEOUT_S = 600
@@ -56,13 +59,16 @@ def replicas(home: Path, model: str, port: int, count: int) -> list[EngineLaunch
     return launch.build_launches(settings.engine, [resolved], machine, python, Path("/tmp"), [])
 
 
-def start(engine: EngineLaunch, log: Path, cpus: tuple[int, ...]) -> subprocess.Popen[bytes]:
+def start(engine: EngineLaunch, log: Path, cpus: tuple[int, ...], lifeline: int,
+          ) -> subprocess.Popen[bytes]:
+    """The engine started through lifeline.py, confined to `cpus` (all: empty), as qwenstack's
+    supervisor starts it; `lifeline`: the read end of a pipe this process keeps open."""
     env = {k: v for k, v in os.environ.items() if k not in engine.unset} | engine.env
     return subprocess.Popen(
-        engine.argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-        # What lifeline.py does for qwenstack's engines; this process has no other threads.
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        [sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline),
+         ",".join(map(str, cpus)) or ALL_CPUS, *engine.argv],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        pass_fds=(lifeline,),
     )
 
 
@@ -79,15 +85,6 @@ def wait_up(engine: EngineLaunch, process: subprocess.Popen[bytes]) -> None:
     raise TimeoutError(f"{engine.url} not up in {START_TIMEOUT_S} s")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def group_cpu_s(groups: set[int]) -> float:
     """CPU-seconds used so far by the live processes of these process groups."""
     total = 0
@@ -101,8 +98,8 @@ def group_cpu_s(groups: set[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def load_both(engines: list[EngineLaunch], concurrency: int, args: argparse.Namespace) -> float:
-    """Both replicas under the same load at once; returns their tokens/s together."""
+def load_all(engines: list[EngineLaunch], concurrency: int, args: argparse.Namespace) -> float:
+    """Every replica under the same load at once; returns their tokens/s together."""
     def one(engine: EngineLaunch) -> float:
         target = bench.Target(engine.url, engine.url)
         requests = max(args.min_requests, 2 * concurrency)
@@ -126,7 +123,7 @@ def measure(engines: list[EngineLaunch], groups: set[int], args: argparse.Namesp
     figures: dict[str, float] = {}
     for concurrency in args.concurrency:
         cpu_before, started = group_cpu_s(groups), time.monotonic()
-        tokens_per_s = load_both(engines, concurrency, args)
+        tokens_per_s = load_all(engines, concurrency, args)
         seconds, cpu_s = time.monotonic() - started, group_cpu_s(groups) - cpu_before
         figures[f"tok_s_c{concurrency}"] = tokens_per_s
         # The warm-up's tokens are in the CPU time, not in tokens/s: per 1,000 tokens counts
@@ -150,13 +147,16 @@ def main() -> None:
     args = parser.parse_args()
     engines = replicas(args.home, str(Path(args.model).expanduser()), args.port, args.replicas)
     confined = [engine.cpus for engine in engines]
+    # One progress bar per replica's load, from threads, cannot share a terminal: none.
+    os.environ["TERM"] = "dumb"
+    lifeline, _ = os.pipe()  # the write end closes when this process ends: so do the engines
     runs: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
         for name in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
             logs = [args.home / "logs" / f"confinement-{name}-{round_}-{e.index}.log"
                     for e in engines]
             logs[0].parent.mkdir(parents=True, exist_ok=True)
-            processes = [start(engine, log, cpus if name == "confined" else ())
+            processes = [start(engine, log, cpus if name == "confined" else (), lifeline)
                          for engine, log, cpus in zip(engines, logs, confined, strict=True)]
             try:
                 for engine, process in zip(engines, processes, strict=True):
