@@ -319,6 +319,19 @@ class Engines:
         return _stop(self.process)
 
 
+def session_members(session: int) -> set[int]:
+    """Live processes (zombies are not: they hold no memory, port or socket) in a session: a
+    supervised engine's or UI's is its first process's pid (processes.py)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # Fields after the command's closing parenthesis: state, ppid, pgrp, session.
+            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            if int(sid) == session and state != "Z":
+                members.add(int(stat.parent.name))
+    return members
+
+
 def start_engines(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Engines:
     """`qwenstack engine ARGS` (vLLM flags among them) on a free port, with its own home;
     `env` adds QWENSTACK_* settings. Returns once the first replica lists its models."""

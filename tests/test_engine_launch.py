@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Stack
+from helpers import Stack, session_members
 
 from qwenstack.engine import cpu_tuning, launch, venv
 from qwenstack.engine.hardware import GIB, Hardware, detect
@@ -244,18 +244,9 @@ def test_confined_engines_run_every_process_and_thread_on_their_cores(stack: Sta
     engines = stack.engine_state()
     expected = cpu_tuning.engine_cores(cpu_tuning.allowed_cores(), [1] * len(engines))
     for engine, cpus in zip(engines, expected, strict=True):
-        group = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
-                 if _process_group(stat) == engine["pid"]]
+        group = session_members(engine["pid"])
         assert len(group) >= 3, group  # the API server, its EngineCore and worker at least
         for pid in group:
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                     assert os.sched_getaffinity(int(task.name)) <= set(cpus)
-
-
-def _process_group(stat: Path) -> int | None:
-    """The process group in /proc/PID/stat (after the command's closing parenthesis)."""
-    try:
-        return int(stat.read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):  # a process that just ended
-        return None

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import openai
-from helpers import SMOLLM2, Stack, launch_stack, wait_for
+from helpers import SMOLLM2, Stack, launch_stack, session_members, wait_for
 
 GONE_WITHIN_S = 5.0  # the bound issue 12 sets
 
@@ -27,18 +27,6 @@ def test_bundled_model_knows_the_capital_of_france(stack: Stack):
     )
     assert "Paris" in answer.choices[0].message.content
     assert "serving the bundled SmolLM2-135M-Instruct" in stack.log.read_text()
-
-
-def _session_members(session: int) -> set[int]:
-    """Live processes (zombies are not: they hold no memory, port or socket) in a session."""
-    members = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # Fields after the command's closing parenthesis: state, ppid, pgrp, session.
-            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
-            if int(sid) == session and state != "Z":
-                members.add(int(stat.parent.name))
-    return members
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -78,19 +66,19 @@ def test_sigkilled_up_leaves_no_engine_and_no_listener(tmp_path: Path, tiny_qwen
             with contextlib.suppress(OSError, ValueError, IndexError):
                 session = stack.engine_state()[0]["pid"] or 0
             # vLLM's server and the engine core it spawned; the gateway listening.
-            return bool(session) and len(_session_members(session)) >= 2 and bool(
+            return bool(session) and len(session_members(session)) >= 2 and bool(
                 _listening_inodes(ports[0]))
 
         wait_for(loading, "the engine loading, the gateway listening", 300, interval_s=0.2)
         # No engine process holds the gateway's listening socket.
         gateway_listener = _listening_inodes(ports[0])
-        for pid in _session_members(session):
+        for pid in session_members(session):
             assert not _socket_inodes(pid) & gateway_listener, pid
 
         stack.process.send_signal(signal.SIGKILL)
         wait_for(
             lambda: not any(_listening_inodes(port) for port in ports)
-            and not _session_members(session),
+            and not session_members(session),
             "no listener and no engine process left", GONE_WITHIN_S,
         )
     finally:
