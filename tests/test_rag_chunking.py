@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
+import os
+import signal
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from qwenstack.rag import RagError
 from qwenstack.rag.chunking import EstimatedCounter, TokenizerCounter, chunk_sections
@@ -219,8 +224,10 @@ def test_worker_limits_refuse_the_file_not_the_service() -> None:
     """A parse past the worker's CPU time or memory ends the worker, and the upload is refused
     with a 413 naming the limit; the next file parses as before."""
     busy = b"<p>" + b"<b>x</b>" * 1_000_000  # a few seconds of bs4's CPU time, 1 GB of objects
+    # The memory case gets CPU time to spare, so that on a busy machine the wall-clock backstop
+    # (twice the CPU time, and 10 s) cannot end it before the memory limit does.
     for limits, setting in [(RagSettings(parse_cpu_seconds=1), "rag.parse_cpu_seconds"),
-                            (RagSettings(parse_memory_bytes=256 * 2**20),
+                            (RagSettings(parse_memory_bytes=256 * 2**20, parse_cpu_seconds=600),
                              "rag.parse_memory_bytes")]:
         workers = ParseWorkers(limits)
         with pytest.raises(RagError) as caught:
@@ -228,3 +235,30 @@ def test_worker_limits_refuse_the_file_not_the_service() -> None:
         assert (caught.value.status, caught.value.code) == (413, "parse_limit")
         assert setting in str(caught.value) and "busy.html" in str(caught.value)
         assert workers.parse("fine.md", b"# ok\n\nfine")[0].heading == "ok"
+
+
+def test_a_worker_starved_of_cpu_is_ended_by_the_wall_clock_and_the_upload_may_be_retried() -> None:
+    """A worker that has used less than its CPU time when the wall-clock backstop (twice that
+    and 10 s) runs out, because other processes had the cores, is killed and the upload
+    refused with a 503 (try again), not blamed on the file as a CPU limit. Stopping the worker
+    (SIGSTOP) is how a test starves it of CPU on demand."""
+    workers = ParseWorkers(RagSettings(parse_cpu_seconds=1))
+    outcome: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            workers.parse("slow.html", b"<p>" + b"<b>x</b>" * 1_000_000)
+        except RagError as exc:
+            outcome.append(exc)
+
+    uploading = threading.Thread(target=upload)
+    uploading.start()
+    wait_for(multiprocessing.active_children, "the parse worker started", timeout_s=30)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGSTOP)
+    uploading.join(timeout=60)
+    assert not uploading.is_alive() and len(outcome) == 1
+    error = outcome[0]
+    assert isinstance(error, RagError)
+    assert (error.status, error.code) == (503, "parse_timeout")
+    assert "12 s" in str(error) and "slow.html" in str(error)
+    assert workers.parse("fine.md", b"# ok\n\nfine")[0].heading == "ok"

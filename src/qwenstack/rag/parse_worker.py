@@ -3,7 +3,8 @@
 A hostile file (a zip bomb, input that keeps a parser busy for minutes) then costs that worker,
 not the gateway: the gateway's event loop keeps answering (a parser holds the GIL, so a thread
 is not enough) and its memory stays its own. A worker killed by a limit refuses the upload with
-a 413 naming the limit.
+a 413 naming the limit; one that outlives the wall-clock backstop without reaching a limit (its
+CPU taken by other processes) with a 503.
 
 Workers fork from multiprocessing's fork server, a small process that has the parsers imported
 already and none of the gateway's threads or memory: a worker starts in milliseconds. The fork
@@ -56,8 +57,9 @@ def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Sectio
     # whose other processes share the cores.
     wall_s = 2 * limits.parse_cpu_seconds + 10
     outcome: _Outcome | None = None
+    answered = False
     try:
-        if receiver.poll(wall_s):
+        if answered := receiver.poll(wall_s):
             try:
                 outcome = receiver.recv()
             except EOFError:  # ended without an answer: killed by a limit, or crashed
@@ -72,6 +74,12 @@ def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Sectio
     if outcome is not None:
         message, status, code = outcome
         raise RagError(message, status=status, code=code)
+    if not answered:  # our own kill, within the CPU limit: the machine is short of CPU
+        raise RagError(
+            f"{name}: parsing did not finish within {wall_s} s while the server was busy "
+            f"(it used less than rag.parse_cpu_seconds, {limits.parse_cpu_seconds} s of CPU "
+            "time); try again later.", status=503, code="parse_timeout",
+        )
     if worker.exitcode in (-signal.SIGXCPU, -signal.SIGKILL):
         raise RagError(
             f"{name}: parsing took more than {limits.parse_cpu_seconds} s of CPU time "
