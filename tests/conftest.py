@@ -61,8 +61,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[RUN_DIR_VARIABLE] = tempfile.mkdtemp(prefix="qwenstack-tests-")
         # Room for four test processes' blocks below 32768 (helpers.free_port).
         os.environ[PORT_BASE_VARIABLE] = str(random.randrange(20000, 32768 - 4 * PORT_BLOCK))
-    if not CONTROLLER or not config.getoption("numprocesses", None):  # a process that runs tests
-        forkhost.start_host()
+        forkhost.start_host(run_dir())
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
