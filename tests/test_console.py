@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import forkhost
 import pytest
 from helpers import Stack, free_port
 
@@ -89,17 +90,18 @@ def screen_lines(screen: str) -> list[str]:
 
 
 def _kb_eval(squad_file: Path, home: Path) -> tuple[list[str], dict[str, str]]:
+    """`qwenstack kb eval`'s arguments, and an environment that would colour a terminal."""
     env = {**os.environ, "QWENSTACK_HOME": str(home), "COLUMNS": "120", "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
     env.pop("QWENSTACK_OBSERVABILITY__LOG_FORMAT", None)
-    return [sys.executable, "-m", "qwenstack", "kb", "eval", str(squad_file)], env
+    return ["kb", "eval", str(squad_file)], env
 
 
 def test_a_terminal_gets_short_coloured_lines_and_progress_bars(
     squad_file: Path, tmp_path: Path
 ) -> None:
     args, env = _kb_eval(squad_file, tmp_path)
-    screen = run_in_terminal(args, env)
+    screen = run_in_terminal([sys.executable, "-m", "qwenstack", *args], env)
     assert COLOUR.search(screen), screen[-2000:]  # xterm-256color has colour
     assert BAR in screen and "embedding chunks" in screen, screen[-2000:]
     lines = screen_lines(screen)
@@ -109,9 +111,10 @@ def test_a_terminal_gets_short_coloured_lines_and_progress_bars(
     assert any(line.startswith("MODE") for line in lines)  # the result table, after the bars
 
 
-def test_a_pipe_gets_json_lines_and_no_bars(squad_file: Path, tmp_path: Path) -> None:
+def test_a_pipe_or_file_gets_json_lines_and_no_bars(squad_file: Path, tmp_path: Path) -> None:
+    """Forked (forkhost.py), with its output to files: no terminal, as through a pipe."""
     args, env = _kb_eval(squad_file, tmp_path)
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    result = forkhost.run(args, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert any(entry["message"].startswith("Ingested 3 chunks") for entry in logged)
