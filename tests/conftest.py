@@ -65,7 +65,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """The shared stack stops once every test process is done (before the summary)."""
+    """The shared stack stops once every test process is done (before the summary). A boot
+    this process started is waited for first, so that its stack is on record to be stopped:
+    a run that ended while it booted (every test it chose done, or -x) left it running."""
+    if boot := session.config.stash.get(STACK_BOOT, None):
+        wait([boot])
     if CONTROLLER and (tail := SharedStack("stack").stop()) is not None:
         session.config.stash[STACK_STOP_FAILURE] = tail
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -82,6 +86,7 @@ def _needs_stack(item: pytest.Item) -> bool:
                                 and not os.environ.get("QWENSTACK_TEST_ENGINE_URL"))
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: no boot for tests not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules that need no engine first (they run while the shared stack boots, in a thread
     started here), each group's larger modules first (as xdist's loadscope orders them by
