@@ -50,6 +50,13 @@ RUN_DIR_VARIABLE = "QWENSTACK_TEST_RUN_DIR"
 ENGINE_PORTS = 8
 
 
+# The helpers' HTTP client. httpx.get makes a client, and with it a TLS context that loads the
+# CA store, on every call: polling a booting stack ten times a second, that was 38 % of the
+# test processes' CPU (py-spy). No kept-alive connections: a poll sees the server as it is now
+# (refused, when nothing listens), not a connection from before it stopped.
+HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float,
              interval_s: float = 0.1) -> None:
     """Poll `condition` until it is true; fail naming `what` after `timeout_s`."""
@@ -257,7 +264,7 @@ def start_gateway(
 def refused(base_url: str) -> bool:
     """Whether a connection to the server is refused (nothing listens), as after a drain."""
     try:
-        httpx.get(f"{base_url}/health", timeout=2)
+        HTTP.get(f"{base_url}/health", timeout=2)
     except httpx.ConnectError:
         return True
     except httpx.HTTPError:
@@ -277,7 +284,7 @@ def wait_until_answering(
                 f"{process.args} exited {process.returncode}:\n{log.read_text()[-5000:]}"
             )
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if HTTP.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -422,7 +429,7 @@ def usage_rows(
 def metric(url: str, headers: dict[str, str], name: str, **labels: str) -> float:
     """A sample's value on a gateway's /metrics, summed over the series with these labels (0 when
     there is none)."""
-    page = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    page = HTTP.get(f"{url}/metrics", headers=headers, timeout=30).text
     return sum(sample.value for family in text_string_to_metric_families(page)
                for sample in family.samples
                if sample.name == name and labels.items() <= sample.labels.items())

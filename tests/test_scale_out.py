@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Stack, refused, request_log, start_gateway, wait_for
+from helpers import HTTP, Stack, refused, request_log, start_gateway, wait_for
 
 from qwenstack.gateway.protocol import CHAT, InferenceRequest
 from qwenstack.gateway.replicas import Replica
@@ -39,7 +39,7 @@ def gateway_for(tmp: Path, stack: Stack, **settings: str):
     extra = [arg for url in rest for arg in ("--engine-url", url)]
     env = {f"QWENSTACK_{name.upper()}": value for name, value in settings.items()}
     gateway = start_gateway(tmp, first, *extra, env=env)
-    wait_for(lambda: all(e["up"] for e in httpx.get(f"{gateway.url}/ready").json()["engines"]),
+    wait_for(lambda: all(e["up"] for e in HTTP.get(f"{gateway.url}/ready").json()["engines"]),
              "both engines up", 60)
     return gateway
 
@@ -276,7 +276,7 @@ def test_killed_engine_is_ejected_then_restarted_and_taken_back(tmp_path: Path, 
             os.killpg(killed_pid, signal.SIGKILL)
             unavailable = _first_refusal(alone.url)
             refused_after_s = time.monotonic() - killed_at
-            wait_for(lambda: not httpx.get(ready).json()["engines"][-1]["up"], "ejected", 30)
+            wait_for(lambda: not HTTP.get(ready).json()["engines"][-1]["up"], "ejected", 30)
             ejected_at = time.monotonic()
             load.wait_for_more(10)
         assert unavailable.status_code == 503, unavailable.text
@@ -291,7 +291,7 @@ def test_killed_engine_is_ejected_then_restarted_and_taken_back(tmp_path: Path, 
             assert outcome.started < ejected_at, outcome  # after ejection, nothing fails
             assert outcome.error and outcome.error.get("message"), outcome  # a clear error
         # The supervisor restarts it; the health check takes it back, and it serves again.
-        wait_for(lambda: httpx.get(ready).json()["engines"][-1]["up"], "back in rotation", 600)
+        wait_for(lambda: HTTP.get(ready).json()["engines"][-1]["up"], "back in rotation", 600)
         with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
             outcomes = list(pool.map(
                 lambda i: stream_chat(client, gateway.url, [{"role": "user", "content": f"{i}"}],
