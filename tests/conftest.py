@@ -77,6 +77,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if CONTROLLER:
+        forkhost.stop_host()
         shutil.rmtree(run_dir(), ignore_errors=True)
 
 

@@ -148,12 +148,23 @@ FAILED_SUFFIX = ".failed"
 HOST_START_TIMEOUT_S = 600
 
 
+_host: subprocess.Popen[bytes] | None = None
+
+
 def _run_host(path: str) -> None:
-    host = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE)
-    if host.wait() != 0:
+    global _host
+    # Its standard input closes, and it ends, when this process does.
+    _host = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE)
+    if _host.wait() > 0:
         with contextlib.suppress(OSError):  # the run's folder gone: the run has ended
-            Path(path + FAILED_SUFFIX).write_text(str(host.returncode))
-    # Its standard input closes, and it ends, when this process does (the Popen stays here).
+            Path(path + FAILED_SUFFIX).write_text(str(_host.returncode))
+
+
+def stop_host() -> None:
+    """Ends the host now, before the run's folder goes: a short run may end while it imports."""
+    if _host is not None:
+        _host.kill()
+        _host.wait()
 
 
 def _host_socket() -> str:
@@ -179,7 +190,10 @@ def _serve(path: str) -> None:
     # `qwenstack config` took 2.0 s of CPU with them, 0.45 s without).
     gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path + ".binding")
+    try:
+        listener.bind(path + ".binding")
+    except FileNotFoundError:  # the run's folder is gone: the run ended while this imported
+        return
     listener.listen(64)
     os.rename(path + ".binding", path)  # it exists, for the test processes, once it listens
     wakeup_read, wakeup_write = os.pipe()
