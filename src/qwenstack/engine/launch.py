@@ -256,6 +256,13 @@ def build_launches(
         base_env.update(cpu_env)
         for what in missing:
             log.warning("CPU engine without %s: slower, as vLLM will warn.", what)
+        for entry, model in zip(served, models, strict=True):
+            if entry.lora.enabled and entry.role == roles.CHAT:
+                log.warning(
+                    "%s serves LoRA adapters on a CPU, where vLLM 0.32 adds an adapter's delta "
+                    "to base-model requests batched with it (vllm-project/vllm#48421): serve the "
+                    "base model from an engine without adapters too, or use adapters only.",
+                    model.served_name)
         if engine.cpu_threads_bind:
             binds = [engine.cpu_threads_bind] * len(ranks)
             if engine.cpu_confine:
