@@ -66,7 +66,7 @@ def start(engine: EngineLaunch, log: Path, cpus: tuple[int, ...], lifeline: int,
     env = {k: v for k, v in os.environ.items() if k not in engine.unset} | engine.env
     return subprocess.Popen(
         [sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline),
-         ",".join(map(str, cpus)) or ALL_CPUS, *engine.argv],
+         ",".join(map(str, cpus)) or ALL_CPUS, str(engine.nice), *engine.argv],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         pass_fds=(lifeline,),
     )

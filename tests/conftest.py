@@ -33,6 +33,7 @@ import redis
 from helpers import (
     ADAPTER,
     EMBED,
+    ENGINE_NICE,
     LORA_RANK,
     PORT_BASE_VARIABLE,
     PORT_BLOCK,
@@ -186,9 +187,9 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     hit left by an earlier test would answer in its place (the cache's tests run their own
     gateways with it on).
 
-    On a CPU its engines run confined to their cores (`engine.cpu_confine`): the test
-    processes, gateways and browsers want the CPU that vLLM's spin-waiting schedulers would
-    take (README, "The tests").
+    On a CPU its engines run confined to their cores (`engine.cpu_confine`) and niced
+    (`engine.nice`): the test processes, gateways and browsers want the CPU that vLLM's
+    spin-waiting schedulers would take (README, "The tests").
 
     The tiny Qwen3's engines sample without top-p or top-k unless a request asks
     (`SAMPLING_WITHOUT_SORT`), and get the tool-call parser `up` picks for it (hermes) and, as a
@@ -228,7 +229,8 @@ def _start_shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     return start_stack(
         tmp, "--max-model-len", "1024",
         env={"QWENSTACK_ENGINE__MODELS": json.dumps(models), "QWENSTACK_CACHE__ENABLED": "false",
-             "QWENSTACK_ENGINE__CPU_CONFINE": "true", "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"},
+             "QWENSTACK_ENGINE__CPU_CONFINE": "true", "QWENSTACK_ENGINE__NICE": str(ENGINE_NICE),
+             "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"},
     )
 
 

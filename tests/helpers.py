@@ -41,6 +41,9 @@ STARTUP_TIMEOUT_S = 900
 TINY, SMOLLM2, ADAPTER = "tiny-qwen3", "SmolLM2-135M-Instruct", "smollm2-adapter"
 EMBED, RERANK = "tiny-embed", "tiny-rerank"
 LORA_RANK = 8
+# Added to the niceness of the shared stack's engines (engine.nice): the test processes,
+# gateways and browsers have the CPU before vLLM's spin-waiting (conftest.py).
+ENGINE_NICE = 10
 HOME = Path(os.environ.get("QWENSTACK_HOME", Path.home() / ".cache" / "qwenstack"))
 ROOT = Path(__file__).resolve().parent.parent
 # A folder of this run that every test process sees (pytest-xdist's workers inherit it from

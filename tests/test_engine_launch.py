@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Stack, session_members
+from helpers import ENGINE_NICE, Stack, session_members
 
 from qwenstack.engine import cpu_tuning, launch, venv
 from qwenstack.engine.hardware import GIB, Hardware, detect
@@ -141,6 +141,12 @@ def test_one_thread_per_physical_core(tmp_path):
     assert cpu_tuning.physical_cores([0, 1, 2, 3], tmp_path) == [0, 1]
 
 
+def test_engines_niced_only_when_asked(tmp_path):
+    [plain] = _plan(tmp_path)
+    [niced] = _plan(tmp_path, nice=10)
+    assert (plain.nice, niced.nice) == (0, 10) and niced.argv == plain.argv
+
+
 def test_eager_or_compiled_by_setting(tmp_path):
     [default] = _plan(tmp_path)
     assert "--enforce-eager" in default.argv
@@ -208,40 +214,53 @@ def test_engine_started_without_vllm_warning_of_missing_libraries(stack: Stack):
     assert f"VLLM_CPU_OMP_THREADS_BIND={cpu_tuning.threads_binds(cores, ranks)[0]!r}" in log
 
 
-def test_lifeline_confines_its_command_to_the_cpus_it_may_use(tmp_path: Path):
+def test_lifeline_confines_and_nices_its_command_and_session(tmp_path: Path):
     """lifeline.py, which starts every engine: a CPU list it is given, `-` for all, and a list
-    of CPUs this process may not use (a shrunk cpuset) taken as all rather than none."""
+    of CPUs this process may not use (a shrunk cpuset) taken as all rather than none; a
+    niceness added to the command's and, where the kernel has autogroups, its session's."""
     mine = sorted(os.sched_getaffinity(0))
+    my_nice = os.getpriority(os.PRIO_PROCESS, 0)
     read_end, write_end = os.pipe()
-    out = tmp_path / "affinity"
+    out = tmp_path / "seen"
+    autogroup = Path("/proc/self/autogroup")
+    seen_by_command = (
+        "import os, pathlib; p = pathlib.Path('/proc/self/autogroup');"
+        "print(sorted(os.sched_getaffinity(0)), os.getpriority(os.PRIO_PROCESS, 0),"
+        " p.read_text().split()[-1] if p.exists() else None)"
+    )
 
-    def affinity(cpus: str) -> list[int]:
+    def seen(cpus: str, nice: int = 0) -> tuple[list[int], int, str | None]:
         # Output to a file: lifeline's watcher holds the command's stdout open until the pipe
         # closes. A session of its own: the watcher then kills its group.
         with out.open("w") as stdout:
             subprocess.run(
-                [sys.executable, "-I", str(LIFELINE_SCRIPT), str(read_end), cpus,
-                 sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                [sys.executable, "-I", str(LIFELINE_SCRIPT), str(read_end), cpus, str(nice),
+                 sys.executable, "-c", seen_by_command],
                 pass_fds=(read_end,), start_new_session=True, stdout=stdout, check=True,
                 timeout=30)
-        return json.loads(out.read_text())
+        cpus_seen, nice_seen, group_nice = out.read_text().rsplit(maxsplit=2)
+        return json.loads(cpus_seen), int(nice_seen), None if group_nice == "None" else group_nice
 
     try:
-        assert affinity(str(mine[-1])) == [mine[-1]]
-        assert affinity("-") == mine
-        assert affinity("99999") == mine
+        assert seen(str(mine[-1]))[0] == [mine[-1]]
+        assert seen("-") == (mine, my_nice, "0" if autogroup.exists() else None)
+        assert seen("99999")[0] == mine
+        assert seen("-", nice=5) == (mine, min(19, my_nice + 5),
+                                     "5" if autogroup.exists() else None)
     finally:
         os.close(write_end)  # the watchers see the end of the pipe and end
         os.close(read_end)
 
 
-def test_confined_engines_run_every_process_and_thread_on_their_cores(stack: Stack):
+def test_confined_engines_run_every_process_and_thread_on_their_cores_niced(stack: Stack):
     """The session's engines run confined (`engine.cpu_confine`, conftest.py): every process
     and thread of each (API server, EngineCore, worker) is on the cores its threads are bound
-    to, so each engine's spin-waiting scheduler yields to its own worker."""
+    to, so each engine's spin-waiting scheduler yields to its own worker; and at the niceness
+    `engine.nice` gives them (conftest.py), which every one of them inherits."""
     if detect().has_gpu:
         pytest.skip("GPU engines are not confined")
     engines = stack.engine_state()
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + ENGINE_NICE)  # `up` has this one's
     expected = cpu_tuning.engine_cores(cpu_tuning.allowed_cores(), [1] * len(engines))
     for engine, cpus in zip(engines, expected, strict=True):
         group = session_members(engine["pid"])
@@ -250,3 +269,7 @@ def test_confined_engines_run_every_process_and_thread_on_their_cores(stack: Sta
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                     assert os.sched_getaffinity(int(task.name)) <= set(cpus)
+                    assert os.getpriority(os.PRIO_PROCESS, int(task.name)) == nice
+            with contextlib.suppress(FileNotFoundError):  # no autogroups, or the process ended
+                autogroup = Path(f"/proc/{pid}/autogroup").read_text()
+                assert autogroup.split()[-1] == str(ENGINE_NICE), autogroup

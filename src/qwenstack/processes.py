@@ -78,6 +78,7 @@ class SupervisedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         cpus: Sequence[int] = (),
+        nice: int = 0,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
         stable_after_s: float = 60.0,
@@ -89,6 +90,7 @@ class SupervisedProcess:
         self.env = dict(env) if env is not None else None  # None: this process's environment
         self.cwd = cwd
         self.cpus = tuple(cpus)  # empty: every CPU this process may use
+        self.nice = nice  # added to its niceness, and its session's (lifeline.py)
         self.stop_grace_s = stop_grace_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -124,7 +126,8 @@ class SupervisedProcess:
                 # -I: the lifeline's Python ignores the command's PYTHON* variables.
                 cpus = ",".join(map(str, self.cpus)) or lifeline_script.ALL_CPUS
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), cpus, *self.argv,
+                    sys.executable, "-I", str(LIFELINE_SCRIPT), str(lifeline), cpus,
+                    str(self.nice), *self.argv,
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT if log_file else None, env=self.env,
                     cwd=self.cwd, start_new_session=True, pass_fds=(lifeline,),

@@ -50,6 +50,7 @@ class EngineLaunch:
     log_path: Path
     unset: tuple[str, ...] = ()  # variables of this process's environment not passed on
     cpus: tuple[int, ...] = ()  # the CPUs its processes are confined to; empty: not confined
+    nice: int = 0  # added to its processes' niceness
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -297,5 +298,6 @@ def build_launches(
                 log_path=log_dir / f"engine-{index}.log",
                 unset=() if hardware.has_gpu else cpu_tuning.UNSET_ENV,
                 cpus=cpus[index],
+                nice=engine.nice,
             ))
     return launches

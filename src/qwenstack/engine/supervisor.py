@@ -55,6 +55,7 @@ class Engine(SupervisedProcess):
         super().__init__(
             f"Engine {launch.index} {launch.model} ({launch.url})", launch.argv, launch.log_path,
             env={**_inherited(launch.unset), **launch.env}, cpus=launch.cpus,
+            nice=launch.nice,
             backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s, stable_after_s=STABLE_AFTER_S,
         )

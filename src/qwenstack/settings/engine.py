@@ -185,6 +185,13 @@ class EngineSettings(ServedModelSettings):
         "`auto`, `nobind`). Unset: one core kept for serving where there is one to spare, the "
         "engines splitting the others, one OpenMP thread per physical core.",
     )
+    nice: int = Field(
+        0, ge=0, le=19,
+        description="Added to the scheduling niceness of each engine's processes and of its "
+        "session (Linux's autogroup, where a thread's niceness weighs only within its session): "
+        "on a machine shared with other work, a positive value gives that work the CPU first, "
+        "and vLLM's spin-waiting after each step yields to it (README, \"The tests\").",
+    )
     urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Remote vLLM servers. When set, no local engine is started.",
