@@ -108,7 +108,8 @@ async def call(function: Any, *args: Any) -> Any:
     try:
         return await asyncio.to_thread(function, *args)
     except RagError as exc:
-        raise GatewayError(exc.status, str(exc), code=exc.code, param=exc.param) from None
+        raise GatewayError(exc.status, str(exc), code=exc.code, param=exc.param,
+                           retry_after_s=exc.retry_after_s) from None
     except MilvusException as exc:
         log.error("Milvus failed: %s", exc)
         raise GatewayError(503, f"The vector store failed: {exc.message}",

@@ -6,12 +6,13 @@ class RagError(Exception):
 
     def __init__(
         self, message: str, *, status: int = 400, code: str = "invalid_request",
-        param: str | None = None,
+        param: str | None = None, retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.param = param  # the request field at fault, when there is one
+        self.retry_after_s = retry_after_s  # a 503's Retry-After
 
 
 def too_much_text(name: str, extracted: int, limit: int) -> RagError:

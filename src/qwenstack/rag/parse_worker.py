@@ -78,7 +78,7 @@ def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Sectio
         raise RagError(
             f"{name}: parsing did not finish within {wall_s} s while the server was busy "
             f"(it used less than rag.parse_cpu_seconds, {limits.parse_cpu_seconds} s of CPU "
-            "time); try again later.", status=503, code="parse_timeout",
+            "time); try again later.", status=503, code="parse_timeout", retry_after_s=10,
         )
     if worker.exitcode in (-signal.SIGXCPU, -signal.SIGKILL):
         raise RagError(
