@@ -10,8 +10,8 @@ interpreter's own exit: threads joined, atexit run).
 
 Only the imports came first. qwenstack reads its settings when a command runs, but a library
 that reads the environment at import (huggingface_hub's HF_HUB_OFFLINE, say) has read the
-host's, which is the test process's: a test whose subject is such a setting, or the start of a
-process itself (the console's, the shared stack's `up`), runs `python -m qwenstack`.
+host's, which is the run's first process's: a test whose subject is such a setting, or the
+start of a process itself (the console's, the shared stack's `up`), runs `python -m qwenstack`.
 
 Multiprocessing's fork server is the same idea, but one per process with one list of modules,
 and the gateway's parse workers (rag/parse_worker.py) have it.
@@ -20,7 +20,7 @@ Run as a script, this file is the host: `python forkhost.py SOCKET` makes SOCKET
 imported, then serves one JSON request per connection and answers the child's pid, then, when
 the child has ended, its exit code (negative: the signal that ended it, as subprocess says).
 It ends when its standard input closes, as when the run's first process, which started it,
-ends.
+ends, or when that process stops it (`stop_host`) before removing the run's folder.
 """
 
 from __future__ import annotations
@@ -106,7 +106,11 @@ def start(
         "stdout": os.path.abspath(stdout), "stderr": os.path.abspath(stderr or stdout),
     }).encode() + b"\n"
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    connection.connect(_host_socket())
+    try:
+        connection.connect(_host_socket())
+    except ConnectionRefusedError:
+        raise RuntimeError("the fork host has ended (its error is in the test run's "
+                           "output)") from None
     connection.sendall(request)
     return Forked(["qwenstack", *args], connection)
 
@@ -145,23 +149,27 @@ def start_host(folder: Path) -> None:
 HOST_VARIABLE = "QWENSTACK_TEST_FORK_HOST"
 # Beside the socket when the host could not start (its error is in the run's output).
 FAILED_SUFFIX = ".failed"
-HOST_START_TIMEOUT_S = 600
+# Within a test's time limit (pytest-timeout's 300 s), so that a test says what it waited for.
+HOST_START_TIMEOUT_S = 240
 
 
 _host: subprocess.Popen[bytes] | None = None
+_stopping = threading.Event()
 
 
 def _run_host(path: str) -> None:
     global _host
     # Its standard input closes, and it ends, when this process does.
     _host = subprocess.Popen([sys.executable, __file__, path], stdin=subprocess.PIPE)
-    if _host.wait() > 0:
+    _host.wait()
+    if not _stopping.is_set():  # it failed, or was killed (the OOM killer, say)
         with contextlib.suppress(OSError):  # the run's folder gone: the run has ended
             Path(path + FAILED_SUFFIX).write_text(str(_host.returncode))
 
 
 def stop_host() -> None:
     """Ends the host now, before the run's folder goes: a short run may end while it imports."""
+    _stopping.set()
     if _host is not None:
         _host.kill()
         _host.wait()
@@ -239,7 +247,9 @@ def _report_ended(children: dict[int, socket.socket]) -> None:
 def _become(request: dict) -> None:
     # Named for its command ("qs gateway", "qs keys"): ps and a CPU profile of the run tell the
     # children apart, whose command lines are all the host's.
-    Path("/proc/self/comm").write_text(f"qs {request['args'][0] if request['args'] else ''}"[:15])
+    command = request["args"][0] if request["args"] else ""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(f"qs {command}"[:15])
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _redirect(0, os.devnull, os.O_RDONLY)
     _redirect(1, request["stdout"], os.O_WRONLY)
