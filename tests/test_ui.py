@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import create_key, free_port, start_gateway, wait_until_answering
+from helpers import HTTP, create_key, free_port, start_gateway, wait_until_answering
 from typer.testing import CliRunner, Result
 from ui_browser import WAIT_MS, Chat, ChatUI, run_async, running_chat_ui, wait_on_page
 
@@ -619,9 +619,11 @@ def test_the_stack_runs_the_ui_beside_the_gateway_and_its_end_stops_both(
     for url in (ui_url, f"http://127.0.0.1:{gateway_port}/health"):
         while True:
             try:
-                httpx.get(url, timeout=5)
+                HTTP.get(url, timeout=5)
             except httpx.ConnectError:
                 break
+            except httpx.TransportError:  # reset while it answered: going down, look again
+                pass
             assert time.monotonic() < deadline, f"{url} still answers"
             time.sleep(0.1)
 
