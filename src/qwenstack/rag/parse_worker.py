@@ -57,7 +57,6 @@ def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Sectio
     # whose other processes share the cores.
     wall_s = 2 * limits.parse_cpu_seconds + 10
     outcome: _Outcome | None = None
-    answered = False
     try:
         if answered := receiver.poll(wall_s):
             try:
