@@ -329,6 +329,15 @@ class Engines:
         return _stop(self.process)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def session_members(session: int) -> set[int]:
     """Live processes (zombies are not: they hold no memory, port or socket) in a session: a
     supervised engine's or UI's is its first process's pid (processes.py)."""

@@ -11,6 +11,8 @@ it was.
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import threading
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Gateway, start_gateway
+from helpers import Gateway, cpu_seconds, start_gateway, wait_for
 from test_rag_chunking import HOSTILE_HTML, HOSTILE_MARKDOWN, docx_bomb
 from test_rag_formats import office_bomb
 
@@ -123,3 +125,57 @@ def test_hostile_uploads_leave_the_gateway_answering(gateway: Gateway) -> None:
     assert growth < 100 * 2**20
     listed = httpx.get(f"{kb}/hostile/files", timeout=60).json()["data"]
     assert sorted(f["name"] for f in listed) == ["a.txt", "hostile.html", "hostile.md"]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parse_worker(gateway_pid: int) -> int | None:
+    """A parse worker of this gateway: a child of the fork server the gateway started."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+    servers = {pid for pid, parent in parents.items() if parent == gateway_pid
+               and b"forkserver" in _cmdline(pid)}
+    return next((pid for pid, parent in parents.items() if parent in servers), None)
+
+
+def test_a_parse_starved_of_cpu_is_a_503_to_retry_and_the_gateway_answers(
+    tmp_path: Path, engine_url: str
+) -> None:
+    """An upload whose parse cannot get the CPU (its worker stopped here, as a machine short
+    of cores would starve it) ends at the wall-clock backstop, twice rag.parse_cpu_seconds and
+    10 s: a 503 parse_timeout with Retry-After, /health answering all the while."""
+    gateway = start_gateway(tmp_path, engine_url, env={"QWENSTACK_RAG__PARSE_CPU_SECONDS": "2"})
+    try:
+        kb = f"{gateway.url}/v1/knowledge_bases"
+        assert httpx.post(kb, json={"name": "starved"}, timeout=300).status_code == 201
+        slow = b"<p>" + b"<b>x</b>" * 1_000_000
+        answer: list[httpx.Response] = []
+        upload = threading.Thread(target=lambda: answer.append(httpx.post(
+            f"{kb}/starved/files", files=[("file", ("slow.html", slow))], timeout=120)))
+        with HealthProbe(gateway.url) as health:
+            upload.start()
+            wait_for(lambda: _parse_worker(gateway.process.pid), "a parse worker", 60, 0.02)
+            worker = _parse_worker(gateway.process.pid) or 0
+            # Stopped once parsing, not before it has read the file from the gateway's pipe
+            # (the gateway would wait on that write, before its wall clock starts).
+            wait_for(lambda: cpu_seconds(worker) >= 0.3, "the worker parsing", 60, 0.02)
+            os.kill(worker, signal.SIGSTOP)
+            upload.join(120)
+        [response] = answer
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "parse_timeout"
+        assert response.headers["retry-after"] == "10"
+        polls = health.durations_s
+        assert polls and not health.failures, health.failures
+        assert statistics.median(polls) < HEALTH_BOUND_S and max(polls) < STALL_S, polls
+    finally:
+        assert gateway.stop() == 0

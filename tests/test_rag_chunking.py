@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import cpu_seconds, wait_for
 
 from qwenstack.rag import RagError
 from qwenstack.rag.chunking import EstimatedCounter, TokenizerCounter, chunk_sections
@@ -258,7 +258,11 @@ def test_a_worker_starved_of_cpu_is_ended_by_the_wall_clock_and_the_upload_may_b
                      if child.name == "qwenstack-parse"), None)
 
     wait_for(parse_worker, "the parse worker started", timeout_s=30)
-    os.kill(parse_worker().pid, signal.SIGSTOP)
+    worker = parse_worker().pid
+    # Stopped once parsing, not before it has read the file from this process's pipe (the
+    # parse would wait on that write, before its wall clock starts).
+    wait_for(lambda: cpu_seconds(worker) >= 0.3, "the worker parsing", 30, 0.02)
+    os.kill(worker, signal.SIGSTOP)
     uploading.join(timeout=60)
     assert not uploading.is_alive() and len(outcome) == 1
     error = outcome[0]
