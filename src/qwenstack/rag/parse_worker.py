@@ -17,6 +17,7 @@ import multiprocessing
 import resource
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from qwenstack.rag import RagError
@@ -47,27 +48,33 @@ class ParseWorkers:
 
 
 def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Section]:
-    receiver, sender = _CONTEXT.Pipe(duplex=False)
-    worker = _CONTEXT.Process(
-        target=_work, args=(sender, name, data, limits), name="qwenstack-parse", daemon=True
-    )
+    ours, theirs = _CONTEXT.Pipe()
+    worker = _CONTEXT.Process(target=_work, args=(theirs, limits), name="qwenstack-parse",
+                              daemon=True)
     worker.start()
-    sender.close()  # the worker holds the only write end: its death reads as end of file
+    theirs.close()  # the worker holds the only other end: its death reads as end of file
     # Wall time as a backstop (CPU time is what the limit counts): room for a busy machine,
-    # whose other processes share the cores.
+    # whose other processes share the cores. It covers handing the file over too, which waits
+    # on the worker reading it: a worker that never does is killed, and the send ends.
     wall_s = 2 * limits.parse_cpu_seconds + 10
+    deadline = time.monotonic() + wall_s
+    backstop = threading.Timer(wall_s, worker.kill)
+    backstop.start()
     outcome: _Outcome | None = None
+    answered = False
     try:
-        if answered := receiver.poll(wall_s):
-            try:
-                outcome = receiver.recv()
-            except EOFError:  # ended without an answer: killed by a limit, or crashed
-                pass
+        ours.send(name)
+        ours.send_bytes(data)  # not pickled: no second copy of the file in the gateway
+        if answered := ours.poll(max(0.0, deadline - time.monotonic())):
+            outcome = ours.recv()
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # ended without an answer: killed by a limit or by the backstop, or crashed
     finally:
+        backstop.cancel()
         if worker.is_alive():
             worker.kill()
         worker.join()
-        receiver.close()
+        ours.close()
     if isinstance(outcome, list):
         return outcome
     if outcome is not None:
@@ -94,8 +101,9 @@ def _memory_limit(name: str, limits: RagSettings) -> RagError:
                     "memory (rag.parse_memory_bytes).", status=413, code="parse_limit")
 
 
-def _work(sender: Connection, name: str, data: bytes, limits: RagSettings) -> None:
-    """In the worker: limits first, then the parse; the outcome goes back through `sender`."""
+def _work(conn: Connection, limits: RagSettings) -> None:
+    """In the worker: the file, then limits, then the parse; the outcome goes back on `conn`."""
+    name, data = conn.recv(), conn.recv_bytes()
     resource.setrlimit(resource.RLIMIT_AS, (limits.parse_memory_bytes, limits.parse_memory_bytes))
     # SIGXCPU at the soft limit ends the process; the hard limit's SIGKILL, a second later,
     # ends it should anything catch SIGXCPU.
@@ -114,5 +122,5 @@ def _work(sender: Connection, name: str, data: bytes, limits: RagSettings) -> No
     if outcome is None:
         error = _memory_limit(name, limits)
         outcome = (str(error), error.status, error.code)
-    sender.send(outcome)
-    sender.close()
+    conn.send(outcome)
+    conn.close()
