@@ -224,6 +224,25 @@ def test_knowledge_base_embeds_and_reranks_with_the_engines(
     assert [hit["text"] for hit in best_two.json()["data"]] == [hit["text"] for hit in hits[:2]]
 
 
+def test_an_embedder_no_engine_serves_is_a_503_to_retry(
+    tmp_path: Path, engines: tuple[str, str]
+) -> None:
+    """Knowledge bases set to embed with a model none of the gateway's engines serves (or none
+    is ready: one may be starting): creating one is a 503 that names the model, with
+    Retry-After."""
+    gateway = start_gateway(tmp_path, engines[0], env={
+        "QWENSTACK_RAG__EMBEDDING_ENGINES": "true", "QWENSTACK_RAG__MODE": "dense",
+        "QWENSTACK_RAG__EMBEDDING_MODEL": "nobody-serves-this"})
+    try:
+        created = _post(f"{gateway.url}/v1/knowledge_bases", {"name": "unserved"})
+        assert created.status_code == 503, created.text
+        assert created.json()["error"]["code"] == "embedding_unavailable"
+        assert "nobody-serves-this" in created.json()["error"]["message"]
+        assert created.headers["retry-after"] == "5"
+    finally:
+        assert gateway.stop() == 0
+
+
 def test_another_embedder_is_refused_rather_than_mixed(
     gateway: Gateway, engines: tuple[str, str]
 ) -> None:

@@ -67,7 +67,7 @@ class Endpoint:
         bases = [self.base.rstrip("/")] if isinstance(self.base, str) else self.base(self.model)
         if not bases:
             raise RagError(f"No engine serving the {self.what} model {self.model!r} is ready.",
-                           status=503, code=f"{self.what}_unavailable")
+                           status=503, code=f"{self.what}_unavailable", retry_after_s=5)
         for position, base in enumerate(bases):
             try:
                 response = self.client.post(base + path, json={"model": self.model, **body})
