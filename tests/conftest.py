@@ -88,34 +88,47 @@ def _needs_stack(item: pytest.Item) -> bool:
                                 and not os.environ.get("QWENSTACK_TEST_ENGINE_URL"))
 
 
-@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: no boot for tests not run
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules that need no engine first (they run while the shared stack boots, in a thread
-    started here), each group's larger modules first (as xdist's loadscope orders them by
-    itself, which scripts/test turns off: it would put engine modules first, and every test
-    process would wait for the boot); the disruptive test last in its module."""
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that need no engine first (they run while the shared stack boots), each group's
+    larger modules first (as xdist's loadscope orders them by itself, which scripts/test turns
+    off: it would put engine modules first, and every test process would wait for the boot);
+    the disruptive test last in its module."""
     engine_modules = {item.path for item in items if _needs_stack(item)}
     sizes = Counter(item.path for item in items)
     items.sort(key=lambda item: (item.path in engine_modules, -sizes[item.path], item.path,
                                  item.get_closest_marker("disruptive") is not None))
-    if engine_modules:
-        factory = config._tmp_path_factory  # type: ignore[attr-defined]  # tmp_path_factory's
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The shared stack's boot starts here, in a thread, once every deselection is made (-k,
+    -m, and --lf's, which comes after every collection_modifyitems hook): no boot for tests
+    not run."""
+    if any(_needs_stack(item) for item in session.items):
+        factory = session.config._tmp_path_factory  # type: ignore[attr-defined]
         pool = ThreadPoolExecutor(1)
-        config.stash[STACK_BOOT] = pool.submit(
+        session.config.stash[STACK_BOOT] = pool.submit(
             SharedStack("stack").get, lambda: _start_shared_stack(factory))
         pool.shutdown(wait=False)  # the boot goes on; a test waits for it (below)
-    if any(item.path.name == "test_up_install.py" for item in items):
+    if any(item.path.name == "test_up_install.py" for item in session.items):
         up_venv.start()  # pip runs while the tests before test_up_install.py do
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
-    """The shared stack's boot is no test's time: a test that needs it waits for it here, out
-    of pytest-timeout's clock (its hook runs inside this one), within the boot's own deadline
-    (helpers.STARTUP_TIMEOUT_S); `stack` then has it, or its error."""
+    """The shared stack's boot and a turn at its engines are no test's time: a test waits for
+    them here, out of pytest-timeout's clock (its hook runs inside this one). The boot has its
+    own deadline (helpers.STARTUP_TIMEOUT_S), after which `stack` has its error. Tests that take
+    the engines share them with the other test processes' unless marked `engine_exclusive` (or
+    `disruptive`): then they have them alone, setup and teardown included."""
     if _needs_stack(item) and (boot := item.config.stash.get(STACK_BOOT, None)):
         wait([boot])
-    yield
+    if {"engine_url", "stack"} & set(getattr(item, "fixturenames", ())):
+        exclusive = any(item.get_closest_marker(name)
+                        for name in ("engine_exclusive", "disruptive"))
+        with engine_access(exclusive):
+            yield
+    else:
+        yield
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -124,19 +137,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_line(f"vLLM boots in this run: {vllm_boots()}")
     if tail := terminalreporter.config.stash.get(STACK_STOP_FAILURE, None):
         terminalreporter.write_line(f"The shared stack did not stop within 60 s:\n{tail}")
-
-
-@pytest.fixture(autouse=True)
-def engine_use(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests that take the shared engines share them with the other test processes, unless
-    marked `engine_exclusive` (or `disruptive`): then they have them alone."""
-    if not {"engine_url", "stack"} & set(request.fixturenames):
-        yield
-        return
-    exclusive = any(request.node.get_closest_marker(name)
-                    for name in ("engine_exclusive", "disruptive"))
-    with engine_access(exclusive):
-        yield
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     engine: two replicas of the tiny Qwen3 (single-engine tests use the first, `engine_url`,
     routing tests both, `Stack.engines`), the bundled SmolLM2 with a LoRA adapter, and the tiny
     Qwen3 as an embedder and as a reranker (helpers.py names them). Started by the first test
-    process to collect its tests (`pytest_collection_modifyitems`); stopped at the end of the
+    process to collect its tests (`pytest_collection_finish`); stopped at the end of the
     run.
 
     The stack's answer cache is off: tests through its gateway check the engine's answers, and a
