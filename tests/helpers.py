@@ -201,9 +201,15 @@ def _running(pid: int) -> bool:
 @contextlib.contextmanager
 def engine_access(exclusive: bool) -> Iterator[None]:
     """Shared engine use (most tests), or the engines to this test alone (`engine_exclusive`):
-    a readers-writer lock across the run's test processes."""
-    with open(run_dir() / "engines.lock", "w") as lock:
+    a readers-writer lock across the run's test processes. A test that waits for the engines
+    alone holds the turnstile, which every test passes on its way in: later tests queue behind
+    it, rather than keep the engines shared for ever (three processes' shared turns once
+    overlapped for five minutes on end, and an exclusive test timed out waiting)."""
+    with open(run_dir() / "engines.turnstile", "w") as turnstile, \
+            open(run_dir() / "engines.lock", "w") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
         yield
 
 
