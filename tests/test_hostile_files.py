@@ -166,8 +166,6 @@ def test_a_parse_starved_of_cpu_is_a_503_to_retry_and_the_gateway_answers(
             upload.start()
             wait_for(lambda: _parse_worker(gateway.process.pid), "a parse worker", 60, 0.02)
             worker = _parse_worker(gateway.process.pid) or 0
-            # At once: most often before it has read the whole file, which the gateway then
-            # waits to hand over, within the same wall clock.
             os.kill(worker, signal.SIGSTOP)
             upload.join(120)
         [response] = answer

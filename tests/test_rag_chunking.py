@@ -6,6 +6,7 @@ import io
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import zipfile
@@ -237,22 +238,25 @@ def test_worker_limits_refuse_the_file_not_the_service() -> None:
         assert workers.parse("fine.md", b"# ok\n\nfine")[0].heading == "ok"
 
 
-@pytest.mark.parametrize("stopped", ["at once", "parsing"])
+@pytest.mark.parametrize("stopped", ["reading the file", "parsing"])
 def test_a_worker_starved_of_cpu_is_ended_by_the_wall_clock_and_the_upload_may_be_retried(
     stopped: str,
 ) -> None:
     """A worker that has used less than its CPU time when the wall-clock backstop (twice that
     and 10 s) runs out, because other processes had the cores, is killed and the upload
     refused with a 503 (try again), not blamed on the file as a CPU limit: stopped while it
-    parses, or at once, most often before it has read all of the 8 MB file (the handing over
-    waits on it, within the same backstop). Stopping the worker (SIGSTOP) is how a test starves
-    it of CPU on demand."""
+    parses, or while it still reads the file, whose handing over waits on it within the same
+    backstop. Stopping the worker (SIGSTOP) is how a test starves it of CPU on demand."""
     workers = ParseWorkers(RagSettings(parse_cpu_seconds=2))  # stopped well within it
+    # 8 MB of HTML is seconds of parsing; 200 MB takes the worker long enough to read that it
+    # is stopped midway.
+    repeats = 25_000_000 if stopped == "reading the file" else 1_000_000
+    data = b"<p>" + b"<b>x</b>" * repeats
     outcome: list[BaseException] = []
 
     def upload() -> None:
         try:
-            workers.parse("slow.html", b"<p>" + b"<b>x</b>" * 1_000_000)
+            workers.parse("slow.html", data)
         except RagError as exc:
             outcome.append(exc)
 
@@ -267,6 +271,9 @@ def test_a_worker_starved_of_cpu_is_ended_by_the_wall_clock_and_the_upload_may_b
     if stopped == "parsing":
         wait_for(lambda: cpu_seconds(worker) >= 0.3, "the worker parsing", 30, 0.02)
     os.kill(worker, signal.SIGSTOP)
+    if stopped == "reading the file":
+        read = int(re.search(r"rchar: (\d+)", Path(f"/proc/{worker}/io").read_text())[1])
+        assert read < len(data), "the worker had read the whole file before it was stopped"
     uploading.join(timeout=60)
     assert not uploading.is_alive() and len(outcome) == 1
     error = outcome[0]

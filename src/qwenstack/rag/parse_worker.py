@@ -17,7 +17,6 @@ import multiprocessing
 import resource
 import signal
 import threading
-import time
 from multiprocessing.connection import Connection
 
 from qwenstack.rag import RagError
@@ -51,36 +50,42 @@ def _parse_in_worker(name: str, data: bytes, limits: RagSettings) -> list[Sectio
     ours, theirs = _CONTEXT.Pipe()
     worker = _CONTEXT.Process(target=_work, args=(theirs, limits), name="qwenstack-parse",
                               daemon=True)
-    worker.start()
-    theirs.close()  # the worker holds the only other end: its death reads as end of file
     # Wall time as a backstop (CPU time is what the limit counts): room for a busy machine,
     # whose other processes share the cores. It covers handing the file over too, which waits
     # on the worker reading it: a worker that never does is killed, and the send ends.
     wall_s = 2 * limits.parse_cpu_seconds + 10
-    deadline = time.monotonic() + wall_s
-    backstop = threading.Timer(wall_s, worker.kill)
-    backstop.start()
+    expired = threading.Event()
+
+    def backstop() -> None:
+        expired.set()
+        worker.kill()
+
     outcome: _Outcome | None = None
-    answered = False
-    try:
-        ours.send(name)
-        ours.send_bytes(data)  # not pickled: no second copy of the file in the gateway
-        if answered := ours.poll(max(0.0, deadline - time.monotonic())):
+    with ours:
+        with theirs:
+            worker.start()
+        # `theirs` closed once started: the worker's copy is then the only one, and its death
+        # reads as end of file here.
+        timer = threading.Timer(wall_s, backstop)
+        timer.start()
+        try:
+            ours.send(name)
+            ours.send_bytes(data)  # not pickled: no second copy of the file in the gateway
             outcome = ours.recv()
-    except (BrokenPipeError, ConnectionResetError, EOFError):
-        pass  # ended without an answer: killed by a limit or by the backstop, or crashed
-    finally:
-        backstop.cancel()
-        if worker.is_alive():
-            worker.kill()
-        worker.join()
-        ours.close()
+        except (OSError, EOFError):  # a broken pipe, or end of file even mid-answer
+            pass  # the worker ended without an answer: killed by a limit or the backstop
+        finally:
+            timer.cancel()
+            timer.join()  # a kill under way is done before the worker is reaped
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
     if isinstance(outcome, list):
         return outcome
     if outcome is not None:
         message, status, code = outcome
         raise RagError(message, status=status, code=code)
-    if not answered:  # our own kill, within the CPU limit: the machine is short of CPU
+    if expired.is_set():  # our own kill, within the CPU limit: the machine is short of CPU
         raise RagError(
             f"{name}: parsing did not finish within {wall_s} s while the server was busy "
             f"(it used less than rag.parse_cpu_seconds, {limits.parse_cpu_seconds} s of CPU "
