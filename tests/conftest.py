@@ -88,6 +88,7 @@ def _needs_stack(item: pytest.Item) -> bool:
                                 and not os.environ.get("QWENSTACK_TEST_ENGINE_URL"))
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m: sizes count the tests that run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules that need no engine first (they run while the shared stack boots), each group's
     larger modules first (as xdist's loadscope orders them by itself, which scripts/test turns
@@ -119,7 +120,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     them here, out of pytest-timeout's clock (its hook runs inside this one). The boot has its
     own deadline (helpers.STARTUP_TIMEOUT_S), after which `stack` has its error. Tests that take
     the engines share them with the other test processes' unless marked `engine_exclusive` (or
-    `disruptive`): then they have them alone, setup and teardown included."""
+    `disruptive`): then they have them alone, for the test's own setup and teardown too."""
     if _needs_stack(item) and (boot := item.config.stash.get(STACK_BOOT, None)):
         wait([boot])
     if {"engine_url", "stack"} & set(getattr(item, "fixturenames", ())):
