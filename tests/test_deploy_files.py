@@ -492,6 +492,7 @@ def test_helm_chart_scales_engines_on_their_queue_and_kv_cache_when_asked():
         {"type": "Pods", "value": 1, "periodSeconds": pod["terminationGracePeriodSeconds"]}]
 
 
+@pytest.mark.engine_exclusive  # "nothing runs" is the whole engine's state
 def test_engine_drain_waits_for_the_requests_it_runs(engine_url: str):
     """The engines' preStop, run against a real vLLM: it returns at once when nothing runs,
     and only after the last answer when one does."""
