@@ -192,10 +192,7 @@ class SharedStack:
 
 
 def _running(pid: int) -> bool:
-    try:
-        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except (FileNotFoundError, IndexError):
-        return False
+    return (stat := process_stat(pid)) is not None and stat.state != "Z"
 
 
 @contextlib.contextmanager
@@ -335,26 +332,44 @@ class Engines:
         return _stop(self.process)
 
 
-def cpu_seconds(pid: int) -> float:
-    """The CPU time a process has used (0 once it is gone)."""
+@dataclass(frozen=True)
+class ProcessStat:
+    """What /proc/PID/stat says of a process, the fields the tests read."""
+
+    pid: int
+    state: str  # "Z": a zombie, which holds no memory, port or socket
+    ppid: int
+    session: int
+    cpu_s: float  # user and system time used
+
+
+def process_stat(pid: int) -> ProcessStat | None:
+    """The process's stat, or None once it is gone."""
     try:
+        # Fields after the command's closing parenthesis (the command may hold any character).
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+    return ProcessStat(pid, fields[0], int(fields[1]), int(fields[3]),
+                       (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+
+
+def process_stats() -> list[ProcessStat]:
+    """Every process's stat."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [stat for pid in pids if (stat := process_stat(pid)) is not None]
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used (0 once it is gone)."""
+    return stat.cpu_s if (stat := process_stat(pid)) is not None else 0.0
 
 
 def session_members(session: int) -> set[int]:
-    """Live processes (zombies are not: they hold no memory, port or socket) in a session: a
-    supervised engine's or UI's is its first process's pid (processes.py)."""
-    members = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # Fields after the command's closing parenthesis: state, ppid, pgrp, session.
-            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
-            if int(sid) == session and state != "Z":
-                members.add(int(stat.parent.name))
-    return members
+    """Live processes (zombies are not) in a session: a supervised engine's or UI's is its
+    first process's pid (processes.py)."""
+    return {stat.pid for stat in process_stats()
+            if stat.session == session and stat.state != "Z"}
 
 
 def start_engines(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Engines:

@@ -21,6 +21,7 @@ from helpers import (
     create_key,
     free_port,
     metric,
+    process_stat,
     refused,
     start_gateway,
     usage_rows,
@@ -212,8 +213,4 @@ def test_a_killed_parent_takes_its_workers_with_it(tmp_path: Path):
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return (stat := process_stat(pid)) is not None and stat.state != "Z"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Gateway, start_gateway, wait_for
+from helpers import Gateway, process_stats, start_gateway, wait_for
 from test_rag_chunking import HOSTILE_HTML, HOSTILE_MARKDOWN, docx_bomb
 from test_rag_formats import office_bomb
 
@@ -136,15 +136,10 @@ def _cmdline(pid: int) -> bytes:
 
 def _parse_worker(gateway_pid: int) -> int | None:
     """A parse worker of this gateway: a child of the fork server the gateway started."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue
-    servers = {pid for pid, parent in parents.items() if parent == gateway_pid
-               and b"forkserver" in _cmdline(pid)}
-    return next((pid for pid, parent in parents.items() if parent in servers), None)
+    stats = process_stats()
+    servers = {stat.pid for stat in stats
+               if stat.ppid == gateway_pid and b"forkserver" in _cmdline(stat.pid)}
+    return next((stat.pid for stat in stats if stat.ppid in servers), None)
 
 
 def test_a_parse_starved_of_cpu_is_a_503_to_retry_and_the_gateway_answers(
